@@ -1,0 +1,132 @@
+// Command mirror runs ngc-mirror, a pull-through cache for nvcr.io.
+//
+//	mirror serve [--config FILE]
+//
+// It wires the configuration, storage, upstream client, fill group and HTTP
+// handler together; the behaviour lives in internal/.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+const usage = `usage: mirror serve [--config FILE]
+
+Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
+MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL.
+`
+
+func main() {
+	if len(os.Args) < 2 || os.Args[1] != "serve" {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	fs := flag.NewFlagSet("serve", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
+	_ = fs.Parse(os.Args[2:])
+
+	cfg, err := config.Load(*cfgPath, os.Getenv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, cfg); err != nil {
+		slog.Error("mirror stopped", "err", err)
+		os.Exit(1)
+	}
+}
+
+func serve(ctx context.Context, cfg config.Config) error {
+	level, _ := cfg.Level()
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+
+	dataDir, err := filepath.Abs(cfg.Storage.DataDir)
+	if err != nil {
+		return err
+	}
+	spoolDir := cfg.Cache.SpoolDir
+	if spoolDir == "" {
+		spoolDir = filepath.Join(dataDir, "_spool")
+	}
+	if err := os.MkdirAll(spoolDir, 0o750); err != nil {
+		return fmt.Errorf("creating spool directory: %w", err)
+	}
+	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100}))
+
+	origin := cfg.UpstreamURL()
+	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
+	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
+	up := upstream.New(origin, rt)
+
+	fills := fill.NewGroup(store, fill.Options{
+		SpoolDir:    spoolDir,
+		IdleTimeout: time.Duration(cfg.Upstream.BlobIdleTimeout),
+		Log:         log.With("component", "fill"),
+	})
+	h := proxy.New(up, store, fills, proxy.Options{
+		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
+		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
+		NSAliases:       cfg.Upstream.NSAliases,
+		Log:             log.With("component", "proxy"),
+	})
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "upstream", origin.String(),
+		"credentials", creds, "data_dir", dataDir)
+
+	go func() {
+		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		if err := up.Ping(pctx); err != nil {
+			log.Warn("upstream not reachable yet; cached content is still served", "err", err)
+		}
+	}()
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

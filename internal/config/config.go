@@ -1,0 +1,171 @@
+// Package config loads the mirror's configuration: defaults, then a YAML
+// file, then MIRROR_* / NGC_API_KEY environment variables, then validation.
+// The rest of the program receives the typed Config and never reads the
+// environment itself.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the whole configuration. configs/mirror.yaml documents each key.
+type Config struct {
+	Addr     string   `yaml:"addr"`
+	LogLevel string   `yaml:"log_level"`
+	Upstream Upstream `yaml:"upstream"`
+	Storage  Storage  `yaml:"storage"`
+	Cache    Cache    `yaml:"cache"`
+}
+
+// Upstream is the registry the mirror pulls through from.
+type Upstream struct {
+	URL      string `yaml:"url"`
+	Username string `yaml:"username"`
+	// APIKey is the NGC API key (secret). Prefer NGC_API_KEY or APIKeyFile.
+	APIKey     string   `yaml:"api_key"`
+	APIKeyFile string   `yaml:"api_key_file"`
+	NSAliases  []string `yaml:"ns_aliases"`
+	// Timeout bounds one manifest or tag-list exchange.
+	Timeout Duration `yaml:"timeout"`
+	// BlobIdleTimeout aborts a blob fill when the upstream sends nothing for
+	// this long. There is no total deadline on blobs.
+	BlobIdleTimeout Duration `yaml:"blob_idle_timeout"`
+}
+
+// Storage selects the cache's storage driver.
+type Storage struct {
+	Driver  string `yaml:"driver"`
+	DataDir string `yaml:"data_dir"`
+}
+
+// Cache tunes caching.
+type Cache struct {
+	TagFreshness Duration `yaml:"tag_freshness"`
+	SpoolDir     string   `yaml:"spool_dir"`
+}
+
+// Duration is a time.Duration written as "30s", "5m" in YAML.
+type Duration time.Duration
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration (like 30s, 5m): %w", n.Line, n.Value, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Default returns the embedded defaults: listen on :5000, anonymous nvcr.io,
+// cache in ./data on the local filesystem.
+func Default() Config {
+	return Config{
+		Addr:     ":5000",
+		LogLevel: "info",
+		Upstream: Upstream{
+			URL:             "https://nvcr.io",
+			Username:        "$oauthtoken",
+			Timeout:         Duration(30 * time.Second),
+			BlobIdleTimeout: Duration(60 * time.Second),
+		},
+		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+	}
+}
+
+// Load builds the configuration from the defaults, the YAML file at path
+// (skipped when path is ""), and the environment given by getenv. Unknown
+// YAML keys are errors.
+func Load(path string, getenv func(string) string) (Config, error) {
+	c := Default()
+	if path != "" {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return c, fmt.Errorf("config: %w", err)
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(raw))
+		dec.KnownFields(true)
+		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) { // an empty file is fine
+			return c, fmt.Errorf("config: %s: %w", path, err)
+		}
+	}
+	for env, dst := range map[string]*string{
+		"MIRROR_ADDR":              &c.Addr,
+		"MIRROR_UPSTREAM":          &c.Upstream.URL,
+		"NGC_API_KEY":              &c.Upstream.APIKey,
+		"MIRROR_UPSTREAM_USERNAME": &c.Upstream.Username,
+		"MIRROR_DATA_DIR":          &c.Storage.DataDir,
+		"MIRROR_LOG_LEVEL":         &c.LogLevel,
+	} {
+		if v := getenv(env); v != "" {
+			*dst = v
+		}
+	}
+	if c.Upstream.APIKey == "" && c.Upstream.APIKeyFile != "" {
+		raw, err := os.ReadFile(c.Upstream.APIKeyFile)
+		if err != nil {
+			return c, fmt.Errorf("config: upstream.api_key_file: %w", err)
+		}
+		c.Upstream.APIKey = strings.TrimSpace(string(raw))
+	}
+	return c, c.Validate()
+}
+
+// Validate checks the configuration and says which key is wrong.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Addr == "" {
+		errs = append(errs, errors.New("addr (MIRROR_ADDR) is empty"))
+	}
+	u, err := url.Parse(c.Upstream.URL)
+	switch {
+	case err != nil:
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM): %v", err))
+	case u.Scheme != "https" && u.Scheme != "http":
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: scheme must be https (or http for tests)", c.Upstream.URL))
+	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil:
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: want scheme://host[:port] only", c.Upstream.URL))
+	}
+	if c.Storage.Driver != "filesystem" {
+		errs = append(errs, fmt.Errorf("storage.driver %q: only \"filesystem\" is supported", c.Storage.Driver))
+	}
+	if c.Storage.DataDir == "" {
+		errs = append(errs, errors.New("storage.data_dir (MIRROR_DATA_DIR) is empty"))
+	}
+	if _, err := c.Level(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Upstream.Timeout <= 0 || c.Upstream.BlobIdleTimeout <= 0 || c.Cache.TagFreshness < 0 {
+		errs = append(errs, errors.New("upstream.timeout and upstream.blob_idle_timeout must be positive, cache.tag_freshness not negative"))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// Level returns the slog level named by LogLevel.
+func (c Config) Level() (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return 0, fmt.Errorf("log_level (MIRROR_LOG_LEVEL) %q: want debug, info, warn or error", c.LogLevel)
+	}
+	return l, nil
+}
+
+// UpstreamURL returns the parsed upstream URL (valid after Validate).
+func (c Config) UpstreamURL() *url.URL {
+	u, _ := url.Parse(strings.TrimSuffix(c.Upstream.URL, "/"))
+	return u
+}

@@ -1,0 +1,371 @@
+// Package fill coordinates blob cache fills: one upstream fetch per digest,
+// however many clients ask and whenever they join, streamed to all of them
+// while it is written to the cache.
+//
+// A fill spools the upstream bytes to an anonymous (already unlinked) local
+// file and publishes how many bytes it holds; each client reads the spool up
+// to that offset and waits for more, so a late joiner or a Range reader
+// starts at once from what is there. At the same time the bytes go to a
+// storage.BlobWriter, which verifies size and digest and only then makes
+// the blob visible. The fill runs on its own context, bounded by an idle-read
+// timeout rather than a total deadline, so a client disconnect does not
+// abort it and a multi-gigabyte layer on a slow link can finish.
+package fill
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// ErrIdle is the cause of a fill cancelled because the upstream sent nothing
+// for the idle timeout.
+var ErrIdle = errors.New("fill: upstream idle timeout")
+
+// ErrUnknownSize is returned when the source could not tell the blob size.
+var ErrUnknownSize = errors.New("fill: upstream did not give the blob size")
+
+// Source opens the upstream body of one blob from byte offset on. size is the
+// full blob size in bytes (not the remaining length); it must not be
+// negative. A Source is called again with the offset reached when the
+// connection breaks, so it must fetch afresh (new token, new redirect).
+type Source func(ctx context.Context, offset int64) (body io.ReadCloser, size int64, err error)
+
+// Options tune a Group. Zero values take the defaults noted.
+type Options struct {
+	// SpoolDir holds the fills' spool files (default os.TempDir()). Put it on
+	// a disk, not a tmpfs: a spool is as large as the blob.
+	SpoolDir string
+	// IdleTimeout aborts a fill when the upstream sends nothing for this
+	// long (default 60 s).
+	IdleTimeout time.Duration
+	// MaxResumes bounds how often a broken upstream read is resumed with a
+	// Range request from the offset reached (default 3).
+	MaxResumes int
+	Log        *slog.Logger
+}
+
+// Group runs at most one fill per digest. It is safe for concurrent use.
+type Group struct {
+	store *storage.Store
+	opts  Options
+
+	mu    sync.Mutex
+	fills map[digest.Digest]*Fill
+}
+
+// NewGroup returns a Group that commits fills to store.
+func NewGroup(store *storage.Store, opts Options) *Group {
+	if opts.SpoolDir == "" {
+		opts.SpoolDir = os.TempDir()
+	}
+	if opts.IdleTimeout <= 0 {
+		opts.IdleTimeout = 60 * time.Second
+	}
+	if opts.MaxResumes < 0 {
+		opts.MaxResumes = 0
+	} else if opts.MaxResumes == 0 {
+		opts.MaxResumes = 3
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Group{store: store, opts: opts, fills: map[digest.Digest]*Fill{}}
+}
+
+// InFlight returns the number of fills running now.
+func (g *Group) InFlight() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.fills)
+}
+
+// Join returns the running fill of dgst, or starts one that reads from src.
+// The caller must call Release on the fill when done with it. started
+// reports whether this call started the fill.
+func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if f := g.fills[dgst]; f != nil {
+		f.refs++
+		return f, false
+	}
+	f = &Fill{
+		g:     g,
+		dgst:  dgst,
+		ready: make(chan struct{}),
+		wake:  make(chan struct{}),
+		refs:  2, // the runner and the caller
+	}
+	g.fills[dgst] = f
+	go f.run(src)
+	return f, true
+}
+
+// Fill is one blob being fetched and cached.
+type Fill struct {
+	g     *Group
+	dgst  digest.Digest
+	ready chan struct{} // closed when size is known or the fill failed
+
+	// Set before ready is closed, read-only after.
+	size   int64
+	cached bool // the blob was already cached: read it from the store
+	spool  *os.File
+
+	mu      sync.Mutex
+	written int64         // bytes in the spool, readable
+	err     error         // why the fill failed, once it has
+	done    bool          // committed to the cache
+	wake    chan struct{} // closed and replaced whenever the state changes
+	refs    int
+}
+
+// Wait blocks until the blob size is known. It returns the size in bytes, or
+// the error that ended the fill before that, or ctx's error.
+func (f *Fill) Wait(ctx context.Context) (int64, error) {
+	select {
+	case <-f.ready:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.spool == nil && !f.cached {
+		return 0, f.err
+	}
+	return f.size, nil
+}
+
+// Cached reports whether the blob turned out to be in the cache already, in
+// which case the caller reads it from the store. Valid after Wait.
+func (f *Fill) Cached() bool { return f.cached }
+
+// Done blocks until the fill ends and returns nil when the blob was
+// committed to the cache, or why it was not.
+func (f *Fill) Done(ctx context.Context) error {
+	for {
+		f.mu.Lock()
+		done, err, wake := f.done, f.err, f.wake
+		f.mu.Unlock()
+		if done || f.cached {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Release drops the caller's reference; the spool file closes with the last.
+func (f *Fill) Release() {
+	f.g.mu.Lock()
+	f.refs--
+	last := f.refs == 0
+	f.g.mu.Unlock()
+	if last && f.spool != nil {
+		_ = f.spool.Close()
+	}
+}
+
+// NewReader reads bytes [off, end) of the blob as the fill makes them
+// available. The blob's last byte is only released once the fill has
+// verified and committed the whole blob. Read returns the fill's error if it fails before end, so a
+// caller streaming to a client can abort the connection rather than end a
+// short body cleanly. Call after Wait succeeded and Cached is false.
+func (f *Fill) NewReader(ctx context.Context, off, end int64) io.Reader {
+	return &reader{f: f, ctx: ctx, off: off, end: end}
+}
+
+type reader struct {
+	f        *Fill
+	ctx      context.Context
+	off, end int64
+}
+
+func (r *reader) Read(p []byte) (int, error) {
+	if r.off >= r.end {
+		return 0, io.EOF
+	}
+	for {
+		r.f.mu.Lock()
+		written, done, err, wake := r.f.written, r.f.done, r.f.err, r.f.wake
+		r.f.mu.Unlock()
+		if !done && written == r.f.size && written > 0 {
+			// Hold the last byte back until size and digest are verified,
+			// so no client ever receives a complete but corrupt blob.
+			written--
+		}
+		if r.off < written {
+			n := min(int64(len(p)), written-r.off, r.end-r.off)
+			m, rerr := r.f.spool.ReadAt(p[:n], r.off)
+			r.off += int64(m)
+			if m > 0 {
+				return m, nil
+			}
+			return 0, fmt.Errorf("fill: reading spool: %w", rerr)
+		}
+		if err != nil {
+			return 0, err
+		}
+		select {
+		case <-wake:
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
+}
+
+// publish makes n more bytes readable.
+func (f *Fill) publish(n int) {
+	f.mu.Lock()
+	f.written += int64(n)
+	close(f.wake)
+	f.wake = make(chan struct{})
+	f.mu.Unlock()
+}
+
+// finish records the outcome, wakes every reader and removes the fill from
+// the group so that the next request sees the cache (or starts over).
+func (f *Fill) finish(err error) {
+	f.mu.Lock()
+	if err != nil {
+		f.err = err
+	} else {
+		f.done = true
+	}
+	close(f.wake)
+	f.wake = make(chan struct{})
+	f.mu.Unlock()
+	f.g.mu.Lock()
+	delete(f.g.fills, f.dgst)
+	f.g.mu.Unlock()
+}
+
+func (f *Fill) run(src Source) {
+	defer f.Release()
+	log := f.g.opts.Log.With("digest", f.dgst)
+	readyOnce := sync.OnceFunc(func() { close(f.ready) })
+	defer readyOnce()
+
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	idle := time.AfterFunc(f.g.opts.IdleTimeout, func() { cancel(ErrIdle) })
+	defer idle.Stop()
+
+	if size, err := f.g.store.StatBlob(ctx, f.dgst); err == nil {
+		// Committed between the caller's cache check and this fill.
+		f.size, f.cached = size, true
+		f.finish(nil)
+		return
+	}
+
+	err := f.fetch(ctx, src, idle, readyOnce, log)
+	if err != nil {
+		if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.Canceled) {
+			err = cause
+		}
+		log.Warn("blob fill failed", "err", err, "bytes", f.written, "size", f.size)
+	} else {
+		log.Debug("blob fill committed", "size", f.size)
+	}
+	f.finish(err)
+}
+
+func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready func(), log *slog.Logger) error {
+	body, size, err := src(ctx, 0)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = body.Close() }()
+	if size < 0 {
+		return ErrUnknownSize
+	}
+	idle.Reset(f.g.opts.IdleTimeout)
+
+	spool, err := os.CreateTemp(f.g.opts.SpoolDir, "fill-*")
+	if err != nil {
+		return fmt.Errorf("fill: creating spool: %w", err)
+	}
+	_ = os.Remove(spool.Name()) // anonymous: a crash leaves nothing behind
+	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
+	if err != nil {
+		_ = spool.Close()
+		return fmt.Errorf("fill: creating cache upload: %w", err)
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			_ = w.Cancel(context.WithoutCancel(ctx))
+		}
+	}()
+	f.mu.Lock()
+	f.size, f.spool = size, spool
+	f.mu.Unlock()
+	ready()
+
+	buf := make([]byte, 256<<10)
+	var off int64
+	resumes := 0
+	for off < size {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			idle.Reset(f.g.opts.IdleTimeout)
+			if off+int64(n) > size {
+				return fmt.Errorf("%w: upstream sent more than %d bytes", storage.ErrSizeMismatch, size)
+			}
+			if _, err := spool.WriteAt(buf[:n], off); err != nil {
+				return fmt.Errorf("fill: writing spool: %w", err)
+			}
+			off += int64(n)
+			f.publish(n)
+			if _, err := w.Write(buf[:n]); err != nil {
+				return fmt.Errorf("fill: writing cache: %w", err)
+			}
+		}
+		if rerr == nil {
+			continue
+		}
+		if rerr == io.EOF {
+			if off < size {
+				rerr = io.ErrUnexpectedEOF
+			} else {
+				break
+			}
+		}
+		if ctx.Err() != nil || resumes >= f.g.opts.MaxResumes {
+			return fmt.Errorf("fill: reading upstream at byte %d: %w", off, rerr)
+		}
+		resumes++
+		log.Info("resuming broken blob download", "offset", off, "err", rerr, "try", resumes)
+		_ = body.Close()
+		var rsize int64
+		body, rsize, err = src(ctx, off)
+		if err != nil {
+			body = io.NopCloser(nil)
+			return fmt.Errorf("fill: resuming at byte %d: %w", off, err)
+		}
+		if rsize != size {
+			return fmt.Errorf("%w: size changed from %d to %d on resume", storage.ErrSizeMismatch, size, rsize)
+		}
+	}
+	if err := w.Commit(ctx); err != nil {
+		return err
+	}
+	committed = true
+	return nil
+}

@@ -1,0 +1,200 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// serveBlob answers GET and HEAD /v2/<name>/blobs/<digest>: from the cache
+// on a hit; on a miss by joining (or starting) the one fill of that digest
+// and streaming from it as bytes arrive.
+func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
+	ctx := r.Context()
+	if !dgst.Algorithm().Available() {
+		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "unsupported digest algorithm"))
+		return
+	}
+	size, err := h.store.StatBlob(ctx, dgst)
+	if err == nil {
+		h.serveCachedBlob(w, r, dgst, size)
+		return
+	}
+	if !errors.Is(err, storage.ErrNotFound) {
+		h.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
+	}
+	if r.Method == http.MethodHead {
+		ctx, cancel := h.upstreamContext(ctx)
+		defer cancel()
+		size, err := h.up.HeadBlob(ctx, name, dgst)
+		if err != nil {
+			writeError(w, toAPIError(err, kindBlob))
+			return
+		}
+		blobHeaders(w, dgst, size)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+
+	f, _ := h.fills.Join(dgst, h.blobSource(name, dgst))
+	defer f.Release()
+	size, err = f.Wait(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			writeError(w, toAPIError(err, kindBlob))
+		}
+		return
+	}
+	if f.Cached() {
+		h.serveCachedBlob(w, r, dgst, size)
+		return
+	}
+	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
+	if !ok {
+		return
+	}
+	w.WriteHeader(status)
+	if _, err := io.Copy(w, f.NewReader(ctx, start, end)); err != nil {
+		if ctx.Err() == nil {
+			h.log.Warn("aborting blob response: fill failed", "digest", dgst, "err", err)
+		}
+		// Never end a short body cleanly: the client must see a broken
+		// transfer, not a truncated blob.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// blobSource fetches dgst from repository name for a fill; when the
+// upstream streams without Content-Length the size comes from a HEAD.
+func (h *Handler) blobSource(name string, dgst digest.Digest) func(context.Context, int64) (io.ReadCloser, int64, error) {
+	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
+		b, err := h.up.GetBlob(ctx, name, dgst, off)
+		if err != nil {
+			return nil, 0, err
+		}
+		if b.Size < 0 {
+			hctx, cancel := h.upstreamContext(ctx)
+			defer cancel()
+			size, herr := h.up.HeadBlob(hctx, name, dgst)
+			if herr != nil {
+				_ = b.Body.Close()
+				return nil, 0, herr
+			}
+			b.Size = size
+		}
+		return b.Body, b.Size, nil
+	}
+}
+
+func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) {
+	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
+	if !ok {
+		return
+	}
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return
+	}
+	rc, err := h.store.OpenBlob(r.Context(), dgst, start)
+	if err != nil {
+		writeError(w, toAPIError(err, kindBlob))
+		return
+	}
+	defer rc.Close()
+	w.WriteHeader(status)
+	// io.CopyN wraps rc in an io.LimitedReader, which net/http's sendfile
+	// path still recognises around an *os.File.
+	if _, err := io.CopyN(w, rc, end-start); err != nil {
+		if r.Context().Err() == nil {
+			h.log.Warn("aborting cached blob response", "digest", dgst, "err", err)
+		}
+		panic(http.ErrAbortHandler)
+	}
+}
+
+func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {
+	hd := w.Header()
+	hd.Set("Content-Type", "application/octet-stream")
+	hd.Set("Content-Length", strconv.FormatInt(size, 10))
+	hd.Set("Docker-Content-Digest", dgst.String())
+	hd.Set("Accept-Ranges", "bytes")
+	hd.Set("Etag", `"`+dgst.String()+`"`)
+	hd.Set("Cache-Control", "max-age=31536000")
+}
+
+// rangeHeaders sets the headers for a blob of size bytes and picks the
+// bytes [start, end) to send. A single "bytes=" range gets 206 with its
+// Content-Range; an unsatisfiable one 416 with "Content-Range: bytes */SIZE"
+// (RFC 9110 section 14); a malformed or multi-range header is ignored and
+// the whole blob sent (RFC 9110 allows that). ok is false when the response
+// was already written.
+func (h *Handler) rangeHeaders(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (start, end int64, status int, ok bool) {
+	blobHeaders(w, dgst, size)
+	start, end, rs := parseRange(r.Header.Get("Range"), size)
+	switch rs {
+	case rangeUnsatisfiable:
+		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
+		e := newAPIError(errcode.ErrorCodeRangeInvalid, "requested range not satisfiable")
+		e.status = http.StatusRequestedRangeNotSatisfiable
+		writeError(w, e)
+		return 0, 0, 0, false
+	case rangeOK:
+		w.Header().Set("Content-Range", "bytes "+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end-1, 10)+"/"+strconv.FormatInt(size, 10))
+		w.Header().Set("Content-Length", strconv.FormatInt(end-start, 10))
+		return start, end, http.StatusPartialContent, true
+	}
+	return 0, size, http.StatusOK, true
+}
+
+type rangeResult int
+
+const (
+	rangeNone rangeResult = iota // absent, malformed or multiple: send it all
+	rangeOK
+	rangeUnsatisfiable
+)
+
+// parseRange parses a single "bytes=FIRST-LAST", "bytes=FIRST-" or
+// "bytes=-SUFFIX" range against size and returns [start, end).
+func parseRange(v string, size int64) (start, end int64, res rangeResult) {
+	spec, ok := strings.CutPrefix(strings.TrimSpace(v), "bytes=")
+	if !ok || strings.Contains(spec, ",") {
+		return 0, 0, rangeNone
+	}
+	first, last, ok := strings.Cut(strings.TrimSpace(spec), "-")
+	if !ok {
+		return 0, 0, rangeNone
+	}
+	if first == "" { // suffix range
+		n, err := strconv.ParseInt(last, 10, 64)
+		if err != nil || n < 0 {
+			return 0, 0, rangeNone
+		}
+		if n == 0 || size == 0 {
+			return 0, 0, rangeUnsatisfiable
+		}
+		return max(size-n, 0), size, rangeOK
+	}
+	s, err := strconv.ParseInt(first, 10, 64)
+	if err != nil || s < 0 {
+		return 0, 0, rangeNone
+	}
+	e := size - 1
+	if last != "" {
+		if e, err = strconv.ParseInt(last, 10, 64); err != nil || e < s {
+			return 0, 0, rangeNone
+		}
+	}
+	if s >= size {
+		return 0, 0, rangeUnsatisfiable
+	}
+	return s, min(e, size-1) + 1, rangeOK
+}

@@ -1,0 +1,194 @@
+// Package proxy is the mirror's HTTP face: the read side of the OCI
+// Distribution v2 API (manifests, blobs, tag lists) served from the cache,
+// with pull-through to the upstream registry on a miss.
+package proxy
+
+import (
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	"github.com/distribution/reference"
+	"github.com/go-chi/chi/v5"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// Options configure a Handler. Zero values take the defaults noted.
+type Options struct {
+	// TagFreshness is how long a tag → digest mapping confirmed by the
+	// upstream is served without asking again (default 5 minutes).
+	TagFreshness time.Duration
+	// ManifestTimeout bounds one upstream manifest or tag-list exchange,
+	// token included (default 30 s).
+	ManifestTimeout time.Duration
+	// NSAliases are extra values of containerd's ?ns= query that select the
+	// upstream, besides its own host (for example "nvcr.io" when the
+	// upstream URL is some other address of it).
+	NSAliases []string
+	Log       *slog.Logger
+}
+
+// Handler serves the registry API. Build it with New.
+type Handler struct {
+	up        *upstream.Client
+	store     *storage.Store
+	fills     *fill.Group
+	opts      Options
+	log       *slog.Logger
+	manifests singleflight.Group // one upstream manifest exchange per repo:ref
+	router    chi.Router
+}
+
+// New returns the registry API handler.
+func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Options) *Handler {
+	if opts.TagFreshness <= 0 {
+		opts.TagFreshness = 5 * time.Minute
+	}
+	if opts.ManifestTimeout <= 0 {
+		opts.ManifestTimeout = 30 * time.Second
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log}
+	r := chi.NewRouter()
+	r.Use(apiVersion)
+	r.Get("/v2/", h.base)
+	r.Head("/v2/", h.base)
+	r.HandleFunc("/v2", func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "/v2/", http.StatusMovedPermanently)
+	})
+	r.HandleFunc("/v2/*", h.dispatch)
+	h.router = r
+	return h
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.router.ServeHTTP(w, r) }
+
+func apiVersion(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// base answers GET /v2/: the API version check (OCI distribution spec,
+// "Determining Support").
+func (h *Handler) base(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", "2")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write([]byte("{}"))
+}
+
+// route is a parsed /v2/<name>/<verb>/<ref> request.
+type route struct {
+	kind kind
+	name string
+	ref  string // tag or digest (manifests), digest (blobs), "" (tags)
+}
+
+// parseRoute splits the path after /v2/ from the right, so that names of any
+// depth (org/team/image) work and a name component may itself be
+// "manifests" or "blobs".
+func parseRoute(rest string) (route, bool) {
+	if name, ok := strings.CutSuffix(rest, "/tags/list"); ok {
+		return route{kind: kindTags, name: name}, name != ""
+	}
+	i := strings.LastIndexByte(rest, '/')
+	if i <= 0 {
+		return route{}, false
+	}
+	ref := rest[i+1:]
+	j := strings.LastIndexByte(rest[:i], '/')
+	if j <= 0 {
+		return route{}, false
+	}
+	switch rest[j+1 : i] {
+	case "manifests":
+		return route{kind: kindManifest, name: rest[:j], ref: ref}, true
+	case "blobs":
+		return route{kind: kindBlob, name: rest[:j], ref: ref}, true
+	}
+	return route{}, false
+}
+
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeError(w, newAPIError(errcode.ErrorCodeUnsupported, "this mirror is read-only: "+r.Method+" is not supported"))
+		return
+	}
+	// A RawPath means the client percent-encoded something that decodes to
+	// a different path (such as %2F): never a valid name.
+	if r.URL.RawPath != "" {
+		writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, "percent-encoded characters are not allowed in repository names"))
+		return
+	}
+	rt, ok := parseRoute(strings.TrimPrefix(r.URL.Path, "/v2/"))
+	if !ok {
+		e := newAPIError(errcode.ErrorCodeUnsupported, "unknown registry API endpoint")
+		e.status = http.StatusNotFound
+		writeError(w, e)
+		return
+	}
+	if err := validateName(rt.name); err != nil {
+		writeError(w, err)
+		return
+	}
+	if err := h.checkNS(r); err != nil {
+		writeError(w, err)
+		return
+	}
+	switch rt.kind {
+	case kindManifest:
+		h.serveManifest(w, r, rt.name, rt.ref)
+	case kindBlob:
+		dgst, err := digest.Parse(rt.ref)
+		if err != nil {
+			writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid blob digest"))
+			return
+		}
+		h.serveBlob(w, r, rt.name, dgst)
+	case kindTags:
+		h.serveTags(w, r, rt.name)
+	}
+}
+
+// validateName checks a repository name against the distribution/reference
+// grammar (lower-case path components separated by '/') and its
+// 255-character limit.
+func validateName(name string) *apiError {
+	if len(name) > reference.NameTotalLengthMax {
+		return newAPIError(errcode.ErrorCodeNameInvalid, "repository name is too long")
+	}
+	named, err := reference.ParseNamed("nvcr.io/" + name)
+	if err != nil || reference.Path(named) != name {
+		return newAPIError(errcode.ErrorCodeNameInvalid, "invalid repository name")
+	}
+	return nil
+}
+
+// checkNS enforces containerd's mirror query ?ns=<registry>: it must name
+// the configured upstream. It is never part of a cache key.
+func (h *Handler) checkNS(r *http.Request) *apiError {
+	ns := r.URL.Query().Get("ns")
+	if ns == "" || strings.EqualFold(ns, h.up.Host()) {
+		return nil
+	}
+	for _, a := range h.opts.NSAliases {
+		if strings.EqualFold(ns, a) {
+			return nil
+		}
+	}
+	e := newAPIError(errcode.ErrorCodeNameUnknown, "this mirror serves "+h.up.Host()+", not the registry named by ns")
+	return e
+}

@@ -1,0 +1,174 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// serveManifest answers GET and HEAD /v2/<name>/manifests/<reference>. HEAD
+// resolves the manifest exactly as GET does (fetching it on a cold cache),
+// so both carry the same Content-Type, Content-Length and
+// Docker-Content-Digest; nvcr.io has answered 403 to manifest HEADs, so the
+// mirror does not rely on them for a cold HEAD.
+func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, ref string) {
+	var m *storage.Manifest
+	var err error
+	if dgst, derr := digest.Parse(ref); derr == nil {
+		m, err = h.manifestByDigest(r.Context(), name, dgst)
+	} else if looksLikeDigest(ref) {
+		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid manifest digest"))
+		return
+	} else if _, terr := reference.WithTag(reference.TrimNamed(mustName(name)), ref); terr != nil {
+		writeError(w, newAPIError(errcode.ErrorCodeTagInvalid, "invalid tag"))
+		return
+	} else {
+		m, err = h.manifestByTag(r.Context(), name, ref)
+	}
+	if err != nil {
+		if errors.Is(err, r.Context().Err()) && r.Context().Err() != nil {
+			return // the client went away
+		}
+		h.log.Debug("manifest request failed", "repository", name, "reference", ref, "err", err)
+		writeError(w, toAPIError(err, kindManifest))
+		return
+	}
+	hd := w.Header()
+	hd.Set("Content-Type", m.MediaType)
+	hd.Set("Content-Length", strconv.Itoa(len(m.Body)))
+	hd.Set("Docker-Content-Digest", m.Digest.String())
+	hd.Set("Etag", `"`+m.Digest.String()+`"`)
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(m.Body)
+	}
+}
+
+func looksLikeDigest(ref string) bool {
+	for i := 0; i < len(ref); i++ {
+		if ref[i] == ':' {
+			return true
+		}
+	}
+	return false
+}
+
+// mustName returns name as a reference.Named; name was validated already.
+func mustName(name string) reference.Named {
+	n, err := reference.ParseNamed("nvcr.io/" + name)
+	if err != nil {
+		panic(err)
+	}
+	return n
+}
+
+// manifestByDigest serves a digest from the cache, which never goes stale,
+// or fetches and caches it. Content-addressed: the digest is verified.
+func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest.Digest) (*storage.Manifest, error) {
+	m, err := h.store.GetManifest(ctx, dgst)
+	if err == nil {
+		return m, nil
+	}
+	if !errors.Is(err, storage.ErrNotFound) {
+		h.log.Warn("cached manifest unreadable; refetching", "digest", dgst, "err", err)
+	}
+	v, err, _ := h.manifests.Do(name+"@"+dgst.String(), func() (any, error) {
+		ctx, cancel := h.upstreamContext(ctx)
+		defer cancel()
+		um, err := h.up.GetManifest(ctx, name, dgst.String(), nil)
+		if err != nil {
+			return nil, err
+		}
+		return h.cacheManifest(ctx, um)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*storage.Manifest), nil
+}
+
+// upstreamContext detaches an upstream exchange from one client's
+// cancellation (others may share it) and bounds it.
+func (h *Handler) upstreamContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), h.opts.ManifestTimeout)
+}
+
+func (h *Handler) cacheManifest(ctx context.Context, um *upstream.Manifest) (*storage.Manifest, error) {
+	m := &storage.Manifest{MediaType: um.MediaType, Digest: um.Digest, Body: um.Body}
+	if err := h.store.PutManifest(ctx, m.MediaType, m.Digest, m.Body); err != nil {
+		// Still serve what was verified; the next request tries again.
+		h.log.Warn("caching manifest failed", "digest", m.Digest, "err", err)
+	}
+	return m, nil
+}
+
+// manifestByTag serves name:tag. A tag confirmed by the upstream within
+// TagFreshness is served from the cache. An older one is revalidated with a
+// HEAD (a GET when the digest changed or HEAD is refused); when the upstream
+// is unreachable, failing (5xx) or rate limiting, the cached manifest is
+// served stale. A 404 from the upstream forgets the tag.
+func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage.Manifest, error) {
+	rec, recErr := h.store.GetTag(ctx, name, tag)
+	var cached *storage.Manifest
+	if recErr == nil {
+		if m, err := h.store.GetManifest(ctx, rec.Digest); err == nil {
+			cached = m
+			if time.Since(rec.ConfirmedAt) < h.opts.TagFreshness {
+				return cached, nil
+			}
+		}
+	}
+	v, err, _ := h.manifests.Do(name+":"+tag, func() (any, error) {
+		ctx, cancel := h.upstreamContext(ctx)
+		defer cancel()
+		if cached != nil {
+			d, err := h.up.HeadManifest(ctx, name, tag, nil)
+			if err == nil && d.Digest == cached.Digest {
+				rec.ConfirmedAt = time.Now()
+				if perr := h.store.PutTag(ctx, name, tag, rec); perr != nil {
+					h.log.Warn("recording tag failed", "repository", name, "tag", tag, "err", perr)
+				}
+				return cached, nil
+			}
+			if err != nil && !errors.Is(err, upstream.ErrDenied) && !errors.Is(err, upstream.ErrInvalidContent) {
+				return nil, err // GET would fail the same way
+			}
+		}
+		um, err := h.up.GetManifest(ctx, name, tag, nil)
+		if err != nil {
+			return nil, err
+		}
+		m, err := h.cacheManifest(ctx, um)
+		if err != nil {
+			return nil, err
+		}
+		nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
+		if perr := h.store.PutTag(ctx, name, tag, nrec); perr != nil {
+			h.log.Warn("recording tag failed", "repository", name, "tag", tag, "err", perr)
+		}
+		return m, nil
+	})
+	if err == nil {
+		return v.(*storage.Manifest), nil
+	}
+	if cached != nil && !isAuthoritative(err) {
+		h.log.Warn("upstream unavailable; serving cached tag", "repository", name, "tag", tag,
+			"digest", cached.Digest, "confirmed_at", rec.ConfirmedAt, "err", err)
+		return cached, nil
+	}
+	if errors.Is(err, upstream.ErrNotFound) && recErr == nil {
+		if derr := h.store.DeleteTag(context.WithoutCancel(ctx), name, tag); derr != nil {
+			h.log.Warn("forgetting deleted tag failed", "repository", name, "tag", tag, "err", derr)
+		}
+	}
+	return nil, err
+}

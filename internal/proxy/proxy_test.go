@@ -1,0 +1,566 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+type env struct {
+	up     *ngctest.Upstream
+	fx     *ngctest.Fixture
+	mirror *httptest.Server
+	store  *storage.Store
+	fills  *fill.Group
+}
+
+type envOpts struct {
+	key          string
+	upstream     ngctest.Options
+	tagFreshness time.Duration
+	layerSize    int64
+}
+
+func newEnv(t *testing.T, o envOpts) *env {
+	t.Helper()
+	up := ngctest.New(o.upstream)
+	t.Cleanup(up.Close)
+	if o.layerSize == 0 {
+		o.layerSize = 64 << 10
+	}
+	fx, err := up.Populate(o.layerSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50}))
+	origin, _ := url.Parse(up.URL())
+	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
+	client := upstream.New(origin, rt)
+	fills := fill.NewGroup(store, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}})
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills}
+}
+
+type result struct {
+	status int
+	header http.Header
+	body   []byte
+	err    error
+}
+
+func (e *env) do(t *testing.T, method, path string, hdr ...string) result {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), method, e.mirror.URL+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return result{status: resp.StatusCode, header: resp.Header, body: body, err: err}
+}
+
+func mustOK(t *testing.T, r result, want int) {
+	t.Helper()
+	if r.err != nil {
+		t.Fatalf("request failed: %v", r.err)
+	}
+	if r.status != want {
+		t.Fatalf("status %d, want %d; body %s", r.status, want, r.body)
+	}
+}
+
+func errorCode(t *testing.T, r result) string {
+	t.Helper()
+	var env struct {
+		Errors []struct{ Code, Message string }
+	}
+	if err := json.Unmarshal(r.body, &env); err != nil || len(env.Errors) == 0 {
+		t.Fatalf("body is not an OCI error envelope: %q", r.body)
+	}
+	return env.Errors[0].Code
+}
+
+func TestBaseEndpoint(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	r := e.do(t, http.MethodGet, "/v2/")
+	mustOK(t, r, 200)
+	if string(r.body) != "{}" || r.header.Get("Docker-Distribution-API-Version") != "registry/2.0" {
+		t.Fatalf("got %q %v", r.body, r.header)
+	}
+}
+
+// TestPullThroughIndexByteIdentical pulls a manifest list, its children and
+// every blob, and checks bytes, digests and headers against the upstream's.
+func TestPullThroughIndexByteIdentical(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	for _, tc := range []struct {
+		repo, tag string
+		im        *ngctest.Image
+	}{
+		{ngctest.PytorchRepo, ngctest.PytorchTag, e.fx.Pytorch},
+		{ngctest.DCGMRepo, ngctest.DCGMTag, e.fx.DCGM},
+		{ngctest.CUDARepo, ngctest.CUDATag, e.fx.CUDA},
+	} {
+		// HEAD on a cold cache carries the GET's headers.
+		head := e.do(t, http.MethodHead, "/v2/"+tc.repo+"/manifests/"+tc.tag)
+		mustOK(t, head, 200)
+		get := e.do(t, http.MethodGet, "/v2/"+tc.repo+"/manifests/"+tc.tag)
+		mustOK(t, get, 200)
+		if !bytes.Equal(get.body, tc.im.Manifest.Body) {
+			t.Fatalf("%s: manifest bytes differ from upstream", tc.repo)
+		}
+		for _, k := range []string{"Content-Type", "Content-Length", "Docker-Content-Digest"} {
+			if head.header.Get(k) != get.header.Get(k) || get.header.Get(k) == "" {
+				t.Errorf("%s: HEAD %s=%q, GET %q", tc.repo, k, head.header.Get(k), get.header.Get(k))
+			}
+		}
+		if get.header.Get("Content-Type") != tc.im.Manifest.MediaType || get.header.Get("Docker-Content-Digest") != tc.im.Manifest.Digest.String() {
+			t.Errorf("%s: headers %v", tc.repo, get.header)
+		}
+		if len(head.body) != 0 {
+			t.Errorf("HEAD had a body")
+		}
+		for _, c := range tc.im.Children {
+			r := e.do(t, http.MethodGet, "/v2/"+tc.repo+"/manifests/"+c.Manifest.Digest.String())
+			mustOK(t, r, 200)
+			if !bytes.Equal(r.body, c.Manifest.Body) || r.header.Get("Content-Type") != c.Manifest.MediaType {
+				t.Fatalf("child manifest differs")
+			}
+		}
+		for _, b := range tc.im.Blobs() {
+			path := "/v2/" + tc.repo + "/blobs/" + b.Digest.String()
+			head := e.do(t, http.MethodHead, path)
+			mustOK(t, head, 200)
+			r := e.do(t, http.MethodGet, path)
+			mustOK(t, r, 200)
+			if !bytes.Equal(r.body, b.Body) {
+				t.Fatalf("blob %s differs", b.Digest)
+			}
+			for _, k := range []string{"Content-Type", "Content-Length", "Docker-Content-Digest", "Accept-Ranges"} {
+				if head.header.Get(k) != r.header.Get(k) {
+					t.Errorf("blob HEAD %s=%q, GET %q", k, head.header.Get(k), r.header.Get(k))
+				}
+			}
+		}
+	}
+	for _, req := range e.up.Requests() {
+		if req.Host == "cdn" && req.Auth != "" {
+			t.Fatalf("the CDN received an Authorization header (%s)", req.Auth)
+		}
+	}
+	if e.up.Count("registry", http.MethodGet, "/authn/token") != 0 {
+		t.Fatal("the mirror asked the post-expiry realm for a token")
+	}
+}
+
+// TestCachedServedWithUpstreamDown checks that a warm cache serves tags
+// (stale) and digests when the upstream is gone.
+func TestCachedServedWithUpstreamDown(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{tagFreshness: time.Nanosecond})
+	child := e.fx.Pytorch.Child("linux/amd64")
+	paths := []string{
+		"/v2/nvidia/pytorch/manifests/17.12",
+		"/v2/nvidia/pytorch/manifests/" + e.fx.Pytorch.Manifest.Digest.String(),
+		"/v2/nvidia/pytorch/manifests/" + child.Manifest.Digest.String(),
+		"/v2/nvidia/pytorch/blobs/" + child.Layers[0].Digest.String(),
+	}
+	want := map[string][]byte{}
+	for _, p := range paths {
+		r := e.do(t, http.MethodGet, p)
+		mustOK(t, r, 200)
+		want[p] = r.body
+	}
+	e.up.Close()
+	for _, p := range paths {
+		for _, m := range []string{http.MethodHead, http.MethodGet} {
+			r := e.do(t, m, p)
+			mustOK(t, r, 200)
+			if m == http.MethodGet && !bytes.Equal(r.body, want[p]) {
+				t.Fatalf("%s: served different bytes with upstream down", p)
+			}
+		}
+	}
+	// Something never cached is a clear upstream error, not a 404.
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/18.01-py3")
+	if r.status != http.StatusBadGateway || errorCode(t, r) != "UNAVAILABLE" {
+		t.Fatalf("uncached with upstream down: %d %s", r.status, r.body)
+	}
+}
+
+func TestPrivateRepositoryNeedsKey(t *testing.T) {
+	t.Parallel()
+	anon := newEnv(t, envOpts{})
+	r := anon.do(t, http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
+	if r.status != http.StatusForbidden || errorCode(t, r) != "DENIED" {
+		t.Fatalf("anonymous private pull: %d %s", r.status, r.body)
+	}
+	keyed := newEnv(t, envOpts{key: ngctest.APIKey})
+	r = keyed.do(t, http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, keyed.fx.Private.Manifest.Body) {
+		t.Fatal("private manifest differs")
+	}
+	r = keyed.do(t, http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/blobs/"+keyed.fx.Private.Layers[0].Digest.String())
+	mustOK(t, r, 200)
+	wrong := newEnv(t, envOpts{key: "nvapi-wrong"})
+	r = wrong.do(t, http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
+	if r.status != http.StatusForbidden || strings.Contains(string(r.body), "nvapi-wrong") {
+		t.Fatalf("wrong key: %d %s", r.status, r.body)
+	}
+}
+
+// TestTokenExpiryRealmSwitch: after tokens expire the upstream challenges
+// with another realm; the mirror must re-exchange at the original one.
+func TestTokenExpiryRealmSwitch(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{key: ngctest.APIKey, tagFreshness: time.Nanosecond})
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12"), 200)
+	e.up.ExpireTokens()
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/18.01-py3"), 200)
+	if n := e.up.Count("registry", http.MethodGet, "/authn/token"); n != 0 {
+		t.Fatalf("asked the post-expiry realm %d times", n)
+	}
+	if n := e.up.Count("registry", http.MethodGet, "/proxy_auth"); n < 2 {
+		t.Fatalf("token exchanges at the original realm: %d, want a fresh one after expiry", n)
+	}
+}
+
+func TestLenientTokenResponses(t *testing.T) {
+	t.Parallel()
+	for name, o := range map[string]ngctest.Options{
+		"access_token":    {AccessTokenField: true},
+		"no expires_in":   {OmitExpiresIn: true},
+		"html type":       {TokenContentType: "text/html"},
+		"realm has query": {RealmQuery: "service=ngc"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, envOpts{upstream: o})
+			mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag), 200)
+		})
+	}
+}
+
+// TestConcurrentColdBlobOneFetch: many clients, one upstream fetch.
+func TestConcurrentColdBlobOneFetch(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	layer := e.fx.Pytorch.Child("linux/amd64").Layers[1]
+	// Hold the CDN until every client has asked, so all of them join the
+	// same fill rather than finding the blob cached.
+	release := make(chan struct{})
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if e.up.IsCDN(r) {
+			<-release
+		}
+		return false
+	})
+	const clients = 16
+	var wg sync.WaitGroup
+	bodies := make([][]byte, clients)
+	errs := make([]error, clients)
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/blobs/"+layer.Digest.String())
+			bodies[i], errs[i] = r.body, r.err
+			if r.err == nil && r.status != 200 {
+				errs[i] = errors.New(string(r.body))
+			}
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for e.up.Count("registry", http.MethodGet, "/v2/nvidia/pytorch/blobs/"+layer.Digest.String()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // let the other clients join the fill
+	close(release)
+	wg.Wait()
+	for i := range clients {
+		if errs[i] != nil || !bytes.Equal(bodies[i], layer.Body) {
+			t.Fatalf("client %d: err %v, %d bytes", i, errs[i], len(bodies[i]))
+		}
+	}
+	if n := e.up.BlobFetches(layer.Digest); n != 1 {
+		t.Fatalf("upstream blob fetches = %d, want 1", n)
+	}
+	// A shared layer reached through another repository is a cache hit.
+	shared := e.fx.CUDA.Layers[0]
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/pytorch/blobs/"+shared.Digest.String()), 200)
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+shared.Digest.String()), 200)
+	if n := e.up.BlobFetches(shared.Digest); n != 1 {
+		t.Fatalf("shared layer fetched %d times", n)
+	}
+}
+
+// TestClientDisconnectFillCompletes: the first client leaves mid-blob; the
+// fill still completes and caches the blob.
+func TestClientDisconnectFillCompletes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	layer := e.fx.DCGM.Child("linux/amd64").Layers[0]
+	ctx, cancel := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.mirror.URL+"/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadFull(resp.Body, make([]byte, 1024))
+	cancel()
+	resp.Body.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if size, err := e.store.StatBlob(t.Context(), layer.Digest); err == nil {
+			if size != int64(len(layer.Body)) {
+				t.Fatalf("cached size %d, want %d", size, len(layer.Body))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("blob never committed after the client left")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.up.Close()
+	r := e.do(t, http.MethodGet, "/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String())
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("cached blob differs")
+	}
+}
+
+// TestCorruptBlobNeverCached: a flipped byte from the CDN aborts the client
+// and caches nothing; the next request refetches and succeeds.
+func TestCorruptBlobNeverCached(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	layer := e.fx.CUDA.Layers[1]
+	var mu sync.Mutex
+	corrupt := true
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if !e.up.IsCDN(r) || !corrupt {
+			return false
+		}
+		corrupt = false
+		bad := bytes.Clone(layer.Body)
+		bad[len(bad)/2] ^= 0xff
+		w.Header().Set("Content-Length", itoa(len(bad)))
+		_, _ = w.Write(bad)
+		return true
+	})
+	path := "/v2/nvidia/cuda/blobs/" + layer.Digest.String()
+	r := e.do(t, http.MethodGet, path)
+	if r.err == nil && r.status == 200 && bytes.Equal(r.body, layer.Body) {
+		t.Fatal("corrupt upstream content was served as a complete blob")
+	}
+	if r.err == nil && r.status == 200 {
+		t.Fatalf("corrupt transfer ended cleanly with %d bytes", len(r.body))
+	}
+	if _, err := e.store.StatBlob(t.Context(), layer.Digest); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("corrupt blob is visible in the cache: %v", err)
+	}
+	r = e.do(t, http.MethodGet, path)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("refetch differs")
+	}
+}
+
+func TestRange(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	layer := e.fx.Pytorch.Child("linux/arm64").Layers[0]
+	path := "/v2/nvidia/pytorch/blobs/" + layer.Digest.String()
+	size := len(layer.Body)
+	check := func(label string) {
+		r := e.do(t, http.MethodGet, path, "Range", "bytes=10-99")
+		mustOK(t, r, http.StatusPartialContent)
+		if !bytes.Equal(r.body, layer.Body[10:100]) || r.header.Get("Content-Range") != "bytes 10-99/"+itoa(size) {
+			t.Fatalf("%s: bad partial content %q", label, r.header.Get("Content-Range"))
+		}
+		r = e.do(t, http.MethodGet, path, "Range", "bytes=-5")
+		mustOK(t, r, http.StatusPartialContent)
+		if !bytes.Equal(r.body, layer.Body[size-5:]) {
+			t.Fatalf("%s: bad suffix range", label)
+		}
+		r = e.do(t, http.MethodGet, path, "Range", "bytes="+itoa(size-1)+"-")
+		mustOK(t, r, http.StatusPartialContent)
+		if len(r.body) != 1 {
+			t.Fatalf("%s: last byte range gave %d bytes", label, len(r.body))
+		}
+		r = e.do(t, http.MethodGet, path, "Range", "bytes="+itoa(size)+"-")
+		if r.status != http.StatusRequestedRangeNotSatisfiable || r.header.Get("Content-Range") != "bytes */"+itoa(size) {
+			t.Fatalf("%s: past the end: %d %q", label, r.status, r.header.Get("Content-Range"))
+		}
+	}
+	check("miss")
+	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
+		t.Fatalf("range miss did not cache the blob: %v", err)
+	}
+	check("hit")
+}
+
+func TestTagsList(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/tags/list?n=1")
+	mustOK(t, r, 200)
+	var body struct {
+		Name string
+		Tags []string
+	}
+	_ = json.Unmarshal(r.body, &body)
+	if body.Name != "nvidia/pytorch" || len(body.Tags) != 1 || body.Tags[0] != "17.12" {
+		t.Fatalf("page 1: %s", r.body)
+	}
+	link := r.header.Get("Link")
+	if link != `</v2/nvidia/pytorch/tags/list?last=17.12&n=1>; rel="next"` {
+		t.Fatalf("Link %q must point at the mirror", link)
+	}
+	r = e.do(t, http.MethodGet, "/v2/nvidia/pytorch/tags/list?last=17.12&n=1")
+	mustOK(t, r, 200)
+	_ = json.Unmarshal(r.body, &body)
+	if len(body.Tags) != 1 || body.Tags[0] != "18.01-py3" || r.header.Get("Link") != "" {
+		t.Fatalf("page 2: %s link %q", r.body, r.header.Get("Link"))
+	}
+	r = e.do(t, http.MethodGet, "/v2/nvidia/nope/tags/list")
+	if r.status != 404 || errorCode(t, r) != "NAME_UNKNOWN" {
+		t.Fatalf("unknown repo: %d %s", r.status, r.body)
+	}
+}
+
+// TestBadInput: each request gets the spec's code and status, and none
+// reaches the upstream.
+func TestBadInput(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	good := e.fx.CUDA.Layers[0].Digest.String()
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		code         string
+	}{
+		{"GET", "/v2/Nvidia/pytorch/manifests/17.12", 400, "NAME_INVALID"},
+		{"GET", "/v2/nvidia/../pytorch/manifests/17.12", 400, "NAME_INVALID"},
+		{"GET", "/v2/nvidia//pytorch/manifests/17.12", 400, "NAME_INVALID"},
+		{"GET", "/v2/nvidia%2Fpytorch/manifests/17.12", 400, "NAME_INVALID"},
+		{"GET", "/v2/" + strings.Repeat("a", 254) + "/x/manifests/1", 400, "NAME_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/-bad", 400, "TAG_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/" + strings.Repeat("t", 129), 400, "TAG_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/sha256:abc", 400, "DIGEST_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/blobs/sha256:abc", 400, "DIGEST_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/blobs/latest", 400, "DIGEST_INVALID"},
+		{"PUT", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
+		{"DELETE", "/v2/nvidia/pytorch/blobs/" + good, 405, "UNSUPPORTED"},
+		{"POST", "/v2/nvidia/pytorch/blobs/uploads/", 405, "UNSUPPORTED"},
+		{"PATCH", "/v2/nvidia/pytorch/blobs/uploads/x", 405, "UNSUPPORTED"},
+		{"GET", "/v2/nvidia/pytorch/manifests/17.12?ns=docker.io", 404, "NAME_UNKNOWN"},
+		{"GET", "/v2/nvidia/pytorch/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"},
+	} {
+		before := len(e.up.Requests())
+		req, _ := http.NewRequestWithContext(t.Context(), tc.method, e.mirror.URL+tc.path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		r := result{status: resp.StatusCode, body: body}
+		if r.status != tc.status || errorCode(t, r) != tc.code {
+			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, r.status, body, tc.status, tc.code)
+		}
+		if after := len(e.up.Requests()); after != before {
+			t.Errorf("%s %s reached the upstream", tc.method, tc.path)
+		}
+	}
+	// ns naming the upstream (or an alias) is accepted and not a cache key.
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag+"?ns=nvcr.io"), 200)
+	before := len(e.up.Requests())
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag+"?ns="+e.up.Host()), 200)
+	mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag), 200)
+	if after := len(e.up.Requests()); after != before {
+		t.Fatalf("ns changed the cache key: %d more upstream requests", after-before)
+	}
+}
+
+func TestUnknownContent(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/99.99")
+	if r.status != 404 || errorCode(t, r) != "MANIFEST_UNKNOWN" {
+		t.Fatalf("unknown tag: %d %s", r.status, r.body)
+	}
+	r = e.do(t, http.MethodGet, "/v2/nvidia/pytorch/blobs/"+digest.FromString("nothing").String())
+	if r.status != 404 || errorCode(t, r) != "BLOB_UNKNOWN" {
+		t.Fatalf("unknown blob: %d %s", r.status, r.body)
+	}
+	r = e.do(t, http.MethodHead, "/v2/nvidia/pytorch/blobs/"+digest.FromString("nothing").String())
+	if r.status != 404 {
+		t.Fatalf("unknown blob HEAD: %d", r.status)
+	}
+}
+
+// TestUpstreamErrors: 5xx and 429 become 502/503 and 429 with Retry-After,
+// never 404.
+func TestUpstreamErrors(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		switch {
+		case strings.Contains(r.URL.Path, "/manifests/17.12"):
+			w.Header().Set("Retry-After", "7")
+			w.WriteHeader(http.StatusTooManyRequests)
+			return true
+		case strings.Contains(r.URL.Path, "/manifests/18.01-py3"):
+			w.WriteHeader(http.StatusInternalServerError)
+			return true
+		}
+		return false
+	})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12")
+	if r.status != 429 || r.header.Get("Retry-After") != "7" || errorCode(t, r) != "TOOMANYREQUESTS" {
+		t.Fatalf("429: %d %v %s", r.status, r.header, r.body)
+	}
+	r = e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/18.01-py3")
+	if r.status != 502 || errorCode(t, r) != "UNAVAILABLE" {
+		t.Fatalf("500: %d %s", r.status, r.body)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

@@ -1,0 +1,309 @@
+// Package storage is the mirror's cache: content-addressed blobs and
+// manifests, and tag → digest records, kept on a distribution storage driver
+// (filesystem now, s3-aws through the same code).
+//
+// Layout under the driver root:
+//
+//	/blobs/<alg>/<hex[0:2]>/<hex>                blob bytes
+//	/manifests/<alg>/<hex[0:2]>/<hex>            "<media type>\n" + manifest bytes
+//	/repositories/<name>/_tags/<tag>             JSON TagRecord
+//	/_uploads/<random>                           blob bytes being written
+//
+// Nothing partial is ever visible at a final path: blobs are written under
+// /_uploads, verified (size and digest), then moved into place; manifests and
+// tag records are written with PutContent, which is atomic on the filesystem
+// driver (temporary file and rename) and on S3 (a single PutObject).
+// Repository path components cannot start with '_' (distribution/reference
+// grammar), so "_tags" never collides with a repository name.
+package storage
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"path"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
+)
+
+// Errors returned by Store. Compare with errors.Is.
+var (
+	// ErrNotFound: the blob, manifest or tag is not cached.
+	ErrNotFound = errors.New("storage: not found")
+	// ErrDigestMismatch: content written did not hash to the expected digest.
+	ErrDigestMismatch = errors.New("storage: digest mismatch")
+	// ErrSizeMismatch: content written was not of the expected size.
+	ErrSizeMismatch = errors.New("storage: size mismatch")
+	// ErrUnsupportedDigest: the digest algorithm is not available.
+	ErrUnsupportedDigest = errors.New("storage: unsupported digest algorithm")
+)
+
+// Store is the cache. It is safe for concurrent use.
+type Store struct {
+	d driver.StorageDriver
+}
+
+// New returns a Store on d.
+func New(d driver.StorageDriver) *Store { return &Store{d: d} }
+
+// Driver returns the underlying storage driver.
+func (s *Store) Driver() driver.StorageDriver { return s.d }
+
+func contentPath(kind string, dgst digest.Digest) (string, error) {
+	if err := dgst.Validate(); err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUnsupportedDigest, err)
+	}
+	h := dgst.Encoded()
+	return path.Join("/", kind, string(dgst.Algorithm()), h[:2], h), nil
+}
+
+// translate maps driver errors to this package's sentinels.
+func translate(err error) error {
+	var nf driver.PathNotFoundError
+	if errors.As(err, &nf) {
+		return fmt.Errorf("%w: %s", ErrNotFound, nf.Path)
+	}
+	return err
+}
+
+// StatBlob returns the size in bytes of the cached blob dgst, or ErrNotFound.
+func (s *Store) StatBlob(ctx context.Context, dgst digest.Digest) (int64, error) {
+	p, err := contentPath("blobs", dgst)
+	if err != nil {
+		return 0, err
+	}
+	fi, err := s.d.Stat(ctx, p)
+	if err != nil {
+		return 0, translate(err)
+	}
+	return fi.Size(), nil
+}
+
+// OpenBlob opens the cached blob dgst at byte offset, or returns ErrNotFound.
+// On the filesystem driver the reader is an *os.File, so copying it to a
+// network connection uses sendfile.
+func (s *Store) OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error) {
+	p, err := contentPath("blobs", dgst)
+	if err != nil {
+		return nil, err
+	}
+	rc, err := s.d.Reader(ctx, p, offset)
+	if err != nil {
+		return nil, translate(err)
+	}
+	return rc, nil
+}
+
+// BlobWriter writes one blob to a temporary upload path while hashing it.
+// Nothing is visible in the cache until Commit succeeds; Cancel (or a failed
+// Commit) removes the upload.
+type BlobWriter struct {
+	s    *Store
+	fw   driver.FileWriter
+	path string
+	want digest.Digest
+	size int64 // expected size in bytes, -1 if unknown
+	h    hash.Hash
+	n    int64
+	done bool
+}
+
+// CreateBlob starts the upload of blob dgst, expected to be size bytes (-1
+// when unknown). It returns ErrUnsupportedDigest for digests whose
+// algorithm is not available.
+func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) (*BlobWriter, error) {
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnsupportedDigest, err)
+	}
+	var id [16]byte
+	if _, err := rand.Read(id[:]); err != nil {
+		return nil, err
+	}
+	p := "/_uploads/" + hex.EncodeToString(id[:])
+	fw, err := s.d.Writer(ctx, p, false)
+	if err != nil {
+		return nil, translate(err)
+	}
+	return &BlobWriter{s: s, fw: fw, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}, nil
+}
+
+// Write appends p to the upload.
+func (w *BlobWriter) Write(p []byte) (int, error) {
+	n, err := w.fw.Write(p)
+	w.h.Write(p[:n])
+	w.n += int64(n)
+	return n, err
+}
+
+// Size returns the bytes written so far.
+func (w *BlobWriter) Size() int64 { return w.n }
+
+// Commit checks that the expected number of bytes, hashing to the expected
+// digest, were written, then makes the blob visible at its final path. It
+// returns an error wrapping ErrSizeMismatch or ErrDigestMismatch (and
+// removes the upload) when the content is wrong.
+func (w *BlobWriter) Commit(ctx context.Context) error {
+	if w.done {
+		return errors.New("storage: blob writer already finished")
+	}
+	if w.size >= 0 && w.n != w.size {
+		_ = w.Cancel(ctx)
+		return fmt.Errorf("%w: wrote %d bytes, want %d", ErrSizeMismatch, w.n, w.size)
+	}
+	if got := digest.NewDigest(w.want.Algorithm(), w.h); got != w.want {
+		_ = w.Cancel(ctx)
+		return fmt.Errorf("%w: content hashes to %s, want %s", ErrDigestMismatch, got, w.want)
+	}
+	final, _ := contentPath("blobs", w.want) // validated in CreateBlob
+	if err := w.fw.Commit(ctx); err != nil {
+		_ = w.Cancel(ctx)
+		return fmt.Errorf("storage: committing upload: %w", err)
+	}
+	w.done = true
+	if err := w.fw.Close(); err != nil {
+		_ = w.s.d.Delete(ctx, w.path)
+		return fmt.Errorf("storage: closing upload: %w", err)
+	}
+	if err := w.s.d.Move(ctx, w.path, final); err != nil {
+		_ = w.s.d.Delete(ctx, w.path)
+		return fmt.Errorf("storage: moving blob into place: %w", err)
+	}
+	return nil
+}
+
+// Cancel abandons the upload and removes what was written. It is safe to
+// call after Commit (it then does nothing).
+func (w *BlobWriter) Cancel(ctx context.Context) error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	err := w.fw.Cancel(ctx)
+	_ = w.fw.Close()
+	if derr := w.s.d.Delete(ctx, w.path); derr != nil && !errors.As(derr, new(driver.PathNotFoundError)) {
+		err = errors.Join(err, derr)
+	}
+	return err
+}
+
+// Manifest is a cached manifest: its exact bytes and media type.
+type Manifest struct {
+	MediaType string
+	Digest    digest.Digest
+	Body      []byte
+}
+
+// GetManifest returns the cached manifest dgst, or ErrNotFound. Its bytes are
+// verified against dgst; a damaged record is reported as ErrDigestMismatch.
+func (s *Store) GetManifest(ctx context.Context, dgst digest.Digest) (*Manifest, error) {
+	p, err := contentPath("manifests", dgst)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := s.d.GetContent(ctx, p)
+	if err != nil {
+		return nil, translate(err)
+	}
+	mt, body, ok := bytes.Cut(raw, []byte("\n"))
+	if !ok || !dgst.Algorithm().Available() || dgst.Algorithm().FromBytes(body) != dgst {
+		return nil, fmt.Errorf("%w: cached manifest %s", ErrDigestMismatch, dgst)
+	}
+	return &Manifest{MediaType: string(mt), Digest: dgst, Body: body}, nil
+}
+
+// PutManifest caches body with mediaType under dgst, after checking that
+// body hashes to dgst (ErrDigestMismatch otherwise).
+func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.Digest, body []byte) error {
+	p, err := contentPath("manifests", dgst)
+	if err != nil {
+		return err
+	}
+	if strings.ContainsAny(mediaType, "\r\n") {
+		return fmt.Errorf("storage: media type %q contains a line break", mediaType)
+	}
+	if !dgst.Algorithm().Available() || dgst.Algorithm().FromBytes(body) != dgst {
+		return fmt.Errorf("%w: manifest body does not match %s", ErrDigestMismatch, dgst)
+	}
+	raw := make([]byte, 0, len(mediaType)+1+len(body))
+	raw = append(append(append(raw, mediaType...), '\n'), body...)
+	return translate(s.d.PutContent(ctx, p, raw))
+}
+
+// TagRecord is what the cache knows of a tag: the manifest it pointed to and
+// when the upstream last confirmed that.
+type TagRecord struct {
+	Digest      digest.Digest `json:"digest"`
+	MediaType   string        `json:"mediaType"`
+	Size        int64         `json:"size"`
+	ConfirmedAt time.Time     `json:"confirmedAt"`
+}
+
+// pendingPut matches the temporary names the filesystem driver's PutContent
+// writes before its rename ("<name>.<uuid>.tmp").
+var pendingPut = regexp.MustCompile(`\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.tmp$`)
+
+func tagPath(repo, tag string) string {
+	return path.Join("/repositories", repo, "_tags", tag)
+}
+
+// GetTag returns the record of repo:tag, or ErrNotFound.
+func (s *Store) GetTag(ctx context.Context, repo, tag string) (TagRecord, error) {
+	raw, err := s.d.GetContent(ctx, tagPath(repo, tag))
+	if err != nil {
+		return TagRecord{}, translate(err)
+	}
+	var rec TagRecord
+	if err := json.Unmarshal(raw, &rec); err != nil || rec.Digest.Validate() != nil {
+		return TagRecord{}, fmt.Errorf("%w: damaged tag record %s:%s", ErrNotFound, repo, tag)
+	}
+	return rec, nil
+}
+
+// PutTag records repo:tag → rec.
+func (s *Store) PutTag(ctx context.Context, repo, tag string, rec TagRecord) error {
+	raw, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return translate(s.d.PutContent(ctx, tagPath(repo, tag), raw))
+}
+
+// DeleteTag forgets repo:tag. Deleting an unknown tag is not an error.
+func (s *Store) DeleteTag(ctx context.Context, repo, tag string) error {
+	err := translate(s.d.Delete(ctx, tagPath(repo, tag)))
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	return err
+}
+
+// ListTags returns the cached tags of repo in lexical order, or ErrNotFound
+// when the repository has none.
+func (s *Store) ListTags(ctx context.Context, repo string) ([]string, error) {
+	dir := path.Join("/repositories", repo, "_tags")
+	entries, err := s.d.List(ctx, dir)
+	if err != nil {
+		return nil, translate(err)
+	}
+	tags := make([]string, 0, len(entries))
+	for _, e := range entries {
+		name := path.Base(e)
+		if pendingPut.MatchString(name) { // a PutContent in progress
+			continue
+		}
+		tags = append(tags, name)
+	}
+	sort.Strings(tags)
+	return tags, nil
+}

@@ -1,0 +1,318 @@
+// Package upstream is the mirror's client for the upstream registry (nvcr.io):
+// manifests, blobs and tag lists over the OCI distribution API, through an
+// authenticating RoundTripper from package auth.
+package upstream
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// MaxManifestSize is the largest manifest the mirror accepts (bytes), the
+// same limit CNCF Distribution applies.
+const MaxManifestSize = 4 << 20
+
+// ManifestMediaTypes is the Accept list sent when the client gave none: every
+// Docker and OCI manifest and index type, so the upstream answers with the
+// same bytes that a modern client pulling from it directly gets.
+var ManifestMediaTypes = []string{
+	"application/vnd.oci.image.index.v1+json",
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+	"application/vnd.oci.image.manifest.v1+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
+}
+
+// Manifest is a manifest exactly as the upstream served it.
+type Manifest struct {
+	MediaType string
+	Digest    digest.Digest
+	Body      []byte
+}
+
+// Descriptor describes content without its bytes.
+type Descriptor struct {
+	MediaType string
+	Digest    digest.Digest
+	Size      int64 // bytes; -1 when the upstream did not say
+}
+
+// Blob is an open upstream blob body. Size is the full blob size in bytes
+// (not the remaining length), or -1 when unknown.
+type Blob struct {
+	Body io.ReadCloser
+	Size int64
+}
+
+// Client talks to one upstream registry. It is safe for concurrent use.
+type Client struct {
+	base *url.URL
+	hc   *http.Client
+}
+
+// New returns a Client for the registry at base (scheme and host, e.g.
+// https://nvcr.io), sending requests through rt. rt should be an
+// *auth.Transport for base; redirects (blob GETs go to a CDN) are followed
+// by the client and reach rt as new requests, which it leaves
+// unauthenticated when they leave the registry's origin.
+func New(base *url.URL, rt http.RoundTripper) *Client {
+	return &Client{
+		base: base,
+		hc: &http.Client{
+			Transport: rt,
+			CheckRedirect: func(req *http.Request, via []*http.Request) error {
+				if len(via) >= 10 {
+					return errors.New("upstream: stopped after 10 redirects")
+				}
+				return nil
+			},
+		},
+	}
+}
+
+// Host returns the upstream's host[:port], as containerd names it in ?ns=.
+func (c *Client) Host() string { return c.base.Host }
+
+func (c *Client) url(path string, q url.Values) string {
+	u := *c.base
+	u.Path = strings.TrimSuffix(c.base.Path, "/") + path
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr http.Header) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.url(path, q), nil)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	req.Header.Set("User-Agent", "ngc-mirror")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return nil, scrub(err)
+	}
+	if err := checkResponse(resp); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+// scrub removes the URL from a *url.Error: a redirected blob URL carries a
+// signature in its query, which must not reach logs or error bodies.
+func scrub(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		u, perr := url.Parse(ue.URL)
+		if perr == nil {
+			u.RawQuery, u.User = "", nil
+			return &url.Error{Op: ue.Op, URL: u.String(), Err: ue.Err}
+		}
+		return &url.Error{Op: ue.Op, URL: "<url>", Err: ue.Err}
+	}
+	return err
+}
+
+// Ping does a GET /v2/ and reports whether the registry answered with
+// success after authentication.
+func (c *Client) Ping(ctx context.Context) error {
+	resp, err := c.do(ctx, http.MethodGet, "/v2/", nil, nil)
+	if err != nil {
+		return err
+	}
+	drainClose(resp.Body)
+	return nil
+}
+
+func acceptHeader(accept []string) http.Header {
+	if len(accept) == 0 {
+		accept = ManifestMediaTypes
+	}
+	return http.Header{"Accept": {strings.Join(accept, ", ")}}
+}
+
+// GetManifest fetches the manifest repo:ref (ref is a tag or a digest),
+// asking for the media types in accept (ManifestMediaTypes when empty). When
+// ref is a digest the body is verified against it; a mismatch returns an
+// error wrapping ErrInvalidContent. Bodies over MaxManifestSize are refused.
+func (c *Client) GetManifest(ctx context.Context, repo, ref string, accept []string) (*Manifest, error) {
+	resp, err := c.do(ctx, http.MethodGet, "/v2/"+repo+"/manifests/"+ref, nil, acceptHeader(accept))
+	if err != nil {
+		return nil, err
+	}
+	defer drainClose(resp.Body)
+	if resp.ContentLength > MaxManifestSize {
+		return nil, fmt.Errorf("%w: manifest of %d bytes exceeds %d", ErrInvalidContent, resp.ContentLength, MaxManifestSize)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("upstream: reading manifest: %w", err)
+	}
+	if len(body) > MaxManifestSize {
+		return nil, fmt.Errorf("%w: manifest exceeds %d bytes", ErrInvalidContent, MaxManifestSize)
+	}
+	if resp.ContentLength >= 0 && int64(len(body)) != resp.ContentLength {
+		return nil, fmt.Errorf("%w: manifest body is %d bytes, Content-Length said %d", ErrInvalidContent, len(body), resp.ContentLength)
+	}
+	mt := manifestMediaType(resp.Header.Get("Content-Type"), body)
+	m := &Manifest{MediaType: mt, Body: body}
+	if want, err := digest.Parse(ref); err == nil {
+		if want.Algorithm().Available() && want.Algorithm().FromBytes(body) != want {
+			return nil, fmt.Errorf("%w: manifest does not match digest %s", ErrInvalidContent, want)
+		}
+		m.Digest = want
+		return m, nil
+	}
+	m.Digest = digest.FromBytes(body)
+	if hd := resp.Header.Get("Docker-Content-Digest"); hd != "" {
+		if d, err := digest.Parse(hd); err == nil && d.Algorithm() == digest.Canonical && d != m.Digest {
+			return nil, fmt.Errorf("%w: manifest does not match its Docker-Content-Digest", ErrInvalidContent)
+		}
+	}
+	return m, nil
+}
+
+// manifestMediaType takes the media type from Content-Type (without
+// parameters), or from the body's mediaType field when the header is absent
+// or generic.
+func manifestMediaType(ct string, body []byte) string {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err == nil && mt != "" && mt != "application/json" && mt != "text/plain" && mt != "application/octet-stream" {
+		return mt
+	}
+	var probe struct {
+		MediaType string `json:"mediaType"`
+	}
+	if json.Unmarshal(body, &probe) == nil && probe.MediaType != "" {
+		return probe.MediaType
+	}
+	if mt != "" {
+		return mt
+	}
+	return "application/json"
+}
+
+// HeadManifest asks for the descriptor of repo:ref without its body.
+func (c *Client) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, error) {
+	resp, err := c.do(ctx, http.MethodHead, "/v2/"+repo+"/manifests/"+ref, nil, acceptHeader(accept))
+	if err != nil {
+		return Descriptor{}, err
+	}
+	drainClose(resp.Body)
+	d := Descriptor{Size: resp.ContentLength}
+	d.MediaType, _, _ = mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	d.Digest, err = digest.Parse(resp.Header.Get("Docker-Content-Digest"))
+	if err != nil {
+		return Descriptor{}, fmt.Errorf("%w: HEAD manifest without a valid Docker-Content-Digest", ErrInvalidContent)
+	}
+	return d, nil
+}
+
+// GetBlob opens repo's blob dgst from byte offset on, following the
+// registry's redirect to its CDN. Blob.Size is the full size: from
+// Content-Range on a 206, from Content-Length on a 200 (-1 when chunked).
+// The caller verifies the content and closes Body.
+func (c *Client) GetBlob(ctx context.Context, repo string, dgst digest.Digest, offset int64) (*Blob, error) {
+	var hdr http.Header
+	if offset > 0 {
+		hdr = http.Header{"Range": {"bytes=" + strconv.FormatInt(offset, 10) + "-"}}
+	}
+	resp, err := c.do(ctx, http.MethodGet, "/v2/"+repo+"/blobs/"+dgst.String(), nil, hdr)
+	if err != nil {
+		return nil, err
+	}
+	b := &Blob{Body: resp.Body, Size: resp.ContentLength}
+	switch {
+	case offset > 0 && resp.StatusCode == http.StatusPartialContent:
+		start, size, ok := parseContentRange(resp.Header.Get("Content-Range"))
+		if !ok || start != offset {
+			drainClose(resp.Body)
+			return nil, fmt.Errorf("%w: bad Content-Range on resumed blob", ErrInvalidContent)
+		}
+		b.Size = size
+	case offset > 0:
+		// The upstream ignored Range: skip to the offset ourselves.
+		if _, err := io.CopyN(io.Discard, resp.Body, offset); err != nil {
+			drainClose(resp.Body)
+			return nil, fmt.Errorf("upstream: skipping to offset %d: %w", offset, err)
+		}
+	}
+	return b, nil
+}
+
+// parseContentRange parses "bytes START-END/SIZE". SIZE "*" is refused.
+func parseContentRange(v string) (start, size int64, ok bool) {
+	rest, found := strings.CutPrefix(v, "bytes ")
+	if !found {
+		return 0, 0, false
+	}
+	rng, total, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, false
+	}
+	s, _, found := strings.Cut(rng, "-")
+	if !found {
+		return 0, 0, false
+	}
+	start, err1 := strconv.ParseInt(s, 10, 64)
+	size, err2 := strconv.ParseInt(total, 10, 64)
+	return start, size, err1 == nil && err2 == nil
+}
+
+// HeadBlob returns the size (bytes) of repo's blob dgst.
+func (c *Client) HeadBlob(ctx context.Context, repo string, dgst digest.Digest) (int64, error) {
+	resp, err := c.do(ctx, http.MethodHead, "/v2/"+repo+"/blobs/"+dgst.String(), nil, nil)
+	if err != nil {
+		return 0, err
+	}
+	drainClose(resp.Body)
+	if resp.ContentLength < 0 {
+		return 0, fmt.Errorf("%w: HEAD blob without Content-Length", ErrInvalidContent)
+	}
+	return resp.ContentLength, nil
+}
+
+// TagPage is one page of a tag list.
+type TagPage struct {
+	Tags []string
+	More bool // the upstream announced a next page (Link rel="next")
+}
+
+// ListTags lists repo's tags, n at most (0: the upstream's default), after
+// tag last (lexical order, OCI distribution spec "Listing Tags").
+func (c *Client) ListTags(ctx context.Context, repo string, n int, last string) (*TagPage, error) {
+	q := url.Values{}
+	if n > 0 {
+		q.Set("n", strconv.Itoa(n))
+	}
+	if last != "" {
+		q.Set("last", last)
+	}
+	resp, err := c.do(ctx, http.MethodGet, "/v2/"+repo+"/tags/list", q, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer drainClose(resp.Body)
+	var body struct {
+		Tags []string `json:"tags"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&body); err != nil {
+		return nil, fmt.Errorf("%w: tag list is not JSON: %v", ErrInvalidContent, err)
+	}
+	return &TagPage{Tags: body.Tags, More: strings.Contains(resp.Header.Get("Link"), `rel="next"`)}, nil
+}
+
+func drainClose(rc io.ReadCloser) {
+	_, _ = io.Copy(io.Discard, io.LimitReader(rc, 64<<10))
+	_ = rc.Close()
+}

@@ -1,0 +1,102 @@
+package upstream
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// Sentinel errors that an *Error matches with errors.Is, by HTTP status.
+var (
+	ErrNotFound        = errors.New("upstream: not found")         // 404
+	ErrUnauthorized    = errors.New("upstream: unauthorized")      // 401
+	ErrDenied          = errors.New("upstream: denied")            // 403, 451
+	ErrTooManyRequests = errors.New("upstream: too many requests") // 429
+	ErrUnavailable     = errors.New("upstream: unavailable")       // 5xx
+	// ErrInvalidContent means the upstream answered 2xx with content that
+	// does not match what was asked for (wrong digest, size or type).
+	ErrInvalidContent = errors.New("upstream: invalid content")
+)
+
+// maxErrorBody caps how much of an error response is read (bytes).
+const maxErrorBody = 64 << 10
+
+// ErrorInfo is one entry of the OCI error envelope {"errors":[...]}.
+type ErrorInfo struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// Error is a non-success answer from the upstream registry. It carries the
+// status, the parsed OCI error entries (if the body had them) and the
+// Retry-After delay of a 429 or 503 (zero when absent).
+type Error struct {
+	Method     string
+	Path       string // request path, never the query (signed URLs carry secrets there)
+	StatusCode int
+	Errors     []ErrorInfo
+	RetryAfter time.Duration
+}
+
+func (e *Error) Error() string {
+	msg := fmt.Sprintf("upstream %s %s: %d %s", e.Method, e.Path, e.StatusCode, http.StatusText(e.StatusCode))
+	if len(e.Errors) > 0 {
+		msg += ": " + e.Errors[0].Code
+	}
+	return msg
+}
+
+// Is maps the status to this package's sentinels.
+func (e *Error) Is(target error) bool {
+	switch target {
+	case ErrNotFound:
+		return e.StatusCode == http.StatusNotFound
+	case ErrUnauthorized:
+		return e.StatusCode == http.StatusUnauthorized
+	case ErrDenied:
+		return e.StatusCode == http.StatusForbidden || e.StatusCode == http.StatusUnavailableForLegalReasons
+	case ErrTooManyRequests:
+		return e.StatusCode == http.StatusTooManyRequests
+	case ErrUnavailable:
+		return e.StatusCode >= 500
+	}
+	return false
+}
+
+// checkResponse returns nil for 2xx, otherwise an *Error built from resp
+// (whose body it drains and closes).
+func checkResponse(resp *http.Response) error {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return nil
+	}
+	defer resp.Body.Close()
+	e := &Error{Method: resp.Request.Method, Path: resp.Request.URL.Path, StatusCode: resp.StatusCode}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	var env struct {
+		Errors []ErrorInfo `json:"errors"`
+	}
+	if json.Unmarshal(body, &env) == nil {
+		e.Errors = env.Errors
+	}
+	e.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
+	return e
+}
+
+// parseRetryAfter reads a Retry-After value in seconds or as an HTTP date
+// (RFC 9110 section 10.2.3). It returns 0 when absent or unparseable.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}
