@@ -470,3 +470,15 @@ func randomBytes(n int) []byte {
 	_, _ = rand.Read(b)
 	return b
 }
+
+// Tokens returns every token the realm issued (for tests that check that
+// none leaks into logs).
+func (u *Upstream) Tokens() []string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	out := make([]string, 0, len(u.tokens))
+	for t := range u.tokens {
+		out = append(out, t)
+	}
+	return out
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (as root):
+# skopeo and a Docker daemon from Debian, crane from the Go module proxy.
+set -euo pipefail
+need=()
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v make >/dev/null || need+=(make)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! command -v crane >/dev/null; then
+  (cd / && GOBIN=/usr/local/bin go install github.com/google/go-containerregistry/cmd/crane@v0.22.1)
+fi
+skopeo --version
+crane version
+dockerd --version
