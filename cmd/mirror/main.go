@@ -21,10 +21,14 @@ import (
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -75,16 +79,33 @@ func serve(ctx context.Context, cfg config.Config) error {
 		return fmt.Errorf("creating spool directory: %w", err)
 	}
 	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100}))
+	// Crash safety: uploads and spools of fills that a crash interrupted.
+	// The filesystem cache belongs to this process alone, so all of them go.
+	if err := store.PurgeUploads(ctx); err != nil {
+		return fmt.Errorf("removing interrupted uploads: %w", err)
+	}
+	if leftovers, _ := filepath.Glob(filepath.Join(spoolDir, "fill-*")); len(leftovers) > 0 {
+		for _, p := range leftovers {
+			_ = os.Remove(p)
+		}
+		log.Info("removed spool files of interrupted fills", "count", len(leftovers))
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := metrics.New(reg)
 
 	origin := cfg.UpstreamURL()
 	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
 	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
 	up := upstream.New(origin, rt)
+	up.OnBackoffRefusal = m.BackoffRefusal
 
 	fills := fill.NewGroup(store, fill.Options{
 		SpoolDir:    spoolDir,
-		IdleTimeout: time.Duration(cfg.Upstream.BlobIdleTimeout),
-		Log:         log.With("component", "fill"),
+		IdleTimeout:        time.Duration(cfg.Upstream.BlobIdleTimeout),
+		StopWithoutClients: cfg.Cache.StopFillsWithoutClients,
+		Log:                log.With("component", "fill"),
+		Metrics:            m,
 	})
 	h := proxy.New(up, store, fills, proxy.Options{
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
@@ -97,8 +118,11 @@ func serve(ctx context.Context, cfg config.Config) error {
 	if err != nil {
 		return err
 	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("/", h)
 	srv := &http.Server{
-		Handler:           h,
+		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,

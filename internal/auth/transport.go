@@ -54,6 +54,8 @@ func (c Credentials) LogValue() slog.Value { return slog.StringValue(c.String())
 type TokenError struct {
 	Realm      string
 	StatusCode int
+	// RetryAfter is the realm's Retry-After header value (on a 429), or "".
+	RetryAfter string
 }
 
 func (e *TokenError) Error() string {
@@ -249,6 +251,13 @@ func (t *Transport) authorization(ctx context.Context, scope, stale string) (str
 	t.mu.Unlock()
 
 	v, err, _ := t.flight.Do(scope, func() (any, error) {
+		// Another caller's exchange may have finished since the check above.
+		t.mu.Lock()
+		if cur := t.tokens[scope]; cur != nil && cur != tok && t.now().Before(cur.refreshAt) {
+			t.mu.Unlock()
+			return cur, nil
+		}
+		t.mu.Unlock()
 		// Detached from one caller's cancellation: others share the result.
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
@@ -312,7 +321,7 @@ func (t *Transport) fetchToken(ctx context.Context, params map[string]string, sc
 	}
 	defer drain(resp)
 	if resp.StatusCode != http.StatusOK {
-		return nil, &TokenError{Realm: redactURL(u), StatusCode: resp.StatusCode}
+		return nil, &TokenError{Realm: redactURL(u), StatusCode: resp.StatusCode, RetryAfter: resp.Header.Get("Retry-After")}
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTokenResponse))
 	if err != nil {
@@ -355,12 +364,16 @@ func ScopeForPath(p string) string {
 	if !ok {
 		return ""
 	}
+	// The marker nearest the end wins: a name component may itself be
+	// called "manifests", "blobs" or "tags".
+	best := -1
 	for _, marker := range []string{"/manifests/", "/blobs/", "/tags/"} {
-		if i := strings.LastIndex(rest, marker); i > 0 {
-			return "repository:" + rest[:i] + ":pull"
-		}
+		best = max(best, strings.LastIndex(rest, marker))
 	}
-	return ""
+	if best <= 0 {
+		return ""
+	}
+	return "repository:" + rest[:best] + ":pull"
 }
 
 func sameOrigin(u, origin *url.URL) bool {

@@ -52,6 +52,9 @@ type Storage struct {
 type Cache struct {
 	TagFreshness Duration `yaml:"tag_freshness"`
 	SpoolDir     string   `yaml:"spool_dir"`
+	// StopFillsWithoutClients cancels a blob download when every client
+	// asking for it has gone. Off by default: the blob is cached anyway.
+	StopFillsWithoutClients bool `yaml:"stop_fills_without_clients"`
 }
 
 // Duration is a time.Duration written as "30s", "5m" in YAML.
@@ -131,11 +134,13 @@ func (c Config) Validate() error {
 	u, err := url.Parse(c.Upstream.URL)
 	switch {
 	case err != nil:
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM): %v", err))
+		errs = append(errs, errors.New("upstream.url (MIRROR_UPSTREAM) is not a URL"))
 	case u.Scheme != "https" && u.Scheme != "http":
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: scheme must be https (or http for tests)", c.Upstream.URL))
-	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil:
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: want scheme://host[:port] only", c.Upstream.URL))
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: scheme must be https (or http for tests)", u.Redacted()))
+	case u.User != nil:
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: put credentials in api_key / NGC_API_KEY, not the URL", u.Redacted()))
+	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "":
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: want scheme://host[:port] only", u.Redacted()))
 	}
 	if c.Storage.Driver != "filesystem" {
 		errs = append(errs, fmt.Errorf("storage.driver %q: only \"filesystem\" is supported", c.Storage.Driver))
@@ -146,8 +151,14 @@ func (c Config) Validate() error {
 	if _, err := c.Level(); err != nil {
 		errs = append(errs, err)
 	}
-	if c.Upstream.Timeout <= 0 || c.Upstream.BlobIdleTimeout <= 0 || c.Cache.TagFreshness < 0 {
-		errs = append(errs, errors.New("upstream.timeout and upstream.blob_idle_timeout must be positive, cache.tag_freshness not negative"))
+	if c.Upstream.Timeout <= 0 {
+		errs = append(errs, errors.New("upstream.timeout must be positive"))
+	}
+	if c.Upstream.BlobIdleTimeout <= 0 {
+		errs = append(errs, errors.New("upstream.blob_idle_timeout must be positive"))
+	}
+	if c.Cache.TagFreshness < 0 {
+		errs = append(errs, errors.New("cache.tag_freshness must not be negative"))
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))

@@ -24,6 +24,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -33,6 +34,14 @@ var ErrIdle = errors.New("fill: upstream idle timeout")
 
 // ErrUnknownSize is returned when the source could not tell the blob size.
 var ErrUnknownSize = errors.New("fill: upstream did not give the blob size")
+
+// ErrNoClients is the cause of a fill cancelled because its last client left
+// (only with Options.StopWithoutClients).
+var ErrNoClients = errors.New("fill: every client left")
+
+// ErrSpool wraps a failure to create or write a fill's spool file: the
+// local disk, not the upstream, is at fault.
+var ErrSpool = errors.New("fill: spool")
 
 // Source opens the upstream body of one blob from byte offset on. size is the
 // full blob size in bytes (not the remaining length); it must not be
@@ -51,7 +60,11 @@ type Options struct {
 	// MaxResumes bounds how often a broken upstream read is resumed with a
 	// Range request from the offset reached (default 3).
 	MaxResumes int
-	Log        *slog.Logger
+	// StopWithoutClients cancels a fill when its last client leaves. By
+	// default a fill outlives its clients and the blob is cached anyway.
+	StopWithoutClients bool
+	Log                *slog.Logger
+	Metrics            *metrics.Metrics // nil records nothing
 }
 
 // Group runs at most one fill per digest. It is safe for concurrent use.
@@ -97,17 +110,21 @@ func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool) {
 	defer g.mu.Unlock()
 	if f := g.fills[dgst]; f != nil {
 		f.refs++
+		g.opts.Metrics.FillJoined()
 		return f, false
 	}
+	ctx, cancel := context.WithCancelCause(context.Background())
 	f = &Fill{
-		g:     g,
-		dgst:  dgst,
-		ready: make(chan struct{}),
-		wake:  make(chan struct{}),
-		refs:  2, // the runner and the caller
+		g:      g,
+		dgst:   dgst,
+		ready:  make(chan struct{}),
+		wake:   make(chan struct{}),
+		refs:   2, // the runner and the caller
+		cancel: cancel,
 	}
 	g.fills[dgst] = f
-	go f.run(src)
+	g.opts.Metrics.FillStarted()
+	go f.run(ctx, src)
 	return f, true
 }
 
@@ -127,7 +144,8 @@ type Fill struct {
 	err     error         // why the fill failed, once it has
 	done    bool          // committed to the cache
 	wake    chan struct{} // closed and replaced whenever the state changes
-	refs    int
+	refs    int           // guarded by g.mu
+	cancel  context.CancelCauseFunc
 }
 
 // Wait blocks until the blob size is known. It returns the size in bytes, or
@@ -175,10 +193,18 @@ func (f *Fill) Done(ctx context.Context) error {
 func (f *Fill) Release() {
 	f.g.mu.Lock()
 	f.refs--
-	last := f.refs == 0
+	refs := f.refs
 	f.g.mu.Unlock()
-	if last && f.spool != nil {
-		_ = f.spool.Close()
+	if refs == 1 && f.g.opts.StopWithoutClients {
+		f.cancel(ErrNoClients) // only the runner is left; a no-op once it ended
+	}
+	if refs == 0 {
+		f.mu.Lock()
+		spool := f.spool
+		f.mu.Unlock()
+		if spool != nil {
+			_ = spool.Close()
+		}
 	}
 }
 
@@ -256,34 +282,58 @@ func (f *Fill) finish(err error) {
 	f.g.mu.Unlock()
 }
 
-func (f *Fill) run(src Source) {
+func (f *Fill) run(ctx context.Context, src Source) {
 	defer f.Release()
 	log := f.g.opts.Log.With("digest", f.dgst)
 	readyOnce := sync.OnceFunc(func() { close(f.ready) })
 	defer readyOnce()
-
-	ctx, cancel := context.WithCancelCause(context.Background())
-	defer cancel(nil)
-	idle := time.AfterFunc(f.g.opts.IdleTimeout, func() { cancel(ErrIdle) })
+	defer f.cancel(nil)
+	idle := time.AfterFunc(f.g.opts.IdleTimeout, func() { f.cancel(ErrIdle) })
 	defer idle.Stop()
 
 	if size, err := f.g.store.StatBlob(ctx, f.dgst); err == nil {
 		// Committed between the caller's cache check and this fill.
 		f.size, f.cached = size, true
 		f.finish(nil)
+		f.g.opts.Metrics.FillEnded("")
 		return
 	}
 
 	err := f.fetch(ctx, src, idle, readyOnce, log)
+	if err != nil && errors.Is(err, storage.ErrNotCached) {
+		// Verified and streamed to every client, but the cache refused it.
+		log.Warn("blob served but not cached", "err", err, "size", f.size)
+		f.g.opts.Metrics.FillUncached()
+		err = nil
+	}
 	if err != nil {
 		if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.Canceled) {
-			err = cause
+			err = fmt.Errorf("%w (%w)", cause, err)
 		}
-		log.Warn("blob fill failed", "err", err, "bytes", f.written, "size", f.size)
+		log.Warn("blob fill failed; nothing cached", "err", err, "bytes", f.written, "size", f.size)
+		f.g.opts.Metrics.FillEnded(reason(err))
 	} else {
-		log.Debug("blob fill committed", "size", f.size)
+		log.Debug("blob fill complete", "size", f.size)
+		f.g.opts.Metrics.FillEnded("")
 	}
 	f.finish(err)
+}
+
+// reason classifies a fill failure for the failures metric.
+func reason(err error) string {
+	switch {
+	case errors.Is(err, storage.ErrDigestMismatch):
+		return metrics.ReasonDigestMismatch
+	case errors.Is(err, storage.ErrSizeMismatch), errors.Is(err, ErrUnknownSize):
+		return metrics.ReasonSizeMismatch
+	case errors.Is(err, ErrIdle):
+		return metrics.ReasonIdle
+	case errors.Is(err, ErrNoClients):
+		return metrics.ReasonNoClients
+	case errors.Is(err, ErrSpool):
+		return metrics.ReasonDisk
+	}
+	return metrics.ReasonUpstream
 }
 
 func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready func(), log *slog.Logger) error {
@@ -299,7 +349,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 
 	spool, err := os.CreateTemp(f.g.opts.SpoolDir, "fill-*")
 	if err != nil {
-		return fmt.Errorf("fill: creating spool: %w", err)
+		return fmt.Errorf("%w: creating: %w", ErrSpool, err)
 	}
 	_ = os.Remove(spool.Name()) // anonymous: a crash leaves nothing behind
 	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
@@ -307,12 +357,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 		_ = spool.Close()
 		return fmt.Errorf("fill: creating cache upload: %w", err)
 	}
-	committed := false
-	defer func() {
-		if !committed {
-			_ = w.Cancel(context.WithoutCancel(ctx))
-		}
-	}()
+	defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
 	f.mu.Lock()
 	f.size, f.spool = size, spool
 	f.mu.Unlock()
@@ -329,13 +374,11 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 				return fmt.Errorf("%w: upstream sent more than %d bytes", storage.ErrSizeMismatch, size)
 			}
 			if _, err := spool.WriteAt(buf[:n], off); err != nil {
-				return fmt.Errorf("fill: writing spool: %w", err)
+				return fmt.Errorf("%w: writing: %w", ErrSpool, err)
 			}
 			off += int64(n)
 			f.publish(n)
-			if _, err := w.Write(buf[:n]); err != nil {
-				return fmt.Errorf("fill: writing cache: %w", err)
-			}
+			_, _ = w.Write(buf[:n]) // hashes; a storage error surfaces at Commit
 		}
 		if rerr == nil {
 			continue
@@ -351,6 +394,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 			return fmt.Errorf("fill: reading upstream at byte %d: %w", off, rerr)
 		}
 		resumes++
+		f.g.opts.Metrics.FillResumed()
 		log.Info("resuming broken blob download", "offset", off, "err", rerr, "try", resumes)
 		_ = body.Close()
 		var rsize int64
@@ -363,9 +407,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 			return fmt.Errorf("%w: size changed from %d to %d on resume", storage.ErrSizeMismatch, size, rsize)
 		}
 	}
-	if err := w.Commit(ctx); err != nil {
-		return err
-	}
-	committed = true
-	return nil
+	// The content is verified even when the cache refused it
+	// (storage.ErrNotCached), so clients may still get the last byte.
+	return w.Commit(ctx)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -47,6 +48,11 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	f, _ := h.fills.Join(dgst, h.blobSource(name, dgst))
 	defer f.Release()
 	size, err = f.Wait(ctx)
+	if errors.Is(err, fill.ErrSpool) {
+		h.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", dgst, "err", err)
+		h.serveDirect(w, r, name, dgst)
+		return
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			writeError(w, toAPIError(err, kindBlob))
@@ -62,6 +68,10 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		return
 	}
 	w.WriteHeader(status)
+	// Send the headers now, not with the first body bytes: a client whose
+	// bytes are not there yet must not wait for headers (containerd gives
+	// up after 30 s without them).
+	_ = http.NewResponseController(w).Flush()
 	if _, err := io.Copy(w, f.NewReader(ctx, start, end)); err != nil {
 		if ctx.Err() == nil {
 			h.log.Warn("aborting blob response: fill failed", "digest", dgst, "err", err)
@@ -69,6 +79,63 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		// Never end a short body cleanly: the client must see a broken
 		// transfer, not a truncated blob.
 		panic(http.ErrAbortHandler)
+	}
+}
+
+// serveDirect streams a blob from the upstream to one client without
+// caching it, for when the local disk cannot take it. Like a fill, it holds
+// the blob's last byte back until size and digest are verified, and aborts
+// the connection on a mismatch.
+func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
+	ctx := r.Context()
+	body, size, err := h.blobSource(name, dgst)(ctx, 0)
+	if err != nil {
+		writeError(w, toAPIError(err, kindBlob))
+		return
+	}
+	defer body.Close()
+	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
+	if !ok {
+		return
+	}
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		return
+	}
+	hasher := dgst.Algorithm().Hash()
+	buf := make([]byte, 256<<10)
+	var off int64
+	var last []byte // the blob's last byte, once read
+	for off < size {
+		n, rerr := body.Read(buf)
+		chunk := buf[:n]
+		hasher.Write(chunk)
+		if off+int64(n) > size {
+			panic(http.ErrAbortHandler) // longer than announced
+		}
+		lo, hi := max(start, off), min(end, off+int64(n), size-1)
+		if lo < hi {
+			if _, err := w.Write(chunk[lo-off : hi-off]); err != nil {
+				panic(http.ErrAbortHandler)
+			}
+		}
+		if off+int64(n) == size && n > 0 {
+			last = chunk[n-1:]
+		}
+		off += int64(n)
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			panic(http.ErrAbortHandler)
+		}
+	}
+	if off != size || digest.NewDigest(dgst.Algorithm(), hasher) != dgst {
+		h.log.Warn("upstream blob failed verification; aborting the client", "digest", dgst)
+		panic(http.ErrAbortHandler)
+	}
+	if end == size && size > 0 {
+		_, _ = w.Write(last)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/opencontainers/go-digest"
 
@@ -39,6 +40,9 @@ type envOpts struct {
 	upstream     ngctest.Options
 	tagFreshness time.Duration
 	layerSize    int64
+	fill         fill.Options // SpoolDir and IdleTimeout get test defaults
+	// wrap, if set, wraps the cache's storage driver (fault injection).
+	wrap func(driver.StorageDriver) driver.StorageDriver
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -53,11 +57,21 @@ func newEnv(t *testing.T, o envOpts) *env {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50}))
+	var d driver.StorageDriver = filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50})
+	if o.wrap != nil {
+		d = o.wrap(d)
+	}
+	store := storage.New(d)
 	origin, _ := url.Parse(up.URL())
 	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
 	client := upstream.New(origin, rt)
-	fills := fill.NewGroup(store, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second})
+	if o.fill.SpoolDir == "" {
+		o.fill.SpoolDir = t.TempDir()
+	}
+	if o.fill.IdleTimeout == 0 {
+		o.fill.IdleTimeout = 5 * time.Second
+	}
+	fills := fill.NewGroup(store, o.fill)
 	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
@@ -536,31 +550,64 @@ func TestUnknownContent(t *testing.T) {
 	}
 }
 
-// TestUpstreamErrors: 5xx and 429 become 502/503 and 429 with Retry-After,
-// never 404.
+// TestUpstreamErrors: 5xx becomes 502, never 404.
 func TestUpstreamErrors(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, envOpts{})
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
-		switch {
-		case strings.Contains(r.URL.Path, "/manifests/17.12"):
-			w.Header().Set("Retry-After", "7")
-			w.WriteHeader(http.StatusTooManyRequests)
-			return true
-		case strings.Contains(r.URL.Path, "/manifests/18.01-py3"):
+		if strings.Contains(r.URL.Path, "/manifests/18.01-py3") {
 			w.WriteHeader(http.StatusInternalServerError)
+			return true
+		}
+		if e.up.IsCDN(r) {
+			w.WriteHeader(http.StatusServiceUnavailable)
 			return true
 		}
 		return false
 	})
-	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12")
-	if r.status != 429 || r.header.Get("Retry-After") != "7" || errorCode(t, r) != "TOOMANYREQUESTS" {
-		t.Fatalf("429: %d %v %s", r.status, r.header, r.body)
-	}
-	r = e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/18.01-py3")
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/18.01-py3")
 	if r.status != 502 || errorCode(t, r) != "UNAVAILABLE" {
 		t.Fatalf("500: %d %s", r.status, r.body)
 	}
+	r = e.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+e.fx.CUDA.Layers[0].Digest.String())
+	if r.status != 503 || errorCode(t, r) != "UNAVAILABLE" {
+		t.Fatalf("CDN 503: %d %s", r.status, r.body)
+	}
+}
+
+// TestTooManyRequestsBackoff: a 429 is passed on with its Retry-After, the
+// mirror then asks the upstream nothing until that time has passed, and
+// cached content is served throughout.
+func TestTooManyRequestsBackoff(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	cached := "/v2/nvidia/cuda/manifests/" + ngctest.CUDATag
+	mustOK(t, e.do(t, http.MethodGet, cached), 200)
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Retry-After", "30")
+		writeUpstream429(w)
+		return true
+	})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12")
+	if r.status != 429 || r.header.Get("Retry-After") != "30" || errorCode(t, r) != "TOOMANYREQUESTS" {
+		t.Fatalf("429: %d %v %s", r.status, r.header, r.body)
+	}
+	before := len(e.up.Requests())
+	r = e.do(t, http.MethodGet, "/v2/nvidia/pytorch/blobs/"+e.fx.Pytorch.Child("linux/arm64").Layers[0].Digest.String())
+	ra, _ := strconv.Atoi(r.header.Get("Retry-After"))
+	if r.status != 429 || ra < 1 || ra > 30 {
+		t.Fatalf("during backoff: %d Retry-After %q", r.status, r.header.Get("Retry-After"))
+	}
+	if after := len(e.up.Requests()); after != before {
+		t.Fatalf("the mirror asked the upstream %d times during the backoff", after-before)
+	}
+	mustOK(t, e.do(t, http.MethodGet, cached), 200)
+}
+
+func writeUpstream429(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusTooManyRequests)
+	_, _ = w.Write([]byte(`{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}`))
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }

@@ -47,7 +47,11 @@ var (
 	ErrSizeMismatch = errors.New("storage: size mismatch")
 	// ErrUnsupportedDigest: the digest algorithm is not available.
 	ErrUnsupportedDigest = errors.New("storage: unsupported digest algorithm")
+	// ErrNotCached: the content was verified but could not be stored.
+	ErrNotCached = errors.New("storage: content verified but not cached")
 )
+
+const uploadsDir = "/_uploads"
 
 // Store is the cache. It is safe for concurrent use.
 type Store struct {
@@ -108,6 +112,11 @@ func (s *Store) OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) 
 // BlobWriter writes one blob to a temporary upload path while hashing it.
 // Nothing is visible in the cache until Commit succeeds; Cancel (or a failed
 // Commit) removes the upload.
+//
+// A storage error (a full disk, say) does not stop the writer: the upload is
+// abandoned but hashing goes on, so that Commit can still say whether the
+// content was right. A cache fill can thus keep streaming to its clients
+// when the cache cannot take the blob.
 type BlobWriter struct {
 	s    *Store
 	fw   driver.FileWriter
@@ -116,6 +125,7 @@ type BlobWriter struct {
 	size int64 // expected size in bytes, -1 if unknown
 	h    hash.Hash
 	n    int64
+	werr error // first storage error; the upload is abandoned after it
 	done bool
 }
 
@@ -130,7 +140,7 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 	if _, err := rand.Read(id[:]); err != nil {
 		return nil, err
 	}
-	p := "/_uploads/" + hex.EncodeToString(id[:])
+	p := uploadsDir + "/" + hex.EncodeToString(id[:])
 	fw, err := s.d.Writer(ctx, p, false)
 	if err != nil {
 		return nil, translate(err)
@@ -138,21 +148,32 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 	return &BlobWriter{s: s, fw: fw, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}, nil
 }
 
-// Write appends p to the upload.
+// Write hashes p and appends it to the upload. It always accepts all of p:
+// see StorageErr for a storage failure.
 func (w *BlobWriter) Write(p []byte) (int, error) {
-	n, err := w.fw.Write(p)
-	w.h.Write(p[:n])
-	w.n += int64(n)
-	return n, err
+	w.h.Write(p)
+	w.n += int64(len(p))
+	if w.werr == nil && !w.done {
+		if _, err := w.fw.Write(p); err != nil {
+			w.werr = err
+			w.abandon(context.Background())
+		}
+	}
+	return len(p), nil
 }
+
+// StorageErr returns the storage error that made the writer abandon its
+// upload, or nil.
+func (w *BlobWriter) StorageErr() error { return w.werr }
 
 // Size returns the bytes written so far.
 func (w *BlobWriter) Size() int64 { return w.n }
 
 // Commit checks that the expected number of bytes, hashing to the expected
 // digest, were written, then makes the blob visible at its final path. It
-// returns an error wrapping ErrSizeMismatch or ErrDigestMismatch (and
-// removes the upload) when the content is wrong.
+// returns an error wrapping ErrSizeMismatch or ErrDigestMismatch when the
+// content is wrong, or one wrapping ErrNotCached when the content was right
+// but storage failed. The upload is removed on every error.
 func (w *BlobWriter) Commit(ctx context.Context) error {
 	if w.done {
 		return errors.New("storage: blob writer already finished")
@@ -165,34 +186,52 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 		_ = w.Cancel(ctx)
 		return fmt.Errorf("%w: content hashes to %s, want %s", ErrDigestMismatch, got, w.want)
 	}
+	if w.werr != nil {
+		return fmt.Errorf("%w: %w", ErrNotCached, w.werr)
+	}
 	final, _ := contentPath("blobs", w.want) // validated in CreateBlob
 	if err := w.fw.Commit(ctx); err != nil {
 		_ = w.Cancel(ctx)
-		return fmt.Errorf("storage: committing upload: %w", err)
+		return fmt.Errorf("%w: committing upload: %w", ErrNotCached, err)
 	}
 	w.done = true
 	if err := w.fw.Close(); err != nil {
 		_ = w.s.d.Delete(ctx, w.path)
-		return fmt.Errorf("storage: closing upload: %w", err)
+		return fmt.Errorf("%w: closing upload: %w", ErrNotCached, err)
 	}
 	if err := w.s.d.Move(ctx, w.path, final); err != nil {
 		_ = w.s.d.Delete(ctx, w.path)
-		return fmt.Errorf("storage: moving blob into place: %w", err)
+		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
 	}
 	return nil
 }
 
+func (w *BlobWriter) abandon(ctx context.Context) {
+	_ = w.fw.Cancel(ctx)
+	_ = w.fw.Close()
+	_ = w.s.d.Delete(ctx, w.path)
+}
+
 // Cancel abandons the upload and removes what was written. It is safe to
-// call after Commit (it then does nothing).
+// call after Commit or a storage error (it then does nothing more).
 func (w *BlobWriter) Cancel(ctx context.Context) error {
 	if w.done {
 		return nil
 	}
 	w.done = true
-	err := w.fw.Cancel(ctx)
-	_ = w.fw.Close()
-	if derr := w.s.d.Delete(ctx, w.path); derr != nil && !errors.As(derr, new(driver.PathNotFoundError)) {
-		err = errors.Join(err, derr)
+	if w.werr == nil {
+		w.abandon(ctx)
+	}
+	return nil
+}
+
+// PurgeUploads removes uploads left by fills that a crash interrupted. It
+// must run before this process starts fills (at start-up), and only where
+// no other process shares the storage.
+func (s *Store) PurgeUploads(ctx context.Context) error {
+	err := translate(s.d.Delete(ctx, uploadsDir))
+	if errors.Is(err, ErrNotFound) {
+		return nil
 	}
 	return err
 }

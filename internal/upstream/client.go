@@ -14,8 +14,12 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 )
 
 // MaxManifestSize is the largest manifest the mirror accepts (bytes), the
@@ -54,10 +58,24 @@ type Blob struct {
 }
 
 // Client talks to one upstream registry. It is safe for concurrent use.
+//
+// When the upstream answers 429 with Retry-After, the client sends nothing
+// more until that time has passed: each request in between fails at once
+// with a 429 *Error whose RetryAfter is the time left (at most
+// MaxBackoff).
 type Client struct {
 	base *url.URL
 	hc   *http.Client
+	now  func() time.Time
+	// OnBackoffRefusal, if set, is called for each request held back.
+	OnBackoffRefusal func()
+
+	mu           sync.Mutex
+	backoffUntil time.Time
 }
+
+// MaxBackoff caps how long a Retry-After can silence the client.
+const MaxBackoff = 10 * time.Minute
 
 // New returns a Client for the registry at base (scheme and host, e.g.
 // https://nvcr.io), sending requests through rt. rt should be an
@@ -67,6 +85,7 @@ type Client struct {
 func New(base *url.URL, rt http.RoundTripper) *Client {
 	return &Client{
 		base: base,
+		now:  time.Now,
 		hc: &http.Client{
 			Transport: rt,
 			CheckRedirect: func(req *http.Request, via []*http.Request) error {
@@ -90,6 +109,15 @@ func (c *Client) url(path string, q url.Values) string {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr http.Header) (*http.Response, error) {
+	c.mu.Lock()
+	wait := c.backoffUntil.Sub(c.now())
+	c.mu.Unlock()
+	if wait > 0 {
+		if c.OnBackoffRefusal != nil {
+			c.OnBackoffRefusal()
+		}
+		return nil, &Error{Method: method, Path: path, StatusCode: http.StatusTooManyRequests, RetryAfter: wait}
+	}
 	req, err := http.NewRequestWithContext(ctx, method, c.url(path, q), nil)
 	if err != nil {
 		return nil, err
@@ -100,12 +128,35 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 	req.Header.Set("User-Agent", "ngc-mirror")
 	resp, err := c.hc.Do(req)
 	if err != nil {
+		var te *auth.TokenError
+		if errors.As(err, &te) && te.StatusCode == http.StatusTooManyRequests {
+			// The token realm rate limits: report it as the registry would.
+			ue := &Error{Method: method, Path: path, StatusCode: te.StatusCode, RetryAfter: parseRetryAfter(te.RetryAfter, c.now())}
+			c.backOff(ue)
+			return nil, ue
+		}
 		return nil, scrub(err)
 	}
 	if err := checkResponse(resp); err != nil {
+		var ue *Error
+		if errors.As(err, &ue) {
+			c.backOff(ue)
+		}
 		return nil, err
 	}
 	return resp, nil
+}
+
+// backOff silences the client for a 429's Retry-After.
+func (c *Client) backOff(ue *Error) {
+	if ue.StatusCode != http.StatusTooManyRequests || ue.RetryAfter <= 0 {
+		return
+	}
+	c.mu.Lock()
+	if until := c.now().Add(min(ue.RetryAfter, MaxBackoff)); until.After(c.backoffUntil) {
+		c.backoffUntil = until
+	}
+	c.mu.Unlock()
 }
 
 // scrub removes the URL from a *url.Error: a redirected blob URL carries a

@@ -1,0 +1,299 @@
+package config
+
+import (
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// envOf returns a getenv func over m.
+func envOf(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func noEnv(string) string { return "" }
+
+// writeFile writes content to a new file in a temporary directory.
+func writeFile(t *testing.T, name, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaults(t *testing.T) {
+	t.Parallel()
+	want := Config{
+		Addr:     ":5000",
+		LogLevel: "info",
+		Upstream: Upstream{
+			URL:             "https://nvcr.io",
+			Username:        "$oauthtoken",
+			Timeout:         Duration(30 * time.Second),
+			BlobIdleTimeout: Duration(60 * time.Second),
+		},
+		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+	}
+	if got := Default(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("Default() = %+v\nwant %+v", got, want)
+	}
+	got, err := Load("", noEnv)
+	if err != nil {
+		t.Fatalf("Load with no file and no env: %v", err)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("Load(\"\") = %+v\nwant %+v", got, want)
+	}
+	if err := Default().Validate(); err != nil {
+		t.Fatalf("defaults do not validate: %v", err)
+	}
+	if l, err := got.Level(); err != nil || l != slog.LevelInfo {
+		t.Fatalf("Level() = %v, %v", l, err)
+	}
+	u := got.UpstreamURL()
+	if u.Scheme != "https" || u.Host != "nvcr.io" || u.Path != "" {
+		t.Fatalf("UpstreamURL() = %v", u)
+	}
+}
+
+func TestFileOverridesDefaults(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", `
+# a comment
+addr: 127.0.0.1:6000
+log_level: debug
+upstream:
+  url: http://127.0.0.1:8443/
+  ns_aliases: [nvcr.io, registry.example]
+  timeout: 45s
+storage:
+  data_dir: /var/lib/mirror
+cache:
+  tag_freshness: 0s
+  spool_dir: /tmp/spool
+`)
+	got, err := Load(p, noEnv)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	want := Default()
+	want.Addr = "127.0.0.1:6000"
+	want.LogLevel = "debug"
+	want.Upstream.URL = "http://127.0.0.1:8443/"
+	want.Upstream.NSAliases = []string{"nvcr.io", "registry.example"}
+	want.Upstream.Timeout = Duration(45 * time.Second)
+	want.Storage.DataDir = "/var/lib/mirror"
+	want.Cache.TagFreshness = 0
+	want.Cache.SpoolDir = "/tmp/spool"
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("Load = %+v\nwant %+v", got, want)
+	}
+	// Keys the file did not mention keep their defaults.
+	if got.Upstream.Username != "$oauthtoken" || got.Upstream.BlobIdleTimeout != Duration(time.Minute) || got.Storage.Driver != "filesystem" {
+		t.Errorf("unmentioned keys lost their defaults: %+v", got)
+	}
+	if l, _ := got.Level(); l != slog.LevelDebug {
+		t.Errorf("Level() = %v, want debug", l)
+	}
+	if u := got.UpstreamURL(); u.String() != "http://127.0.0.1:8443" {
+		t.Errorf("UpstreamURL() = %v, want the trailing slash trimmed", u)
+	}
+}
+
+func TestEnvOverridesFile(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", `
+addr: ":6000"
+log_level: debug
+upstream:
+  url: https://file.example
+  username: file-user
+  api_key: file-key
+storage:
+  data_dir: /file/data
+`)
+	env := map[string]string{
+		"MIRROR_ADDR":              ":7000",
+		"MIRROR_UPSTREAM":          "https://env.example:8443",
+		"NGC_API_KEY":              "env-key",
+		"MIRROR_UPSTREAM_USERNAME": "env-user",
+		"MIRROR_DATA_DIR":          "/env/data",
+		"MIRROR_LOG_LEVEL":         "warn",
+	}
+	got, err := Load(p, envOf(env))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got.Addr != ":7000" || got.Upstream.URL != "https://env.example:8443" || got.Upstream.APIKey != "env-key" ||
+		got.Upstream.Username != "env-user" || got.Storage.DataDir != "/env/data" || got.LogLevel != "warn" {
+		t.Fatalf("environment did not override the file: %+v", got)
+	}
+
+	// Empty variables override nothing; unset ones neither.
+	got, err = Load(p, envOf(map[string]string{"MIRROR_ADDR": "", "MIRROR_LOG_LEVEL": "error"}))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got.Addr != ":6000" || got.Upstream.APIKey != "file-key" || got.LogLevel != "error" || got.Upstream.URL != "https://file.example" {
+		t.Fatalf("got %+v", got)
+	}
+
+	// Env over defaults with no file.
+	got, err = Load("", envOf(map[string]string{"NGC_API_KEY": "k", "MIRROR_ADDR": ":9"}))
+	if err != nil || got.Upstream.APIKey != "k" || got.Addr != ":9" || got.Upstream.URL != "https://nvcr.io" {
+		t.Fatalf("Load(\"\", env) = %+v, %v", got, err)
+	}
+}
+
+func TestUnknownKeysAreErrors(t *testing.T) {
+	t.Parallel()
+	for _, content := range []string{
+		"adress: :5000\n",
+		"upstream:\n  urll: https://nvcr.io\n",
+		"cache:\n  tag_freshnes: 1m\n",
+		"storage:\n  driver: filesystem\n  bucket: x\n",
+	} {
+		p := writeFile(t, "mirror.yaml", content)
+		if c, err := Load(p, noEnv); err == nil {
+			t.Errorf("Load accepted unknown key in %q: %+v", content, c)
+		} else if !strings.Contains(err.Error(), p) {
+			t.Errorf("error %q does not name the file", err)
+		}
+	}
+}
+
+func TestAPIKeyFile(t *testing.T) {
+	t.Parallel()
+	keyFile := writeFile(t, "ngc.key", "  \tnvapi-from-file-123\r\n\n")
+	p := writeFile(t, "mirror.yaml", "upstream:\n  api_key_file: "+keyFile+"\n")
+
+	got, err := Load(p, noEnv)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got.Upstream.APIKey != "nvapi-from-file-123" {
+		t.Fatalf("APIKey = %q, want the trimmed file content", got.Upstream.APIKey)
+	}
+
+	// NGC_API_KEY wins over the file, which is then not needed at all.
+	missing := filepath.Join(t.TempDir(), "absent.key")
+	p2 := writeFile(t, "mirror.yaml", "upstream:\n  api_key_file: "+missing+"\n")
+	got, err = Load(p2, envOf(map[string]string{"NGC_API_KEY": "env-key"}))
+	if err != nil || got.Upstream.APIKey != "env-key" {
+		t.Fatalf("Load with NGC_API_KEY and a missing key file = %q, %v", got.Upstream.APIKey, err)
+	}
+
+	// Without NGC_API_KEY, a missing key file is an error naming the key.
+	_, err = Load(p2, noEnv)
+	if err == nil || !strings.Contains(err.Error(), "upstream.api_key_file") {
+		t.Fatalf("Load with a missing key file: %v, want an error naming upstream.api_key_file", err)
+	}
+}
+
+func TestInvalidValuesNameTheKey(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		yaml    string
+		env     map[string]string
+		wantKey string
+	}{
+		{"ftp upstream", "upstream:\n  url: ftp://nvcr.io\n", nil, "upstream.url"},
+		{"schemeless upstream", "upstream:\n  url: nvcr.io\n", nil, "upstream.url"},
+		{"upstream with path", "upstream:\n  url: https://nvcr.io/v2/\n", nil, "upstream.url"},
+		{"upstream with query", "upstream:\n  url: https://nvcr.io?x=1\n", nil, "upstream.url"},
+		{"upstream without host", "upstream:\n  url: https://\n", nil, "upstream.url"},
+		{"unparseable upstream", "upstream:\n  url: \"https://nvcr.io:port\"\n", nil, "upstream.url"},
+		{"bad upstream from env", "", map[string]string{"MIRROR_UPSTREAM": "nvcr.io"}, "MIRROR_UPSTREAM"},
+		{"bad log level", "log_level: verbose\n", nil, "log_level"},
+		{"bad log level from env", "", map[string]string{"MIRROR_LOG_LEVEL": "loud"}, "MIRROR_LOG_LEVEL"},
+		{"empty addr", "addr: \"\"\n", nil, "addr"},
+		{"empty data dir", "storage:\n  data_dir: \"\"\n", nil, "storage.data_dir"},
+		{"other driver", "storage:\n  driver: s3-aws\n", nil, "storage.driver"},
+		{"zero timeout", "upstream:\n  timeout: 0s\n", nil, "upstream.timeout"},
+		{"negative idle timeout", "upstream:\n  blob_idle_timeout: -1s\n", nil, "upstream.blob_idle_timeout"},
+		{"negative freshness", "cache:\n  tag_freshness: -1m\n", nil, "cache.tag_freshness"},
+		{"duration without unit", "upstream:\n  timeout: 30\n", nil, "30"},
+		{"duration in words", "cache:\n  tag_freshness: five minutes\n", nil, "five minutes"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			p := ""
+			if tc.yaml != "" {
+				p = writeFile(t, "mirror.yaml", tc.yaml)
+			}
+			_, err := Load(p, envOf(tc.env))
+			if err == nil {
+				t.Fatalf("Load accepted %q / %v", tc.yaml, tc.env)
+			}
+			if !strings.Contains(err.Error(), tc.wantKey) {
+				t.Fatalf("error %q does not name %q", err, tc.wantKey)
+			}
+		})
+	}
+}
+
+func TestValidateReportsEveryProblem(t *testing.T) {
+	t.Parallel()
+	c := Default()
+	c.Upstream.URL = "ftp://x"
+	c.LogLevel = "chatty"
+	c.Storage.DataDir = ""
+	err := c.Validate()
+	if err == nil {
+		t.Fatal("Validate accepted a config with three errors")
+	}
+	for _, key := range []string{"upstream.url", "log_level", "storage.data_dir"} {
+		if !strings.Contains(err.Error(), key) {
+			t.Errorf("error %q does not mention %s", err, key)
+		}
+	}
+}
+
+func TestLogLevels(t *testing.T) {
+	t.Parallel()
+	for name, want := range map[string]slog.Level{
+		"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError,
+		"DEBUG": slog.LevelDebug, "Warn": slog.LevelWarn,
+	} {
+		c := Default()
+		c.LogLevel = name
+		if l, err := c.Level(); err != nil || l != want {
+			t.Errorf("Level(%q) = %v, %v; want %v", name, l, err, want)
+		}
+		if err := c.Validate(); err != nil {
+			t.Errorf("Validate with log level %q: %v", name, err)
+		}
+	}
+}
+
+func TestEmptyFileIsFine(t *testing.T) {
+	t.Parallel()
+	for _, content := range []string{"", "\n\n", "# only a comment\n", "---\n"} {
+		p := writeFile(t, "mirror.yaml", content)
+		got, err := Load(p, noEnv)
+		if err != nil {
+			t.Errorf("Load(%q): %v", content, err)
+			continue
+		}
+		if !reflect.DeepEqual(got, Default()) {
+			t.Errorf("Load(%q) = %+v, want the defaults", content, got)
+		}
+	}
+}
+
+func TestMissingFileIsAnError(t *testing.T) {
+	t.Parallel()
+	p := filepath.Join(t.TempDir(), "nope.yaml")
+	if _, err := Load(p, noEnv); err == nil || !strings.Contains(err.Error(), "nope.yaml") {
+		t.Fatalf("Load of a missing file: %v", err)
+	}
+}

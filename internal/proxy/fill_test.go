@@ -1,0 +1,401 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// breakAfter answers a CDN request that has no Range with the blob's full
+// Content-Length, sends n bytes and then breaks the connection.
+func breakAfter(w http.ResponseWriter, body []byte, n int) {
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body[:n])
+	w.(http.Flusher).Flush()
+	panic(http.ErrAbortHandler)
+}
+
+func cdnRanges(e *env) []string {
+	var out []string
+	for _, r := range e.up.Requests() {
+		if r.Host == "cdn" {
+			out = append(out, r.Range)
+		}
+	}
+	return out
+}
+
+func assertNotCached(t *testing.T, e *env, c ngctest.Content) {
+	t.Helper()
+	if _, err := e.store.StatBlob(t.Context(), c.Digest); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("blob %s is in the cache (%v), it must not be", c.Digest, err)
+	}
+}
+
+// TestResumeAfterBrokenConnection: the CDN connection breaks mid-blob and
+// the tokens expire meanwhile; the fill resumes with Range from where it
+// was, through a fresh token and a fresh redirect, and the client gets the
+// whole, correct blob.
+func TestResumeAfterBrokenConnection(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{layerSize: 512 << 10})
+	layer := e.fx.Pytorch.Child("linux/amd64").Layers[1]
+	var broke atomic.Bool
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if e.up.IsCDN(r) && r.Header.Get("Range") == "" && !broke.Swap(true) {
+			e.up.ExpireTokens()
+			breakAfter(w, layer.Body, len(layer.Body)/3)
+		}
+		return false
+	})
+	path := "/v2/nvidia/pytorch/blobs/" + layer.Digest.String()
+	r := e.do(t, http.MethodGet, path)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatalf("resumed blob differs (%d bytes)", len(r.body))
+	}
+	ranges := cdnRanges(e)
+	if len(ranges) != 2 || ranges[0] != "" || ranges[1] != "bytes="+strconv.Itoa(len(layer.Body)/3)+"-" {
+		t.Fatalf("CDN requests' Range headers: %q", ranges)
+	}
+	if n := e.up.Count("registry", http.MethodGet, "/authn/token"); n != 0 {
+		t.Fatal("resume went to the post-expiry realm")
+	}
+	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
+		t.Fatalf("resumed blob not cached: %v", err)
+	}
+}
+
+// TestResumeGivesUp: a CDN that always breaks makes the fill give up after
+// a bounded number of tries; the client sees an aborted transfer, nothing
+// is cached, and the next request starts over cleanly.
+func TestResumeGivesUp(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{layerSize: 512 << 10, fill: fill.Options{MaxResumes: 2}})
+	layer := e.fx.CUDA.Layers[1]
+	var failing atomic.Bool
+	failing.Store(true)
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if e.up.IsCDN(r) && failing.Load() {
+			if r.Header.Get("Range") != "" {
+				// A resumed request breaks at once too.
+				w.Header().Set("Content-Range", "bytes 0-0/1")
+				w.Header().Set("Content-Length", "10")
+				w.WriteHeader(http.StatusPartialContent)
+				w.(http.Flusher).Flush()
+				panic(http.ErrAbortHandler)
+			}
+			breakAfter(w, layer.Body, 1000)
+		}
+		return false
+	})
+	path := "/v2/nvidia/cuda/blobs/" + layer.Digest.String()
+	r := e.do(t, http.MethodGet, path)
+	if r.err == nil {
+		t.Fatalf("the client got a clean end (%d, %d bytes) from a failed fill", r.status, len(r.body))
+	}
+	if n := len(cdnRanges(e)); n < 2 || n > 3 {
+		t.Fatalf("CDN was asked %d times; want 1 + at most 2 resumes", n)
+	}
+	assertNotCached(t, e, layer)
+	failing.Store(false)
+	r = e.do(t, http.MethodGet, path)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("refetch differs")
+	}
+}
+
+// TestHTMLInsteadOfBlob: a proxy's HTML error page with status 200 where a
+// blob should be is never served as the blob nor cached.
+func TestHTMLInsteadOfBlob(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	e := newEnv(t, envOpts{fill: fill.Options{Metrics: m}})
+	layer := e.fx.CUDA.Layers[0]
+	var once atomic.Bool
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if e.up.IsCDN(r) && !once.Swap(true) {
+			w.Header().Set("Content-Type", "text/html")
+			_, _ = w.Write([]byte("<html><body>Gateway login required</body></html>"))
+			return true
+		}
+		return false
+	})
+	path := "/v2/nvidia/cuda/blobs/" + layer.Digest.String()
+	r := e.do(t, http.MethodGet, path)
+	if r.err == nil && r.status == 200 {
+		t.Fatalf("HTML page served as a complete blob: %q", r.body)
+	}
+	assertNotCached(t, e, layer)
+	if got := testutil.ToFloat64(m.FillFailures.WithLabelValues(metrics.ReasonDigestMismatch)); got != 1 {
+		t.Fatalf("digest mismatch failures counted: %v", got)
+	}
+	r = e.do(t, http.MethodGet, path)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("refetch differs")
+	}
+}
+
+// TestChunkedUpstreamStillGetsContentLength: the CDN streams without a
+// Content-Length; the mirror takes the size from a HEAD and answers with
+// Content-Length.
+func TestChunkedUpstreamStillGetsContentLength(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	layer := e.fx.DCGM.Child("linux/arm64").Layers[0]
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if e.up.IsCDN(r) {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			w.WriteHeader(http.StatusOK)
+			w.(http.Flusher).Flush() // forces chunked encoding
+			_, _ = w.Write(layer.Body)
+			return true
+		}
+		return false
+	})
+	r := e.do(t, http.MethodGet, "/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String())
+	mustOK(t, r, 200)
+	if r.header.Get("Content-Length") != strconv.Itoa(len(layer.Body)) || !bytes.Equal(r.body, layer.Body) {
+		t.Fatalf("Content-Length %q for %d bytes", r.header.Get("Content-Length"), len(layer.Body))
+	}
+}
+
+// TestRangeAndLateJoinersDuringFill: while a fill is stalled halfway, a late
+// client gets headers at once and the bytes so far, a Range inside the
+// written part is answered at once, a Range past it waits; all finish with
+// the right bytes and the upstream is fetched once.
+func TestRangeAndLateJoinersDuringFill(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	layer := e.fx.Pytorch.Child("linux/arm64").Layers[1]
+	half := len(layer.Body) / 2
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) }) // unblock the CDN if the test fails
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !e.up.IsCDN(r) {
+			return false
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(layer.Body)))
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write(layer.Body[:half])
+		w.(http.Flusher).Flush()
+		<-release
+		_, _ = w.Write(layer.Body[half:])
+		return true
+	})
+	path := "/v2/nvidia/pytorch/blobs/" + layer.Digest.String()
+	type res struct {
+		resp *http.Response
+		err  error
+	}
+	get := func(hdr ...string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, e.mirror.URL+path, nil)
+		if len(hdr) == 2 {
+			req.Header.Set(hdr[0], hdr[1])
+		}
+		ch := make(chan res, 1)
+		go func() {
+			resp, err := http.DefaultClient.Do(req)
+			ch <- res{resp, err}
+		}()
+		select {
+		case r := <-ch:
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			return r.resp
+		case <-time.After(5 * time.Second):
+			t.Fatal("response headers did not arrive while the fill was stalled")
+		}
+		return nil
+	}
+	first := get()
+	defer first.Body.Close()
+	// The first client reads the half that exists.
+	if _, err := io.ReadFull(first.Body, make([]byte, half-1)); err != nil {
+		t.Fatal(err)
+	}
+	late := get()
+	defer late.Body.Close()
+	if late.ContentLength != int64(len(layer.Body)) {
+		t.Fatalf("late joiner Content-Length %d", late.ContentLength)
+	}
+	early := get("Range", "bytes=100-199")
+	got, err := io.ReadAll(early.Body)
+	early.Body.Close()
+	if err != nil || early.StatusCode != http.StatusPartialContent || !bytes.Equal(got, layer.Body[100:200]) {
+		t.Fatalf("range within the written part: %d %v", early.StatusCode, err)
+	}
+	tail := get("Range", "bytes="+strconv.Itoa(half+10)+"-")
+	if tail.StatusCode != http.StatusPartialContent ||
+		tail.Header.Get("Content-Range") != "bytes "+strconv.Itoa(half+10)+"-"+strconv.Itoa(len(layer.Body)-1)+"/"+strconv.Itoa(len(layer.Body)) {
+		t.Fatalf("tail range: %d %q", tail.StatusCode, tail.Header.Get("Content-Range"))
+	}
+	releaseOnce.Do(func() { close(release) })
+	var wg sync.WaitGroup
+	check := func(name string, body io.ReadCloser, prefix int, want []byte) {
+		defer wg.Done()
+		defer body.Close()
+		rest, err := io.ReadAll(body)
+		if err != nil || !bytes.Equal(rest, want[prefix:]) {
+			t.Errorf("%s: %v, %d bytes", name, err, len(rest))
+		}
+	}
+	wg.Add(3)
+	go check("first", first.Body, half-1, layer.Body)
+	go check("late", late.Body, 0, layer.Body)
+	go check("tail", tail.Body, 0, layer.Body[half+10:])
+	wg.Wait()
+	if n := e.up.BlobFetches(layer.Digest); n != 1 {
+		t.Fatalf("upstream fetches %d, want 1", n)
+	}
+}
+
+// enospcDriver fails every upload write with ENOSPC.
+type enospcDriver struct{ driver.StorageDriver }
+
+func (d enospcDriver) Writer(ctx context.Context, path string, append bool) (driver.FileWriter, error) {
+	fw, err := d.StorageDriver.Writer(ctx, path, append)
+	if err != nil {
+		return nil, err
+	}
+	return enospcWriter{fw}, nil
+}
+
+type enospcWriter struct{ driver.FileWriter }
+
+func (enospcWriter) Write([]byte) (int, error) { return 0, syscall.ENOSPC }
+
+// TestDiskFullServesFromUpstream: when the cache cannot be written, clients
+// still get the verified blob, nothing partial is left, and it is counted.
+// When the spool cannot be created either, the blob is served straight from
+// the upstream.
+func TestDiskFullServesFromUpstream(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	e := newEnv(t, envOpts{wrap: func(d driver.StorageDriver) driver.StorageDriver { return enospcDriver{d} }, fill: fill.Options{Metrics: m}})
+	layer := e.fx.CUDA.Layers[1]
+	r := e.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String())
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("blob differs")
+	}
+	assertNotCached(t, e, layer)
+	if got := testutil.ToFloat64(m.FillNotCached); got != 1 {
+		t.Fatalf("uncached fills counted: %v", got)
+	}
+	if entries, err := e.store.Driver().List(t.Context(), "/_uploads"); err == nil && len(entries) > 0 {
+		t.Fatalf("partial uploads left behind: %v", entries)
+	}
+
+	noSpool := newEnv(t, envOpts{fill: fill.Options{SpoolDir: "/nonexistent/spool"}})
+	layer = noSpool.fx.CUDA.Layers[0]
+	r = noSpool.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String())
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) || r.header.Get("Content-Length") != strconv.Itoa(len(layer.Body)) {
+		t.Fatal("direct blob differs")
+	}
+	r = noSpool.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String(), "Range", "bytes=5-9")
+	mustOK(t, r, http.StatusPartialContent)
+	if !bytes.Equal(r.body, layer.Body[5:10]) {
+		t.Fatal("direct range differs")
+	}
+}
+
+// TestIdleUpstreamAborts: an upstream that stalls mid-blob is cut off by the
+// idle timeout; the client is aborted and nothing is cached.
+func TestIdleUpstreamAborts(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	e := newEnv(t, envOpts{fill: fill.Options{IdleTimeout: 300 * time.Millisecond, MaxResumes: -1, Metrics: m}})
+	layer := e.fx.CUDA.Layers[1]
+	stop := make(chan struct{})
+	defer close(stop)
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !e.up.IsCDN(r) {
+			return false
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(layer.Body)))
+		_, _ = w.Write(layer.Body[:100])
+		w.(http.Flusher).Flush()
+		select {
+		case <-stop:
+		case <-r.Context().Done():
+		}
+		return true
+	})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String())
+	if r.err == nil {
+		t.Fatalf("stalled fill ended cleanly: %d, %d bytes", r.status, len(r.body))
+	}
+	assertNotCached(t, e, layer)
+	if got := testutil.ToFloat64(m.FillFailures.WithLabelValues(metrics.ReasonIdle)); got != 1 {
+		t.Fatalf("idle failures counted: %v", got)
+	}
+}
+
+// TestStopWithoutClients: with detached fills off, a fill stops when its
+// only client leaves, and nothing is cached.
+func TestStopWithoutClients(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{fill: fill.Options{StopWithoutClients: true}})
+	layer := e.fx.CUDA.Layers[1]
+	release := make(chan struct{})
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !e.up.IsCDN(r) {
+			return false
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(layer.Body)))
+		_, _ = w.Write(layer.Body[:100])
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+			_, _ = w.Write(layer.Body[100:])
+		case <-r.Context().Done():
+		}
+		return true
+	})
+	ctx, cancel := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.mirror.URL+"/v2/nvidia/cuda/blobs/"+layer.Digest.String(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.ReadFull(resp.Body, make([]byte, 50))
+	cancel()
+	resp.Body.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for e.fills.InFlight() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("fill still running after its only client left")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(release)
+	assertNotCached(t, e, layer)
+}

@@ -1,0 +1,607 @@
+package storage_test
+
+import (
+	"bytes"
+	"context"
+	_ "crypto/sha512" // make sha512 digests available
+	"errors"
+	"io"
+	"math/rand/v2"
+	"path"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/distribution/distribution/v3/registry/storage/driver/inmemory"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// forEachDriver runs fn as a parallel subtest on a fresh Store per driver.
+func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
+	t.Helper()
+	for _, d := range []struct {
+		name string
+		new  func(t *testing.T) driver.StorageDriver
+	}{
+		{"filesystem", func(t *testing.T) driver.StorageDriver {
+			return filesystem.New(filesystem.DriverParameters{RootDirectory: t.TempDir(), MaxThreads: 10})
+		}},
+		{"inmemory", func(*testing.T) driver.StorageDriver { return inmemory.New() }},
+	} {
+		t.Run(d.name, func(t *testing.T) {
+			t.Parallel()
+			fn(t, storage.New(d.new(t)))
+		})
+	}
+}
+
+// files lists every file (not directory) under root, sorted.
+func files(t *testing.T, d driver.StorageDriver, root string) []string {
+	t.Helper()
+	var out []string
+	err := d.Walk(context.Background(), root, func(fi driver.FileInfo) error {
+		if !fi.IsDir() {
+			out = append(out, fi.Path())
+		}
+		return nil
+	})
+	if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+		t.Fatalf("walking %s: %v", root, err)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// assertNoUploads checks that nothing is left under /_uploads, by List and
+// by Walk.
+func assertNoUploads(t *testing.T, s *storage.Store) {
+	t.Helper()
+	entries, err := s.Driver().List(context.Background(), "/_uploads")
+	if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+		t.Fatalf("listing /_uploads: %v", err)
+	}
+	if len(entries) != 0 {
+		t.Errorf("/_uploads holds %v", entries)
+	}
+	if f := files(t, s.Driver(), "/_uploads"); len(f) != 0 {
+		t.Errorf("files left under /_uploads: %v", f)
+	}
+}
+
+// assertEmpty checks that the driver holds no file at all.
+func assertEmpty(t *testing.T, s *storage.Store) {
+	t.Helper()
+	if f := files(t, s.Driver(), "/"); len(f) != 0 {
+		t.Errorf("files left in storage: %v", f)
+	}
+}
+
+func randomBytes(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// writeBlob writes data in uneven chunks and returns the writer, not
+// committed.
+func writeBlob(t *testing.T, s *storage.Store, dgst digest.Digest, size int64, data []byte) *storage.BlobWriter {
+	t.Helper()
+	w, err := s.CreateBlob(context.Background(), dgst, size)
+	if err != nil {
+		t.Fatalf("CreateBlob: %v", err)
+	}
+	for rest, chunk := data, 1; len(rest) > 0; chunk = chunk*3 + 1 {
+		n := min(chunk, len(rest))
+		if got, err := w.Write(rest[:n]); err != nil || got != n {
+			t.Fatalf("Write: %d, %v", got, err)
+		}
+		rest = rest[n:]
+	}
+	if w.Size() != int64(len(data)) {
+		t.Fatalf("Size() = %d after writing %d bytes", w.Size(), len(data))
+	}
+	return w
+}
+
+func readBlob(t *testing.T, s *storage.Store, dgst digest.Digest, offset int64) []byte {
+	t.Helper()
+	rc, err := s.OpenBlob(context.Background(), dgst, offset)
+	if err != nil {
+		t.Fatalf("OpenBlob(%s, %d): %v", dgst, offset, err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("reading blob: %v", err)
+	}
+	return b
+}
+
+func TestBlobCommit(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		data := randomBytes(1, 100_000)
+		dgst := digest.FromBytes(data)
+
+		if _, err := s.StatBlob(ctx, dgst); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("StatBlob before commit: %v, want ErrNotFound", err)
+		}
+		w := writeBlob(t, s, dgst, int64(len(data)), data)
+		// Not visible before Commit.
+		if _, err := s.StatBlob(ctx, dgst); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("StatBlob before Commit: %v, want ErrNotFound", err)
+		}
+		if err := w.Commit(ctx); err != nil {
+			t.Fatalf("Commit: %v", err)
+		}
+		size, err := s.StatBlob(ctx, dgst)
+		if err != nil || size != int64(len(data)) {
+			t.Fatalf("StatBlob = %d, %v; want %d", size, err, len(data))
+		}
+		if got := readBlob(t, s, dgst, 0); !bytes.Equal(got, data) {
+			t.Fatalf("blob bytes differ (got %d bytes)", len(got))
+		}
+		assertNoUploads(t, s)
+		blobFiles := files(t, s.Driver(), "/")
+		if len(blobFiles) != 1 || !strings.HasPrefix(blobFiles[0], "/blobs/") || path.Base(blobFiles[0]) != dgst.Encoded() {
+			t.Errorf("storage holds %v, want one file under /blobs named %s", blobFiles, dgst.Encoded())
+		}
+
+		// Finished writers: Cancel is a no-op, a second Commit fails.
+		if err := w.Cancel(ctx); err != nil {
+			t.Errorf("Cancel after Commit: %v", err)
+		}
+		if err := w.Commit(ctx); err == nil {
+			t.Errorf("second Commit succeeded")
+		}
+		if size, err := s.StatBlob(ctx, dgst); err != nil || size != int64(len(data)) {
+			t.Errorf("after Cancel-after-Commit: StatBlob = %d, %v", size, err)
+		}
+
+		// Committing the same content again (a second fill) is harmless.
+		w2 := writeBlob(t, s, dgst, -1, data)
+		if err := w2.Commit(ctx); err != nil {
+			t.Fatalf("re-Commit with unknown size: %v", err)
+		}
+		if got := readBlob(t, s, dgst, 0); !bytes.Equal(got, data) {
+			t.Fatalf("blob bytes differ after a second commit")
+		}
+		assertNoUploads(t, s)
+	})
+}
+
+func TestBlobEmpty(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		w := writeBlob(t, s, digest.FromBytes(nil), 0, nil)
+		if err := w.Commit(ctx); err != nil {
+			t.Fatalf("Commit: %v", err)
+		}
+		if size, err := s.StatBlob(ctx, digest.FromBytes(nil)); err != nil || size != 0 {
+			t.Fatalf("StatBlob = %d, %v", size, err)
+		}
+		if got := readBlob(t, s, digest.FromBytes(nil), 0); len(got) != 0 {
+			t.Fatalf("empty blob read %d bytes", len(got))
+		}
+	})
+}
+
+func TestOpenBlobAtOffset(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		data := randomBytes(2, 10_000)
+		dgst := digest.FromBytes(data)
+		if err := writeBlob(t, s, dgst, int64(len(data)), data).Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for _, off := range []int64{0, 1, 4095, 4096, 5000, int64(len(data)) - 1, int64(len(data))} {
+			if got := readBlob(t, s, dgst, off); !bytes.Equal(got, data[off:]) {
+				t.Errorf("OpenBlob at %d: got %d bytes, want %d (or content differs)", off, len(got), len(data)-int(off))
+			}
+		}
+	})
+}
+
+func TestBlobNotFoundAndBadDigests(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		missing := digest.FromString("not cached")
+		if _, err := s.StatBlob(ctx, missing); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("StatBlob(missing): %v, want ErrNotFound", err)
+		}
+		if _, err := s.OpenBlob(ctx, missing, 0); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("OpenBlob(missing): %v, want ErrNotFound", err)
+		}
+		for _, bad := range []digest.Digest{
+			"sha256:xyz",
+			"sha256:" + digest.Digest(strings.Repeat("a", 63)),
+			"md5:d41d8cd98f00b204e9800998ecf8427e",
+			"",
+			"sha256:../../../etc/passwd",
+		} {
+			if _, err := s.CreateBlob(ctx, bad, 1); !errors.Is(err, storage.ErrUnsupportedDigest) {
+				t.Errorf("CreateBlob(%q): %v, want ErrUnsupportedDigest", bad, err)
+			}
+			if _, err := s.StatBlob(ctx, bad); !errors.Is(err, storage.ErrUnsupportedDigest) {
+				t.Errorf("StatBlob(%q): %v, want ErrUnsupportedDigest", bad, err)
+			}
+			if _, err := s.OpenBlob(ctx, bad, 0); !errors.Is(err, storage.ErrUnsupportedDigest) {
+				t.Errorf("OpenBlob(%q): %v, want ErrUnsupportedDigest", bad, err)
+			}
+			if _, err := s.GetManifest(ctx, bad); !errors.Is(err, storage.ErrUnsupportedDigest) {
+				t.Errorf("GetManifest(%q): %v, want ErrUnsupportedDigest", bad, err)
+			}
+		}
+		assertEmpty(t, s)
+	})
+}
+
+func TestBlobCommitRejectsWrongContent(t *testing.T) {
+	t.Parallel()
+	data := randomBytes(3, 50_000)
+	good := digest.FromBytes(data)
+	tests := []struct {
+		name    string
+		dgst    digest.Digest
+		size    int64
+		wantErr error
+	}{
+		{"wrong digest", digest.FromString("something else"), int64(len(data)), storage.ErrDigestMismatch},
+		{"wrong digest, unknown size", digest.FromString("something else"), -1, storage.ErrDigestMismatch},
+		{"wrong algorithm", digest.SHA512.FromBytes(data[1:]), int64(len(data)), storage.ErrDigestMismatch},
+		{"too short", good, int64(len(data)) + 1, storage.ErrSizeMismatch},
+		{"too long", good, int64(len(data)) - 1, storage.ErrSizeMismatch},
+		{"zero size expected", good, 0, storage.ErrSizeMismatch},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			forEachDriver(t, func(t *testing.T, s *storage.Store) {
+				ctx := context.Background()
+				w := writeBlob(t, s, tc.dgst, tc.size, data)
+				err := w.Commit(ctx)
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("Commit: %v, want %v", err, tc.wantErr)
+				}
+				for _, d := range []digest.Digest{tc.dgst, good} {
+					if _, err := s.StatBlob(ctx, d); !errors.Is(err, storage.ErrNotFound) {
+						t.Errorf("StatBlob(%s) after a failed Commit: %v, want ErrNotFound", d, err)
+					}
+				}
+				assertNoUploads(t, s)
+				assertEmpty(t, s)
+				if err := w.Cancel(ctx); err != nil {
+					t.Errorf("Cancel after a failed Commit: %v", err)
+				}
+				if err := w.Commit(ctx); err == nil {
+					t.Errorf("Commit after a failed Commit succeeded")
+				}
+			})
+		})
+	}
+}
+
+func TestBlobCancel(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		data := randomBytes(4, 30_000)
+		dgst := digest.FromBytes(data)
+		w := writeBlob(t, s, dgst, int64(len(data)), data)
+		if err := w.Cancel(ctx); err != nil {
+			t.Fatalf("Cancel: %v", err)
+		}
+		assertNoUploads(t, s)
+		assertEmpty(t, s)
+		if err := w.Commit(ctx); err == nil {
+			t.Fatal("Commit after Cancel succeeded")
+		}
+		if _, err := s.StatBlob(ctx, dgst); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("StatBlob after Cancel: %v, want ErrNotFound", err)
+		}
+		assertEmpty(t, s)
+		if err := w.Cancel(ctx); err != nil {
+			t.Errorf("second Cancel: %v", err)
+		}
+	})
+}
+
+const ociManifest = `{
+  "schemaVersion": 2,
+  "mediaType": "application/vnd.oci.image.manifest.v1+json",
+  "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2},
+  "layers": []
+}
+`
+
+func TestManifestRoundTrip(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		cases := []struct {
+			mediaType string
+			body      []byte
+			dgst      digest.Digest
+		}{
+			// Pretty-printed, with newlines and a trailing newline: the
+			// exact bytes must survive.
+			{"application/vnd.oci.image.manifest.v1+json", []byte(ociManifest), digest.FromString(ociManifest)},
+			{"application/vnd.docker.distribution.manifest.list.v2+json", []byte(`{"schemaVersion":2,"manifests":[]}`), ""},
+			{"application/vnd.oci.image.index.v1+json", []byte("\n\n{}\n"), ""},
+			{"", []byte(`{"schemaVersion":2}`), ""},
+			{"application/vnd.oci.image.manifest.v1+json; charset=utf-8", []byte(`{"sha512":true}`), digest.SHA512.FromString(`{"sha512":true}`)},
+		}
+		for i := range cases {
+			if cases[i].dgst == "" {
+				cases[i].dgst = digest.FromBytes(cases[i].body)
+			}
+		}
+		for _, c := range cases {
+			if _, err := s.GetManifest(ctx, c.dgst); !errors.Is(err, storage.ErrNotFound) {
+				t.Fatalf("GetManifest before Put: %v, want ErrNotFound", err)
+			}
+			if err := s.PutManifest(ctx, c.mediaType, c.dgst, c.body); err != nil {
+				t.Fatalf("PutManifest(%q): %v", c.mediaType, err)
+			}
+		}
+		for _, c := range cases {
+			m, err := s.GetManifest(ctx, c.dgst)
+			if err != nil {
+				t.Fatalf("GetManifest(%s): %v", c.dgst, err)
+			}
+			if m.MediaType != c.mediaType || m.Digest != c.dgst || !bytes.Equal(m.Body, c.body) {
+				t.Errorf("GetManifest(%s) = {%q %s %q}, want {%q %s %q}", c.dgst, m.MediaType, m.Digest, m.Body, c.mediaType, c.dgst, c.body)
+			}
+		}
+		// Manifests do not show up as blobs.
+		if _, err := s.StatBlob(ctx, cases[0].dgst); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("StatBlob of a manifest digest: %v, want ErrNotFound", err)
+		}
+	})
+}
+
+func TestPutManifestRefusesBadInput(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		body := []byte(ociManifest)
+		dgst := digest.FromBytes(body)
+		other := []byte(strings.Replace(ociManifest, `"layers": []`, `"layers": [{}]`, 1))
+
+		if err := s.PutManifest(ctx, "application/vnd.oci.image.manifest.v1+json", dgst, other); !errors.Is(err, storage.ErrDigestMismatch) {
+			t.Errorf("PutManifest with a body not matching the digest: %v, want ErrDigestMismatch", err)
+		}
+		if err := s.PutManifest(ctx, "application/json", digest.SHA512.FromBytes(other), body); !errors.Is(err, storage.ErrDigestMismatch) {
+			t.Errorf("PutManifest sha512 mismatch: %v, want ErrDigestMismatch", err)
+		}
+		if err := s.PutManifest(ctx, "application/json", "sha256:nothex", body); !errors.Is(err, storage.ErrUnsupportedDigest) {
+			t.Errorf("PutManifest with an invalid digest: %v, want ErrUnsupportedDigest", err)
+		}
+		for _, mt := range []string{"application/json\n", "a\r\nb", "\n"} {
+			if err := s.PutManifest(ctx, mt, dgst, body); err == nil {
+				t.Errorf("PutManifest accepted media type %q", mt)
+			}
+		}
+		if _, err := s.GetManifest(ctx, dgst); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("GetManifest after refused Puts: %v, want ErrNotFound", err)
+		}
+		assertEmpty(t, s)
+	})
+}
+
+func TestGetManifestDetectsTampering(t *testing.T) {
+	t.Parallel()
+	body := []byte(ociManifest)
+	mt := "application/vnd.oci.image.manifest.v1+json"
+	tests := []struct {
+		name   string
+		record func(raw []byte) []byte
+	}{
+		{"flipped byte", func(raw []byte) []byte {
+			out := bytes.Clone(raw)
+			out[len(out)-5] ^= 0x20
+			return out
+		}},
+		{"truncated", func(raw []byte) []byte { return raw[:len(raw)-2] }},
+		{"appended", func(raw []byte) []byte { return append(bytes.Clone(raw), ' ') }},
+		{"no media type line", func([]byte) []byte { return []byte(`{"schemaVersion":2}`) }},
+		{"media type swallowed body start", func(raw []byte) []byte {
+			return bytes.Replace(raw, []byte("json\n{"), []byte("json{\n"), 1)
+		}},
+		{"empty", func([]byte) []byte { return nil }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			forEachDriver(t, func(t *testing.T, s *storage.Store) {
+				ctx := context.Background()
+				dgst := digest.FromBytes(body)
+				if err := s.PutManifest(ctx, mt, dgst, body); err != nil {
+					t.Fatal(err)
+				}
+				stored := files(t, s.Driver(), "/")
+				if len(stored) != 1 || !strings.HasPrefix(stored[0], "/manifests/") {
+					t.Fatalf("storage holds %v, want one file under /manifests", stored)
+				}
+				raw, err := s.Driver().GetContent(ctx, stored[0])
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := mt + "\n" + ociManifest; string(raw) != want {
+					t.Fatalf("stored record %q, want %q", raw, want)
+				}
+				if err := s.Driver().PutContent(ctx, stored[0], tc.record(raw)); err != nil {
+					t.Fatal(err)
+				}
+				if m, err := s.GetManifest(ctx, dgst); !errors.Is(err, storage.ErrDigestMismatch) {
+					t.Fatalf("GetManifest of a tampered record: %+v, %v; want ErrDigestMismatch", m, err)
+				}
+			})
+		})
+	}
+}
+
+func TestTags(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		const repo = "nvidia/tritonserver/base" // three levels
+		confirmed := time.Date(2025, 2, 3, 4, 5, 6, 789_000_000, time.UTC)
+		recs := map[string]storage.TagRecord{}
+		tags := []string{"24.01-py3", "v1.2.3", "1.0", "1.0.0", "latest", "12.4.1-devel-ubuntu22.04", "a.b.c.d", "_under", "X.Y"}
+		for i, tag := range tags {
+			body := "manifest for " + tag
+			recs[tag] = storage.TagRecord{
+				Digest:      digest.FromString(body),
+				MediaType:   "application/vnd.oci.image.index.v1+json",
+				Size:        int64(len(body)),
+				ConfirmedAt: confirmed.Add(time.Duration(i) * time.Minute),
+			}
+		}
+
+		if _, err := s.ListTags(ctx, repo); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("ListTags of an unknown repository: %v, want ErrNotFound", err)
+		}
+		if _, err := s.GetTag(ctx, repo, "latest"); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("GetTag of an unknown tag: %v, want ErrNotFound", err)
+		}
+		for _, tag := range tags {
+			if err := s.PutTag(ctx, repo, tag, recs[tag]); err != nil {
+				t.Fatalf("PutTag(%s): %v", tag, err)
+			}
+		}
+		// Neighbouring repositories: a prefix and a child.
+		parentRec := storage.TagRecord{Digest: digest.FromString("parent"), MediaType: "m", Size: 6, ConfirmedAt: confirmed}
+		if err := s.PutTag(ctx, "nvidia/tritonserver", "parent-only", parentRec); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.PutTag(ctx, repo+"/child", "child-only", parentRec); err != nil {
+			t.Fatal(err)
+		}
+
+		for _, tag := range tags {
+			got, err := s.GetTag(ctx, repo, tag)
+			if err != nil {
+				t.Fatalf("GetTag(%s): %v", tag, err)
+			}
+			want := recs[tag]
+			if got.Digest != want.Digest || got.MediaType != want.MediaType || got.Size != want.Size || !got.ConfirmedAt.Equal(want.ConfirmedAt) {
+				t.Errorf("GetTag(%s) = %+v, want %+v", tag, got, want)
+			}
+		}
+		wantList := append([]string(nil), tags...)
+		sort.Strings(wantList)
+		list, err := s.ListTags(ctx, repo)
+		if err != nil || !reflect.DeepEqual(list, wantList) {
+			t.Fatalf("ListTags = %v, %v; want %v", list, err, wantList)
+		}
+		if list, err := s.ListTags(ctx, "nvidia/tritonserver"); err != nil || !reflect.DeepEqual(list, []string{"parent-only"}) {
+			t.Errorf("ListTags(parent) = %v, %v", list, err)
+		}
+		if list, err := s.ListTags(ctx, repo+"/child"); err != nil || !reflect.DeepEqual(list, []string{"child-only"}) {
+			t.Errorf("ListTags(child) = %v, %v", list, err)
+		}
+		if _, err := s.ListTags(ctx, "nvidia"); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("ListTags(nvidia) with no tags of its own: %v, want ErrNotFound", err)
+		}
+		if _, err := s.GetTag(ctx, "nvidia/tritonserver", "latest"); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("a tag leaked to the parent repository: %v", err)
+		}
+
+		// Overwrite.
+		newer := recs["latest"]
+		newer.Digest = digest.FromString("newer")
+		newer.ConfirmedAt = newer.ConfirmedAt.Add(time.Hour)
+		if err := s.PutTag(ctx, repo, "latest", newer); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := s.GetTag(ctx, repo, "latest"); err != nil || got.Digest != newer.Digest || !got.ConfirmedAt.Equal(newer.ConfirmedAt) {
+			t.Errorf("GetTag after overwrite = %+v, %v; want %+v", got, err, newer)
+		}
+
+		// Delete.
+		if err := s.DeleteTag(ctx, repo, "1.0"); err != nil {
+			t.Fatalf("DeleteTag: %v", err)
+		}
+		if _, err := s.GetTag(ctx, repo, "1.0"); !errors.Is(err, storage.ErrNotFound) {
+			t.Errorf("GetTag after DeleteTag: %v, want ErrNotFound", err)
+		}
+		if got, err := s.GetTag(ctx, repo, "1.0.0"); err != nil || got.Digest != recs["1.0.0"].Digest {
+			t.Errorf("deleting 1.0 disturbed 1.0.0: %+v, %v", got, err)
+		}
+		list, err = s.ListTags(ctx, repo)
+		wantList = slices.DeleteFunc(wantList, func(s string) bool { return s == "1.0" })
+		if err != nil || !reflect.DeepEqual(list, wantList) {
+			t.Errorf("ListTags after DeleteTag = %v, %v; want %v", list, err, wantList)
+		}
+		for _, c := range [][2]string{{repo, "1.0"}, {repo, "never"}, {"no/such/repo", "x"}} {
+			if err := s.DeleteTag(ctx, c[0], c[1]); err != nil {
+				t.Errorf("DeleteTag(%s:%s) of an unknown tag: %v", c[0], c[1], err)
+			}
+		}
+	})
+}
+
+func TestTagsDamagedAndPending(t *testing.T) {
+	t.Parallel()
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := context.Background()
+		const repo = "org/team/image"
+		rec := storage.TagRecord{Digest: digest.FromString("m"), MediaType: "application/json", Size: 1, ConfirmedAt: time.Unix(1, 0).UTC()}
+		if err := s.PutTag(ctx, repo, "good", rec); err != nil {
+			t.Fatal(err)
+		}
+		tagFiles := files(t, s.Driver(), "/repositories")
+		if len(tagFiles) != 1 {
+			t.Fatalf("tag files %v, want 1", tagFiles)
+		}
+		dir := path.Dir(tagFiles[0])
+		// A damaged record and one with an invalid digest read as missing.
+		for name, raw := range map[string]string{
+			"garbage":    "not json",
+			"baddigest":  `{"digest":"sha256:zz","mediaType":"m","size":1}`,
+			"nodigest":   `{"mediaType":"m","size":1}`,
+			"emptyfile":  ``,
+			"truncated":  `{"digest":"sha256:`,
+			"wrongshape": `["sha256:0000"]`,
+		} {
+			if err := s.Driver().PutContent(ctx, path.Join(dir, name), []byte(raw)); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := s.GetTag(ctx, repo, name); !errors.Is(err, storage.ErrNotFound) {
+				t.Errorf("GetTag of damaged record %q = %+v, %v; want ErrNotFound", name, got, err)
+			}
+		}
+		// A filesystem-driver PutContent in progress is not a tag.
+		pending := path.Join(dir, "good.0f8fad5b-d9cb-469f-a165-70867728950e.tmp")
+		if err := s.Driver().PutContent(ctx, pending, []byte("{}")); err != nil {
+			t.Fatal(err)
+		}
+		list, err := s.ListTags(ctx, repo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tag := range list {
+			if strings.HasSuffix(tag, ".tmp") {
+				t.Errorf("ListTags lists the pending write %q", tag)
+			}
+		}
+		if !slices.Contains(list, "good") {
+			t.Errorf("ListTags = %v, lacks good", list)
+		}
+	})
+}
