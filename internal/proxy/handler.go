@@ -12,6 +12,7 @@ import (
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/distribution/reference"
 	"github.com/go-chi/chi/v5"
+	"github.com/go-chi/chi/v5/middleware"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
@@ -59,7 +60,7 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	}
 	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log}
 	r := chi.NewRouter()
-	r.Use(apiVersion)
+	r.Use(apiVersion, h.logRequests)
 	r.Get("/v2/", h.base)
 	r.Head("/v2/", h.base)
 	r.HandleFunc("/v2", func(w http.ResponseWriter, r *http.Request) {
@@ -77,6 +78,24 @@ func apiVersion(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		next.ServeHTTP(w, r)
+	})
+}
+
+// logRequests logs each request at debug level: method, path with query
+// (the registry API carries no secrets there), status, bytes, duration.
+func (h *Handler) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !h.log.Enabled(r.Context(), slog.LevelDebug) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		start := time.Now()
+		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
+		defer func() {
+			h.log.Debug("request", "method", r.Method, "uri", r.URL.RequestURI(), "status", ww.Status(),
+				"bytes", ww.BytesWritten(), "duration", time.Since(start), "remote", r.RemoteAddr)
+		}()
+		next.ServeHTTP(ww, r)
 	})
 }
 

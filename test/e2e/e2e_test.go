@@ -90,12 +90,29 @@ func freeAddr(t *testing.T) string {
 // startMirror runs the mirror binary against upstream with extra env.
 func startMirror(t *testing.T, upstreamURL string, env ...string) *mirror {
 	t.Helper()
+	return startMirrorAt(t, upstreamURL, t.TempDir(), "", env...)
+}
+
+// startMirrorWithConfig runs the mirror with a YAML config file.
+func startMirrorWithConfig(t *testing.T, upstreamURL, config string, env ...string) *mirror {
+	t.Helper()
+	return startMirrorAt(t, upstreamURL, t.TempDir(), config, env...)
+}
+
+// startMirrorAt runs the mirror with its cache in dataDir, and a config file
+// unless config is "".
+func startMirrorAt(t *testing.T, upstreamURL, dataDir, config string, env ...string) *mirror {
+	t.Helper()
 	m := &mirror{addr: freeAddr(t), log: &syncBuffer{}}
-	m.cmd = exec.Command(mirrorBin, "serve")
+	args := []string{"serve"}
+	if config != "" {
+		args = append(args, "--config", config)
+	}
+	m.cmd = exec.Command(mirrorBin, args...)
 	m.cmd.Env = append(os.Environ(),
 		"MIRROR_ADDR="+m.addr,
 		"MIRROR_UPSTREAM="+upstreamURL,
-		"MIRROR_DATA_DIR="+t.TempDir(),
+		"MIRROR_DATA_DIR="+dataDir,
 		"MIRROR_LOG_LEVEL=debug",
 	)
 	m.cmd.Env = append(m.cmd.Env, env...)

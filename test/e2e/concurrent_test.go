@@ -1,0 +1,222 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+)
+
+// startContainerd starts a private containerd (no CRI) and returns its
+// socket. It fails loudly when the daemon cannot start.
+func startContainerd(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "e2e-containerd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "containerd.sock")
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = %q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), sock)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log := &syncBuffer{}
+	cmd := exec.Command("containerd", "--config", cfg)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("CONTAINERD DID NOT START: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		_ = os.RemoveAll(dir)
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if out, err := exec.Command("ctr", "-a", sock, "version").CombinedOutput(); err == nil {
+			return sock
+		} else if time.Now().After(deadline) {
+			t.Fatalf("CONTAINERD DID NOT START within 30 s: %v\n%s\n%s", err, out, log.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestConcurrentClientsOneFetchPerBlob: skopeo, crane and containerd (through
+// hosts.toml for nvcr.io, so with ?ns=nvcr.io) pull the same cold image at
+// the same moment, several of each; the upstream serves every blob once.
+func TestConcurrentClientsOneFetchPerBlob(t *testing.T) {
+	need(t, "skopeo", "crane", "containerd", "ctr")
+	up := ngctest.New(ngctest.Options{})
+	t.Cleanup(up.Close)
+	fx, err := up.Populate(2 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Slow the CDN down so that every client asks while the fills run.
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if up.IsCDN(r) {
+			time.Sleep(300 * time.Millisecond)
+		}
+		return false
+	})
+	cfgPath := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(cfgPath, []byte("upstream:\n  ns_aliases: [nvcr.io]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := startMirrorWithConfig(t, up.URL(), cfgPath)
+	sock := startContainerd(t)
+	hostsDir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(hostsDir, "nvcr.io"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hosts := fmt.Sprintf("server = \"https://nvcr.io\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", m.addr)
+	if err := os.WriteFile(filepath.Join(hostsDir, "nvcr.io", "hosts.toml"), []byte(hosts), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	ref := ngctest.PytorchRepo + ":" + ngctest.PytorchTag
+	type job struct {
+		name string
+		args []string
+	}
+	var jobs []job
+	for i := range 3 {
+		jobs = append(jobs,
+			job{"skopeo", []string{"--insecure-policy", "copy", "--all", "--retry-times", "0", "--src-tls-verify=false", "docker://" + m.addr + "/" + ref, "dir:" + filepath.Join(t.TempDir(), "s")}},
+			job{"crane", []string{"pull", "--insecure", "--format=oci", m.addr + "/" + ref, filepath.Join(t.TempDir(), "c")}},
+			job{"ctr", []string{"-a", sock, "-n", "e2e" + strconv.Itoa(i), "content", "fetch", "--all-platforms", "--hosts-dir", hostsDir, "nvcr.io/" + ref}},
+		)
+	}
+	var wg sync.WaitGroup
+	errs := make([]string, len(jobs))
+	for i, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if out, err := run(t, 3*time.Minute, j.name, j.args...); err != nil {
+				errs[i] = fmt.Sprintf("%s: %v\n%s", j.name, err, out)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, e := range errs {
+		if e != "" {
+			t.Error(e)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	for _, b := range fx.Pytorch.Blobs() {
+		if n := up.BlobFetches(b.Digest); n != 1 {
+			t.Errorf("blob %s (%s) fetched %d times from the upstream, want 1", b.Digest.Encoded()[:12], b.MediaType, n)
+		}
+	}
+	// containerd came with ?ns=nvcr.io; it must have been accepted.
+	if !strings.Contains(m.log.String(), "ns=nvcr.io") {
+		t.Fatal("the mirror's request log shows no containerd request with ?ns=nvcr.io")
+	}
+}
+
+// TestKilledFillLeavesNothing: the mirror is killed (SIGKILL) in the middle
+// of a blob download; after a restart no partial upload or spool is left,
+// the blob is not visible half-written, and a pull completes.
+func TestKilledFillLeavesNothing(t *testing.T) {
+	need(t, "skopeo")
+	up, fx := newUpstream(t)
+	layer := fx.CUDA.Layers[1]
+	stall := make(chan struct{})
+	var stallOnce sync.Once
+	t.Cleanup(func() { stallOnce.Do(func() { close(stall) }) })
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !up.IsCDN(r) || !strings.HasSuffix(r.URL.Path, layer.Digest.String()) {
+			return false
+		}
+		select {
+		case <-stall: // released: serve normally
+			return false
+		default:
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(layer.Body)))
+		_, _ = w.Write(layer.Body[:len(layer.Body)/2])
+		w.(http.Flusher).Flush()
+		select {
+		case <-stall:
+		case <-r.Context().Done():
+		}
+		return true
+	})
+	dataDir := t.TempDir()
+	m := startMirrorAt(t, up.URL(), dataDir, "")
+	go func() {
+		resp, err := http.Get("http://" + m.addr + "/v2/" + ngctest.CUDARepo + "/blobs/" + layer.Digest.String())
+		if err == nil {
+			resp.Body.Close()
+		}
+	}()
+	// Wait until the fill has written half the blob to its upload.
+	uploads := filepath.Join(dataDir, "_uploads")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		entries, _ := os.ReadDir(uploads)
+		if len(entries) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fill never started writing")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := m.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = m.cmd.Wait()
+	if entries, _ := os.ReadDir(uploads); len(entries) == 0 {
+		t.Fatal("expected the killed fill's upload on disk before the restart")
+	}
+	final := filepath.Join(dataDir, "blobs", "sha256", layer.Digest.Encoded()[:2], layer.Digest.Encoded())
+	if _, err := os.Stat(final); err == nil {
+		t.Fatal("a half-written blob is visible at its final path")
+	}
+	stallOnce.Do(func() { close(stall) })
+
+	m2 := startMirrorAt(t, up.URL(), dataDir, "")
+	if entries, _ := os.ReadDir(uploads); len(entries) != 0 {
+		t.Fatalf("uploads of the killed fill survived the restart: %d", len(entries))
+	}
+	if spools, _ := filepath.Glob(filepath.Join(dataDir, "_spool", "fill-*")); len(spools) != 0 {
+		t.Fatalf("spool files survived the restart: %v", spools)
+	}
+	if out, err := skopeoCopy(t, m2.addr+"/"+ngctest.CUDARepo+":"+ngctest.CUDATag, t.TempDir()); err != nil {
+		t.Fatalf("pull after restart: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(final); err != nil {
+		t.Fatalf("blob not cached after the restart's pull: %v", err)
+	}
+}
