@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -28,10 +29,18 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/health"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// version and revision are set at link time:
+// go build -ldflags "-X main.version=v1.2.3 -X main.revision=$(git rev-parse HEAD)".
+var (
+	version  = "dev"
+	revision = "unknown"
 )
 
 const usage = `usage: mirror serve [--config FILE]
@@ -93,15 +102,25 @@ func serve(ctx context.Context, cfg config.Config) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(reg)
+	metrics.BuildInfo(reg, version, revision, runtime.Version())
+	metrics.StorageUsage(reg, store.Usage)
+	go func() {
+		if err := store.Scan(ctx); err != nil {
+			log.Warn("scanning the cache for its size failed", "err", err)
+		}
+	}()
 
 	origin := cfg.UpstreamURL()
 	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
 	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
+	rt.OnTokenExchange = m.TokenExchange
 	up := upstream.New(origin, rt)
 	up.OnBackoffRefusal = m.BackoffRefusal
+	up.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
+	up.OnBytes = m.UpstreamReceived
 
 	fills := fill.NewGroup(store, fill.Options{
-		SpoolDir:    spoolDir,
+		SpoolDir:           spoolDir,
 		IdleTimeout:        time.Duration(cfg.Upstream.BlobIdleTimeout),
 		StopWithoutClients: cfg.Cache.StopFillsWithoutClients,
 		Log:                log.With("component", "fill"),
@@ -112,7 +131,9 @@ func serve(ctx context.Context, cfg config.Config) error {
 		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
 		NSAliases:       cfg.Upstream.NSAliases,
 		Log:             log.With("component", "proxy"),
+		Metrics:         m,
 	})
+	hc := &health.Checker{StorageProbe: store.Probe, UpstreamProbe: up.Ping}
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -120,6 +141,8 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", hc.Healthz)
+	mux.HandleFunc("/readyz", hc.Readyz)
 	mux.Handle("/", h)
 	srv := &http.Server{
 		Handler:           mux,

@@ -154,7 +154,7 @@ func TestParseChallengesErrors(t *testing.T) {
 		`=`,
 		`="x"`,
 		`"Bearer" realm="x"`,
-		`Bearer realm="https://nvcr.io/proxy_auth`,  // unterminated
+		`Bearer realm="https://nvcr.io/proxy_auth`,   // unterminated
 		`Bearer realm="abc\`,                         // unterminated after a trailing backslash
 		`Bearer realm="x" scope="y"`,                 // missing comma between parameters
 		`Bearer realm="x"scope="y"`,                  // nothing between parameters

@@ -78,6 +78,10 @@ func (e *TokenError) Unwrap() error { return ErrTokenExchange }
 // would fail. Tokens are cached per scope, refreshed before they expire, and
 // concurrent refreshes of one scope share a single request.
 type Transport struct {
+	// OnTokenExchange, if set, is called after each token exchange with
+	// whether it succeeded. Set it before the first request.
+	OnTokenExchange func(ok bool)
+
 	base   http.RoundTripper
 	origin *url.URL
 	creds  Credentials
@@ -262,6 +266,9 @@ func (t *Transport) authorization(ctx context.Context, scope, stale string) (str
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
 		nt, err := t.fetchToken(fctx, params, scope)
+		if t.OnTokenExchange != nil {
+			t.OnTokenExchange(err == nil)
+		}
 		if err != nil {
 			return nil, err
 		}

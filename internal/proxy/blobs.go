@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -26,7 +27,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	}
 	size, err := h.store.StatBlob(ctx, dgst)
 	if err == nil {
-		h.serveCachedBlob(w, r, dgst, size)
+		h.metrics.CacheResult("blob", metrics.Hit, h.serveCachedBlob(w, r, dgst, size))
 		return
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
@@ -42,6 +43,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		}
 		blobHeaders(w, dgst, size)
 		w.WriteHeader(http.StatusOK)
+		h.metrics.CacheResult("blob", metrics.Miss, 0)
 		return
 	}
 
@@ -50,7 +52,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	size, err = f.Wait(ctx)
 	if errors.Is(err, fill.ErrSpool) {
 		h.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", dgst, "err", err)
-		h.serveDirect(w, r, name, dgst)
+		h.metrics.CacheResult("blob", metrics.Miss, h.serveDirect(w, r, name, dgst))
 		return
 	}
 	if err != nil {
@@ -60,7 +62,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		return
 	}
 	if f.Cached() {
-		h.serveCachedBlob(w, r, dgst, size)
+		h.metrics.CacheResult("blob", metrics.Hit, h.serveCachedBlob(w, r, dgst, size))
 		return
 	}
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
@@ -72,7 +74,9 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	// bytes are not there yet must not wait for headers (containerd gives
 	// up after 30 s without them).
 	_ = http.NewResponseController(w).Flush()
-	if _, err := io.Copy(w, f.NewReader(ctx, start, end)); err != nil {
+	n, err := io.Copy(w, f.NewReader(ctx, start, end))
+	h.metrics.CacheResult("blob", metrics.Miss, n)
+	if err != nil {
 		if ctx.Err() == nil {
 			h.log.Warn("aborting blob response: fill failed", "digest", dgst, "err", err)
 		}
@@ -86,22 +90,20 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 // caching it, for when the local disk cannot take it. Like a fill, it holds
 // the blob's last byte back until size and digest are verified, and aborts
 // the connection on a mismatch.
-func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
+// It returns the body bytes sent.
+func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) (sent int64) {
 	ctx := r.Context()
 	body, size, err := h.blobSource(name, dgst)(ctx, 0)
 	if err != nil {
 		writeError(w, toAPIError(err, kindBlob))
-		return
+		return 0
 	}
 	defer body.Close()
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
-		return
+		return 0
 	}
 	w.WriteHeader(status)
-	if r.Method == http.MethodHead {
-		return
-	}
 	hasher := dgst.Algorithm().Hash()
 	buf := make([]byte, 256<<10)
 	var off int64
@@ -115,7 +117,9 @@ func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name strin
 		}
 		lo, hi := max(start, off), min(end, off+int64(n), size-1)
 		if lo < hi {
-			if _, err := w.Write(chunk[lo-off : hi-off]); err != nil {
+			m, err := w.Write(chunk[lo-off : hi-off])
+			sent += int64(m)
+			if err != nil {
 				panic(http.ErrAbortHandler)
 			}
 		}
@@ -135,8 +139,10 @@ func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name strin
 		panic(http.ErrAbortHandler)
 	}
 	if end == size && size > 0 {
-		_, _ = w.Write(last)
+		m, _ := w.Write(last)
+		sent += int64(m)
 	}
+	return sent
 }
 
 // blobSource fetches dgst from repository name for a fill; when the
@@ -161,30 +167,34 @@ func (h *Handler) blobSource(name string, dgst digest.Digest) func(context.Conte
 	}
 }
 
-func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) {
+// serveCachedBlob answers from the cache and returns the body bytes sent.
+func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) int64 {
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
-		return
+		return 0
 	}
 	if r.Method == http.MethodHead {
 		w.WriteHeader(status)
-		return
+		return 0
 	}
 	rc, err := h.store.OpenBlob(r.Context(), dgst, start)
 	if err != nil {
 		writeError(w, toAPIError(err, kindBlob))
-		return
+		return 0
 	}
 	defer rc.Close()
 	w.WriteHeader(status)
 	// io.CopyN wraps rc in an io.LimitedReader, which net/http's sendfile
 	// path still recognises around an *os.File.
-	if _, err := io.CopyN(w, rc, end-start); err != nil {
+	n, err := io.CopyN(w, rc, end-start)
+	if err != nil {
 		if r.Context().Err() == nil {
 			h.log.Warn("aborting cached blob response", "digest", dgst, "err", err)
 		}
+		h.metrics.CacheResult("blob", metrics.Hit, n)
 		panic(http.ErrAbortHandler)
 	}
+	return n
 }
 
 func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {

@@ -4,6 +4,7 @@
 package proxy
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -34,6 +36,7 @@ type Options struct {
 	// upstream URL is some other address of it).
 	NSAliases []string
 	Log       *slog.Logger
+	Metrics   *metrics.Metrics // nil records nothing
 }
 
 // Handler serves the registry API. Build it with New.
@@ -43,6 +46,7 @@ type Handler struct {
 	fills     *fill.Group
 	opts      Options
 	log       *slog.Logger
+	metrics   *metrics.Metrics
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	router    chi.Router
 }
@@ -58,9 +62,9 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log}
+	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics}
 	r := chi.NewRouter()
-	r.Use(apiVersion, h.logRequests)
+	r.Use(apiVersion, h.observe)
 	r.Get("/v2/", h.base)
 	r.Head("/v2/", h.base)
 	r.HandleFunc("/v2", func(w http.ResponseWriter, r *http.Request) {
@@ -81,19 +85,35 @@ func apiVersion(next http.Handler) http.Handler {
 	})
 }
 
-// logRequests logs each request at debug level: method, path with query
-// (the registry API carries no secrets there), status, bytes, duration.
-func (h *Handler) logRequests(next http.Handler) http.Handler {
+// routeInfo lets dispatch tell the observe middleware the route kind.
+type routeInfo struct{ route string }
+
+type routeKey struct{}
+
+func setRoute(r *http.Request, route string) {
+	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
+		ri.route = route
+	}
+}
+
+// observe counts each request by route kind, method and status class, and
+// logs it at debug level: method, path with query (the registry API
+// carries no secrets there), status, bytes, duration.
+func (h *Handler) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !h.log.Enabled(r.Context(), slog.LevelDebug) {
-			next.ServeHTTP(w, r)
-			return
-		}
 		start := time.Now()
+		ri := &routeInfo{route: metrics.RouteOther}
+		r = r.WithContext(context.WithValue(r.Context(), routeKey{}, ri))
 		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
 		defer func() {
-			h.log.Debug("request", "method", r.Method, "uri", r.URL.RequestURI(), "status", ww.Status(),
-				"bytes", ww.BytesWritten(), "duration", time.Since(start), "remote", r.RemoteAddr)
+			status := ww.Status()
+			if status == 0 {
+				status = http.StatusOK
+			}
+			d := time.Since(start)
+			h.metrics.Request(ri.route, r.Method, status, d.Seconds())
+			h.log.Debug("request", "method", r.Method, "uri", r.URL.RequestURI(), "status", status,
+				"bytes", ww.BytesWritten(), "duration", d, "remote", r.RemoteAddr)
 		}()
 		next.ServeHTTP(ww, r)
 	})
@@ -102,6 +122,7 @@ func (h *Handler) logRequests(next http.Handler) http.Handler {
 // base answers GET /v2/: the API version check (OCI distribution spec,
 // "Determining Support").
 func (h *Handler) base(w http.ResponseWriter, r *http.Request) {
+	setRoute(r, metrics.RouteBase)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", "2")
 	w.WriteHeader(http.StatusOK)
@@ -167,6 +188,7 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	setRoute(r, map[kind]string{kindManifest: metrics.RouteManifest, kindBlob: metrics.RouteBlob, kindTags: metrics.RouteTags}[rt.kind])
 	switch rt.kind {
 	case kindManifest:
 		h.serveManifest(w, r, rt.name, rt.ref)

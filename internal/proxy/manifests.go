@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -22,17 +25,18 @@ import (
 // mirror does not rely on them for a cold HEAD.
 func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, ref string) {
 	var m *storage.Manifest
+	var hit bool
 	var err error
 	if dgst, derr := digest.Parse(ref); derr == nil {
-		m, err = h.manifestByDigest(r.Context(), name, dgst)
-	} else if looksLikeDigest(ref) {
+		m, hit, err = h.manifestByDigest(r.Context(), name, dgst)
+	} else if strings.Contains(ref, ":") {
 		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid manifest digest"))
 		return
-	} else if _, terr := reference.WithTag(reference.TrimNamed(mustName(name)), ref); terr != nil {
+	} else if !anchoredTag.MatchString(ref) {
 		writeError(w, newAPIError(errcode.ErrorCodeTagInvalid, "invalid tag"))
 		return
 	} else {
-		m, err = h.manifestByTag(r.Context(), name, ref)
+		m, hit, err = h.manifestByTag(r.Context(), name, ref)
 	}
 	if err != nil {
 		if errors.Is(err, r.Context().Err()) && r.Context().Err() != nil {
@@ -48,35 +52,29 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 	hd.Set("Docker-Content-Digest", m.Digest.String())
 	hd.Set("Etag", `"`+m.Digest.String()+`"`)
 	w.WriteHeader(http.StatusOK)
+	var sent int64
 	if r.Method != http.MethodHead {
-		_, _ = w.Write(m.Body)
+		n, _ := w.Write(m.Body)
+		sent = int64(n)
 	}
+	result := metrics.Miss
+	if hit {
+		result = metrics.Hit
+	}
+	h.metrics.CacheResult("manifest", result, sent)
 }
 
-func looksLikeDigest(ref string) bool {
-	for i := 0; i < len(ref); i++ {
-		if ref[i] == ':' {
-			return true
-		}
-	}
-	return false
-}
-
-// mustName returns name as a reference.Named; name was validated already.
-func mustName(name string) reference.Named {
-	n, err := reference.ParseNamed("nvcr.io/" + name)
-	if err != nil {
-		panic(err)
-	}
-	return n
-}
+// anchoredTag matches a whole tag (distribution/reference grammar:
+// [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}).
+var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 
 // manifestByDigest serves a digest from the cache, which never goes stale,
-// or fetches and caches it. Content-addressed: the digest is verified.
-func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest.Digest) (*storage.Manifest, error) {
-	m, err := h.store.GetManifest(ctx, dgst)
+// or fetches and caches it. Content-addressed: the digest is verified. hit
+// reports whether the upstream was not asked.
+func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest.Digest) (m *storage.Manifest, hit bool, err error) {
+	m, err = h.store.GetManifest(ctx, dgst)
 	if err == nil {
-		return m, nil
+		return m, true, nil
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
 		h.log.Warn("cached manifest unreadable; refetching", "digest", dgst, "err", err)
@@ -88,12 +86,12 @@ func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest
 		if err != nil {
 			return nil, err
 		}
-		return h.cacheManifest(ctx, um)
+		return h.cacheManifest(ctx, um), nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return v.(*storage.Manifest), nil
+	return v.(*storage.Manifest), false, nil
 }
 
 // upstreamContext detaches an upstream exchange from one client's
@@ -102,28 +100,32 @@ func (h *Handler) upstreamContext(ctx context.Context) (context.Context, context
 	return context.WithTimeout(context.WithoutCancel(ctx), h.opts.ManifestTimeout)
 }
 
-func (h *Handler) cacheManifest(ctx context.Context, um *upstream.Manifest) (*storage.Manifest, error) {
+// cacheManifest stores a verified upstream manifest. A storage failure is
+// logged, not returned: the manifest is still served and the next request
+// tries again.
+func (h *Handler) cacheManifest(ctx context.Context, um *upstream.Manifest) *storage.Manifest {
 	m := &storage.Manifest{MediaType: um.MediaType, Digest: um.Digest, Body: um.Body}
 	if err := h.store.PutManifest(ctx, m.MediaType, m.Digest, m.Body); err != nil {
-		// Still serve what was verified; the next request tries again.
 		h.log.Warn("caching manifest failed", "digest", m.Digest, "err", err)
 	}
-	return m, nil
+	return m
 }
 
 // manifestByTag serves name:tag. A tag confirmed by the upstream within
 // TagFreshness is served from the cache. An older one is revalidated with a
 // HEAD (a GET when the digest changed or HEAD is refused); when the upstream
 // is unreachable, failing (5xx) or rate limiting, the cached manifest is
-// served stale. A 404 from the upstream forgets the tag.
-func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage.Manifest, error) {
+// served stale. A 404 from the upstream forgets the tag. hit reports whether
+// the manifest bytes came from the cache (a revalidation may have asked the
+// upstream for the digest only).
+func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage.Manifest, bool, error) {
 	rec, recErr := h.store.GetTag(ctx, name, tag)
 	var cached *storage.Manifest
 	if recErr == nil {
 		if m, err := h.store.GetManifest(ctx, rec.Digest); err == nil {
 			cached = m
 			if time.Since(rec.ConfirmedAt) < h.opts.TagFreshness {
-				return cached, nil
+				return cached, true, nil
 			}
 		}
 	}
@@ -147,10 +149,7 @@ func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage
 		if err != nil {
 			return nil, err
 		}
-		m, err := h.cacheManifest(ctx, um)
-		if err != nil {
-			return nil, err
-		}
+		m := h.cacheManifest(ctx, um)
 		nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
 		if perr := h.store.PutTag(ctx, name, tag, nrec); perr != nil {
 			h.log.Warn("recording tag failed", "repository", name, "tag", tag, "err", perr)
@@ -158,17 +157,18 @@ func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage
 		return m, nil
 	})
 	if err == nil {
-		return v.(*storage.Manifest), nil
+		m := v.(*storage.Manifest)
+		return m, m == cached, nil
 	}
 	if cached != nil && !isAuthoritative(err) {
 		h.log.Warn("upstream unavailable; serving cached tag", "repository", name, "tag", tag,
 			"digest", cached.Digest, "confirmed_at", rec.ConfirmedAt, "err", err)
-		return cached, nil
+		return cached, true, nil
 	}
 	if errors.Is(err, upstream.ErrNotFound) && recErr == nil {
 		if derr := h.store.DeleteTag(context.WithoutCancel(ctx), name, tag); derr != nil {
 			h.log.Warn("forgetting deleted tag failed", "repository", name, "tag", tag, "err", derr)
 		}
 	}
-	return nil, err
+	return nil, false, err
 }

@@ -18,9 +18,12 @@ import (
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -43,6 +46,7 @@ type envOpts struct {
 	fill         fill.Options // SpoolDir and IdleTimeout get test defaults
 	// wrap, if set, wraps the cache's storage driver (fault injection).
 	wrap func(driver.StorageDriver) driver.StorageDriver
+	metrics *metrics.Metrics
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -65,6 +69,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 	origin, _ := url.Parse(up.URL())
 	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
 	client := upstream.New(origin, rt)
+	if o.metrics != nil {
+		rt.OnTokenExchange = o.metrics.TokenExchange
+		client.OnRequest = func(kind string, status int, d time.Duration) { o.metrics.UpstreamRequest(kind, status, d.Seconds()) }
+		client.OnBytes = o.metrics.UpstreamReceived
+	}
 	if o.fill.SpoolDir == "" {
 		o.fill.SpoolDir = t.TempDir()
 	}
@@ -72,7 +81,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		o.fill.IdleTimeout = 5 * time.Second
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills}
@@ -611,3 +620,54 @@ func writeUpstream429(w http.ResponseWriter) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestMetricsColdThenHot: a cold pull of a multi-layer image counts misses
+// and the blob bytes as upstream bytes; the same pull again counts hits and
+// the same bytes from the cache.
+func TestMetricsColdThenHot(t *testing.T) {
+	t.Parallel()
+	m := metrics.New(prometheus.NewRegistry())
+	e := newEnv(t, envOpts{metrics: m})
+	im := e.fx.Pytorch.Child("linux/amd64")
+	var blobBytes int64
+	for _, b := range im.Blobs() {
+		blobBytes += int64(len(b.Body))
+	}
+	pull := func() {
+		mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/"+im.Manifest.Digest.String()), 200)
+		for _, b := range im.Blobs() {
+			mustOK(t, e.do(t, http.MethodGet, "/v2/nvidia/pytorch/blobs/"+b.Digest.String()), 200)
+		}
+	}
+	val := func(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
+	pull()
+	n := float64(len(im.Blobs()))
+	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Miss)); got != n {
+		t.Fatalf("cold blob misses %v, want %v", got, n)
+	}
+	if got := val(m.CacheBytes.WithLabelValues("blob", metrics.Miss)); got != float64(blobBytes) {
+		t.Fatalf("cold blob miss bytes %v, want %d", got, blobBytes)
+	}
+	if got := val(m.CacheRequests.WithLabelValues("manifest", metrics.Miss)); got != 1 {
+		t.Fatalf("cold manifest misses %v", got)
+	}
+	if got := val(m.UpstreamBytes); got < float64(blobBytes) {
+		t.Fatalf("upstream bytes %v < blob bytes %d", got, blobBytes)
+	}
+	if got := val(m.TokenExchanges.WithLabelValues("success")); got < 1 {
+		t.Fatalf("token exchanges %v", got)
+	}
+	pull()
+	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Hit)); got != n {
+		t.Fatalf("hot blob hits %v, want %v", got, n)
+	}
+	if got := val(m.CacheBytes.WithLabelValues("blob", metrics.Hit)); got != float64(blobBytes) {
+		t.Fatalf("hot blob hit bytes %v, want %d", got, blobBytes)
+	}
+	if got := val(m.CacheRequests.WithLabelValues("manifest", metrics.Hit)); got != 1 {
+		t.Fatalf("hot manifest hits %v", got)
+	}
+	if got := val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")); got != 2*n {
+		t.Fatalf("blob requests %v", got)
+	}
+}

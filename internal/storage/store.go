@@ -31,6 +31,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
@@ -56,10 +57,57 @@ const uploadsDir = "/_uploads"
 // Store is the cache. It is safe for concurrent use.
 type Store struct {
 	d driver.StorageDriver
+
+	usageMu sync.Mutex
+	usage   map[string]*Usage // by kind: "blob", "manifest"
+}
+
+// Usage is how much content of one kind the cache holds.
+type Usage struct {
+	Bytes   int64
+	Objects int64
 }
 
 // New returns a Store on d.
-func New(d driver.StorageDriver) *Store { return &Store{d: d} }
+func New(d driver.StorageDriver) *Store {
+	return &Store{d: d, usage: map[string]*Usage{"blob": {}, "manifest": {}}}
+}
+
+// Usage returns the bytes and objects of kind ("blob" or "manifest") that
+// this process has counted: what Scan found plus what was added since.
+func (s *Store) Usage(kind string) (bytes, objects int64) {
+	s.usageMu.Lock()
+	defer s.usageMu.Unlock()
+	if u := s.usage[kind]; u != nil {
+		return u.Bytes, u.Objects
+	}
+	return 0, 0
+}
+
+func (s *Store) addUsage(kind string, bytes int64) {
+	s.usageMu.Lock()
+	u := s.usage[kind]
+	u.Bytes += bytes
+	u.Objects++
+	s.usageMu.Unlock()
+}
+
+// Scan walks the cache once and adds what it holds to Usage. Run it at
+// start-up; it reads every directory of the cache (not the content).
+func (s *Store) Scan(ctx context.Context) error {
+	for kind, root := range map[string]string{"blob": "/blobs", "manifest": "/manifests"} {
+		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
+			if !fi.IsDir() && !pendingPut.MatchString(fi.Path()) {
+				s.addUsage(kind, fi.Size())
+			}
+			return nil
+		})
+		if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+			return fmt.Errorf("storage: scanning %s: %w", root, err)
+		}
+	}
+	return nil
+}
 
 // Driver returns the underlying storage driver.
 func (s *Store) Driver() driver.StorageDriver { return s.d }
@@ -199,9 +247,13 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 		_ = w.s.d.Delete(ctx, w.path)
 		return fmt.Errorf("%w: closing upload: %w", ErrNotCached, err)
 	}
+	_, statErr := w.s.d.Stat(ctx, final) // already there: a fill raced a commit
 	if err := w.s.d.Move(ctx, w.path, final); err != nil {
 		_ = w.s.d.Delete(ctx, w.path)
 		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
+	}
+	if statErr != nil {
+		w.s.addUsage("blob", w.n)
 	}
 	return nil
 }
@@ -223,6 +275,15 @@ func (w *BlobWriter) Cancel(ctx context.Context) error {
 		w.abandon(ctx)
 	}
 	return nil
+}
+
+// Probe checks that the cache accepts a write: it writes and removes a
+// small object under /_health.
+func (s *Store) Probe(ctx context.Context) error {
+	if err := s.d.PutContent(ctx, "/_health/probe", []byte("ok")); err != nil {
+		return fmt.Errorf("storage: probe write: %w", err)
+	}
+	return translate(s.d.Delete(ctx, "/_health/probe"))
 }
 
 // PurgeUploads removes uploads left by fills that a crash interrupted. It
@@ -276,7 +337,14 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 	}
 	raw := make([]byte, 0, len(mediaType)+1+len(body))
 	raw = append(append(append(raw, mediaType...), '\n'), body...)
-	return translate(s.d.PutContent(ctx, p, raw))
+	_, statErr := s.d.Stat(ctx, p)
+	if err := s.d.PutContent(ctx, p, raw); err != nil {
+		return translate(err)
+	}
+	if statErr != nil {
+		s.addUsage("manifest", int64(len(raw)))
+	}
+	return nil
 }
 
 // TagRecord is what the cache knows of a tag: the manifest it pointed to and

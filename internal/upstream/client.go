@@ -69,6 +69,14 @@ type Client struct {
 	now  func() time.Time
 	// OnBackoffRefusal, if set, is called for each request held back.
 	OnBackoffRefusal func()
+	// OnRequest, if set, is called after each exchange with the kind of
+	// request ("manifest", "blob", "tags", "ping"), the final HTTP status
+	// (0 for a transport error, -1 when held back by a backoff) and the time
+	// to response headers.
+	OnRequest func(kind string, status int, d time.Duration)
+	// OnBytes, if set, is called with the number of body bytes read from
+	// each upstream response as they are read.
+	OnBytes func(n int)
 
 	mu           sync.Mutex
 	backoffUntil time.Time
@@ -112,10 +120,12 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 	c.mu.Lock()
 	wait := c.backoffUntil.Sub(c.now())
 	c.mu.Unlock()
+	kind := requestKind(path)
 	if wait > 0 {
 		if c.OnBackoffRefusal != nil {
 			c.OnBackoffRefusal()
 		}
+		c.observe(kind, -1, 0)
 		return nil, &Error{Method: method, Path: path, StatusCode: http.StatusTooManyRequests, RetryAfter: wait}
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.url(path, q), nil)
@@ -126,9 +136,15 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 		req.Header[k] = v
 	}
 	req.Header.Set("User-Agent", "ngc-mirror")
+	start := time.Now()
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		var te *auth.TokenError
+		if errors.As(err, &te) {
+			c.observe(kind, te.StatusCode, time.Since(start))
+		} else {
+			c.observe(kind, 0, time.Since(start))
+		}
 		if errors.As(err, &te) && te.StatusCode == http.StatusTooManyRequests {
 			// The token realm rate limits: report it as the registry would.
 			ue := &Error{Method: method, Path: path, StatusCode: te.StatusCode, RetryAfter: parseRetryAfter(te.RetryAfter, c.now())}
@@ -136,6 +152,10 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 			return nil, ue
 		}
 		return nil, scrub(err)
+	}
+	c.observe(kind, resp.StatusCode, time.Since(start))
+	if c.OnBytes != nil {
+		resp.Body = &countingBody{ReadCloser: resp.Body, add: c.OnBytes}
 	}
 	if err := checkResponse(resp); err != nil {
 		var ue *Error
@@ -145,6 +165,41 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 		return nil, err
 	}
 	return resp, nil
+}
+
+func (c *Client) observe(kind string, status int, d time.Duration) {
+	if c.OnRequest != nil {
+		c.OnRequest(kind, status, d)
+	}
+}
+
+// requestKind names the API call of a registry path for metrics.
+func requestKind(path string) string {
+	switch {
+	case path == "/v2/":
+		return "ping"
+	case strings.HasSuffix(path, "/tags/list"):
+		return "tags"
+	case strings.Contains(path, "/manifests/"):
+		return "manifest"
+	case strings.Contains(path, "/blobs/"):
+		return "blob"
+	}
+	return "other"
+}
+
+// countingBody reports the bytes read through it.
+type countingBody struct {
+	io.ReadCloser
+	add func(int)
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.add(n)
+	}
+	return n, err
 }
 
 // backOff silences the client for a 429's Retry-After.

@@ -1,0 +1,75 @@
+// Package health serves the mirror's liveness (/healthz) and readiness
+// (/readyz) endpoints.
+package health
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// Checker answers /healthz and /readyz.
+//
+// /healthz is 200 while the process serves HTTP. /readyz is 200 when the
+// cache storage accepts a write, 503 otherwise; it also reports whether the
+// upstream answered its last ping, which does not make the mirror unready:
+// a mirror with a warm cache is useful while the uplink is down.
+type Checker struct {
+	// StorageProbe writes and removes a small object in the cache.
+	StorageProbe func(ctx context.Context) error
+	// UpstreamProbe pings the upstream registry.
+	UpstreamProbe func(ctx context.Context) error
+	// UpstreamEvery is how often the upstream is pinged at most (default 30 s).
+	UpstreamEvery time.Duration
+
+	mu          sync.Mutex
+	lastPing    time.Time
+	upstreamErr error
+}
+
+type report struct {
+	Status   string `json:"status"`
+	Storage  string `json:"storage"`
+	Upstream string `json:"upstream"`
+}
+
+// Healthz is the liveness handler.
+func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain")
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+// Readyz is the readiness handler. Its JSON body is
+// {"status":"ready|unready","storage":"ok|<error class>","upstream":"ok|unreachable"}.
+func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	rep := report{Status: "ready", Storage: "ok", Upstream: "ok"}
+	if err := c.StorageProbe(ctx); err != nil {
+		rep.Status, rep.Storage = "unready", "not writable"
+	}
+	if err := c.upstream(ctx); err != nil {
+		rep.Upstream = "unreachable"
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if rep.Status != "ready" {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(rep)
+}
+
+func (c *Checker) upstream(ctx context.Context) error {
+	every := c.UpstreamEvery
+	if every <= 0 {
+		every = 30 * time.Second
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if time.Since(c.lastPing) >= every {
+		c.upstreamErr = c.UpstreamProbe(ctx)
+		c.lastPing = time.Now()
+	}
+	return c.upstreamErr
+}
