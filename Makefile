@@ -12,6 +12,7 @@ build:
 test: unit e2e ## the whole suite (needs the clients from `make deps`)
 
 unit:
+	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e
 	$(GO) test -race -count=1 ./...

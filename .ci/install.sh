@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
-# skopeo and a Docker daemon from Debian, crane from the Go module proxy.
+# skopeo, a Docker daemon, containerd, Prometheus (with promtool) and
+# docker-compose from Debian; crane from the Go module proxy.
 set -euo pipefail
 need=()
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v dockerd >/dev/null || need+=(docker.io)
+command -v containerd >/dev/null || need+=(containerd)
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v make >/dev/null || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
@@ -16,3 +20,6 @@ fi
 skopeo --version
 crane version
 dockerd --version
+containerd --version
+prometheus --version 2>&1 | head -1
+docker-compose --version

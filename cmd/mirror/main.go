@@ -44,12 +44,16 @@ var (
 )
 
 const usage = `usage: mirror serve [--config FILE]
+       mirror healthcheck     (GET /healthz on MIRROR_ADDR; for container health checks)
 
 Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
 MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL.
 `
 
 func main() {
+	if len(os.Args) >= 2 && os.Args[1] == "healthcheck" {
+		os.Exit(healthcheck())
+	}
 	if len(os.Args) < 2 || os.Args[1] != "serve" {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
@@ -104,6 +108,7 @@ func serve(ctx context.Context, cfg config.Config) error {
 	m := metrics.New(reg)
 	metrics.BuildInfo(reg, version, revision, runtime.Version())
 	metrics.StorageUsage(reg, store.Usage)
+	metrics.FilesystemUsage(reg, dataDir)
 	go func() {
 		if err := store.Scan(ctx); err != nil {
 			log.Warn("scanning the cache for its size failed", "err", err)
@@ -176,4 +181,34 @@ func serve(ctx context.Context, cfg config.Config) error {
 		return err
 	}
 	return nil
+}
+
+// healthcheck asks the local mirror's /healthz (at MIRROR_ADDR, default
+// :5000) and returns the exit code: 0 when healthy. Distroless images have
+// no curl, so container health checks run this.
+func healthcheck() int {
+	addr := os.Getenv("MIRROR_ADDR")
+	if addr == "" {
+		addr = ":5000"
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "healthcheck: MIRROR_ADDR:", err)
+		return 2
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "healthcheck:", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(os.Stderr, "healthcheck: status", resp.StatusCode)
+		return 1
+	}
+	return 0
 }

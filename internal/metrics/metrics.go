@@ -5,6 +5,8 @@
 package metrics
 
 import (
+	"syscall"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -306,4 +308,26 @@ func StorageUsage(reg prometheus.Registerer, usage func(kind string) (bytes, obj
 			}, func() float64 { _, o := usage(kind); return float64(o) }),
 		)
 	}
+}
+
+// FilesystemUsage registers the size and free bytes of the filesystem that
+// holds dir (the local cache), read at scrape time with statfs(2).
+func FilesystemUsage(reg prometheus.Registerer, dir string) {
+	stat := func() (size, free float64) {
+		var st syscall.Statfs_t
+		if err := syscall.Statfs(dir, &st); err != nil {
+			return 0, 0
+		}
+		return float64(st.Blocks) * float64(st.Bsize), float64(st.Bavail) * float64(st.Bsize)
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ngc_mirror_filesystem_size_bytes",
+			Help: "Size of the filesystem holding the cache.",
+		}, func() float64 { s, _ := stat(); return s }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ngc_mirror_filesystem_free_bytes",
+			Help: "Bytes available to the mirror on the filesystem holding the cache.",
+		}, func() float64 { _, f := stat(); return f }),
+	)
 }

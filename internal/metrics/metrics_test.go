@@ -18,6 +18,7 @@ func newRegistry(t *testing.T) (*prometheus.Registry, *metrics.Metrics) {
 	m := metrics.New(reg)
 	metrics.BuildInfo(reg, "v0.0.0-test", "abc123", "go-test")
 	metrics.StorageUsage(reg, func(kind string) (int64, int64) { return 42, 2 })
+	metrics.FilesystemUsage(reg, t.TempDir())
 	return reg, m
 }
 

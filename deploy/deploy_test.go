@@ -1,0 +1,295 @@
+// Package deploy holds the deployment files (Kubernetes, Prometheus,
+// Grafana, systemd); its test validates them.
+package deploy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+)
+
+// object is the part of a Kubernetes object the checks read.
+type object map[string]any
+
+func (o object) str(path ...string) string {
+	v, _ := o.get(path...).(string)
+	return v
+}
+
+func (o object) get(path ...string) any {
+	var cur any = map[string]any(o)
+	for _, p := range path {
+		m, ok := cur.(map[string]any)
+		if !ok {
+			return nil
+		}
+		cur = m[p]
+	}
+	return cur
+}
+
+func (o object) list(path ...string) []any {
+	l, _ := o.get(path...).([]any)
+	return l
+}
+
+func loadManifests(t *testing.T) map[string]object {
+	t.Helper()
+	files, err := filepath.Glob("kubernetes/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no Kubernetes manifests: %v", err)
+	}
+	objs := map[string]object{}
+	for _, f := range files {
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dec := yaml.NewDecoder(bytes.NewReader(raw))
+		for {
+			// Decode into a plain map: into object, yaml.v3 would make every
+			// nested map an object too, and the assertions below expect
+			// map[string]any.
+			var m map[string]any
+			if err := dec.Decode(&m); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				t.Fatalf("%s: %v", f, err)
+			}
+			if m == nil {
+				continue
+			}
+			o := object(m)
+			if o.str("apiVersion") == "" || o.str("kind") == "" {
+				t.Fatalf("%s: object without apiVersion or kind", f)
+			}
+			if o.str("kind") != "Kustomization" && o.str("metadata", "name") == "" {
+				t.Fatalf("%s: %s without metadata.name", f, o.str("kind"))
+			}
+			objs[o.str("kind")] = o
+		}
+	}
+	return objs
+}
+
+// TestKubernetesManifests parses every manifest and checks that the pieces
+// refer to each other correctly.
+func TestKubernetesManifests(t *testing.T) {
+	t.Parallel()
+	objs := loadManifests(t)
+	for _, k := range []string{"Namespace", "ConfigMap", "Secret", "StatefulSet", "Service", "ServiceMonitor", "DaemonSet", "Kustomization"} {
+		if objs[k] == nil {
+			t.Fatalf("no %s", k)
+		}
+	}
+	// Every kustomization resource exists.
+	for _, r := range objs["Kustomization"].list("resources") {
+		if _, err := os.Stat(filepath.Join("kubernetes", r.(string))); err != nil {
+			t.Errorf("kustomization resource %v: %v", r, err)
+		}
+	}
+	sts := objs["StatefulSet"]
+	sel := sts.get("spec", "selector", "matchLabels").(map[string]any)
+	tmpl := sts.get("spec", "template", "metadata", "labels").(map[string]any)
+	for k, v := range sel {
+		if tmpl[k] != v {
+			t.Errorf("StatefulSet selector %s=%v does not match the pod labels", k, v)
+		}
+	}
+	if sts.str("spec", "serviceName") != objs["Service"].str("metadata", "name") {
+		t.Error("StatefulSet serviceName is not the Service's name")
+	}
+	containers := sts.list("spec", "template", "spec", "containers")
+	if len(containers) != 1 {
+		t.Fatalf("%d containers", len(containers))
+	}
+	c := object(containers[0].(map[string]any))
+	if c.str("image") == "" {
+		t.Error("container without image")
+	}
+	ports := map[string]bool{}
+	for _, p := range c.list("ports") {
+		ports[object(p.(map[string]any)).str("name")] = true
+	}
+	if c.str("readinessProbe", "httpGet", "path") != "/readyz" || c.str("livenessProbe", "httpGet", "path") != "/healthz" {
+		t.Error("probes must use /readyz and /healthz")
+	}
+	if !ports[c.str("readinessProbe", "httpGet", "port")] {
+		t.Error("readiness probe names an unknown port")
+	}
+	volumes := map[string]object{}
+	for _, v := range sts.list("spec", "template", "spec", "volumes") {
+		o := object(v.(map[string]any))
+		volumes[o.str("name")] = o
+	}
+	for _, v := range sts.list("spec", "volumeClaimTemplates") {
+		o := object(v.(map[string]any))
+		volumes[o.str("metadata", "name")] = o
+	}
+	for _, m := range c.list("volumeMounts") {
+		name := object(m.(map[string]any)).str("name")
+		if volumes[name] == nil {
+			t.Errorf("volume mount %q has no volume", name)
+		}
+	}
+	if volumes["config"].str("configMap", "name") != objs["ConfigMap"].str("metadata", "name") {
+		t.Error("config volume does not name the ConfigMap")
+	}
+	if volumes["api-key"].str("secret", "secretName") != objs["Secret"].str("metadata", "name") {
+		t.Error("api-key volume does not name the Secret")
+	}
+	if _, ok := objs["Secret"].get("stringData").(map[string]any)["api-key"]; !ok {
+		t.Error("the Secret has no api-key entry")
+	}
+	// The ConfigMap is a valid mirror config pointing at the secret mount.
+	cfg := objs["ConfigMap"].str("data", "mirror.yaml")
+	var mc map[string]any
+	if err := yaml.Unmarshal([]byte(cfg), &mc); err != nil {
+		t.Fatalf("ConfigMap mirror.yaml: %v", err)
+	}
+	if !strings.Contains(cfg, "/etc/ngc-mirror/secret/api-key") {
+		t.Error("mirror config does not read the mounted API key")
+	}
+	// Service selects the pods and exposes the named port; the
+	// ServiceMonitor scrapes that port.
+	svc := objs["Service"]
+	for k, v := range svc.get("spec", "selector").(map[string]any) {
+		if tmpl[k] != v {
+			t.Errorf("Service selector %s=%v selects no mirror pod", k, v)
+		}
+	}
+	svcPorts := map[string]object{}
+	for _, p := range svc.list("spec", "ports") {
+		o := object(p.(map[string]any))
+		svcPorts[o.str("name")] = o
+		if !ports[o.str("targetPort")] {
+			t.Errorf("Service targetPort %q is not a container port", o.str("targetPort"))
+		}
+	}
+	for _, ep := range objs["ServiceMonitor"].list("spec", "endpoints") {
+		o := object(ep.(map[string]any))
+		if svcPorts[o.str("port")] == nil || o.str("path") != "/metrics" {
+			t.Errorf("ServiceMonitor endpoint %v does not match the Service", o)
+		}
+	}
+	// The DaemonSet writes containerd's hosts.toml for nvcr.io pointing at
+	// the Service's node port, with nvcr.io as the fallback server.
+	ds := objs["DaemonSet"]
+	var script string
+	for _, ic := range ds.list("spec", "template", "spec", "initContainers") {
+		for _, s := range object(ic.(map[string]any)).list("command") {
+			script += s.(string) + "\n"
+		}
+	}
+	nodePort := svcPorts["registry"]["nodePort"]
+	for _, want := range []string{"certs.d/nvcr.io/hosts.toml", `server = "https://nvcr.io"`, `capabilities = ["pull", "resolve"]`, ":" + toString(nodePort)} {
+		if !strings.Contains(script, want) {
+			t.Errorf("DaemonSet script lacks %q", want)
+		}
+	}
+}
+
+func toString(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// TestComposeFile validates docker-compose.yml with Debian's docker-compose
+// and checks the services and mounts it must have.
+func TestComposeFile(t *testing.T) {
+	t.Parallel()
+	raw, err := os.ReadFile("../docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c struct {
+		Services map[string]struct {
+			Volumes []string `yaml:"volumes"`
+		} `yaml:"services"`
+	}
+	if err := yaml.Unmarshal(raw, &c); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"mirror", "prometheus", "grafana"} {
+		if _, ok := c.Services[s]; !ok {
+			t.Errorf("compose has no %s service", s)
+		}
+	}
+	for _, s := range c.Services {
+		for _, v := range s.Volumes {
+			src, _, _ := strings.Cut(v, ":")
+			if strings.HasPrefix(src, "./") {
+				if _, err := os.Stat(filepath.Join("..", src)); err != nil {
+					t.Errorf("compose mounts %s, which does not exist", src)
+				}
+			}
+		}
+	}
+	if _, err := exec.LookPath("docker-compose"); err != nil {
+		t.Fatal("docker-compose is not installed: run .ci/install.sh")
+	}
+	cmd := exec.Command("docker-compose", "-f", "docker-compose.yml", "config", "--quiet")
+	cmd.Dir = ".."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("docker-compose config: %v\n%s", err, out)
+	}
+}
+
+// TestSystemdUnit checks the unit's required keys.
+func TestSystemdUnit(t *testing.T) {
+	t.Parallel()
+	raw, err := os.ReadFile("systemd/ngc-mirror.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(raw)
+	for _, want := range []string{"[Unit]", "[Service]", "[Install]", "ExecStart=/usr/local/bin/ngc-mirror serve", "MIRROR_DATA_DIR=", "WantedBy=multi-user.target"} {
+		if !strings.Contains(unit, want) {
+			t.Errorf("unit lacks %q", want)
+		}
+	}
+}
+
+// TestGrafanaProvisioning checks that the datasource uid the dashboard uses
+// is the provisioned one.
+func TestGrafanaProvisioning(t *testing.T) {
+	t.Parallel()
+	raw, err := os.ReadFile("grafana/provisioning/datasources/prometheus.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds struct {
+		Datasources []struct {
+			UID  string `yaml:"uid"`
+			Type string `yaml:"type"`
+		} `yaml:"datasources"`
+	}
+	if err := yaml.Unmarshal(raw, &ds); err != nil || len(ds.Datasources) != 1 {
+		t.Fatalf("datasource provisioning: %v", err)
+	}
+	dash, err := os.ReadFile("grafana/ngc-mirror.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d struct {
+		Panels []struct {
+			Datasource struct{ UID, Type string } `json:"datasource"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(dash, &d); err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range d.Panels {
+		if p.Datasource.UID != ds.Datasources[0].UID || p.Datasource.Type != ds.Datasources[0].Type {
+			t.Errorf("panel %d uses datasource %+v, not the provisioned one", i, p.Datasource)
+		}
+	}
+}
