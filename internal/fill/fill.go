@@ -175,7 +175,7 @@ func (f *Fill) Done(ctx context.Context) error {
 		f.mu.Lock()
 		done, err, wake := f.done, f.err, f.wake
 		f.mu.Unlock()
-		if done || f.cached {
+		if done { // the cached path ends with finish(nil) too
 			return nil
 		}
 		if err != nil {
@@ -194,9 +194,16 @@ func (f *Fill) Release() {
 	f.g.mu.Lock()
 	f.refs--
 	refs := f.refs
+	stop := refs == 1 && f.g.opts.StopWithoutClients
+	if stop && f.g.fills[f.dgst] == f {
+		// Only the runner is left. Unlist the fill before cancelling it, so
+		// that a client arriving now starts a new one instead of joining
+		// one that is about to fail.
+		delete(f.g.fills, f.dgst)
+	}
 	f.g.mu.Unlock()
-	if refs == 1 && f.g.opts.StopWithoutClients {
-		f.cancel(ErrNoClients) // only the runner is left; a no-op once it ended
+	if stop {
+		f.cancel(ErrNoClients) // a no-op once the fill has ended
 	}
 	if refs == 0 {
 		f.mu.Lock()
@@ -278,7 +285,9 @@ func (f *Fill) finish(err error) {
 	f.wake = make(chan struct{})
 	f.mu.Unlock()
 	f.g.mu.Lock()
-	delete(f.g.fills, f.dgst)
+	if f.g.fills[f.dgst] == f {
+		delete(f.g.fills, f.dgst)
+	}
 	f.g.mu.Unlock()
 }
 
@@ -407,7 +416,10 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 			return fmt.Errorf("%w: size changed from %d to %d on resume", storage.ErrSizeMismatch, size, rsize)
 		}
 	}
-	// The content is verified even when the cache refused it
-	// (storage.ErrNotCached), so clients may still get the last byte.
-	return w.Commit(ctx)
+	// The upstream is done: the idle timeout must not cut a slow commit (a
+	// server-side copy of a large blob on S3). The content is verified even
+	// when the cache refuses it (storage.ErrNotCached), so clients may
+	// still get the last byte.
+	idle.Stop()
+	return w.Commit(context.WithoutCancel(ctx))
 }

@@ -45,7 +45,7 @@ type envOpts struct {
 	layerSize    int64
 	fill         fill.Options // SpoolDir and IdleTimeout get test defaults
 	// wrap, if set, wraps the cache's storage driver (fault injection).
-	wrap func(driver.StorageDriver) driver.StorageDriver
+	wrap    func(driver.StorageDriver) driver.StorageDriver
 	metrics *metrics.Metrics
 }
 

@@ -93,7 +93,9 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		return 0
 	}
 	if s, err := strconv.Atoi(v); err == nil && s >= 0 {
-		return time.Duration(s) * time.Second
+		// Clamp (to a year) before multiplying: a huge value would
+		// overflow Duration. The client's own backoff is capped lower.
+		return time.Duration(min(s, 365*24*3600)) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return t.Sub(now)
