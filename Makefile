@@ -1,7 +1,7 @@
 # ngc-mirror: build, run and test. `make test` is what CI runs.
 GO ?= go
 
-.PHONY: run build test unit e2e deps
+.PHONY: run build test unit fuzz e2e deps bench
 
 run: ## run the mirror with embedded defaults (anonymous nvcr.io, ./data)
 	$(GO) run ./cmd/mirror serve
@@ -9,7 +9,7 @@ run: ## run the mirror with embedded defaults (anonymous nvcr.io, ./data)
 build:
 	CGO_ENABLED=0 $(GO) build -o bin/mirror ./cmd/mirror
 
-test: unit e2e ## the whole suite (needs the clients from `make deps`)
+test: unit fuzz e2e ## the whole suite (needs the clients from `make deps`)
 
 unit:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
@@ -17,8 +17,20 @@ unit:
 	$(GO) vet -tags e2e ./test/e2e
 	$(GO) test -race -count=1 ./...
 
+FUZZTIME ?= 5s
+fuzz: ## each fuzz target for FUZZTIME (seed corpora in testdata/fuzz and the f.Add seeds)
+	$(GO) test -run '^$$' -fuzz '^FuzzParseChallenges$$' -fuzztime $(FUZZTIME) ./internal/auth
+	$(GO) test -run '^$$' -fuzz '^FuzzParseTokenResponse$$' -fuzztime $(FUZZTIME) ./internal/auth
+	$(GO) test -run '^$$' -fuzz '^FuzzParseContentRange$$' -fuzztime $(FUZZTIME) ./internal/upstream
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRange$$' -fuzztime $(FUZZTIME) ./internal/proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRoute$$' -fuzztime $(FUZZTIME) ./internal/proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzReferences$$' -fuzztime $(FUZZTIME) ./internal/manifest
+
 e2e: ## real skopeo, crane and a Docker daemon against the mirror binary
 	$(GO) test -tags e2e -count=1 -v ./test/e2e
 
 deps: ## install the real clients the end-to-end tests drive (root, Debian)
 	bash .ci/install.sh
+
+bench: ## issue-3 benchmarks against a static file server and CNCF Distribution (minutes; not part of test)
+	bash bench/run.sh

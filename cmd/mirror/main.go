@@ -22,10 +22,12 @@ import (
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/go-chi/httprate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
@@ -33,6 +35,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tlsreload"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -128,15 +131,34 @@ func serve(ctx context.Context, cfg config.Config) error {
 		SpoolDir:           spoolDir,
 		IdleTimeout:        time.Duration(cfg.Upstream.BlobIdleTimeout),
 		StopWithoutClients: cfg.Cache.StopFillsWithoutClients,
+		MaxFills:           cfg.Limits.MaxFills,
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
+	policy, err := access.New(access.Config{
+		Mode:                cfg.Access.Mode,
+		HtpasswdFile:        cfg.Access.HtpasswdFile,
+		PublicNamespaces:    cfg.Access.PublicNamespaces,
+		Groups:              cfg.Access.Groups,
+		Rules:               accessRules(cfg.Access.Rules),
+		TokenKeyFile:        cfg.Access.TokenKeyFile,
+		TokenLifetime:       time.Duration(cfg.Access.TokenLifetime),
+		PassthroughCacheTTL: time.Duration(cfg.Access.PassthroughTTL),
+	}, func(ctx context.Context, key, repo string) (bool, error) {
+		// Pass-through: the client's own key, exchanged at the upstream.
+		ct := auth.NewTransport(http.DefaultTransport, origin, auth.Credentials{Username: auth.DefaultUsername, Secret: key}, nil)
+		return upstream.New(origin, ct).CanPull(ctx, repo)
+	})
+	if err != nil {
+		return err
+	}
 	h := proxy.New(up, store, fills, proxy.Options{
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
 		NSAliases:       cfg.Upstream.NSAliases,
 		Log:             log.With("component", "proxy"),
 		Metrics:         m,
+		Access:          policy,
 	})
 	hc := &health.Checker{StorageProbe: store.Probe, UpstreamProbe: up.Ping}
 
@@ -148,16 +170,41 @@ func serve(ctx context.Context, cfg config.Config) error {
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", hc.Healthz)
 	mux.HandleFunc("/readyz", hc.Readyz)
+	mux.Handle("/auth/token", policy.TokenHandler())
 	mux.Handle("/", h)
+	var handler http.Handler = mux
+	if n := cfg.Limits.RequestsPerSecond; n > 0 {
+		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)
+	}
+	handler = limitBodies(handler)
 	srv := &http.Server{
-		Handler:           mux,
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "upstream", origin.String(),
-		"credentials", creds, "data_dir", dataDir)
+	var reloader *tlsreload.Reloader
+	if cfg.TLS.CertFile != "" {
+		if reloader, err = tlsreload.New(cfg.TLS.CertFile, cfg.TLS.KeyFile, log); err != nil {
+			return err
+		}
+		srv.TLSConfig = reloader.Config()
+		go reloader.Watch(ctx, 10*time.Second)
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		go func() {
+			for range hup {
+				if err := reloader.Reload(); err != nil {
+					log.Warn("SIGHUP: TLS certificate not reloaded", "err", err)
+				} else {
+					log.Info("SIGHUP: TLS certificate reloaded")
+				}
+			}
+		}()
+	}
+	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
+		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces, "data_dir", dataDir)
 
 	go func() {
 		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
@@ -168,19 +215,41 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}()
 
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() {
+		if reloader != nil {
+			errc <- srv.ServeTLS(ln, "", "")
+		} else {
+			errc <- srv.Serve(ln)
+		}
+	}()
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	grace := time.Duration(cfg.Limits.ShutdownGrace)
+	log.Info("shutting down: finishing responses and downloads", "grace", grace, "fills_in_flight", fills.InFlight())
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+		log.Warn("responses cut off at the end of the grace period", "err", err)
+	}
+	if err := fills.Wait(sctx); err != nil {
+		// Their uploads are removed at the next start (PurgeUploads).
+		log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())
 	}
 	return nil
+}
+
+// limitBodies caps request bodies at 1 MiB: the mirror is read-only and
+// reads none, but nothing should be able to make it buffer one.
+func limitBodies(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body != nil {
+			r.Body = http.MaxBytesReader(w, r.Body, 1<<20)
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // healthcheck asks the local mirror's /healthz (at MIRROR_ADDR, default
@@ -211,4 +280,12 @@ func healthcheck() int {
 		return 1
 	}
 	return 0
+}
+
+func accessRules(in []config.AccessRule) []access.Rule {
+	out := make([]access.Rule, len(in))
+	for i, r := range in {
+		out[i] = access.Rule{Repositories: r.Repositories, Users: r.Users}
+	}
+	return out
 }

@@ -334,8 +334,23 @@ func (t *Transport) fetchToken(ctx context.Context, params map[string]string, sc
 	if err != nil {
 		return nil, fmt.Errorf("%w: reading response: %w", ErrTokenExchange, err)
 	}
-	// Parse whatever the content type claims: an old nvcr.io answered JSON
-	// with a non-JSON Content-Type.
+	tok, err := parseTokenResponse(body, start)
+	if err != nil {
+		return nil, err
+	}
+	t.log.Debug("obtained upstream token", "scope", scope, "lifetime", tok.expiresAt.Sub(tok.refreshAt)*5)
+	return tok, nil
+}
+
+// maxTokenLifetime caps expires_in, so that an absurd value cannot
+// overflow time arithmetic or keep a token forever.
+const maxTokenLifetime = 24 * time.Hour
+
+// parseTokenResponse reads a token realm's answer leniently, whatever its
+// Content-Type claims (an old nvcr.io answered JSON as text/html): "token"
+// or "access_token", "expires_in" in seconds (absent: 60 s), "issued_at"
+// used only when it is plausible (not after now, within the lifetime).
+func parseTokenResponse(body []byte, now time.Time) (*token, error) {
 	var tr tokenResponse
 	if err := json.Unmarshal(body, &tr); err != nil {
 		return nil, fmt.Errorf("%w: response is not a JSON token", ErrTokenExchange)
@@ -349,13 +364,12 @@ func (t *Transport) fetchToken(ctx context.Context, params map[string]string, sc
 	}
 	life := defaultTokenLifetime
 	if tr.ExpiresIn > 0 {
-		life = time.Duration(tr.ExpiresIn) * time.Second
+		life = time.Duration(min(tr.ExpiresIn, int64(maxTokenLifetime/time.Second))) * time.Second
 	}
-	issued := start
-	if !tr.IssuedAt.IsZero() && tr.IssuedAt.Before(start) && start.Sub(tr.IssuedAt) < life {
+	issued := now
+	if !tr.IssuedAt.IsZero() && tr.IssuedAt.Before(now) && now.Sub(tr.IssuedAt) < life {
 		issued = tr.IssuedAt
 	}
-	t.log.Debug("obtained upstream token", "scope", scope, "lifetime", life)
 	return &token{
 		value:     value,
 		refreshAt: issued.Add(life * 4 / 5), // refresh with a fifth of the lifetime left

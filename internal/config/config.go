@@ -25,6 +25,47 @@ type Config struct {
 	Upstream Upstream `yaml:"upstream"`
 	Storage  Storage  `yaml:"storage"`
 	Cache    Cache    `yaml:"cache"`
+	Access   Access   `yaml:"access"`
+	TLS      TLS      `yaml:"tls"`
+	Limits   Limits   `yaml:"limits"`
+}
+
+// Limits protect the mirror from overload and abuse.
+type Limits struct {
+	// MaxFills bounds concurrent upstream blob downloads; a miss beyond it
+	// gets 503 with Retry-After (0: no bound).
+	MaxFills int `yaml:"max_fills"`
+	// RequestsPerSecond per client IP (0: off), with bursts up to one
+	// second's worth.
+	RequestsPerSecond int `yaml:"requests_per_second"`
+	// ShutdownGrace is how long SIGTERM waits for responses and fills.
+	ShutdownGrace Duration `yaml:"shutdown_grace"`
+}
+
+// Access configures who may pull what (see internal/access).
+type Access struct {
+	// Mode: none, htpasswd, token or passthrough.
+	Mode             string              `yaml:"mode"`
+	HtpasswdFile     string              `yaml:"htpasswd_file"`
+	PublicNamespaces []string            `yaml:"public_namespaces"`
+	Groups           map[string][]string `yaml:"groups"`
+	Rules            []AccessRule        `yaml:"rules"`
+	TokenKeyFile     string              `yaml:"token_key_file"`
+	TokenLifetime    Duration            `yaml:"token_lifetime"`
+	PassthroughTTL   Duration            `yaml:"passthrough_cache_ttl"`
+}
+
+// AccessRule lets users pull repositories (patterns with * and **).
+type AccessRule struct {
+	Repositories []string `yaml:"repositories"`
+	Users        []string `yaml:"users"`
+}
+
+// TLS serves HTTPS (and HTTP/2) with a certificate and key, reloaded when
+// the files change or on SIGHUP. Both empty: plain HTTP.
+type TLS struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
 }
 
 // Upstream is the registry the mirror pulls through from.
@@ -84,6 +125,15 @@ func Default() Config {
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
 		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
+		Access: Access{
+			Mode: "none",
+			// nvcr.io serves these to anonymous clients; everything else
+			// (a lab's private org) needs an authenticated, allowed client.
+			PublicNamespaces: []string{"nvidia"},
+			TokenLifetime:    Duration(15 * time.Minute),
+			PassthroughTTL:   Duration(time.Minute),
+		},
 	}
 }
 
@@ -110,6 +160,10 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		"MIRROR_UPSTREAM_USERNAME": &c.Upstream.Username,
 		"MIRROR_DATA_DIR":          &c.Storage.DataDir,
 		"MIRROR_LOG_LEVEL":         &c.LogLevel,
+		"MIRROR_ACCESS_MODE":       &c.Access.Mode,
+		"MIRROR_HTPASSWD_FILE":     &c.Access.HtpasswdFile,
+		"MIRROR_TLS_CERT_FILE":     &c.TLS.CertFile,
+		"MIRROR_TLS_KEY_FILE":      &c.TLS.KeyFile,
 	} {
 		if v := getenv(env); v != "" {
 			*dst = v
@@ -156,6 +210,21 @@ func (c Config) Validate() error {
 	}
 	if c.Upstream.BlobIdleTimeout <= 0 {
 		errs = append(errs, errors.New("upstream.blob_idle_timeout must be positive"))
+	}
+	switch c.Access.Mode {
+	case "none", "passthrough":
+	case "htpasswd", "token":
+		if c.Access.HtpasswdFile == "" {
+			errs = append(errs, fmt.Errorf("access.htpasswd_file is required with access.mode %s", c.Access.Mode))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("access.mode %q: want none, htpasswd, token or passthrough", c.Access.Mode))
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		errs = append(errs, errors.New("tls.cert_file and tls.key_file go together"))
+	}
+	if c.Limits.MaxFills < 0 || c.Limits.RequestsPerSecond < 0 || c.Limits.ShutdownGrace < 0 {
+		errs = append(errs, errors.New("limits.max_fills, limits.requests_per_second and limits.shutdown_grace must not be negative"))
 	}
 	if c.Cache.TagFreshness < 0 {
 		errs = append(errs, errors.New("cache.tag_freshness must not be negative"))

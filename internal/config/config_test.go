@@ -40,6 +40,13 @@ func TestDefaults(t *testing.T) {
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
 		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
+		Access: Access{
+			Mode:             "none",
+			PublicNamespaces: []string{"nvidia"},
+			TokenLifetime:    Duration(15 * time.Minute),
+			PassthroughTTL:   Duration(time.Minute),
+		},
 	}
 	if got := Default(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("Default() = %+v\nwant %+v", got, want)

@@ -39,6 +39,10 @@ var ErrUnknownSize = errors.New("fill: upstream did not give the blob size")
 // (only with Options.StopWithoutClients).
 var ErrNoClients = errors.New("fill: every client left")
 
+// ErrTooManyFills is returned by Join when Options.MaxFills fills run
+// already and none of them is for the digest asked.
+var ErrTooManyFills = errors.New("fill: too many downloads in progress")
+
 // ErrSpool wraps a failure to create or write a fill's spool file: the
 // local disk, not the upstream, is at fault.
 var ErrSpool = errors.New("fill: spool")
@@ -60,6 +64,9 @@ type Options struct {
 	// MaxResumes bounds how often a broken upstream read is resumed with a
 	// Range request from the offset reached (default 3).
 	MaxResumes int
+	// MaxFills bounds the fills running at once (0: no bound). A miss that
+	// would start one more gets ErrTooManyFills.
+	MaxFills int
 	// StopWithoutClients cancels a fill when its last client leaves. By
 	// default a fill outlives its clients and the blob is cached anyway.
 	StopWithoutClients bool
@@ -104,14 +111,18 @@ func (g *Group) InFlight() int {
 
 // Join returns the running fill of dgst, or starts one that reads from src.
 // The caller must call Release on the fill when done with it. started
-// reports whether this call started the fill.
-func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool) {
+// reports whether this call started the fill. err is ErrTooManyFills when
+// a new fill would exceed Options.MaxFills.
+func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if f := g.fills[dgst]; f != nil {
 		f.refs++
 		g.opts.Metrics.FillJoined()
-		return f, false
+		return f, false, nil
+	}
+	if g.opts.MaxFills > 0 && len(g.fills) >= g.opts.MaxFills {
+		return nil, false, ErrTooManyFills
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	f = &Fill{
@@ -125,7 +136,22 @@ func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool) {
 	g.fills[dgst] = f
 	g.opts.Metrics.FillStarted()
 	go f.run(ctx, src)
-	return f, true
+	return f, true, nil
+}
+
+// Wait blocks until no fill runs or ctx ends (graceful shutdown: fills in
+// progress complete; what a cut-off one wrote is removed at the next start).
+func (g *Group) Wait(ctx context.Context) error {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for g.InFlight() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // Fill is one blob being fetched and cached.

@@ -260,9 +260,9 @@ func TestJoinCoalesces(t *testing.T) {
 	src := newSource(t, data)
 	src.stallAt = 0
 
-	f1, started1 := e.g.Join(dgst, src.open)
+	f1, started1 := mustJoin(t, e.g, dgst, src.open)
 	defer f1.Release()
-	f2, started2 := e.g.Join(dgst, func(context.Context, int64) (io.ReadCloser, int64, error) {
+	f2, started2 := mustJoin(t, e.g, dgst, func(context.Context, int64) (io.ReadCloser, int64, error) {
 		t.Error("the second Join's source was called")
 		return nil, 0, errors.New("unexpected")
 	})
@@ -296,7 +296,7 @@ func TestJoinAfterFinishStartsAnew(t *testing.T) {
 	data, dgst := randomBlob(t, 10<<10)
 	bad := newSource(t, data)
 	bad.openErr = errBroken
-	f, _ := e.g.Join(dgst, bad.open)
+	f, _ := mustJoin(t, e.g, dgst, bad.open)
 	if err := done(t, f); !errors.Is(err, errBroken) {
 		t.Fatalf("Done: %v, want errBroken", err)
 	}
@@ -304,7 +304,7 @@ func TestJoinAfterFinishStartsAnew(t *testing.T) {
 	e.waitIdle(t)
 	// A failed fill is forgotten: the next Join fetches again.
 	good := newSource(t, data)
-	f2, started := e.g.Join(dgst, good.open)
+	f2, started := mustJoin(t, e.g, dgst, good.open)
 	defer f2.Release()
 	if !started || f2 == f {
 		t.Fatal("Join after a failed fill did not start a new one")
@@ -324,7 +324,7 @@ func TestReadersAtOffsets(t *testing.T) {
 	src.chunk = 16 << 10
 	src.stallAt = size / 2
 
-	f, _ := e.g.Join(dgst, src.open)
+	f, _ := mustJoin(t, e.g, dgst, src.open)
 	defer f.Release()
 	if got := waitSize(t, f); got != size {
 		t.Fatalf("Wait = %d, want %d", got, size)
@@ -381,7 +381,7 @@ func TestLastByteHeldUntilCommit(t *testing.T) {
 	const size = 50 << 10
 	data, dgst := randomBlob(t, size)
 	src := newSource(t, data)
-	f, _ := e.g.Join(dgst, src.open)
+	f, _ := mustJoin(t, e.g, dgst, src.open)
 	defer f.Release()
 	waitSize(t, f)
 
@@ -445,7 +445,7 @@ func TestDigestMismatch(t *testing.T) {
 	src := newSource(t, corrupt)
 	src.stallAt = size / 2 // readers are waiting when the mismatch is found
 
-	f, _ := e.g.Join(dgst, src.open)
+	f, _ := mustJoin(t, e.g, dgst, src.open)
 	defer f.Release()
 	waitSize(t, f)
 	offsets := []int64{0, size / 2, size - 1}
@@ -507,7 +507,7 @@ func TestSizeMismatch(t *testing.T) {
 			data, dgst := randomBlob(t, size)
 			src := newSource(t, data)
 			tc.setup(src)
-			f, _ := e.g.Join(dgst, src.open)
+			f, _ := mustJoin(t, e.g, dgst, src.open)
 			defer f.Release()
 			if err := done(t, f); !errors.Is(err, storage.ErrSizeMismatch) {
 				t.Fatalf("Done: %v, want a size mismatch", err)
@@ -540,7 +540,7 @@ func TestUnknownSizeAndOpenError(t *testing.T) {
 			e := newEnv(t, Options{}, nil)
 			src := newSource(t, data)
 			tc.setup(src)
-			f, _ := e.g.Join(dgst, src.open)
+			f, _ := mustJoin(t, e.g, dgst, src.open)
 			defer f.Release()
 			ctx, cancel := context.WithTimeout(t.Context(), bound)
 			defer cancel()
@@ -563,7 +563,7 @@ func TestSpoolError(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, Options{SpoolDir: filepath.Join(t.TempDir(), "missing")}, nil)
 	data, dgst := randomBlob(t, 1000)
-	f, _ := e.g.Join(dgst, newSource(t, data).open)
+	f, _ := mustJoin(t, e.g, dgst, newSource(t, data).open)
 	defer f.Release()
 	ctx, cancel := context.WithTimeout(t.Context(), bound)
 	defer cancel()
@@ -596,7 +596,7 @@ func TestResume(t *testing.T) {
 			src := newSource(t, data)
 			src.chunk = 300 // breaks fall mid-read-sequence
 			src.breakAfter = 1000
-			f, _ := e.g.Join(dgst, src.open)
+			f, _ := mustJoin(t, e.g, dgst, src.open)
 			defer f.Release()
 			waitSize(t, f)
 			got, rerr := readRange(t, f, 0, int64(tc.size))
@@ -639,7 +639,7 @@ func TestIdleTimeout(t *testing.T) {
 		src := newSource(t, data)
 		src.stallAt = 5000
 		start := time.Now()
-		f, _ := e.g.Join(dgst, src.open)
+		f, _ := mustJoin(t, e.g, dgst, src.open)
 		defer f.Release()
 		waitSize(t, f)
 		got, err := readRange(t, f, 0, 10000)
@@ -664,7 +664,7 @@ func TestIdleTimeout(t *testing.T) {
 		data, dgst := randomBlob(t, 10000)
 		src := newSource(t, data)
 		src.openStall = true
-		f, _ := e.g.Join(dgst, src.open)
+		f, _ := mustJoin(t, e.g, dgst, src.open)
 		defer f.Release()
 		ctx, cancel := context.WithTimeout(t.Context(), bound)
 		defer cancel()
@@ -682,7 +682,7 @@ func TestIdleTimeout(t *testing.T) {
 		src := newSource(t, data)
 		src.chunk = 1000
 		src.interval = 30 * time.Millisecond // 600 ms in all, well over the idle timeout
-		f, _ := e.g.Join(dgst, src.open)
+		f, _ := mustJoin(t, e.g, dgst, src.open)
 		defer f.Release()
 		if err := done(t, f); err != nil {
 			t.Fatalf("Done: %v", err)
@@ -699,8 +699,8 @@ func TestStopWithoutClients(t *testing.T) {
 		data, dgst := randomBlob(t, 10000)
 		src := newSource(t, data)
 		src.stallAt = 4000
-		f1, _ := e.g.Join(dgst, src.open)
-		f2, _ := e.g.Join(dgst, src.open)
+		f1, _ := mustJoin(t, e.g, dgst, src.open)
+		f2, _ := mustJoin(t, e.g, dgst, src.open)
 		waitSize(t, f1)
 		if b, err := readRange(t, f1, 0, 4000); err != nil || len(b) != 4000 {
 			t.Fatalf("read %d bytes, %v", len(b), err)
@@ -726,7 +726,7 @@ func TestStopWithoutClients(t *testing.T) {
 		data, dgst := randomBlob(t, 10000)
 		src := newSource(t, data)
 		src.stallAt = 4000
-		f, _ := e.g.Join(dgst, src.open)
+		f, _ := mustJoin(t, e.g, dgst, src.open)
 		waitSize(t, f)
 		f.Release()
 		time.Sleep(50 * time.Millisecond)
@@ -753,7 +753,7 @@ func TestAlreadyCached(t *testing.T) {
 		t.Fatal(err)
 	}
 	var calls atomic.Int32
-	f, started := e.g.Join(dgst, func(context.Context, int64) (io.ReadCloser, int64, error) {
+	f, started := mustJoin(t, e.g, dgst, func(context.Context, int64) (io.ReadCloser, int64, error) {
 		calls.Add(1)
 		return nil, 0, errors.New("source called for a cached blob")
 	})
@@ -781,7 +781,7 @@ func TestVerifiedButNotCached(t *testing.T) {
 		return errors.New("disk full")
 	})
 	data, dgst := randomBlob(t, 30000)
-	f, _ := e.g.Join(dgst, newSource(t, data).open)
+	f, _ := mustJoin(t, e.g, dgst, newSource(t, data).open)
 	defer f.Release()
 	waitSize(t, f)
 	got, err := readRange(t, f, 0, int64(len(data)))
@@ -807,9 +807,9 @@ func TestWaitAndInFlight(t *testing.T) {
 	dataB, dgstB := randomBlob(t, 7000)
 	srcA, srcB := newSource(t, dataA), newSource(t, dataB)
 	srcA.openStall, srcB.stallAt = true, 10
-	fa, _ := e.g.Join(dgstA, srcA.open)
+	fa, _ := mustJoin(t, e.g, dgstA, srcA.open)
 	defer fa.Release()
-	fb, _ := e.g.Join(dgstB, srcB.open)
+	fb, _ := mustJoin(t, e.g, dgstB, srcB.open)
 	defer fb.Release()
 	if n := e.g.InFlight(); n != 2 {
 		t.Fatalf("InFlight %d, want 2", n)
@@ -850,7 +850,7 @@ func TestReaderContextCancelled(t *testing.T) {
 	data, dgst := randomBlob(t, 8000)
 	src := newSource(t, data)
 	src.stallAt = 3000
-	f, _ := e.g.Join(dgst, src.open)
+	f, _ := mustJoin(t, e.g, dgst, src.open)
 	defer f.Release()
 	waitSize(t, f)
 	ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
@@ -881,7 +881,7 @@ func TestSlowCommitNotCutByIdleTimeout(t *testing.T) {
 	})
 	data, dgst := randomBlob(t, 5000)
 	src := newSource(t, data)
-	f, _ := e.g.Join(dgst, src.open)
+	f, _ := mustJoin(t, e.g, dgst, src.open)
 	if err := done(t, f); err != nil {
 		t.Fatalf("Done: %v", err)
 	}
@@ -899,11 +899,11 @@ func TestRejoinAfterLastClientLeftStartsAnew(t *testing.T) {
 	data, dgst := randomBlob(t, 10000)
 	src := newSource(t, data)
 	src.stallAt = 4000
-	f1, _ := e.g.Join(dgst, src.open)
+	f1, _ := mustJoin(t, e.g, dgst, src.open)
 	waitSize(t, f1)
 	f1.Release()
 	src2 := newSource(t, data)
-	f2, started := e.g.Join(dgst, src2.open)
+	f2, started := mustJoin(t, e.g, dgst, src2.open)
 	if !started || f2 == f1 {
 		t.Fatal("joined the fill its last client had left (and that is being cancelled)")
 	}
@@ -913,4 +913,43 @@ func TestRejoinAfterLastClientLeftStartsAnew(t *testing.T) {
 	f2.Release()
 	e.waitIdle(t)
 	e.assertStored(t, dgst, data)
+}
+
+// mustJoin joins or starts the fill of dgst; it fails the test on
+// ErrTooManyFills.
+func mustJoin(t *testing.T, g *Group, dgst digest.Digest, src Source) (*Fill, bool) {
+	t.Helper()
+	f, started, err := g.Join(dgst, src)
+	if err != nil {
+		t.Fatalf("Join: %v", err)
+	}
+	return f, started
+}
+
+// TestMaxFills: past MaxFills running fills, a new digest is refused while
+// joining a running fill still works.
+func TestMaxFills(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, Options{MaxFills: 1}, nil)
+	data, dgst := randomBlob(t, 10000)
+	src := newSource(t, data)
+	src.stallAt = 4000
+	f1, _ := mustJoin(t, e.g, dgst, src.open)
+	f2, started := mustJoin(t, e.g, dgst, src.open)
+	if started || f2 != f1 {
+		t.Fatal("second client did not join the running fill")
+	}
+	other, odgst := randomBlob(t, 100)
+	if _, _, err := e.g.Join(odgst, newSource(t, other).open); !errors.Is(err, ErrTooManyFills) {
+		t.Fatalf("Join of another digest: %v, want ErrTooManyFills", err)
+	}
+	src.unblock()
+	f1.Release()
+	f2.Release()
+	e.waitIdle(t)
+	if err := e.g.Wait(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f3, _ := mustJoin(t, e.g, odgst, newSource(t, other).open)
+	f3.Release()
 }

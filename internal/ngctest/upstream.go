@@ -77,6 +77,14 @@ type Upstream struct {
 type repo struct {
 	private bool
 	tags    map[string]digest.Digest
+	// holds is the content published in this repository: like a real
+	// registry, the fake serves a manifest or blob by digest only under a
+	// repository that holds it.
+	holds map[digest.Digest]bool
+}
+
+func newRepo() *repo {
+	return &repo{tags: map[string]digest.Digest{}, holds: map[digest.Digest]bool{}}
 }
 
 type tokenInfo struct {
@@ -123,18 +131,21 @@ func (u *Upstream) AddImage(repository string, private bool, im *Image, tags ...
 	defer u.mu.Unlock()
 	r := u.repos[repository]
 	if r == nil {
-		r = &repo{tags: map[string]digest.Digest{}}
+		r = newRepo()
 		u.repos[repository] = r
 	}
 	r.private = private
 	var add func(*Image)
 	add = func(im *Image) {
 		u.manifests[im.Manifest.Digest] = im.Manifest
+		r.holds[im.Manifest.Digest] = true
 		if im.Config.Digest != "" {
 			u.blobs[im.Config.Digest] = im.Config
+			r.holds[im.Config.Digest] = true
 		}
 		for _, l := range im.Layers {
 			u.blobs[l.Digest] = l
+			r.holds[l.Digest] = true
 		}
 		for _, c := range im.Children {
 			add(c)
@@ -283,7 +294,7 @@ func (u *Upstream) serveRegistry(w http.ResponseWriter, r *http.Request) {
 	case "manifests":
 		u.serveManifest(w, r, rp, ref)
 	case "blobs":
-		u.serveBlob(w, r, ref)
+		u.serveBlob(w, r, rp, ref)
 	}
 }
 
@@ -388,6 +399,7 @@ func (u *Upstream) serveManifest(w http.ResponseWriter, r *http.Request, rp *rep
 		d = digest.Digest(ref)
 	}
 	m, ok := u.manifests[d]
+	ok = ok && rp.holds[d]
 	u.mu.Unlock()
 	if !ok {
 		writeErr(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest unknown")
@@ -402,9 +414,10 @@ func (u *Upstream) serveManifest(w http.ResponseWriter, r *http.Request, rp *rep
 	_, _ = w.Write(m.Body)
 }
 
-func (u *Upstream) serveBlob(w http.ResponseWriter, r *http.Request, ref string) {
+func (u *Upstream) serveBlob(w http.ResponseWriter, r *http.Request, rp *repo, ref string) {
 	u.mu.Lock()
 	b, ok := u.blobs[digest.Digest(ref)]
+	ok = ok && rp.holds[digest.Digest(ref)]
 	u.mu.Unlock()
 	if !ok {
 		writeErr(w, http.StatusNotFound, "BLOB_UNKNOWN", "blob unknown")

@@ -25,6 +25,10 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "unsupported digest algorithm"))
 		return
 	}
+	if err := h.ensureLink(ctx, name, dgst, kindBlob); err != nil {
+		writeError(w, toAPIError(err, kindBlob))
+		return
+	}
 	size, err := h.store.StatBlob(ctx, dgst)
 	if err == nil {
 		h.metrics.CacheResult("blob", metrics.Hit, h.serveCachedBlob(w, r, dgst, size))
@@ -47,7 +51,13 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		return
 	}
 
-	f, _ := h.fills.Join(dgst, h.blobSource(name, dgst))
+	f, _, err := h.fills.Join(dgst, h.blobSource(name, dgst))
+	if err != nil { // too many downloads at once: the client retries later
+		e := newAPIError(errcode.ErrorCodeUnavailable, "too many blob downloads in progress; retry shortly")
+		e.retryAfter = "5"
+		writeError(w, e)
+		return
+	}
 	defer f.Release()
 	size, err = f.Wait(ctx)
 	if errors.Is(err, fill.ErrSpool) {

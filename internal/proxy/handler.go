@@ -5,6 +5,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -37,6 +39,10 @@ type Options struct {
 	NSAliases []string
 	Log       *slog.Logger
 	Metrics   *metrics.Metrics // nil records nothing
+	// Access decides who may pull what. nil serves everything to everyone
+	// (tests); cmd/mirror always sets one, whose default opens only the
+	// public namespaces.
+	Access *access.Policy
 }
 
 // Handler serves the registry API. Build it with New.
@@ -47,6 +53,7 @@ type Handler struct {
 	opts      Options
 	log       *slog.Logger
 	metrics   *metrics.Metrics
+	access    *access.Policy
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	router    chi.Router
 }
@@ -62,7 +69,7 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics}
+	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access}
 	r := chi.NewRouter()
 	r.Use(apiVersion, h.observe)
 	r.Get("/v2/", h.base)
@@ -71,6 +78,11 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 		http.Redirect(w, r, "/v2/", http.StatusMovedPermanently)
 	})
 	r.HandleFunc("/v2/*", h.dispatch)
+	// Methods chi does not know (FOO, ...) land here: answer like the others.
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeError(w, newAPIError(errcode.ErrorCodeUnsupported, "this mirror is read-only: "+r.Method+" is not supported"))
+	})
 	h.router = r
 	return h
 }
@@ -123,6 +135,14 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 // "Determining Support").
 func (h *Handler) base(w http.ResponseWriter, r *http.Request) {
 	setRoute(r, metrics.RouteBase)
+	if h.access != nil && h.access.Mode() != access.ModeNone {
+		// Clients learn the auth scheme here (docker login asks /v2/).
+		id, err := h.access.Authenticate(r)
+		if err != nil || id.Anonymous() {
+			h.unauthorized(w, r, "", "authentication required")
+			return
+		}
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", "2")
 	w.WriteHeader(http.StatusOK)
@@ -188,6 +208,9 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	if h.access != nil && !h.authorize(w, r, rt.name) {
+		return
+	}
 	setRoute(r, map[kind]string{kindManifest: metrics.RouteManifest, kindBlob: metrics.RouteBlob, kindTags: metrics.RouteTags}[rt.kind])
 	switch rt.kind {
 	case kindManifest:
@@ -202,6 +225,38 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 	case kindTags:
 		h.serveTags(w, r, rt.name)
 	}
+}
+
+// authorize applies the access policy to a request for repository name,
+// before any cache lookup, so that a refusal is the same whether or not the
+// content is cached. It writes the 401 or 403 and returns false when the
+// request may not go on.
+func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, name string) bool {
+	id, err := h.access.Authenticate(r)
+	if err != nil {
+		h.unauthorized(w, r, name, "invalid credentials")
+		return false
+	}
+	switch err := h.access.Authorize(r.Context(), id, name); {
+	case err == nil:
+		return true
+	case errors.Is(err, access.ErrUnauthenticated):
+		h.unauthorized(w, r, name, "authentication required")
+	default:
+		h.log.Info("pull denied", "user", id.User, "repository", name, "err", err)
+		writeError(w, newAPIError(errcode.ErrorCodeDenied, "requested access to the resource is denied"))
+	}
+	return false
+}
+
+// unauthorized answers 401 UNAUTHORIZED with the policy's challenge.
+func (h *Handler) unauthorized(w http.ResponseWriter, r *http.Request, name, msg string) {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	w.Header().Set("WWW-Authenticate", h.access.Challenge(scheme+"://"+r.Host, name))
+	writeError(w, newAPIError(errcode.ErrorCodeUnauthorized, msg))
 }
 
 // validateName checks a repository name against the distribution/reference

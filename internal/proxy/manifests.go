@@ -13,6 +13,7 @@ import (
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -74,6 +75,9 @@ var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest.Digest) (m *storage.Manifest, hit bool, err error) {
 	m, err = h.store.GetManifest(ctx, dgst)
 	if err == nil {
+		if err := h.ensureLink(ctx, name, dgst, kindManifest); err != nil {
+			return nil, false, err
+		}
 		return m, true, nil
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
@@ -86,7 +90,7 @@ func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest
 		if err != nil {
 			return nil, err
 		}
-		return h.cacheManifest(ctx, um), nil
+		return h.cacheManifest(ctx, name, um), nil
 	})
 	if err != nil {
 		return nil, false, err
@@ -100,15 +104,62 @@ func (h *Handler) upstreamContext(ctx context.Context) (context.Context, context
 	return context.WithTimeout(context.WithoutCancel(ctx), h.opts.ManifestTimeout)
 }
 
-// cacheManifest stores a verified upstream manifest. A storage failure is
-// logged, not returned: the manifest is still served and the next request
-// tries again.
-func (h *Handler) cacheManifest(ctx context.Context, um *upstream.Manifest) *storage.Manifest {
+// cacheManifest stores a verified manifest that the upstream served for
+// repository name. With an access policy it also links the manifest and
+// everything it refers to (config, layers, index children) to name, so that
+// those are served under name from the cache, also offline. A storage
+// failure is logged, not returned: the manifest is still served and the next
+// request tries again.
+func (h *Handler) cacheManifest(ctx context.Context, name string, um *upstream.Manifest) *storage.Manifest {
 	m := &storage.Manifest{MediaType: um.MediaType, Digest: um.Digest, Body: um.Body}
 	if err := h.store.PutManifest(ctx, m.MediaType, m.Digest, m.Body); err != nil {
 		h.log.Warn("caching manifest failed", "digest", m.Digest, "err", err)
 	}
+	if h.access != nil {
+		links := []digest.Digest{m.Digest}
+		refs, _ := manifest.References(m.Body)
+		for _, r := range refs {
+			links = append(links, r.Digest)
+		}
+		if err := h.store.PutLinks(ctx, name, links...); err != nil {
+			h.log.Warn("linking manifest content failed", "repository", name, "digest", m.Digest, "err", err)
+		}
+	}
 	return m
+}
+
+// ensureLink makes sure content dgst, cached under some repository, may be
+// served under name: a link recorded from one of name's manifests, or the
+// upstream confirming (HEAD) that name holds dgst, which is then recorded.
+// Without this, a client allowed on a public repository could read a
+// private repository's cached blob by naming its digest. It does nothing
+// without an access policy. Content name does not hold is reported as
+// unknown, the same answer as for content that does not exist.
+func (h *Handler) ensureLink(ctx context.Context, name string, dgst digest.Digest, k kind) error {
+	if h.access == nil {
+		return nil
+	}
+	if ok, err := h.store.HasLink(ctx, name, dgst); err == nil && ok {
+		return nil
+	}
+	uctx, cancel := h.upstreamContext(ctx)
+	defer cancel()
+	var err error
+	if k == kindManifest {
+		_, err = h.up.HeadManifest(uctx, name, dgst.String(), nil)
+	} else {
+		_, err = h.up.HeadBlob(uctx, name, dgst)
+	}
+	switch {
+	case err == nil:
+		if lerr := h.store.PutLinks(ctx, name, dgst); lerr != nil {
+			h.log.Warn("recording link failed", "repository", name, "digest", dgst, "err", lerr)
+		}
+		return nil
+	case isAuthoritative(err):
+		return &upstream.Error{StatusCode: http.StatusNotFound}
+	}
+	return err
 }
 
 // manifestByTag serves name:tag. A tag confirmed by the upstream within
@@ -149,7 +200,7 @@ func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage
 		if err != nil {
 			return nil, err
 		}
-		m := h.cacheManifest(ctx, um)
+		m := h.cacheManifest(ctx, name, um)
 		nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
 		if perr := h.store.PutTag(ctx, name, tag, nrec); perr != nil {
 			h.log.Warn("recording tag failed", "repository", name, "tag", tag, "err", perr)

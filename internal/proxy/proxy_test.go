@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
@@ -47,6 +48,7 @@ type envOpts struct {
 	// wrap, if set, wraps the cache's storage driver (fault injection).
 	wrap    func(driver.StorageDriver) driver.StorageDriver
 	metrics *metrics.Metrics
+	access  *access.Policy
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -81,7 +83,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		o.fill.IdleTimeout = 5 * time.Second
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills}
@@ -515,6 +517,19 @@ func TestBadInput(t *testing.T) {
 		{"PATCH", "/v2/nvidia/pytorch/blobs/uploads/x", 405, "UNSUPPORTED"},
 		{"GET", "/v2/nvidia/pytorch/manifests/17.12?ns=docker.io", 404, "NAME_UNKNOWN"},
 		{"GET", "/v2/nvidia/pytorch/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/tags/list?n=99999999999", 400, "PAGINATION_NUMBER_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/17.12/", 404, "UNSUPPORTED"},
+		{"GET", "/v2/nvidia/pytorch/", 404, "UNSUPPORTED"},
+		{"GET", "/v2/nvidia/pytorch/manifests/bad$tag", 400, "TAG_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/a%20b", 400, "TAG_INVALID"},
+		{"GET", "/v2/nvidia/py_-torch/manifests/1", 400, "NAME_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/blobs/sha256:" + strings.Repeat("z", 64), 400, "DIGEST_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/blobs/sha256:" + strings.Repeat("a", 63), 400, "DIGEST_INVALID"},
+		{"GET", "/v2/nvidia/pytorch/manifests/sha512:" + strings.Repeat("a", 64), 400, "DIGEST_INVALID"},
+		{"FOO", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
+		{"OPTIONS", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
 	} {
 		before := len(e.up.Requests())
 		req, _ := http.NewRequestWithContext(t.Context(), tc.method, e.mirror.URL+tc.path, nil)
@@ -524,9 +539,14 @@ func TestBadInput(t *testing.T) {
 		}
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		r := result{status: resp.StatusCode, body: body}
-		if r.status != tc.status || errorCode(t, r) != tc.code {
-			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, r.status, body, tc.status, tc.code)
+		var envl struct{ Errors []struct{ Code string } }
+		_ = json.Unmarshal(body, &envl)
+		code := ""
+		if len(envl.Errors) > 0 {
+			code = envl.Errors[0].Code
+		}
+		if resp.StatusCode != tc.status || code != tc.code {
+			t.Errorf("%s %s: %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, body, tc.status, tc.code)
 		}
 		if after := len(e.up.Requests()); after != before {
 			t.Errorf("%s %s reached the upstream", tc.method, tc.path)

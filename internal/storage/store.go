@@ -414,3 +414,47 @@ func (s *Store) ListTags(ctx context.Context, repo string) ([]string, error) {
 	sort.Strings(tags)
 	return tags, nil
 }
+
+// linkPath is where the cache records that repo's upstream serves dgst (a
+// manifest or blob of that repository).
+func linkPath(repo string, dgst digest.Digest) (string, error) {
+	if err := dgst.Validate(); err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUnsupportedDigest, err)
+	}
+	return path.Join("/repositories", repo, "_links", string(dgst.Algorithm()), dgst.Encoded()), nil
+}
+
+// PutLinks records that repository repo holds each of dgsts: content is
+// cached once by digest, but is served under a repository only when it is
+// known to belong to it.
+func (s *Store) PutLinks(ctx context.Context, repo string, dgsts ...digest.Digest) error {
+	for _, d := range dgsts {
+		p, err := linkPath(repo, d)
+		if err != nil {
+			return err
+		}
+		if _, err := s.d.Stat(ctx, p); err == nil {
+			continue
+		}
+		if err := s.d.PutContent(ctx, p, nil); err != nil {
+			return translate(err)
+		}
+	}
+	return nil
+}
+
+// HasLink reports whether PutLinks recorded dgst for repo.
+func (s *Store) HasLink(ctx context.Context, repo string, dgst digest.Digest) (bool, error) {
+	p, err := linkPath(repo, dgst)
+	if err != nil {
+		return false, err
+	}
+	_, err = s.d.Stat(ctx, p)
+	if err == nil {
+		return true, nil
+	}
+	if err = translate(err); errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	return false, err
+}

@@ -422,3 +422,20 @@ func drainClose(rc io.ReadCloser) {
 	_, _ = io.Copy(io.Discard, io.LimitReader(rc, 64<<10))
 	_ = rc.Close()
 }
+
+// CanPull reports whether the client's credentials may pull repo: it lists
+// one tag. allowed is false when the upstream refused (401, 403, 404, or
+// the token realm refused the credentials); err is set when the upstream
+// could not answer.
+func (c *Client) CanPull(ctx context.Context, repo string) (allowed bool, err error) {
+	_, err = c.ListTags(ctx, repo, 1, "")
+	var te *auth.TokenError
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, ErrUnauthorized), errors.Is(err, ErrDenied), errors.Is(err, ErrNotFound),
+		errors.As(err, &te) && (te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden):
+		return false, nil
+	}
+	return false, err
+}

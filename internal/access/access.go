@@ -1,0 +1,346 @@
+// Package access decides which clients may pull which repositories from the
+// mirror: client authentication (none, htpasswd Basic, mirror-issued bearer
+// tokens, or pass-through NGC keys checked against the upstream) and
+// authorization rules, with a safe default: repositories under the public
+// namespaces are open to anyone, everything else only to authenticated
+// clients a rule allows.
+//
+// The mirror holds the lab's NGC API key, which reads the lab's private org;
+// without this package every client on the network could read it too.
+package access
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path"
+	"strings"
+	"sync"
+	"time"
+
+	dauth "github.com/distribution/distribution/v3/registry/auth"
+	_ "github.com/distribution/distribution/v3/registry/auth/htpasswd" // registers "htpasswd"
+	"golang.org/x/sync/singleflight"
+)
+
+// Modes of client authentication.
+const (
+	ModeNone        = "none"        // nobody authenticates: public namespaces only
+	ModeHtpasswd    = "htpasswd"    // HTTP Basic against an htpasswd file (bcrypt)
+	ModeToken       = "token"       // Docker token flow: /auth/token issues bearer tokens after an htpasswd check
+	ModePassthrough = "passthrough" // clients present their own NGC key; the upstream decides
+)
+
+// Errors of Authorize. Compare with errors.Is.
+var (
+	// ErrUnauthenticated: the repository needs an authenticated client (401).
+	ErrUnauthenticated = errors.New("access: authentication required")
+	// ErrDenied: the client is authenticated but may not pull (403).
+	ErrDenied = errors.New("access: denied")
+	// ErrBadCredentials: credentials were presented and are wrong (401).
+	ErrBadCredentials = errors.New("access: invalid credentials")
+)
+
+// Rule grants users (names, "@group" or "*" for any authenticated user) pull
+// access to repositories matching any of its patterns. In a pattern "*"
+// matches within one path component and "**" any number of components:
+// "myorg/**" covers myorg/a and myorg/team/b.
+type Rule struct {
+	Repositories []string `yaml:"repositories"`
+	Users        []string `yaml:"users"`
+}
+
+// Config configures a Policy.
+type Config struct {
+	Mode string `yaml:"mode"`
+	// HtpasswdFile holds users for the htpasswd and token modes. It must
+	// exist (distribution's htpasswd controller would otherwise create one
+	// with a generated password).
+	HtpasswdFile string `yaml:"htpasswd_file"`
+	// PublicNamespaces are served to anyone, anonymous clients included:
+	// the first path component of a repository ("nvidia" opens
+	// nvidia/pytorch and nvidia/k8s/dcgm-exporter).
+	PublicNamespaces []string            `yaml:"public_namespaces"`
+	Groups           map[string][]string `yaml:"groups"`
+	Rules            []Rule              `yaml:"rules"`
+	// TokenLifetime of mirror-issued bearer tokens (token mode).
+	TokenLifetime time.Duration `yaml:"-"`
+	// TokenKeyFile holds the key that signs bearer tokens; when empty a
+	// random key is made at start (tokens then end with the process).
+	TokenKeyFile string `yaml:"token_key_file"`
+	// PassthroughCacheTTL is how long an upstream access check is reused.
+	PassthroughCacheTTL time.Duration `yaml:"-"`
+}
+
+// Identity is who made a request.
+type Identity struct {
+	User string // "" when anonymous
+	// key is a pass-through client's NGC key (never logged or exposed).
+	key string
+}
+
+// Anonymous reports whether the request carried no credentials.
+func (id Identity) Anonymous() bool { return id.User == "" }
+
+// UpstreamChecker asks the upstream whether the NGC key may pull repository
+// (pass-through mode). allowed is the upstream's answer; err means it could
+// not answer.
+type UpstreamChecker func(ctx context.Context, key, repository string) (allowed bool, err error)
+
+// Policy authenticates and authorizes clients. It is safe for concurrent use.
+type Policy struct {
+	cfg      Config
+	htpasswd dauth.AccessController
+	tokens   *tokenIssuer
+	check    UpstreamChecker
+
+	mu     sync.Mutex
+	checks map[string]checkResult // by sha256(key) + "\x00" + repository
+	flight singleflight.Group
+}
+
+type checkResult struct {
+	err     error
+	expires time.Time
+}
+
+// New builds a Policy. check is needed in pass-through mode only.
+func New(cfg Config, check UpstreamChecker) (*Policy, error) {
+	p := &Policy{cfg: cfg, check: check, checks: map[string]checkResult{}}
+	if p.cfg.TokenLifetime <= 0 {
+		p.cfg.TokenLifetime = 15 * time.Minute
+	}
+	if p.cfg.PassthroughCacheTTL <= 0 {
+		p.cfg.PassthroughCacheTTL = time.Minute
+	}
+	switch cfg.Mode {
+	case "", ModeNone:
+		p.cfg.Mode = ModeNone
+	case ModeHtpasswd, ModeToken:
+		if _, err := os.Stat(cfg.HtpasswdFile); err != nil {
+			return nil, fmt.Errorf("access.htpasswd_file: %w", err)
+		}
+		ac, err := dauth.GetAccessController("htpasswd", map[string]any{"realm": "ngc-mirror", "path": cfg.HtpasswdFile})
+		if err != nil {
+			return nil, fmt.Errorf("access.htpasswd_file: %w", err)
+		}
+		p.htpasswd = ac
+		if cfg.Mode == ModeToken {
+			key, err := loadTokenKey(cfg.TokenKeyFile)
+			if err != nil {
+				return nil, err
+			}
+			p.tokens = &tokenIssuer{key: key, lifetime: p.cfg.TokenLifetime}
+		}
+	case ModePassthrough:
+		if check == nil {
+			return nil, errors.New("access: pass-through mode needs an upstream checker")
+		}
+	default:
+		return nil, fmt.Errorf("access.mode %q: want none, htpasswd, token or passthrough", cfg.Mode)
+	}
+	for _, r := range cfg.Rules {
+		for _, pat := range r.Repositories {
+			if _, err := path.Match(strings.ReplaceAll(pat, "**", "*"), "x"); err != nil {
+				return nil, fmt.Errorf("access.rules: bad repository pattern %q: %w", pat, err)
+			}
+		}
+	}
+	return p, nil
+}
+
+// Mode returns the authentication mode.
+func (p *Policy) Mode() string { return p.cfg.Mode }
+
+// Authenticate reads the request's credentials. No credentials give the
+// anonymous identity; wrong ones ErrBadCredentials.
+func (p *Policy) Authenticate(r *http.Request) (Identity, error) {
+	h := r.Header.Get("Authorization")
+	if h == "" {
+		return Identity{}, nil
+	}
+	if u, pw, ok := r.BasicAuth(); ok && u == "" && pw == "" {
+		// containers/image (skopeo, podman) answers a Basic challenge with
+		// empty credentials when it has none: that is an anonymous client.
+		return Identity{}, nil
+	}
+	switch p.cfg.Mode {
+	case ModeHtpasswd:
+		return p.basic(r)
+	case ModeToken:
+		if tok, ok := strings.CutPrefix(h, "Bearer "); ok {
+			user, err := p.tokens.verify(tok, time.Now())
+			if err != nil {
+				return Identity{}, ErrBadCredentials
+			}
+			return Identity{User: user}, nil
+		}
+		return p.basic(r)
+	case ModePassthrough:
+		user, key, ok := r.BasicAuth()
+		if !ok || key == "" {
+			return Identity{}, ErrBadCredentials
+		}
+		if user == "" {
+			user = "$oauthtoken"
+		}
+		return Identity{User: user + "#" + keyID(key), key: key}, nil
+	}
+	// Mode none: credentials are ignored, the client is anonymous.
+	return Identity{}, nil
+}
+
+func (p *Policy) basic(r *http.Request) (Identity, error) {
+	grant, err := p.htpasswd.Authorized(r)
+	if err != nil {
+		return Identity{}, ErrBadCredentials
+	}
+	return Identity{User: grant.User.Name}, nil
+}
+
+// keyID names a key in logs and caches without revealing it.
+func keyID(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:6])
+}
+
+// Public reports whether repository is under a public namespace.
+func (p *Policy) Public(repository string) bool {
+	ns, _, _ := strings.Cut(repository, "/")
+	for _, pub := range p.cfg.PublicNamespaces {
+		if ns == pub {
+			return true
+		}
+	}
+	return false
+}
+
+// Authorize decides whether id may pull repository. It returns nil,
+// ErrUnauthenticated (anonymous client, non-public repository) or an error
+// wrapping ErrDenied. In pass-through mode it asks the upstream (cached for
+// PassthroughCacheTTL, concurrent checks of one key and repository shared).
+func (p *Policy) Authorize(ctx context.Context, id Identity, repository string) error {
+	if p.Public(repository) {
+		return nil
+	}
+	if id.Anonymous() {
+		return ErrUnauthenticated
+	}
+	if p.cfg.Mode == ModePassthrough {
+		return p.upstreamCheck(ctx, id.key, repository)
+	}
+	for _, r := range p.cfg.Rules {
+		if p.ruleAllows(r, id.User, repository) {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: no rule lets %s pull %s", ErrDenied, id.User, repository)
+}
+
+func (p *Policy) ruleAllows(r Rule, user, repository string) bool {
+	userOK := false
+	for _, u := range r.Users {
+		switch {
+		case u == "*" || u == user:
+			userOK = true
+		case strings.HasPrefix(u, "@"):
+			for _, m := range p.cfg.Groups[u[1:]] {
+				if m == user {
+					userOK = true
+				}
+			}
+		}
+	}
+	if !userOK {
+		return false
+	}
+	for _, pat := range r.Repositories {
+		if MatchRepository(pat, repository) {
+			return true
+		}
+	}
+	return false
+}
+
+// MatchRepository matches a repository name against a pattern in which "*"
+// matches within one path component and "**" any number of components.
+func MatchRepository(pattern, repository string) bool {
+	return matchParts(strings.Split(pattern, "/"), strings.Split(repository, "/"))
+}
+
+func matchParts(pat, name []string) bool {
+	for len(pat) > 0 {
+		if pat[0] == "**" {
+			if len(pat) == 1 {
+				return len(name) > 0
+			}
+			for i := 0; i <= len(name); i++ {
+				if matchParts(pat[1:], name[i:]) {
+					return true
+				}
+			}
+			return false
+		}
+		if len(name) == 0 {
+			return false
+		}
+		if ok, err := path.Match(pat[0], name[0]); err != nil || !ok {
+			return false
+		}
+		pat, name = pat[1:], name[1:]
+	}
+	return len(name) == 0
+}
+
+func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) error {
+	ck := keyID(key) + "\x00" + repository
+	now := time.Now()
+	p.mu.Lock()
+	if c, ok := p.checks[ck]; ok && now.Before(c.expires) {
+		p.mu.Unlock()
+		return c.err
+	}
+	p.mu.Unlock()
+	v, _, _ := p.flight.Do(ck, func() (any, error) {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		allowed, cerr := p.check(cctx, key, repository)
+		if cerr != nil {
+			// The upstream could not answer: do not cache, do not grant.
+			return fmt.Errorf("%w: the upstream could not confirm access", ErrDenied), nil
+		}
+		var err error
+		if !allowed {
+			err = fmt.Errorf("%w: the upstream refused this key for %s", ErrDenied, repository)
+		}
+		p.mu.Lock()
+		if len(p.checks) > 100_000 {
+			p.checks = map[string]checkResult{} // bounded: start over
+		}
+		p.checks[ck] = checkResult{err: err, expires: time.Now().Add(p.cfg.PassthroughCacheTTL)}
+		p.mu.Unlock()
+		return err, nil
+	})
+	if v == nil {
+		return nil
+	}
+	return v.(error)
+}
+
+// Challenge returns the WWW-Authenticate value for a 401 on repository (""
+// for the /v2/ base). host is the mirror's own scheme://host, used as the
+// token realm.
+func (p *Policy) Challenge(host, repository string) string {
+	if p.cfg.Mode == ModeToken {
+		c := fmt.Sprintf(`Bearer realm="%s/auth/token",service="ngc-mirror"`, host)
+		if repository != "" {
+			c += fmt.Sprintf(`,scope="repository:%s:pull"`, repository)
+		}
+		return c
+	}
+	return `Basic realm="ngc-mirror"`
+}

@@ -1,0 +1,66 @@
+// Package manifest reads what a manifest refers to. Manifests are kept and
+// served as the upstream's exact bytes; they are parsed only to find
+// references (for access links now, for prefetch and garbage collection).
+package manifest
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Descriptor is the part of an OCI / Docker descriptor this package reads.
+type Descriptor struct {
+	MediaType string        `json:"mediaType"`
+	Digest    digest.Digest `json:"digest"`
+	Size      int64         `json:"size"`
+	Platform  *struct {
+		OS           string `json:"os"`
+		Architecture string `json:"architecture"`
+		Variant      string `json:"variant,omitempty"`
+	} `json:"platform,omitempty"`
+}
+
+// shape covers image manifests (config, layers), image indexes and Docker
+// manifest lists (manifests), and OCI subject/blobs fields.
+type shape struct {
+	Config    *Descriptor  `json:"config"`
+	Layers    []Descriptor `json:"layers"`
+	Manifests []Descriptor `json:"manifests"`
+	Blobs     []Descriptor `json:"blobs"`
+	Subject   *Descriptor  `json:"subject"`
+}
+
+// References returns every descriptor body refers to: config, layers, the
+// child manifests of an index, and an OCI subject. A body that is not a
+// JSON object is an error; unknown fields are ignored, and descriptors
+// without a valid digest are skipped.
+func References(body []byte) ([]Descriptor, error) {
+	var s shape
+	if err := json.Unmarshal(body, &s); err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	var out []Descriptor
+	add := func(d Descriptor) {
+		if d.Digest.Validate() == nil {
+			out = append(out, d)
+		}
+	}
+	if s.Config != nil {
+		add(*s.Config)
+	}
+	for _, l := range s.Layers {
+		add(l)
+	}
+	for _, l := range s.Blobs {
+		add(l)
+	}
+	for _, m := range s.Manifests {
+		add(m)
+	}
+	if s.Subject != nil {
+		add(*s.Subject)
+	}
+	return out, nil
+}

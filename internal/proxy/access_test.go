@@ -1,0 +1,162 @@
+package proxy_test
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+)
+
+// htpasswd writes an htpasswd file (bcrypt) for user:password pairs.
+func htpasswd(t *testing.T, pairs ...string) string {
+	t.Helper()
+	var b strings.Builder
+	for i := 0; i+1 < len(pairs); i += 2 {
+		h, err := bcrypt.GenerateFromPassword([]byte(pairs[i+1]), bcrypt.MinCost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.WriteString(pairs[i] + ":" + string(h) + "\n")
+	}
+	p := filepath.Join(t.TempDir(), "htpasswd")
+	if err := os.WriteFile(p, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func policy(t *testing.T, cfg access.Config, check access.UpstreamChecker) *access.Policy {
+	t.Helper()
+	p, err := access.New(cfg, check)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (e *env) doAs(t *testing.T, user, pass, method, path string) result {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), method, e.mirror.URL+path, nil)
+	if user != "" {
+		req.SetBasicAuth(user, pass)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return result{err: err}
+	}
+	defer resp.Body.Close()
+	var buf strings.Builder
+	_, _ = ioCopy(&buf, resp)
+	return result{status: resp.StatusCode, header: resp.Header, body: []byte(buf.String())}
+}
+
+// TestAccessHtpasswd: the private org is refused to anonymous clients on a
+// cold and a warm cache, served to an allowed user, refused to a known but
+// disallowed one; public namespaces stay open to anyone.
+func TestAccessHtpasswd(t *testing.T) {
+	t.Parallel()
+	pol := policy(t, access.Config{
+		Mode:             access.ModeHtpasswd,
+		HtpasswdFile:     htpasswd(t, "alice", "alice-pw", "bob", "bob-pw"),
+		PublicNamespaces: []string{"nvidia"},
+		Groups:           map[string][]string{"ml": {"alice"}},
+		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"@ml"}}},
+	}, nil)
+	e := newEnv(t, envOpts{key: ngctest.APIKey, access: pol})
+	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
+
+	r := e.doAs(t, "", "", http.MethodGet, priv)
+	if r.status != 401 || errorCode(t, r) != "UNAUTHORIZED" || !strings.HasPrefix(r.header.Get("Www-Authenticate"), "Basic ") {
+		t.Fatalf("anonymous, cold: %d %v %s", r.status, r.header, r.body)
+	}
+	before := len(e.up.Requests())
+	r = e.doAs(t, "alice", "wrong", http.MethodGet, priv)
+	if r.status != 401 {
+		t.Fatalf("wrong password: %d", r.status)
+	}
+	if len(e.up.Requests()) != before {
+		t.Fatal("refused requests reached the upstream")
+	}
+	r = e.doAs(t, "alice", "alice-pw", http.MethodGet, priv)
+	mustOK(t, r, 200)
+	layer := "/v2/" + ngctest.PrivateRepo + "/blobs/" + e.fx.Private.Layers[0].Digest.String()
+	mustOK(t, e.doAs(t, "alice", "alice-pw", http.MethodGet, layer), 200)
+
+	// Warm cache: still refused, with the same answers as cold.
+	r = e.doAs(t, "", "", http.MethodGet, priv)
+	if r.status != 401 || errorCode(t, r) != "UNAUTHORIZED" {
+		t.Fatalf("anonymous, warm: %d %s", r.status, r.body)
+	}
+	r = e.doAs(t, "bob", "bob-pw", http.MethodGet, layer)
+	if r.status != 403 || errorCode(t, r) != "DENIED" {
+		t.Fatalf("disallowed user, warm: %d %s", r.status, r.body)
+	}
+	// The private blob, cached, is not served through a public repository.
+	r = e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/pytorch/blobs/"+e.fx.Private.Layers[0].Digest.String())
+	if r.status != 404 || errorCode(t, r) != "BLOB_UNKNOWN" {
+		t.Fatalf("private blob through a public repository: %d %s", r.status, r.body)
+	}
+	r = e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/pytorch/manifests/"+e.fx.Private.Manifest.Digest.String())
+	if r.status != 404 || errorCode(t, r) != "MANIFEST_UNKNOWN" {
+		t.Fatalf("private manifest through a public repository: %d %s", r.status, r.body)
+	}
+	// Public content: open to anonymous clients; /v2/ challenges them.
+	mustOK(t, e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12"), 200)
+	r = e.doAs(t, "", "", http.MethodGet, "/v2/")
+	if r.status != 401 {
+		t.Fatalf("/v2/ without credentials: %d", r.status)
+	}
+	mustOK(t, e.doAs(t, "bob", "bob-pw", http.MethodGet, "/v2/"), 200)
+	// A shared layer reached through a repository that holds it is served.
+	shared := e.fx.CUDA.Layers[0].Digest.String()
+	mustOK(t, e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/cuda/blobs/"+shared), 200)
+	mustOK(t, e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/pytorch/blobs/"+shared), 200)
+}
+
+// TestAccessPassthrough: the client's own key is checked against the
+// upstream (once for a burst), a bad key is refused.
+func TestAccessPassthrough(t *testing.T) {
+	t.Parallel()
+	var e *env
+	calls := 0
+	pol := policy(t, access.Config{Mode: access.ModePassthrough, PublicNamespaces: []string{"nvidia"}},
+		func(ctx context.Context, key, repo string) (bool, error) {
+			calls++
+			return key == ngctest.APIKey, nil
+		})
+	e = newEnv(t, envOpts{key: ngctest.APIKey, access: pol})
+	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
+	r := e.doAs(t, "$oauthtoken", "nvapi-bad", http.MethodGet, priv)
+	if r.status != 403 || errorCode(t, r) != "DENIED" {
+		t.Fatalf("bad key: %d %s", r.status, r.body)
+	}
+	for range 5 {
+		mustOK(t, e.doAs(t, "$oauthtoken", ngctest.APIKey, http.MethodGet, priv), 200)
+	}
+	if calls != 2 {
+		t.Fatalf("upstream checks: %d, want 2 (one per key)", calls)
+	}
+	if strings.Contains(string(r.body), "nvapi") {
+		t.Fatal("the error body echoes the key")
+	}
+}
+
+func ioCopy(b *strings.Builder, resp *http.Response) (int64, error) {
+	buf := make([]byte, 32<<10)
+	var n int64
+	for {
+		m, err := resp.Body.Read(buf)
+		b.Write(buf[:m])
+		n += int64(m)
+		if err != nil {
+			return n, nil
+		}
+	}
+}
