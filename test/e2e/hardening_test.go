@@ -1,0 +1,165 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+)
+
+// TestHugeHeadersAndRateLimit: the binary refuses headers over its limit
+// (431) and, with limits.requests_per_second, answers a burst with 429.
+func TestHugeHeadersAndRateLimit(t *testing.T) {
+	up, _ := newUpstream(t)
+	cfg := writeConfig(t, "limits:\n  requests_per_second: 5\n")
+	m := startMirrorWithConfig(t, up.URL(), cfg)
+	req, _ := http.NewRequest(http.MethodGet, "http://"+m.addr+"/v2/", nil)
+	req.Header.Set("X-Huge", strings.Repeat("a", 200<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("200 KiB header: %d, want 431", resp.StatusCode)
+	}
+	limited := 0
+	for range 30 {
+		resp, err := http.Get("http://" + m.addr + "/v2/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusTooManyRequests {
+			limited++
+		}
+	}
+	if limited == 0 {
+		t.Fatal("30 requests at once at 5 per second: none was rate limited")
+	}
+}
+
+// TestGracefulShutdown: SIGTERM while a client downloads a slow cold blob;
+// the download completes with the right bytes, then the process exits 0.
+func TestGracefulShutdown(t *testing.T) {
+	up, fx := newUpstream(t)
+	layer := fx.CUDA.Layers[1]
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !up.IsCDN(r) {
+			return false
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(layer.Body)))
+		half := len(layer.Body) / 2
+		_, _ = w.Write(layer.Body[:half])
+		w.(http.Flusher).Flush()
+		time.Sleep(time.Second)
+		_, _ = w.Write(layer.Body[half:])
+		return true
+	})
+	m := startMirror(t, up.URL())
+	var got []byte
+	var getErr error
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		resp, err := http.Get("http://" + m.addr + "/v2/" + ngctest.CUDARepo + "/blobs/" + layer.Digest.String())
+		if err != nil {
+			getErr = err
+			return
+		}
+		defer resp.Body.Close()
+		got, getErr = io.ReadAll(resp.Body)
+	}()
+	time.Sleep(300 * time.Millisecond) // the download is under way
+	if err := m.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if getErr != nil || string(got) != string(layer.Body) {
+		t.Fatalf("download during shutdown: %v, %d of %d bytes", getErr, len(got), len(layer.Body))
+	}
+	done := make(chan error, 1)
+	go func() { done <- m.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("mirror exit: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("mirror did not exit after SIGTERM")
+	}
+}
+
+// TestTLSReloadAndHTTP2: HTTPS speaks HTTP/2, and a new certificate written
+// over the old files is served to new connections after SIGHUP while an
+// open connection keeps working.
+func TestTLSReloadAndHTTP2(t *testing.T) {
+	up, _ := newUpstream(t)
+	dirA := t.TempDir()
+	certA, keyA := testCertificate(t, dirA)
+	m := startMirror(t, up.URL(), "MIRROR_TLS_CERT_FILE="+certA, "MIRROR_TLS_KEY_FILE="+keyA)
+	client := func(caDir string) *http.Client {
+		pool := x509.NewCertPool()
+		raw, err := os.ReadFile(filepath.Join(caDir, "ca.crt"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pool.AppendCertsFromPEM(raw)
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
+	}
+	oldClient := client(dirA)
+	resp, err := oldClient.Get("https://" + m.addr + "/v2/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("HTTPS answered with HTTP/%d, want 2", resp.ProtoMajor)
+	}
+	// A new CA and certificate over the same files, then SIGHUP.
+	dirB := t.TempDir()
+	certB, keyB := testCertificate(t, dirB)
+	for src, dst := range map[string]string{certB: certA, keyB: keyA} {
+		raw, _ := os.ReadFile(src)
+		if err := os.WriteFile(dst, raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := client(dirB).Get("https://" + m.addr + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new certificate is not served: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The connection opened before the reload still works.
+	resp, err = oldClient.Get("https://" + m.addr + "/healthz")
+	if err != nil {
+		t.Fatalf("the open connection broke on reload: %v", err)
+	}
+	resp.Body.Close()
+	if !strings.Contains(m.log.String(), "TLS certificate reloaded") {
+		t.Fatal("no reload in the log")
+	}
+}
