@@ -17,23 +17,13 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/bcrypt"
-
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 )
 
 func writeHtpasswd(t *testing.T, pairs ...string) string {
 	t.Helper()
-	var b strings.Builder
-	for i := 0; i+1 < len(pairs); i += 2 {
-		h, err := bcrypt.GenerateFromPassword([]byte(pairs[i+1]), bcrypt.MinCost)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b.WriteString(pairs[i] + ":" + string(h) + "\n")
-	}
-	p := filepath.Join(t.TempDir(), "htpasswd")
-	if err := os.WriteFile(p, []byte(b.String()), 0o600); err != nil {
+	p, err := ngctest.WriteHtpasswd(t.TempDir(), pairs...)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return p

@@ -44,15 +44,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		t.Fatalf("CONTAINERD DID NOT START: %v", err)
 	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
+		stopDaemon(cmd, syscall.SIGTERM)
 		_ = os.RemoveAll(dir)
 	})
 	deadline := time.Now().Add(30 * time.Second)

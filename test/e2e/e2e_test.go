@@ -357,15 +357,7 @@ func startDockerd(t *testing.T) string {
 		t.Fatalf("DOCKER DAEMON DID NOT START: %v", err)
 	}
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
+		stopDaemon(cmd, os.Interrupt)
 		_ = exec.Command("umount", "-R", filepath.Join(dir, "data")).Run()
 		_ = os.RemoveAll(dir)
 	})
@@ -377,5 +369,18 @@ func startDockerd(t *testing.T) string {
 			t.Fatalf("DOCKER DAEMON DID NOT START within 60 s: %v\n%s\ndaemon log:\n%s", err, out, log.String())
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// stopDaemon signals a daemon and waits up to 15 s for it, then kills it.
+func stopDaemon(cmd *exec.Cmd, sig os.Signal) {
+	_ = cmd.Process.Signal(sig)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
 	}
 }
