@@ -165,13 +165,14 @@ type Fill struct {
 	cached bool // the blob was already cached: read it from the store
 	spool  *os.File
 
-	mu      sync.Mutex
-	written int64         // bytes in the spool, readable
-	err     error         // why the fill failed, once it has
-	done    bool          // committed to the cache
-	wake    chan struct{} // closed and replaced whenever the state changes
-	refs    int           // guarded by g.mu
-	cancel  context.CancelCauseFunc
+	mu       sync.Mutex
+	written  int64         // bytes in the spool, readable
+	err      error         // why the fill failed, once it has
+	verified bool          // every byte is in and matches the digest: release the last one
+	done     bool          // ended well (committed, or verified but refused by the cache)
+	wake     chan struct{} // closed and replaced whenever the state changes
+	refs     int           // guarded by g.mu
+	cancel   context.CancelCauseFunc
 }
 
 // Wait blocks until the blob size is known. It returns the size in bytes, or
@@ -243,9 +244,10 @@ func (f *Fill) Release() {
 
 // NewReader reads bytes [off, end) of the blob as the fill makes them
 // available. The blob's last byte is only released once the fill has
-// verified and committed the whole blob. Read returns the fill's error if it fails before end, so a
-// caller streaming to a client can abort the connection rather than end a
-// short body cleanly. Call after Wait succeeded and Cached is false.
+// verified size and digest of the whole blob. Read returns the fill's error
+// if it fails before end, so a caller streaming to a client can abort the
+// connection rather than end a short body cleanly. Call after Wait
+// succeeded and Cached is false.
 func (f *Fill) NewReader(ctx context.Context, off, end int64) io.Reader {
 	return &reader{f: f, ctx: ctx, off: off, end: end}
 }
@@ -262,9 +264,9 @@ func (r *reader) Read(p []byte) (int, error) {
 	}
 	for {
 		r.f.mu.Lock()
-		written, done, err, wake := r.f.written, r.f.done, r.f.err, r.f.wake
+		written, verified, err, wake := r.f.written, r.f.verified, r.f.err, r.f.wake
 		r.f.mu.Unlock()
-		if !done && written == r.f.size && written > 0 {
+		if !verified && written == r.f.size && written > 0 {
 			// Hold the last byte back until size and digest are verified,
 			// so no client ever receives a complete but corrupt blob.
 			written--
@@ -305,7 +307,7 @@ func (f *Fill) finish(err error) {
 	if err != nil {
 		f.err = err
 	} else {
-		f.done = true
+		f.done, f.verified = true, true
 	}
 	close(f.wake)
 	f.wake = make(chan struct{})
@@ -443,9 +445,18 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 		}
 	}
 	// The upstream is done: the idle timeout must not cut a slow commit (a
-	// server-side copy of a large blob on S3). The content is verified even
-	// when the cache refuses it (storage.ErrNotCached), so clients may
-	// still get the last byte.
+	// server-side copy of a large blob on S3).
 	idle.Stop()
+	if err := w.Verify(); err != nil {
+		return err
+	}
+	// Verified: clients get the last byte now rather than after the
+	// commit's fsync and rename. A commit the cache refuses
+	// (storage.ErrNotCached) does not change what they received.
+	f.mu.Lock()
+	f.verified = true
+	close(f.wake)
+	f.wake = make(chan struct{})
+	f.mu.Unlock()
 	return w.Commit(context.WithoutCancel(ctx))
 }

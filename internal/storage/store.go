@@ -217,6 +217,20 @@ func (w *BlobWriter) StorageErr() error { return w.werr }
 // Size returns the bytes written so far.
 func (w *BlobWriter) Size() int64 { return w.n }
 
+// Verify checks that the bytes written so far are the expected number and
+// hash to the expected digest, without committing. It returns an error
+// wrapping ErrSizeMismatch or ErrDigestMismatch. Hashing state is kept, so
+// Commit may follow.
+func (w *BlobWriter) Verify() error {
+	if w.size >= 0 && w.n != w.size {
+		return fmt.Errorf("%w: wrote %d bytes, want %d", ErrSizeMismatch, w.n, w.size)
+	}
+	if got := digest.NewDigest(w.want.Algorithm(), w.h); got != w.want {
+		return fmt.Errorf("%w: content hashes to %s, want %s", ErrDigestMismatch, got, w.want)
+	}
+	return nil
+}
+
 // Commit checks that the expected number of bytes, hashing to the expected
 // digest, were written, then makes the blob visible at its final path. It
 // returns an error wrapping ErrSizeMismatch or ErrDigestMismatch when the
@@ -226,13 +240,9 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 	if w.done {
 		return errors.New("storage: blob writer already finished")
 	}
-	if w.size >= 0 && w.n != w.size {
+	if err := w.Verify(); err != nil {
 		_ = w.Cancel(ctx)
-		return fmt.Errorf("%w: wrote %d bytes, want %d", ErrSizeMismatch, w.n, w.size)
-	}
-	if got := digest.NewDigest(w.want.Algorithm(), w.h); got != w.want {
-		_ = w.Cancel(ctx)
-		return fmt.Errorf("%w: content hashes to %s, want %s", ErrDigestMismatch, got, w.want)
+		return err
 	}
 	if w.werr != nil {
 		return fmt.Errorf("%w: %w", ErrNotCached, w.werr)
