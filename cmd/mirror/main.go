@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -47,15 +48,17 @@ var (
 )
 
 const usage = `usage: mirror serve [--config FILE]
-       mirror healthcheck     (GET /healthz on MIRROR_ADDR; for container health checks)
+       mirror healthcheck [--config FILE]   (GET /healthz of the local mirror)
 
 Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
-MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL.
+MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL,
+MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE, MIRROR_TLS_CERT_FILE,
+MIRROR_TLS_KEY_FILE. See configs/mirror.yaml.
 `
 
 func main() {
 	if len(os.Args) >= 2 && os.Args[1] == "healthcheck" {
-		os.Exit(healthcheck())
+		os.Exit(healthcheck(os.Args[2:]))
 	}
 	if len(os.Args) < 2 || os.Args[1] != "serve" {
 		fmt.Fprint(os.Stderr, usage)
@@ -70,15 +73,45 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	// The access policy is configuration too: check it before any work.
+	policy, err := newPolicy(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "config:", err)
+		os.Exit(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, cfg); err != nil {
+	if cfg.TLS.CertFile == "" {
+		// SIGHUP reloads the TLS pair; without TLS it must not kill the
+		// process (its default action).
+		signal.Ignore(syscall.SIGHUP)
+	}
+	if err := serve(ctx, cfg, policy); err != nil {
 		slog.Error("mirror stopped", "err", err)
 		os.Exit(1)
 	}
 }
 
-func serve(ctx context.Context, cfg config.Config) error {
+// newPolicy builds the client access policy. In pass-through mode a
+// client's key is checked with its own upstream client and token exchange.
+func newPolicy(cfg config.Config) (*access.Policy, error) {
+	origin := cfg.UpstreamURL()
+	return access.New(access.Config{
+		Mode:                cfg.Access.Mode,
+		HtpasswdFile:        cfg.Access.HtpasswdFile,
+		PublicNamespaces:    cfg.Access.PublicNamespaces,
+		Groups:              cfg.Access.Groups,
+		Rules:               accessRules(cfg.Access.Rules),
+		TokenKeyFile:        cfg.Access.TokenKeyFile,
+		TokenLifetime:       time.Duration(cfg.Access.TokenLifetime),
+		PassthroughCacheTTL: time.Duration(cfg.Access.PassthroughTTL),
+	}, func(ctx context.Context, key, repo string) (bool, error) {
+		ct := auth.NewTransport(http.DefaultTransport, origin, auth.Credentials{Username: auth.DefaultUsername, Secret: key}, nil)
+		return upstream.New(origin, ct).CanPull(ctx, repo)
+	})
+}
+
+func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error {
 	level, _ := cfg.Level()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
@@ -91,14 +124,17 @@ func serve(ctx context.Context, cfg config.Config) error {
 	if spoolDir == "" {
 		spoolDir = filepath.Join(dataDir, "_spool")
 	}
+	// A cache that cannot be written (a read-only or full disk) still
+	// serves what it holds: these are warnings, and /readyz reports it.
 	if err := os.MkdirAll(spoolDir, 0o750); err != nil {
-		return fmt.Errorf("creating spool directory: %w", err)
+		log.Warn("cannot create the spool directory; cold blobs will be streamed without caching", "err", err)
 	}
-	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100}))
+	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100}),
+		storage.WithLocalRoot(dataDir))
 	// Crash safety: uploads and spools of fills that a crash interrupted.
 	// The filesystem cache belongs to this process alone, so all of them go.
 	if err := store.PurgeUploads(ctx); err != nil {
-		return fmt.Errorf("removing interrupted uploads: %w", err)
+		log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(spoolDir, "fill-*")); len(leftovers) > 0 {
 		for _, p := range leftovers {
@@ -135,23 +171,6 @@ func serve(ctx context.Context, cfg config.Config) error {
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
-	policy, err := access.New(access.Config{
-		Mode:                cfg.Access.Mode,
-		HtpasswdFile:        cfg.Access.HtpasswdFile,
-		PublicNamespaces:    cfg.Access.PublicNamespaces,
-		Groups:              cfg.Access.Groups,
-		Rules:               accessRules(cfg.Access.Rules),
-		TokenKeyFile:        cfg.Access.TokenKeyFile,
-		TokenLifetime:       time.Duration(cfg.Access.TokenLifetime),
-		PassthroughCacheTTL: time.Duration(cfg.Access.PassthroughTTL),
-	}, func(ctx context.Context, key, repo string) (bool, error) {
-		// Pass-through: the client's own key, exchanged at the upstream.
-		ct := auth.NewTransport(http.DefaultTransport, origin, auth.Credentials{Username: auth.DefaultUsername, Secret: key}, nil)
-		return upstream.New(origin, ct).CanPull(ctx, repo)
-	})
-	if err != nil {
-		return err
-	}
 	h := proxy.New(up, store, fills, proxy.Options{
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
@@ -252,24 +271,35 @@ func limitBodies(next http.Handler) http.Handler {
 	})
 }
 
-// healthcheck asks the local mirror's /healthz (at MIRROR_ADDR, default
-// :5000) and returns the exit code: 0 when healthy. Distroless images have
-// no curl, so container health checks run this.
-func healthcheck() int {
-	addr := os.Getenv("MIRROR_ADDR")
-	if addr == "" {
-		addr = ":5000"
-	}
-	host, port, err := net.SplitHostPort(addr)
+// healthcheck asks the local mirror's /healthz and returns the exit code:
+// 0 when healthy. It reads the address and TLS setting like serve does
+// (--config FILE, then MIRROR_* env). Distroless images have no curl, so
+// container health checks run this.
+func healthcheck(args []string) int {
+	fs := flag.NewFlagSet("healthcheck", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file")
+	_ = fs.Parse(args)
+	cfg, err := config.Load(*cfgPath, os.Getenv)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "healthcheck: MIRROR_ADDR:", err)
+		fmt.Fprintln(os.Stderr, "healthcheck:", err)
+		return 2
+	}
+	host, port, err := net.SplitHostPort(cfg.Addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "healthcheck: addr:", err)
 		return 2
 	}
 	if host == "" || host == "0.0.0.0" || host == "::" {
 		host = "127.0.0.1"
 	}
-	c := &http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	scheme, tr := "http", &http.Transport{}
+	if cfg.TLS.CertFile != "" {
+		// Liveness of the local process only: the certificate names the
+		// mirror's public name, not 127.0.0.1.
+		scheme, tr.TLSClientConfig = "https", &tls.Config{InsecureSkipVerify: true}
+	}
+	c := &http.Client{Timeout: 5 * time.Second, Transport: tr}
+	resp, err := c.Get(scheme + "://" + net.JoinHostPort(host, port) + "/healthz")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 1

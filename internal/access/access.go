@@ -43,6 +43,9 @@ var (
 	ErrDenied = errors.New("access: denied")
 	// ErrBadCredentials: credentials were presented and are wrong (401).
 	ErrBadCredentials = errors.New("access: invalid credentials")
+	// ErrUnavailable: the upstream could not answer a pass-through check
+	// (503); nothing is granted and nothing cached.
+	ErrUnavailable = errors.New("access: the upstream could not confirm access")
 )
 
 // Rule grants users (names, "@group" or "*" for any authenticated user) pull
@@ -227,6 +230,10 @@ func (p *Policy) Authorize(ctx context.Context, id Identity, repository string) 
 	if p.Public(repository) {
 		return nil
 	}
+	if p.cfg.Mode == ModeNone {
+		// No credentials can work here: say so rather than challenge.
+		return fmt.Errorf("%w: %s is not in a public namespace and client authentication is off", ErrDenied, repository)
+	}
 	if id.Anonymous() {
 		return ErrUnauthenticated
 	}
@@ -297,7 +304,8 @@ func matchParts(pat, name []string) bool {
 }
 
 func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) error {
-	ck := keyID(key) + "\x00" + repository
+	sum := sha256.Sum256([]byte(key))
+	ck := string(sum[:]) + "\x00" + repository // the full hash: a short one could collide
 	now := time.Now()
 	p.mu.Lock()
 	if c, ok := p.checks[ck]; ok && now.Before(c.expires) {
@@ -311,7 +319,7 @@ func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) erro
 		allowed, cerr := p.check(cctx, key, repository)
 		if cerr != nil {
 			// The upstream could not answer: do not cache, do not grant.
-			return fmt.Errorf("%w: the upstream could not confirm access", ErrDenied), nil
+			return fmt.Errorf("%w: %w", ErrUnavailable, cerr), nil
 		}
 		var err error
 		if !allowed {

@@ -91,6 +91,12 @@ func (p *Policy) TokenHandler() http.Handler {
 			http.NotFound(w, r)
 			return
 		}
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			// The OAuth2 POST form flow is not offered; Docker falls back to GET.
+			w.Header().Set("Allow", "GET")
+			http.Error(w, "use GET", http.StatusMethodNotAllowed)
+			return
+		}
 		user := ""
 		if _, _, ok := r.BasicAuth(); ok {
 			id, err := p.basic(r)

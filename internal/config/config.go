@@ -189,12 +189,14 @@ func (c Config) Validate() error {
 	switch {
 	case err != nil:
 		errs = append(errs, errors.New("upstream.url (MIRROR_UPSTREAM) is not a URL"))
+	// The messages name scheme and host only: user info or a query could
+	// hold a key.
 	case u.Scheme != "https" && u.Scheme != "http":
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: scheme must be https (or http for tests)", u.Redacted()))
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM): scheme %q must be https (or http for tests)", u.Scheme))
 	case u.User != nil:
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: put credentials in api_key / NGC_API_KEY, not the URL", u.Redacted()))
-	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "":
-		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) %q: want scheme://host[:port] only", u.Redacted()))
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) for host %q: put credentials in api_key / NGC_API_KEY, not the URL", u.Host))
+	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "":
+		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) for host %q: want scheme://host[:port] only, no path or query", u.Host))
 	}
 	if c.Storage.Driver != "filesystem" {
 		errs = append(errs, fmt.Errorf("storage.driver %q: only \"filesystem\" is supported", c.Storage.Driver))

@@ -2,12 +2,13 @@
 // however many clients ask and whenever they join, streamed to all of them
 // while it is written to the cache.
 //
-// A fill spools the upstream bytes to an anonymous (already unlinked) local
-// file and publishes how many bytes it holds; each client reads the spool up
-// to that offset and waits for more, so a late joiner or a Range reader
-// starts at once from what is there. At the same time the bytes go to a
-// storage.BlobWriter, which verifies size and digest and only then makes
-// the blob visible. The fill runs on its own context, bounded by an idle-read
+// A fill writes the upstream bytes to a spool and publishes how many bytes
+// it holds; each client reads the spool up to that offset and waits for
+// more, so a late joiner or a Range reader starts at once from what is
+// there. The bytes also go to a storage.BlobWriter, which verifies size and
+// digest and only then makes the blob visible. On a local cache the upload
+// file is the spool (each byte written once); otherwise the spool is an
+// anonymous (already unlinked) local file. The fill runs on its own context, bounded by an idle-read
 // timeout rather than a total deadline, so a client disconnect does not
 // abort it and a multi-gigabyte layer on a slow link can finish.
 package fill
@@ -384,17 +385,24 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	}
 	idle.Reset(f.g.opts.IdleTimeout)
 
-	spool, err := os.CreateTemp(f.g.opts.SpoolDir, "fill-*")
+	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
+	if err != nil {
+		return fmt.Errorf("%w: creating the cache upload: %w", ErrSpool, err)
+	}
+	defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
+	// On a local cache the upload itself is the spool: clients read the
+	// file the cache is writing, and every byte is written once. Elsewhere
+	// (S3) an anonymous local file is the spool.
+	local := w.LocalPath() != ""
+	var spool *os.File
+	if local {
+		spool, err = os.Open(w.LocalPath()) // this handle outlives rename and removal
+	} else if spool, err = os.CreateTemp(f.g.opts.SpoolDir, "fill-*"); err == nil {
+		_ = os.Remove(spool.Name()) // anonymous: a crash leaves nothing behind
+	}
 	if err != nil {
 		return fmt.Errorf("%w: creating: %w", ErrSpool, err)
 	}
-	_ = os.Remove(spool.Name()) // anonymous: a crash leaves nothing behind
-	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
-	if err != nil {
-		_ = spool.Close()
-		return fmt.Errorf("fill: creating cache upload: %w", err)
-	}
-	defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
 	f.mu.Lock()
 	f.size, f.spool = size, spool
 	f.mu.Unlock()
@@ -410,12 +418,23 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 			if off+int64(n) > size {
 				return fmt.Errorf("%w: upstream sent more than %d bytes", storage.ErrSizeMismatch, size)
 			}
-			if _, err := spool.WriteAt(buf[:n], off); err != nil {
-				return fmt.Errorf("%w: writing: %w", ErrSpool, err)
+			if local {
+				// Hashes and writes the spool; its bytes must be in before
+				// they are published.
+				_, _ = w.Write(buf[:n])
+				if err := w.StorageErr(); err != nil {
+					return fmt.Errorf("%w: writing: %w", ErrSpool, err)
+				}
+				off += int64(n)
+				f.publish(n)
+			} else {
+				if _, err := spool.WriteAt(buf[:n], off); err != nil {
+					return fmt.Errorf("%w: writing: %w", ErrSpool, err)
+				}
+				off += int64(n)
+				f.publish(n)
+				_, _ = w.Write(buf[:n]) // hashes; a storage error surfaces at Commit
 			}
-			off += int64(n)
-			f.publish(n)
-			_, _ = w.Write(buf[:n]) // hashes; a storage error surfaces at Commit
 		}
 		if rerr == nil {
 			continue

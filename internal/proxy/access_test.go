@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -146,5 +147,44 @@ func ioCopy(b *strings.Builder, resp *http.Response) (int64, error) {
 		if err != nil {
 			return n, nil
 		}
+	}
+}
+
+// TestAccessDefaultsAndUnavailableCheck: with client authentication off,
+// a non-public repository is 403 (no challenge no credentials could meet);
+// a pass-through check the upstream cannot answer is 503, not DENIED.
+func TestAccessDefaultsAndUnavailableCheck(t *testing.T) {
+	t.Parallel()
+	none := newEnv(t, envOpts{key: ngctest.APIKey, access: policy(t, access.Config{PublicNamespaces: []string{"nvidia"}}, nil)})
+	r := none.doAs(t, "", "", http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
+	if r.status != 403 || errorCode(t, r) != "DENIED" || r.header.Get("Www-Authenticate") != "" {
+		t.Fatalf("mode none, private: %d %v %s", r.status, r.header, r.body)
+	}
+	mustOK(t, none.doAs(t, "", "", http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag), 200)
+
+	down := newEnv(t, envOpts{key: ngctest.APIKey, access: policy(t, access.Config{Mode: access.ModePassthrough},
+		func(ctx context.Context, key, repo string) (bool, error) {
+			return false, errors.New("dial tcp: connection refused")
+		})})
+	r = down.doAs(t, "$oauthtoken", ngctest.APIKey, http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
+	if r.status != 503 || errorCode(t, r) != "UNAVAILABLE" {
+		t.Fatalf("pass-through check without an upstream: %d %s", r.status, r.body)
+	}
+}
+
+// TestColdHeadHonoursRange: a cold HEAD with Range answers as the GET
+// would: 206 with Content-Range, or 416.
+func TestColdHeadHonoursRange(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	layer := e.fx.CUDA.Layers[1]
+	path := "/v2/nvidia/cuda/blobs/" + layer.Digest.String()
+	r := e.do(t, http.MethodHead, path, "Range", "bytes=0-9")
+	if r.status != 206 || r.header.Get("Content-Range") != "bytes 0-9/"+itoa(len(layer.Body)) || r.header.Get("Content-Length") != "10" {
+		t.Fatalf("cold HEAD with Range: %d %v", r.status, r.header)
+	}
+	r = e.do(t, http.MethodHead, path, "Range", "bytes="+itoa(len(layer.Body))+"-")
+	if r.status != 416 {
+		t.Fatalf("cold HEAD past the end: %d", r.status)
 	}
 }

@@ -45,8 +45,10 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 			writeError(w, toAPIError(err, kindBlob))
 			return
 		}
-		blobHeaders(w, dgst, size)
-		w.WriteHeader(http.StatusOK)
+		// The same headers (and Range answer) as the GET would have.
+		if _, _, status, ok := h.rangeHeaders(w, r, dgst, size); ok {
+			w.WriteHeader(status)
+		}
 		h.metrics.CacheResult("blob", metrics.Miss, 0)
 		return
 	}
@@ -271,6 +273,9 @@ func parseRange(v string, size int64) (start, end int64, res rangeResult) {
 		return max(size-n, 0), size, rangeOK
 	}
 	s, err := strconv.ParseInt(first, 10, 64)
+	if errors.Is(err, strconv.ErrRange) && strings.Trim(first, "0123456789") == "" {
+		return 0, 0, rangeUnsatisfiable // a valid number past any blob's end
+	}
 	if err != nil || s < 0 {
 		return 0, 0, rangeNone
 	}

@@ -43,8 +43,22 @@ func cdnRanges(e *env) []string {
 	return out
 }
 
+// waitFills waits (bounded) until no fill runs: a client has its last
+// byte once the content is verified, and the commit follows.
+func waitFills(t *testing.T, e *env) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for e.fills.InFlight() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("fills still running after 5 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func assertNotCached(t *testing.T, e *env, c ngctest.Content) {
 	t.Helper()
+	waitFills(t, e)
 	if _, err := e.store.StatBlob(t.Context(), c.Digest); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("blob %s is in the cache (%v), it must not be", c.Digest, err)
 	}
@@ -79,6 +93,7 @@ func TestResumeAfterBrokenConnection(t *testing.T) {
 	if n := e.up.Count("registry", http.MethodGet, "/authn/token"); n != 0 {
 		t.Fatal("resume went to the post-expiry realm")
 	}
+	waitFills(t, e)
 	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
 		t.Fatalf("resumed blob not cached: %v", err)
 	}
@@ -312,7 +327,21 @@ func TestDiskFullServesFromUpstream(t *testing.T) {
 		t.Fatalf("partial uploads left behind: %v", entries)
 	}
 
-	noSpool := newEnv(t, envOpts{fill: fill.Options{SpoolDir: "/nonexistent/spool"}})
+	// A local cache that cannot take an upload (here: "_uploads" is a file,
+	// not a directory) streams the blob straight from the upstream.
+	local := newEnv(t, envOpts{})
+	if err := local.store.Driver().PutContent(t.Context(), "/_uploads", []byte("in the way")); err != nil {
+		t.Fatal(err)
+	}
+	layer = local.fx.CUDA.Layers[1]
+	r = local.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String())
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, layer.Body) {
+		t.Fatal("blob served around a broken local cache differs")
+	}
+	assertNotCached(t, local, layer)
+
+	noSpool := newEnv(t, envOpts{wrap: func(d driver.StorageDriver) driver.StorageDriver { return d }, fill: fill.Options{SpoolDir: "/nonexistent/spool"}})
 	layer = noSpool.fx.CUDA.Layers[0]
 	r = noSpool.do(t, http.MethodGet, "/v2/nvidia/cuda/blobs/"+layer.Digest.String())
 	mustOK(t, r, 200)

@@ -242,6 +242,9 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, name string)
 		return true
 	case errors.Is(err, access.ErrUnauthenticated):
 		h.unauthorized(w, r, name, "authentication required")
+	case errors.Is(err, access.ErrUnavailable):
+		h.log.Warn("pass-through access check failed", "user", id.User, "repository", name, "err", err)
+		writeError(w, newAPIError(errcode.ErrorCodeUnavailable, "the upstream registry could not confirm access; retry later"))
 	default:
 		h.log.Info("pull denied", "user", id.User, "repository", name, "err", err)
 		writeError(w, newAPIError(errcode.ErrorCodeDenied, "requested access to the resource is denied"))

@@ -64,10 +64,13 @@ func newEnv(t *testing.T, o envOpts) *env {
 	}
 	dir := t.TempDir()
 	var d driver.StorageDriver = filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50})
+	var sopts []storage.Option
 	if o.wrap != nil {
 		d = o.wrap(d)
+	} else {
+		sopts = append(sopts, storage.WithLocalRoot(dir)) // as cmd/mirror runs it
 	}
-	store := storage.New(d)
+	store := storage.New(d, sopts...)
 	origin, _ := url.Parse(up.URL())
 	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
 	client := upstream.New(origin, rt)
@@ -455,6 +458,7 @@ func TestRange(t *testing.T) {
 		}
 	}
 	check("miss")
+	waitFills(t, e)
 	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
 		t.Fatalf("range miss did not cache the blob: %v", err)
 	}

@@ -28,6 +28,11 @@ func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name string)
 		}
 	}
 	last := q.Get("last")
+	if q.Has("n") && n == 0 {
+		// n=0 asks for no tags (OCI distribution spec, "Listing Tags").
+		writeTagList(w, name, []string{}, "")
+		return
+	}
 
 	var tags []string
 	more := false
@@ -62,12 +67,20 @@ func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name string)
 	if tags == nil {
 		tags = []string{}
 	}
+	link := ""
 	if more && len(tags) > 0 {
 		next := url.Values{"last": {tags[len(tags)-1]}}
 		if n > 0 {
 			next.Set("n", strconv.Itoa(n))
 		}
-		w.Header().Set("Link", `</v2/`+name+`/tags/list?`+next.Encode()+`>; rel="next"`)
+		link = `</v2/` + name + `/tags/list?` + next.Encode() + `>; rel="next"`
+	}
+	writeTagList(w, name, tags, link)
+}
+
+func writeTagList(w http.ResponseWriter, name string, tags []string, link string) {
+	if link != "" {
+		w.Header().Set("Link", link)
 	}
 	body, _ := json.Marshal(struct {
 		Name string   `json:"name"`

@@ -27,7 +27,9 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"os"
 	"path"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -56,7 +58,8 @@ const uploadsDir = "/_uploads"
 
 // Store is the cache. It is safe for concurrent use.
 type Store struct {
-	d driver.StorageDriver
+	d         driver.StorageDriver
+	localRoot string // see WithLocalRoot
 
 	usageMu sync.Mutex
 	usage   map[string]*Usage // by kind: "blob", "manifest"
@@ -69,9 +72,22 @@ type Usage struct {
 }
 
 // New returns a Store on d.
-func New(d driver.StorageDriver) *Store {
-	return &Store{d: d, usage: map[string]*Usage{"blob": {}, "manifest": {}}}
+func New(d driver.StorageDriver, opts ...Option) *Store {
+	s := &Store{d: d, usage: map[string]*Usage{"blob": {}, "manifest": {}}}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
 }
+
+// Option configures a Store.
+type Option func(*Store)
+
+// WithLocalRoot says that d is distribution's filesystem driver rooted at
+// dir. Blob uploads are then written unbuffered, straight to their file, so
+// that a fill can stream them to clients from that file (BlobWriter.LocalPath)
+// instead of writing every byte twice.
+func WithLocalRoot(dir string) Option { return func(s *Store) { s.localRoot = dir } }
 
 // Usage returns the bytes and objects of kind ("blob" or "manifest") that
 // this process has counted: what Scan found plus what was added since.
@@ -175,6 +191,8 @@ type BlobWriter struct {
 	n    int64
 	werr error // first storage error; the upload is abandoned after it
 	done bool
+
+	localPath string // see LocalPath
 }
 
 // CreateBlob starts the upload of blob dgst, expected to be size bytes (-1
@@ -189,12 +207,53 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 		return nil, err
 	}
 	p := uploadsDir + "/" + hex.EncodeToString(id[:])
+	w := &BlobWriter{s: s, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}
+	if s.localRoot != "" {
+		lp := filepath.Join(s.localRoot, filepath.FromSlash(p))
+		if err := os.MkdirAll(filepath.Dir(lp), 0o777); err != nil {
+			return nil, err
+		}
+		f, err := os.OpenFile(lp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return nil, err
+		}
+		w.fw, w.localPath = &localFileWriter{f: f}, lp
+		return w, nil
+	}
 	fw, err := s.d.Writer(ctx, p, false)
 	if err != nil {
 		return nil, translate(err)
 	}
-	return &BlobWriter{s: s, fw: fw, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}, nil
+	w.fw = fw
+	return w, nil
 }
+
+// LocalPath returns the upload's file on the local disk when the store has
+// a local root (WithLocalRoot), else "". Each Write is in that file when it
+// returns; the file is renamed by Commit and removed by Cancel, so a reader
+// should open it right away and keep its handle.
+func (w *BlobWriter) LocalPath() string { return w.localPath }
+
+// localFileWriter is a driver.FileWriter on a local file without a write
+// buffer (the filesystem driver's buffers 4 KiB), so that what Write
+// returned is readable from the file at once.
+type localFileWriter struct {
+	f    *os.File
+	size int64
+}
+
+func (l *localFileWriter) Write(p []byte) (int, error) {
+	n, err := l.f.Write(p)
+	l.size += int64(n)
+	return n, err
+}
+
+func (l *localFileWriter) Size() int64                  { return l.size }
+func (l *localFileWriter) Close() error                 { return l.f.Close() }
+func (l *localFileWriter) Commit(context.Context) error { return l.f.Sync() }
+func (l *localFileWriter) Cancel(context.Context) error { return os.Remove(l.f.Name()) }
+
+var _ driver.FileWriter = (*localFileWriter)(nil)
 
 // Write hashes p and appends it to the upload. It always accepts all of p:
 // see StorageErr for a storage failure.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"os"
 	"path"
 	"reflect"
 	"slices"
@@ -28,16 +29,20 @@ func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
 	t.Helper()
 	for _, d := range []struct {
 		name string
-		new  func(t *testing.T) driver.StorageDriver
+		new  func(t *testing.T) *storage.Store
 	}{
-		{"filesystem", func(t *testing.T) driver.StorageDriver {
-			return filesystem.New(filesystem.DriverParameters{RootDirectory: t.TempDir(), MaxThreads: 10})
+		{"filesystem", func(t *testing.T) *storage.Store {
+			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: t.TempDir(), MaxThreads: 10}))
 		}},
-		{"inmemory", func(*testing.T) driver.StorageDriver { return inmemory.New() }},
+		{"filesystem-local-uploads", func(t *testing.T) *storage.Store {
+			dir := t.TempDir()
+			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+		}},
+		{"inmemory", func(*testing.T) *storage.Store { return storage.New(inmemory.New()) }},
 	} {
 		t.Run(d.name, func(t *testing.T) {
 			t.Parallel()
-			fn(t, storage.New(d.new(t)))
+			fn(t, d.new(t))
 		})
 	}
 }
@@ -604,4 +609,43 @@ func TestTagsDamagedAndPending(t *testing.T) {
 			t.Errorf("ListTags = %v, lacks good", list)
 		}
 	})
+}
+
+// TestLocalUploadReadableWhileWritten: with a local root, each Write is in
+// the upload file when it returns, and a handle opened on it keeps reading
+// after Commit renames it.
+func TestLocalUploadReadableWhileWritten(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	data := []byte("hello, local upload")
+	dgst := digest.FromBytes(data)
+	w, err := s.CreateBlob(t.Context(), dgst, int64(len(data)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.LocalPath() == "" {
+		t.Fatal("no local path with a local root")
+	}
+	r, err := os.Open(w.LocalPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	_, _ = w.Write(data[:5])
+	got := make([]byte, 5)
+	if _, err := r.ReadAt(got, 0); err != nil || string(got) != "hello" {
+		t.Fatalf("after the first write: %q, %v", got, err)
+	}
+	_, _ = w.Write(data[5:])
+	if err := w.Commit(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	all := make([]byte, len(data))
+	if _, err := r.ReadAt(all, 0); err != nil || string(all) != string(data) {
+		t.Fatalf("after commit: %q, %v", all, err)
+	}
+	if size, err := s.StatBlob(t.Context(), dgst); err != nil || size != int64(len(data)) {
+		t.Fatalf("StatBlob: %d, %v", size, err)
+	}
 }

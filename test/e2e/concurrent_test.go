@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -208,7 +209,29 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 	if out, err := skopeoCopy(t, m2.addr+"/"+ngctest.CUDARepo+":"+ngctest.CUDATag, t.TempDir()); err != nil {
 		t.Fatalf("pull after restart: %v\n%s", err, out)
 	}
+	waitNoFills(t, m2)
 	if _, err := os.Stat(final); err != nil {
 		t.Fatalf("blob not cached after the restart's pull: %v", err)
+	}
+}
+
+// waitNoFills waits (bounded) until the mirror reports no fill in flight:
+// clients get a blob's last byte once it is verified, the commit follows.
+func waitNoFills(t *testing.T, m *mirror) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get("http://" + m.addr + "/metrics")
+		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(body), "\nngc_mirror_fills_in_flight 0\n") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("fills still in flight after 10 s")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
