@@ -259,10 +259,9 @@ type reader struct {
 	off, end int64
 }
 
-func (r *reader) Read(p []byte) (int, error) {
-	if r.off >= r.end {
-		return 0, io.EOF
-	}
+// available waits until bytes past r.off are readable and returns the end
+// of what is (at most r.end), or the fill's error, or ctx's.
+func (r *reader) available() (int64, error) {
 	for {
 		r.f.mu.Lock()
 		written, verified, err, wake := r.f.written, r.f.verified, r.f.err, r.f.wake
@@ -273,13 +272,7 @@ func (r *reader) Read(p []byte) (int, error) {
 			written--
 		}
 		if r.off < written {
-			n := min(int64(len(p)), written-r.off, r.end-r.off)
-			m, rerr := r.f.spool.ReadAt(p[:n], r.off)
-			r.off += int64(m)
-			if m > 0 {
-				return m, nil
-			}
-			return 0, fmt.Errorf("fill: reading spool: %w", rerr)
+			return min(written, r.end), nil
 		}
 		if err != nil {
 			return 0, err
@@ -290,6 +283,57 @@ func (r *reader) Read(p []byte) (int, error) {
 			return 0, r.ctx.Err()
 		}
 	}
+}
+
+func (r *reader) Read(p []byte) (int, error) {
+	if r.off >= r.end {
+		return 0, io.EOF
+	}
+	upto, err := r.available()
+	if err != nil {
+		return 0, err
+	}
+	n := min(int64(len(p)), upto-r.off)
+	m, rerr := r.f.spool.ReadAt(p[:n], r.off)
+	r.off += int64(m)
+	if m > 0 {
+		return m, nil
+	}
+	return 0, fmt.Errorf("fill: reading spool: %w", rerr)
+}
+
+// WriteTo sends the reader's bytes to w as they become available. Each
+// stretch goes through its own file handle on the spool as an
+// io.LimitedReader of an *os.File, so that a network connection takes it
+// with sendfile(2) instead of copying through user space (io.Copy uses
+// WriteTo). Where that handle cannot be had it falls back to Read.
+func (r *reader) WriteTo(w io.Writer) (int64, error) {
+	// Linux: a new handle on the same open file, renamed or unlinked alike.
+	fh, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", r.f.spool.Fd()))
+	if err != nil {
+		return io.Copy(w, struct{ io.Reader }{r})
+	}
+	defer fh.Close()
+	var total int64
+	for r.off < r.end {
+		upto, err := r.available()
+		if err != nil {
+			return total, err
+		}
+		if _, err := fh.Seek(r.off, io.SeekStart); err != nil {
+			return total, fmt.Errorf("fill: reading spool: %w", err)
+		}
+		n, err := io.Copy(w, io.LimitReader(fh, upto-r.off))
+		r.off += n
+		total += n
+		if err != nil {
+			return total, err
+		}
+		if n == 0 { // the spool is shorter than published: never loop on it
+			return total, fmt.Errorf("fill: reading spool: %w", io.ErrUnexpectedEOF)
+		}
+	}
+	return total, nil
 }
 
 // publish makes n more bytes readable.
