@@ -196,8 +196,9 @@ func (f *Fill) Wait(ctx context.Context) (int64, error) {
 // which case the caller reads it from the store. Valid after Wait.
 func (f *Fill) Cached() bool { return f.cached }
 
-// Done blocks until the fill ends and returns nil when the blob was
-// committed to the cache, or why it was not.
+// Done blocks until the fill ends. It returns nil when the fill ended well:
+// the blob was committed, or was verified and served but the cache refused
+// it (counted by the metrics); otherwise why the fill failed.
 func (f *Fill) Done(ctx context.Context) error {
 	for {
 		f.mu.Lock()
