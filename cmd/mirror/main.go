@@ -22,7 +22,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/go-chi/httprate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -35,7 +34,6 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/health"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tlsreload"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -49,6 +47,8 @@ var (
 
 const usage = `usage: mirror serve [--config FILE]
        mirror healthcheck [--config FILE]   (GET /healthz of the local mirror)
+       mirror fsck [--config FILE] [--repair report|quarantine|delete]
+       mirror gc [--config FILE] [--dry-run] [--grace 1h]
 
 Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
 MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL,
@@ -57,8 +57,15 @@ MIRROR_TLS_KEY_FILE. See configs/mirror.yaml.
 `
 
 func main() {
-	if len(os.Args) >= 2 && os.Args[1] == "healthcheck" {
-		os.Exit(healthcheck(os.Args[2:]))
+	if len(os.Args) >= 2 {
+		switch os.Args[1] {
+		case "healthcheck":
+			os.Exit(healthcheck(os.Args[2:]))
+		case "fsck":
+			os.Exit(fsck(os.Args[2:]))
+		case "gc":
+			os.Exit(gc(os.Args[2:]))
+		}
 	}
 	if len(os.Args) < 2 || os.Args[1] != "serve" {
 		fmt.Fprint(os.Stderr, usage)
@@ -116,7 +123,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 
-	dataDir, err := filepath.Abs(cfg.Storage.DataDir)
+	store, dataDir, err := openStore(cfg)
 	if err != nil {
 		return err
 	}
@@ -129,8 +136,6 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	if err := os.MkdirAll(spoolDir, 0o750); err != nil {
 		log.Warn("cannot create the spool directory; cold blobs will be streamed without caching", "err", err)
 	}
-	store := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100}),
-		storage.WithLocalRoot(dataDir))
 	// Crash safety: uploads and spools of fills that a crash interrupted.
 	// The filesystem cache belongs to this process alone, so all of them go.
 	if err := store.PurgeUploads(ctx); err != nil {

@@ -213,6 +213,31 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 	if _, err := os.Stat(final); err != nil {
 		t.Fatalf("blob not cached after the restart's pull: %v", err)
 	}
+	// fsck finds a clean cache; after damaging a blob it finds that, and
+	// quarantine leaves a clean cache again.
+	fsck := func(args ...string) (string, int) {
+		cmd := exec.Command(mirrorBin, append([]string{"fsck"}, args...)...)
+		cmd.Env = append(os.Environ(), "MIRROR_DATA_DIR="+dataDir)
+		out, _ := cmd.CombinedOutput()
+		return string(out), cmd.ProcessState.ExitCode()
+	}
+	if out, code := fsck(); code != 0 || !strings.Contains(out, "clean") {
+		t.Fatalf("fsck after kill -9 and restart: exit %d\n%s", code, out)
+	}
+	raw, _ := os.ReadFile(final)
+	raw[len(raw)/2] ^= 0xff
+	if err := os.WriteFile(final, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := fsck(); code != 1 || !strings.Contains(out, "DAMAGED blob "+layer.Digest.String()) {
+		t.Fatalf("fsck of a damaged blob: exit %d\n%s", code, out)
+	}
+	if out, code := fsck("--repair", "quarantine"); code != 1 {
+		t.Fatalf("fsck --repair quarantine: exit %d\n%s", code, out)
+	}
+	if out, code := fsck(); code != 0 {
+		t.Fatalf("fsck after quarantine: exit %d\n%s", code, out)
+	}
 }
 
 // waitNoFills waits (bounded) until the mirror reports no fill in flight:

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// openStore opens the cache the configuration names.
+func openStore(cfg config.Config) (*storage.Store, string, error) {
+	dataDir, err := filepath.Abs(cfg.Storage.DataDir)
+	if err != nil {
+		return nil, "", err
+	}
+	d := filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100})
+	return storage.New(d, storage.WithLocalRoot(dataDir)), dataDir, nil
+}
+
+// loadForTool parses a maintenance command's flags (--config plus its own)
+// and loads the configuration; it exits 2 on errors.
+func loadForTool(name string, args []string, define func(*flag.FlagSet)) config.Config {
+	fs := flag.NewFlagSet(name, flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
+	define(fs)
+	_ = fs.Parse(args)
+	cfg, err := config.Load(*cfgPath, os.Getenv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	return cfg
+}
+
+// fsck rehashes every cached blob and manifest. Exit code: 0 clean, 1
+// damage found (whatever the repair), 2 usage or I/O errors. It shows
+// progress when stderr is a terminal.
+func fsck(args []string) int {
+	repair := "report"
+	cfg := loadForTool("fsck", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&repair, "repair", repair, "what to do with damaged content: report, quarantine (move under _quarantine) or delete")
+	})
+	mode, ok := map[string]storage.Repair{"report": storage.ReportOnly, "quarantine": storage.Quarantine, "delete": storage.Delete}[repair]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "fsck: --repair %q: want report, quarantine or delete\n", repair)
+		return 2
+	}
+	store, dir, err := openStore(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fsck:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var progress storage.CheckProgress
+	if isTerminal(os.Stderr) {
+		last := time.Time{}
+		progress = func(o, to, b, tb int64) {
+			if time.Since(last) > 200*time.Millisecond || o == to {
+				last = time.Now()
+				fmt.Fprintf(os.Stderr, "\rfsck: %d/%d objects, %d/%d MiB", o, to, b>>20, tb>>20)
+				if o == to {
+					fmt.Fprintln(os.Stderr)
+				}
+			}
+		}
+	}
+	damaged, err := store.Check(ctx, mode, progress)
+	for _, d := range damaged {
+		fmt.Printf("DAMAGED %s %s: %s\n", d.Kind, d.Digest, d.Problem)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fsck:", err)
+		return 2
+	}
+	if len(damaged) > 0 {
+		fmt.Printf("fsck: %s: %d damaged objects (%s)\n", dir, len(damaged), repair)
+		return 1
+	}
+	fmt.Printf("fsck: %s: clean\n", dir)
+	return 0
+}
+
+// gc removes blobs no cached manifest refers to and stale uploads. It is
+// safe while the mirror serves (see storage.GC).
+func gc(args []string) int {
+	dry := false
+	grace := time.Hour
+	cfg := loadForTool("gc", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&dry, "dry-run", false, "report what would be removed, remove nothing")
+		fs.DurationVar(&grace, "grace", grace, "keep blobs and uploads younger than this")
+	})
+	store, dir, err := openStore(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gc:", err)
+		return 2
+	}
+	res, err := store.GC(context.Background(), grace, dry)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gc:", err)
+		return 2
+	}
+	verb := "removed"
+	if dry {
+		verb = "would remove"
+	}
+	fmt.Printf("gc: %s: %s %d unreferenced blobs (%d bytes) and %d stale uploads (%d bytes)\n",
+		dir, verb, res.Blobs, res.BlobBytes, res.Uploads, res.UploadBytes)
+	return 0
+}
+
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,223 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"path"
+	"strings"
+	"time"
+
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
+)
+
+// Repair says what Check does with damaged content.
+type Repair int
+
+// Repair modes.
+const (
+	ReportOnly Repair = iota // leave it, report it
+	Quarantine               // move it under /_quarantine, out of the cache
+	Delete                   // remove it
+)
+
+// Damage is one cached object whose content does not match its digest.
+type Damage struct {
+	Kind    string // "blob" or "manifest"
+	Digest  digest.Digest
+	Path    string // driver path
+	Problem string
+}
+
+// CheckProgress is called after each object with the objects and bytes
+// checked so far and the totals (counted before checking starts).
+type CheckProgress func(objects, totalObjects, bytes, totalBytes int64)
+
+type object struct {
+	kind string
+	path string
+	dgst digest.Digest
+	size int64
+	mod  time.Time
+}
+
+// objects lists the cached blobs and manifests (path, digest from the path,
+// size, modification time).
+func (s *Store) objects(ctx context.Context) ([]object, error) {
+	var out []object
+	for kind, root := range map[string]string{"blob": "/blobs", "manifest": "/manifests"} {
+		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
+			if fi.IsDir() || pendingPut.MatchString(fi.Path()) {
+				return nil
+			}
+			// <root>/<alg>/<ab>/<hex>
+			parts := strings.Split(strings.TrimPrefix(fi.Path(), root+"/"), "/")
+			if len(parts) != 3 {
+				return nil
+			}
+			d := digest.NewDigestFromEncoded(digest.Algorithm(parts[0]), parts[2])
+			out = append(out, object{kind: kind, path: fi.Path(), dgst: d, size: fi.Size(), mod: fi.ModTime()})
+			return nil
+		})
+		if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+			return nil, fmt.Errorf("storage: listing %s: %w", root, err)
+		}
+	}
+	return out, nil
+}
+
+// Check rehashes every cached blob and manifest and returns those whose
+// content does not match the digest they are stored under (or whose name
+// is not a valid digest), after applying repair to them. It is safe while
+// the mirror serves: objects are immutable once visible.
+func (s *Store) Check(ctx context.Context, repair Repair, progress CheckProgress) ([]Damage, error) {
+	objs, err := s.objects(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var totalBytes int64
+	for _, o := range objs {
+		totalBytes += o.size
+	}
+	var damaged []Damage
+	var doneBytes int64
+	for i, o := range objs {
+		if err := ctx.Err(); err != nil {
+			return damaged, err
+		}
+		if problem := s.verify(ctx, o); problem != "" {
+			d := Damage{Kind: o.kind, Digest: o.dgst, Path: o.path, Problem: problem}
+			if err := s.repair(ctx, o, repair); err != nil {
+				d.Problem += fmt.Sprintf(" (repair failed: %v)", err)
+			}
+			damaged = append(damaged, d)
+		}
+		doneBytes += o.size
+		if progress != nil {
+			progress(int64(i+1), int64(len(objs)), doneBytes, totalBytes)
+		}
+	}
+	return damaged, nil
+}
+
+func (s *Store) verify(ctx context.Context, o object) string {
+	if err := o.dgst.Validate(); err != nil {
+		return "the file name is not a valid digest"
+	}
+	rc, err := s.d.Reader(ctx, o.path, 0)
+	if err != nil {
+		return "unreadable: " + err.Error()
+	}
+	defer rc.Close()
+	h := o.dgst.Algorithm().Hash()
+	if o.kind == "manifest" {
+		raw, err := io.ReadAll(io.LimitReader(rc, 64<<20))
+		if err != nil {
+			return "unreadable: " + err.Error()
+		}
+		_, body, ok := bytes.Cut(raw, []byte("\n"))
+		if !ok {
+			return "no media type line"
+		}
+		h.Write(body)
+	} else if _, err := io.Copy(h, rc); err != nil {
+		return "unreadable: " + err.Error()
+	}
+	if got := digest.NewDigest(o.dgst.Algorithm(), h); got != o.dgst {
+		return "content hashes to " + got.String()
+	}
+	return ""
+}
+
+func (s *Store) repair(ctx context.Context, o object, r Repair) error {
+	switch r {
+	case Quarantine:
+		dst := path.Join("/_quarantine", o.kind, string(o.dgst.Algorithm()), o.dgst.Encoded()+"."+time.Now().UTC().Format("20060102T150405Z"))
+		return translate(s.d.Move(ctx, o.path, dst))
+	case Delete:
+		return translate(s.d.Delete(ctx, o.path))
+	}
+	return nil
+}
+
+// GCResult is what GC removed (or would remove, in a dry run).
+type GCResult struct {
+	Blobs       int
+	BlobBytes   int64
+	Uploads     int
+	UploadBytes int64
+}
+
+// GC removes blobs that no cached manifest refers to, and uploads left by
+// interrupted fills. It is safe while the mirror serves: a blob or upload
+// younger than grace is kept (a fill may have just committed a blob whose
+// manifest has not been asked for yet, or still be writing an upload), and
+// a client already streaming a removed blob keeps its open file on a local
+// disk. With dryRun nothing is removed.
+func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCResult, error) {
+	var res GCResult
+	objs, err := s.objects(ctx)
+	if err != nil {
+		return res, err
+	}
+	// Mark: everything a cached manifest refers to.
+	live := map[digest.Digest]bool{}
+	for _, o := range objs {
+		if o.kind != "manifest" {
+			continue
+		}
+		m, err := s.GetManifest(ctx, o.dgst)
+		if err != nil {
+			continue // damaged: fsck's business; its references are unknown
+		}
+		refs, _ := manifest.References(m.Body)
+		for _, r := range refs {
+			live[r.Digest] = true
+		}
+	}
+	cutoff := time.Now().Add(-grace)
+	for _, o := range objs {
+		if o.kind != "blob" || live[o.dgst] || o.mod.After(cutoff) {
+			continue
+		}
+		if !dryRun {
+			if err := s.d.Delete(ctx, o.path); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+				return res, fmt.Errorf("storage: removing %s: %w", o.path, err)
+			}
+			s.subUsage("blob", o.size)
+		}
+		res.Blobs++
+		res.BlobBytes += o.size
+	}
+	err = s.d.Walk(ctx, uploadsDir, func(fi driver.FileInfo) error {
+		if fi.IsDir() || fi.ModTime().After(cutoff) {
+			return nil
+		}
+		if !dryRun {
+			if err := s.d.Delete(ctx, fi.Path()); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+				return err
+			}
+		}
+		res.Uploads++
+		res.UploadBytes += fi.Size()
+		return nil
+	})
+	if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+		return res, fmt.Errorf("storage: removing stale uploads: %w", err)
+	}
+	return res, nil
+}
+
+func (s *Store) subUsage(kind string, bytes int64) {
+	s.usageMu.Lock()
+	defer s.usageMu.Unlock()
+	if u := s.usage[kind]; u != nil && u.Objects > 0 {
+		u.Bytes -= bytes
+		u.Objects--
+	}
+}
