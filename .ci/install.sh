@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # skopeo, a Docker daemon, containerd, Prometheus (with promtool) and
-# docker-compose from Debian; crane from the Go module proxy.
+# docker-compose from Debian; crane and versitygw (an S3 server) from the Go
+# module proxy.
 set -euo pipefail
 need=()
 command -v skopeo >/dev/null || need+=(skopeo)
@@ -17,9 +18,14 @@ fi
 if ! command -v crane >/dev/null; then
   (cd / && GOBIN=/usr/local/bin go install github.com/google/go-containerregistry/cmd/crane@v0.22.1)
 fi
+# A real S3-compatible server for the S3 cache tests (about 2 minutes to build cold).
+if ! command -v versitygw >/dev/null; then
+  (cd / && GOBIN=/usr/local/bin go install github.com/versity/versitygw/cmd/versitygw@v1.8.0)
+fi
 skopeo --version
 crane version
 dockerd --version
 containerd --version
 prometheus --version 2>&1 | head -1
 docker-compose --version
+versitygw --version 2>&1 | head -1 || true

@@ -123,7 +123,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 
-	store, dataDir, err := openStore(cfg)
+	store, dataDir, err := openStore(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -137,9 +137,13 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 		log.Warn("cannot create the spool directory; cold blobs will be streamed without caching", "err", err)
 	}
 	// Crash safety: uploads and spools of fills that a crash interrupted.
-	// The filesystem cache belongs to this process alone, so all of them go.
-	if err := store.PurgeUploads(ctx); err != nil {
-		log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
+	// A filesystem cache belongs to this process alone, so all its uploads
+	// go. A bucket may be shared by replicas: there `mirror gc` removes
+	// uploads older than its grace period instead.
+	if cfg.Storage.Driver == "filesystem" {
+		if err := store.PurgeUploads(ctx); err != nil {
+			log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
+		}
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(spoolDir, "fill-*")); len(leftovers) > 0 {
 		for _, p := range leftovers {
@@ -183,6 +187,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 		Log:             log.With("component", "proxy"),
 		Metrics:         m,
 		Access:          policy,
+		BlobRedirect:    cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
 	})
 	hc := &health.Checker{StorageProbe: store.Probe, UpstreamProbe: up.Ping}
 
@@ -228,7 +233,8 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 		}()
 	}
 	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
-		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces, "data_dir", dataDir)
+		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces,
+		"storage", cfg.Storage.Driver, "data_dir", dataDir)
 
 	go func() {
 		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)

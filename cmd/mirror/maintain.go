@@ -10,20 +10,27 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
-
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
-// openStore opens the cache the configuration names.
-func openStore(cfg config.Config) (*storage.Store, string, error) {
-	dataDir, err := filepath.Abs(cfg.Storage.DataDir)
-	if err != nil {
+// openStore opens the cache the configuration names. dataDir is the
+// absolute local data directory (the cache itself, or the spool's home with
+// S3).
+func openStore(ctx context.Context, cfg config.Config) (store *storage.Store, dataDir string, err error) {
+	if dataDir, err = filepath.Abs(cfg.Storage.DataDir); err != nil {
 		return nil, "", err
 	}
-	d := filesystem.New(filesystem.DriverParameters{RootDirectory: dataDir, MaxThreads: 100})
-	return storage.New(d, storage.WithLocalRoot(dataDir)), dataDir, nil
+	if cfg.Storage.Driver == "s3" {
+		o := cfg.Storage.S3
+		store, err = storage.OpenS3(ctx, storage.S3Options{
+			Bucket: o.Bucket, Region: o.Region, Endpoint: o.Endpoint, PathStyle: o.PathStyle,
+			Prefix: o.Prefix, AccessKey: o.AccessKey, SecretKey: o.SecretKey, ChunkSize: o.ChunkSize,
+		})
+		return store, dataDir, err
+	}
+	store, err = storage.OpenFilesystem(dataDir)
+	return store, dataDir, err
 }
 
 // loadForTool parses a maintenance command's flags (--config plus its own)
@@ -54,13 +61,13 @@ func fsck(args []string) int {
 		fmt.Fprintf(os.Stderr, "fsck: --repair %q: want report, quarantine or delete\n", repair)
 		return 2
 	}
-	store, dir, err := openStore(cfg)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	store, dir, err := openStore(ctx, cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fsck:", err)
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	var progress storage.CheckProgress
 	if isTerminal(os.Stderr) {
 		last := time.Time{}
@@ -99,7 +106,7 @@ func gc(args []string) int {
 		fs.BoolVar(&dry, "dry-run", false, "report what would be removed, remove nothing")
 		fs.DurationVar(&grace, "grace", grace, "keep blobs and uploads younger than this")
 	})
-	store, dir, err := openStore(cfg)
+	store, dir, err := openStore(context.Background(), cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gc:", err)
 		return 2

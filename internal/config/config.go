@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -85,8 +86,30 @@ type Upstream struct {
 
 // Storage selects the cache's storage driver.
 type Storage struct {
+	// Driver: "filesystem" (the cache in DataDir) or "s3" (the cache in a
+	// bucket; DataDir then only holds the fills' spool files).
 	Driver  string `yaml:"driver"`
 	DataDir string `yaml:"data_dir"`
+	S3      S3     `yaml:"s3"`
+}
+
+// S3 configures the cache on an S3-compatible store (distribution's
+// s3-aws driver). Empty credentials use the standard AWS chain
+// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, shared config, instance role).
+type S3 struct {
+	Bucket    string `yaml:"bucket"`
+	Region    string `yaml:"region"`
+	Endpoint  string `yaml:"endpoint"` // e.g. http://minio:9000; empty: AWS
+	PathStyle bool   `yaml:"path_style"`
+	Prefix    string `yaml:"prefix"` // key prefix inside the bucket
+	AccessKey string `yaml:"access_key"`
+	// SecretKey is a secret: prefer MIRROR_S3_SECRET_KEY or the AWS chain.
+	SecretKey string `yaml:"secret_key"`
+	// ChunkSize of multipart uploads in bytes (at least 5 MiB).
+	ChunkSize int64 `yaml:"chunk_size"`
+	// Redirect answers cache-hit blob GETs with a redirect to a short-lived
+	// presigned URL, so the bytes flow from S3 to the node.
+	Redirect bool `yaml:"redirect"`
 }
 
 // Cache tunes caching.
@@ -159,6 +182,12 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		"NGC_API_KEY":              &c.Upstream.APIKey,
 		"MIRROR_UPSTREAM_USERNAME": &c.Upstream.Username,
 		"MIRROR_DATA_DIR":          &c.Storage.DataDir,
+		"MIRROR_STORAGE_DRIVER":    &c.Storage.Driver,
+		"MIRROR_S3_BUCKET":         &c.Storage.S3.Bucket,
+		"MIRROR_S3_REGION":         &c.Storage.S3.Region,
+		"MIRROR_S3_ENDPOINT":       &c.Storage.S3.Endpoint,
+		"MIRROR_S3_ACCESS_KEY":     &c.Storage.S3.AccessKey,
+		"MIRROR_S3_SECRET_KEY":     &c.Storage.S3.SecretKey,
 		"MIRROR_LOG_LEVEL":         &c.LogLevel,
 		"MIRROR_ACCESS_MODE":       &c.Access.Mode,
 		"MIRROR_HTPASSWD_FILE":     &c.Access.HtpasswdFile,
@@ -167,6 +196,18 @@ func Load(path string, getenv func(string) string) (Config, error) {
 	} {
 		if v := getenv(env); v != "" {
 			*dst = v
+		}
+	}
+	for env, dst := range map[string]*bool{
+		"MIRROR_S3_PATH_STYLE": &c.Storage.S3.PathStyle,
+		"MIRROR_S3_REDIRECT":   &c.Storage.S3.Redirect,
+	} {
+		if v := getenv(env); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return c, fmt.Errorf("config: %s=%q: want true or false", env, v)
+			}
+			*dst = b
 		}
 	}
 	if c.Upstream.APIKey == "" && c.Upstream.APIKeyFile != "" {
@@ -198,8 +239,22 @@ func (c Config) Validate() error {
 	case u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "":
 		errs = append(errs, fmt.Errorf("upstream.url (MIRROR_UPSTREAM) for host %q: want scheme://host[:port] only, no path or query", u.Host))
 	}
-	if c.Storage.Driver != "filesystem" {
-		errs = append(errs, fmt.Errorf("storage.driver %q: only \"filesystem\" is supported", c.Storage.Driver))
+	switch c.Storage.Driver {
+	case "filesystem":
+	case "s3":
+		if c.Storage.S3.Bucket == "" || c.Storage.S3.Region == "" {
+			errs = append(errs, errors.New("storage.s3.bucket and storage.s3.region are required with storage.driver s3"))
+		}
+		if e := c.Storage.S3.Endpoint; e != "" {
+			if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
+				errs = append(errs, errors.New("storage.s3.endpoint: want http(s)://host[:port]"))
+			}
+		}
+		if cs := c.Storage.S3.ChunkSize; cs != 0 && cs < 5<<20 {
+			errs = append(errs, errors.New("storage.s3.chunk_size: at least 5 MiB (5242880)"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("storage.driver %q: want filesystem or s3", c.Storage.Driver))
 	}
 	if c.Storage.DataDir == "" {
 		errs = append(errs, errors.New("storage.data_dir (MIRROR_DATA_DIR) is empty"))

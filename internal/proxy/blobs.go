@@ -189,6 +189,20 @@ func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst d
 		w.WriteHeader(status)
 		return 0
 	}
+	if h.opts.BlobRedirect {
+		if u, err := h.store.BlobURL(r, dgst); err == nil && u != "" {
+			// The client follows with its Range; the URL (its signature)
+			// is never logged.
+			for _, k := range []string{"Content-Length", "Content-Range", "Content-Type", "Accept-Ranges", "Etag", "Cache-Control"} {
+				w.Header().Del(k)
+			}
+			w.Header().Set("Location", u)
+			w.WriteHeader(http.StatusTemporaryRedirect)
+			return end - start
+		} else if err != nil {
+			h.log.Warn("no redirect URL for a cached blob; serving it", "digest", dgst, "err", err)
+		}
+	}
 	rc, err := h.store.OpenBlob(r.Context(), dgst, start)
 	if err != nil {
 		writeError(w, toAPIError(err, kindBlob))

@@ -39,6 +39,11 @@ type Options struct {
 	NSAliases []string
 	Log       *slog.Logger
 	Metrics   *metrics.Metrics // nil records nothing
+	// BlobRedirect answers cache-hit blob GETs with a redirect to the
+	// storage's presigned URL when it offers one (S3), so that bytes flow
+	// from the store to the client. HEAD and manifests are still answered
+	// here.
+	BlobRedirect bool
 	// Access decides who may pull what. nil serves everything to everyone
 	// (tests); cmd/mirror always sets one, whose default opens only the
 	// public namespaces.

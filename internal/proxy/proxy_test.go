@@ -28,6 +28,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -49,6 +50,9 @@ type envOpts struct {
 	wrap    func(driver.StorageDriver) driver.StorageDriver
 	metrics *metrics.Metrics
 	access  *access.Policy
+	// s3 puts the cache on a real S3 server (versitygw); redirect turns on
+	// presigned redirects for cache hits.
+	s3, redirect bool
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -71,6 +75,12 @@ func newEnv(t *testing.T, o envOpts) *env {
 		sopts = append(sopts, storage.WithLocalRoot(dir)) // as cmd/mirror runs it
 	}
 	store := storage.New(d, sopts...)
+	if o.s3 {
+		var err error
+		if store, err = storage.OpenS3(t.Context(), s3test.Start(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	origin, _ := url.Parse(up.URL())
 	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
 	client := upstream.New(origin, rt)
@@ -86,7 +96,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		o.fill.IdleTimeout = 5 * time.Second
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills}

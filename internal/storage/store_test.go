@@ -22,6 +22,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
 )
 
 // forEachDriver runs fn as a parallel subtest on a fresh Store per driver.
@@ -39,6 +40,13 @@ func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
 			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
 		}},
 		{"inmemory", func(*testing.T) *storage.Store { return storage.New(inmemory.New()) }},
+		{"s3", func(t *testing.T) *storage.Store {
+			s, err := storage.OpenS3(t.Context(), s3test.Start(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s
+		}},
 	} {
 		t.Run(d.name, func(t *testing.T) {
 			t.Parallel()
