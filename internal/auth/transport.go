@@ -24,6 +24,9 @@ const DefaultUsername = "$oauthtoken"
 // (the Docker token spec says 60 seconds).
 const defaultTokenLifetime = 60 * time.Second
 
+// maxCachedTokens bounds the token cache (one token per repository scope).
+const maxCachedTokens = 10000
+
 // maxTokenResponse caps how much of a token response is read (bytes).
 const maxTokenResponse = 1 << 20
 
@@ -273,6 +276,17 @@ func (t *Transport) authorization(ctx context.Context, scope, stale string) (str
 			return nil, err
 		}
 		t.mu.Lock()
+		if len(t.tokens) >= maxCachedTokens {
+			// Scopes come from client-chosen names: keep the map bounded.
+			for sc, tk := range t.tokens {
+				if !t.now().Before(tk.expiresAt) {
+					delete(t.tokens, sc)
+				}
+			}
+			if len(t.tokens) >= maxCachedTokens {
+				t.tokens = map[string]*token{}
+			}
+		}
 		t.tokens[scope] = nt
 		t.mu.Unlock()
 		return nt, nil

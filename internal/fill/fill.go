@@ -220,10 +220,15 @@ func (f *Fill) Done(ctx context.Context) error {
 
 // Release drops the caller's reference; the spool file closes with the last.
 func (f *Fill) Release() {
+	f.mu.Lock()
+	verified := f.verified
+	f.mu.Unlock()
 	f.g.mu.Lock()
 	f.refs--
 	refs := f.refs
-	stop := refs == 1 && f.g.opts.StopWithoutClients
+	// Once verified there is nothing left to save by stopping: let the
+	// commit finish and the blob be cached.
+	stop := refs == 1 && f.g.opts.StopWithoutClients && !verified
 	if stop && f.g.fills[f.dgst] == f {
 		// Only the runner is left. Unlist the fill before cancelling it, so
 		// that a client arriving now starts a new one instead of joining
@@ -286,9 +291,33 @@ func (r *reader) available() (int64, error) {
 	}
 }
 
+// atEnd returns io.EOF once the reader is done, but for an empty blob
+// only after the fill verified it: there is no last byte to hold back.
+func (r *reader) atEnd() error {
+	if r.f.size == 0 {
+		for {
+			r.f.mu.Lock()
+			verified, err, wake := r.f.verified, r.f.err, r.f.wake
+			r.f.mu.Unlock()
+			if verified {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			select {
+			case <-wake:
+			case <-r.ctx.Done():
+				return r.ctx.Err()
+			}
+		}
+	}
+	return io.EOF
+}
+
 func (r *reader) Read(p []byte) (int, error) {
 	if r.off >= r.end {
-		return 0, io.EOF
+		return 0, r.atEnd()
 	}
 	upto, err := r.available()
 	if err != nil {
@@ -316,6 +345,11 @@ func (r *reader) WriteTo(w io.Writer) (int64, error) {
 	}
 	defer fh.Close()
 	var total int64
+	if r.off >= r.end {
+		if err := r.atEnd(); err != io.EOF {
+			return 0, err
+		}
+	}
 	for r.off < r.end {
 		upto, err := r.available()
 		if err != nil {
@@ -349,6 +383,13 @@ func (f *Fill) publish(n int) {
 // finish records the outcome, wakes every reader and removes the fill from
 // the group so that the next request sees the cache (or starts over).
 func (f *Fill) finish(err error) {
+	// Unlist first: a client arriving from now on starts afresh (or finds
+	// the blob cached) instead of joining a fill that has just failed.
+	f.g.mu.Lock()
+	if f.g.fills[f.dgst] == f {
+		delete(f.g.fills, f.dgst)
+	}
+	f.g.mu.Unlock()
 	f.mu.Lock()
 	if err != nil {
 		f.err = err
@@ -358,11 +399,6 @@ func (f *Fill) finish(err error) {
 	close(f.wake)
 	f.wake = make(chan struct{})
 	f.mu.Unlock()
-	f.g.mu.Lock()
-	if f.g.fills[f.dgst] == f {
-		delete(f.g.fills, f.dgst)
-	}
-	f.g.mu.Unlock()
 }
 
 func (f *Fill) run(ctx context.Context, src Source) {
@@ -430,7 +466,11 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	}
 	idle.Reset(f.g.opts.IdleTimeout)
 
-	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
+	// The s3-aws writer keeps the context it is created with for its
+	// Commit: a cancelled fill context (idle timeout firing late, the last
+	// client leaving) must not fail the commit of a verified blob. Upstream
+	// reads still stop with ctx.
+	w, err := f.g.store.CreateBlob(context.WithoutCancel(ctx), f.dgst, size)
 	if err != nil {
 		return fmt.Errorf("%w: creating the cache upload: %w", ErrSpool, err)
 	}

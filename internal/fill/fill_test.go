@@ -931,3 +931,81 @@ func TestMaxFills(t *testing.T) {
 	f3, _ := mustJoin(t, e.g, odgst, newSource(t, other).open)
 	f3.Release()
 }
+
+// ctxKeepingDriver imitates distribution's s3-aws writer, which commits
+// with the context it was created with (and is held at commit by gate).
+type ctxKeepingDriver struct {
+	driver.StorageDriver
+	gate chan struct{}
+}
+
+func (d ctxKeepingDriver) Writer(ctx context.Context, path string, append bool) (driver.FileWriter, error) {
+	fw, err := d.StorageDriver.Writer(ctx, path, append)
+	return ctxKeepingWriter{FileWriter: fw, ctx: ctx, gate: d.gate}, err
+}
+
+type ctxKeepingWriter struct {
+	driver.FileWriter
+	ctx  context.Context
+	gate chan struct{}
+}
+
+func (w ctxKeepingWriter) Commit(context.Context) error {
+	<-w.gate
+	if err := w.ctx.Err(); err != nil {
+		return err
+	}
+	return w.FileWriter.Commit(w.ctx)
+}
+
+// TestReleaseAfterVerifyStillCommits: with StopWithoutClients, the only
+// client leaving after it got the whole (verified) blob must not cancel
+// the commit, also on a driver that commits with the writer's context.
+func TestReleaseAfterVerifyStillCommits(t *testing.T) {
+	t.Parallel()
+	gate := make(chan struct{})
+	var gateOnce sync.Once
+	t.Cleanup(func() { gateOnce.Do(func() { close(gate) }) })
+	store := storage.New(ctxKeepingDriver{StorageDriver: inmemory.New(), gate: gate})
+	g := NewGroup(store, Options{StopWithoutClients: true, SpoolDir: t.TempDir()})
+	data, dgst := randomBlob(t, 20000)
+	f, _ := mustJoin(t, g, dgst, newSource(t, data).open)
+	waitSize(t, f)
+	ctx, cancel := context.WithTimeout(t.Context(), bound)
+	defer cancel()
+	got, err := io.ReadAll(f.NewReader(ctx, 0, int64(len(data))))
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read: %d bytes, %v", len(got), err)
+	}
+	f.Release() // the only client leaves during the commit
+	gateOnce.Do(func() { close(gate) })
+	deadline := time.Now().Add(bound)
+	for g.InFlight() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if size, err := store.StatBlob(t.Context(), dgst); err != nil || size != int64(len(data)) {
+		t.Fatalf("verified blob not cached after its client left: %d, %v", size, err)
+	}
+}
+
+// TestEmptyClaimNeverEndsCleanly: an upstream that claims size 0 for a
+// non-empty digest must not give a reader a clean end of file.
+func TestEmptyClaimNeverEndsCleanly(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, Options{}, nil)
+	_, dgst := randomBlob(t, 100)
+	f, _ := mustJoin(t, e.g, dgst, func(context.Context, int64) (io.ReadCloser, int64, error) {
+		return io.NopCloser(bytes.NewReader(nil)), 0, nil
+	})
+	defer f.Release()
+	waitSize(t, f)
+	ctx, cancel := context.WithTimeout(t.Context(), bound)
+	defer cancel()
+	if _, err := io.ReadAll(f.NewReader(ctx, 0, 0)); err == nil {
+		t.Fatal("a zero-byte claim for a non-empty digest ended cleanly")
+	}
+	var buf bytes.Buffer
+	if _, err := f.NewReader(ctx, 0, 0).(io.WriterTo).WriteTo(&buf); err == nil {
+		t.Fatal("WriteTo ended cleanly too")
+	}
+}

@@ -38,6 +38,7 @@ import (
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 )
 
 // Errors returned by Store. Compare with errors.Is.
@@ -216,6 +217,17 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 		f, err := os.OpenFile(lp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			return nil, err
+		}
+		// Reserve the blob's space now: a disk too full for it fails here,
+		// before any client is answered (it is then served straight from
+		// the upstream), not halfway through. Filesystems without
+		// fallocate(2) just skip the reservation.
+		if size > 0 {
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, size); errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
+				_ = f.Close()
+				_ = os.Remove(lp)
+				return nil, fmt.Errorf("storage: reserving %d bytes for blob %s: %w", size, dgst, err)
+			}
 		}
 		w.fw, w.localPath = &localFileWriter{f: f}, lp
 		return w, nil

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"sort"
@@ -655,5 +656,20 @@ func TestLocalUploadReadableWhileWritten(t *testing.T) {
 	}
 	if size, err := s.StatBlob(t.Context(), dgst); err != nil || size != int64(len(data)) {
 		t.Fatalf("StatBlob: %d, %v", size, err)
+	}
+}
+
+// TestLocalUploadReservesSpace: on a local root, an upload larger than the
+// free space fails at CreateBlob (so the mirror can serve it directly),
+// not halfway through.
+func TestLocalUploadReservesSpace(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	if _, err := s.CreateBlob(t.Context(), digest.FromString("huge"), 1<<40); err == nil {
+		t.Skip("this disk has a TiB free: cannot provoke ENOSPC here")
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "_uploads")); len(entries) != 0 {
+		t.Fatalf("a refused upload left %d files", len(entries))
 	}
 }
