@@ -110,6 +110,29 @@ func (g *Group) InFlight() int {
 	return len(g.fills)
 }
 
+// Size returns the blob size of a running fill of dgst whose size is
+// known, so that a HEAD needs no upstream request while the blob is being
+// fetched (or committed).
+func (g *Group) Size(dgst digest.Digest) (int64, bool) {
+	g.mu.Lock()
+	f := g.fills[dgst]
+	g.mu.Unlock()
+	if f == nil {
+		return 0, false
+	}
+	select {
+	case <-f.ready:
+	default:
+		return 0, false
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil || (f.spool == nil && !f.cached) {
+		return 0, false
+	}
+	return f.size, true
+}
+
 // Join returns the running fill of dgst, or starts one that reads from src.
 // The caller must call Release on the fill when done with it. started
 // reports whether this call started the fill. err is ErrTooManyFills when

@@ -38,12 +38,14 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		h.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
 	}
 	if r.Method == http.MethodHead {
-		ctx, cancel := h.upstreamContext(ctx)
-		defer cancel()
-		size, err := h.up.HeadBlob(ctx, name, dgst)
-		if err != nil {
-			writeError(w, toAPIError(err, kindBlob))
-			return
+		size, ok := h.fills.Size(dgst) // being fetched right now
+		if !ok {
+			ctx, cancel := h.upstreamContext(ctx)
+			defer cancel()
+			if size, err = h.up.HeadBlob(ctx, name, dgst); err != nil {
+				writeError(w, toAPIError(err, kindBlob))
+				return
+			}
 		}
 		// The same headers (and Range answer) as the GET would have.
 		if _, _, status, ok := h.rangeHeaders(w, r, dgst, size); ok {
