@@ -31,8 +31,12 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	}
 	size, err := h.store.StatBlob(ctx, dgst)
 	if err == nil {
-		h.metrics.CacheResult("blob", metrics.Hit, h.serveCachedBlob(w, r, dgst, size))
-		return
+		if n, gone := h.serveCachedBlob(w, r, dgst, size); !gone {
+			h.metrics.CacheResult("blob", metrics.Hit, n)
+			return
+		}
+		// Removed (gc) between the lookup and the open: a miss after all.
+		err = storage.ErrNotFound
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
 		h.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
@@ -76,7 +80,12 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		return
 	}
 	if f.Cached() {
-		h.metrics.CacheResult("blob", metrics.Hit, h.serveCachedBlob(w, r, dgst, size))
+		n, gone := h.serveCachedBlob(w, r, dgst, size)
+		if gone {
+			writeError(w, newAPIError(errcode.ErrorCodeUnavailable, "the blob was removed while being served; retry"))
+			return
+		}
+		h.metrics.CacheResult("blob", metrics.Hit, n)
 		return
 	}
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
@@ -182,14 +191,16 @@ func (h *Handler) blobSource(name string, dgst digest.Digest) func(context.Conte
 }
 
 // serveCachedBlob answers from the cache and returns the body bytes sent.
-func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) int64 {
+// gone reports that the blob disappeared before it was opened (nothing was
+// written then, so the caller can treat the request as a miss).
+func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (sent int64, gone bool) {
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
-		return 0
+		return 0, false
 	}
 	if r.Method == http.MethodHead {
 		w.WriteHeader(status)
-		return 0
+		return 0, false
 	}
 	if h.opts.BlobRedirect {
 		if u, err := h.store.BlobURL(r, dgst); err == nil && u != "" {
@@ -200,15 +211,19 @@ func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst d
 			}
 			w.Header().Set("Location", u)
 			w.WriteHeader(http.StatusTemporaryRedirect)
-			return end - start
+			return end - start, false
 		} else if err != nil {
 			h.log.Warn("no redirect URL for a cached blob; serving it", "digest", dgst, "err", err)
 		}
 	}
 	rc, err := h.store.OpenBlob(r.Context(), dgst, start)
+	if errors.Is(err, storage.ErrNotFound) {
+		w.Header().Del("Content-Range")
+		return 0, true
+	}
 	if err != nil {
 		writeError(w, toAPIError(err, kindBlob))
-		return 0
+		return 0, false
 	}
 	defer rc.Close()
 	w.WriteHeader(status)
@@ -222,7 +237,7 @@ func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst d
 		h.metrics.CacheResult("blob", metrics.Hit, n)
 		panic(http.ErrAbortHandler)
 	}
-	return n
+	return n, false
 }
 
 func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -427,4 +428,36 @@ func TestStopWithoutClients(t *testing.T) {
 	}
 	close(release)
 	assertNotCached(t, e, layer)
+}
+
+// vanishingDriver removes a blob when it is opened and reports it not
+// found, as if gc removed it between the cache lookup and the open.
+type vanishingDriver struct{ driver.StorageDriver }
+
+func (d vanishingDriver) Reader(ctx context.Context, path string, offset int64) (io.ReadCloser, error) {
+	if strings.HasPrefix(path, "/blobs/") {
+		_ = d.StorageDriver.Delete(ctx, path)
+		return nil, driver.PathNotFoundError{Path: path}
+	}
+	return d.StorageDriver.Reader(ctx, path, offset)
+}
+
+// TestBlobGoneBetweenLookupAndOpen: a cached blob that disappears before it
+// is opened is served as a miss (from the upstream), not as an error.
+func TestBlobGoneBetweenLookupAndOpen(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{wrap: func(d driver.StorageDriver) driver.StorageDriver { return vanishingDriver{d} }})
+	layer := e.fx.CUDA.Layers[0]
+	path := "/v2/nvidia/cuda/blobs/" + layer.Digest.String()
+	mustOK(t, e.do(t, http.MethodGet, path), 200) // cold: fetched and cached
+	waitFills(t, e)
+	before := e.up.BlobFetches(layer.Digest)
+	r := e.do(t, http.MethodGet, path, "Range", "bytes=0-9") // cached, then gone
+	mustOK(t, r, http.StatusPartialContent)
+	if e.up.BlobFetches(layer.Digest) != before+1 {
+		t.Fatal("the vanished blob was not fetched again")
+	}
+	if !bytes.Equal(r.body, layer.Body[:10]) || r.header.Get("Content-Range") != "bytes 0-9/"+itoa(len(layer.Body)) {
+		t.Fatalf("fallback: %q %q", r.body, r.header.Get("Content-Range"))
+	}
 }
