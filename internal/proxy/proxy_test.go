@@ -675,6 +675,7 @@ func TestMetricsColdThenHot(t *testing.T) {
 	}
 	val := func(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
 	pull()
+	waitFills(t, e) // commits finish after clients got their (verified) bytes
 	n := float64(len(im.Blobs()))
 	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Miss)); got != n {
 		t.Fatalf("cold blob misses %v, want %v", got, n)

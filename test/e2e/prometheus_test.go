@@ -161,8 +161,9 @@ func TestDashboardAndAlertsOnRealPrometheus(t *testing.T) {
 		}
 		bodyBytes = n
 	}
-	pull() // cold: all misses
-	pull() // hot: all hits
+	pull()            // cold: all misses
+	waitNoFills(t, m) // the last commits finish (clients got their bytes once verified)
+	pull()            // hot: all hits
 
 	// Wait until Prometheus has scraped the final counters.
 	deadline = time.Now().Add(30 * time.Second)
