@@ -674,9 +674,23 @@ func TestMetricsColdThenHot(t *testing.T) {
 		}
 	}
 	val := func(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
-	pull()
-	waitFills(t, e) // commits finish after clients got their (verified) bytes
 	n := float64(len(im.Blobs()))
+	// A client has its body before the handler records its metrics; the
+	// request counter is recorded last (by the middleware), so wait for it.
+	settled := func(rounds float64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")) < rounds*n ||
+			val(m.Requests.WithLabelValues(metrics.RouteManifest, "GET", "2xx")) < rounds {
+			if time.Now().After(deadline) {
+				t.Fatal("request metrics never settled")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	pull()
+	settled(1)
+	waitFills(t, e) // commits finish after clients got their (verified) bytes
 	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Miss)); got != n {
 		t.Fatalf("cold blob misses %v, want %v", got, n)
 	}
@@ -693,6 +707,7 @@ func TestMetricsColdThenHot(t *testing.T) {
 		t.Fatalf("token exchanges %v", got)
 	}
 	pull()
+	settled(2)
 	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Hit)); got != n {
 		t.Fatalf("hot blob hits %v, want %v", got, n)
 	}
