@@ -137,6 +137,16 @@ func mustOK(t *testing.T, r result, want int) {
 	}
 }
 
+// mustServe GETs path and fails unless it answers 200 with want.
+func mustServe(t *testing.T, e *env, path string, want []byte) {
+	t.Helper()
+	r := e.do(t, http.MethodGet, path)
+	mustOK(t, r, 200)
+	if !bytes.Equal(r.body, want) {
+		t.Fatalf("%s: %d bytes differ from the %d expected", path, len(r.body), len(want))
+	}
+}
+
 func errorCode(t *testing.T, r result) string {
 	t.Helper()
 	var env struct {
@@ -394,11 +404,7 @@ func TestClientDisconnectFillCompletes(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	e.up.Close()
-	r := e.do(t, http.MethodGet, "/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String())
-	mustOK(t, r, 200)
-	if !bytes.Equal(r.body, layer.Body) {
-		t.Fatal("cached blob differs")
-	}
+	mustServe(t, e, "/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String(), layer.Body)
 }
 
 // TestCorruptBlobNeverCached: a flipped byte from the CDN aborts the client
@@ -433,11 +439,7 @@ func TestCorruptBlobNeverCached(t *testing.T) {
 	if _, err := e.store.StatBlob(t.Context(), layer.Digest); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("corrupt blob is visible in the cache: %v", err)
 	}
-	r = e.do(t, http.MethodGet, path)
-	mustOK(t, r, 200)
-	if !bytes.Equal(r.body, layer.Body) {
-		t.Fatal("refetch differs")
-	}
+	mustServe(t, e, path, layer.Body) // the next request refetches cleanly
 }
 
 func TestRange(t *testing.T) {
