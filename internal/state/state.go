@@ -1,0 +1,137 @@
+// Package state is the mirror's memory of upstream tags, client pulls and
+// prefetch jobs, and the lock that elects one scheduler among replicas. It
+// has two implementations behind one interface: Redis (shared by replicas)
+// and an embedded bbolt file in the data directory (one process). The
+// statetest package runs one contract suite against both.
+//
+// Nothing on a client's request path waits on a Store: pulls are handed to
+// a bounded queue (see internal/tracking) and written in the background.
+package state
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned when a job does not exist.
+var ErrNotFound = errors.New("state: not found")
+
+// Tag is what the mirror knows of one upstream tag.
+type Tag struct {
+	Repository string    `json:"repository"`
+	Name       string    `json:"name"`
+	Digest     string    `json:"digest,omitempty"`     // what the tag resolved to when last resolved; "" not yet
+	MediaType  string    `json:"media_type,omitempty"` // of that manifest
+	Platforms  []string  `json:"platforms,omitempty"`  // "linux/amd64", ... of an index; empty for a single image
+	FirstSeen  time.Time `json:"first_seen"`
+	LastSeen   time.Time `json:"last_seen"` // last poll (or pull) that saw the tag
+}
+
+// Repository is a repository the mirror has seen: polled or pulled.
+type Repository struct {
+	Name       string    `json:"name"`
+	LastPolled time.Time `json:"last_polled,omitzero"` // zero: never polled (no baseline for new-tag detection)
+	LastPulled time.Time `json:"last_pulled,omitzero"`
+	Pulls      int64     `json:"pulls"` // manifest pulls recorded
+}
+
+// Pull is one manifest pull by a client.
+type Pull struct {
+	Repository string    `json:"repository"`
+	Tag        string    `json:"tag,omitempty"`      // the tag the client asked for (or whose index it pulled from)
+	Digest     string    `json:"digest"`             // the manifest served
+	Platform   string    `json:"platform,omitempty"` // "linux/amd64" when the pull resolved an index to a platform
+	Client     string    `json:"client"`             // user name, or the client's IP address
+	Time       time.Time `json:"time"`
+}
+
+// Usage aggregates the pulls of one repository, tag and platform.
+type Usage struct {
+	Repository string    `json:"repository"`
+	Tag        string    `json:"tag"`
+	Platform   string    `json:"platform,omitempty"`
+	Count      int64     `json:"count"`
+	Last       time.Time `json:"last"`
+}
+
+// Job states.
+const (
+	JobQueued  = "queued"
+	JobRunning = "running"
+	JobDone    = "done"
+	JobFailed  = "failed"
+)
+
+// Job is one prefetch: an image (repository and tag or digest) for some
+// platforms, with its progress.
+type Job struct {
+	ID         string    `json:"id"`
+	Repository string    `json:"repository"`
+	Reference  string    `json:"reference"`           // tag or digest
+	Platforms  []string  `json:"platforms,omitempty"` // empty: every platform of an index
+	Rule       string    `json:"rule,omitempty"`      // the rule that made it; "" for a manual prefetch, "auto" for the automatic rule
+	State      string    `json:"state"`
+	Created    time.Time `json:"created"`
+	Updated    time.Time `json:"updated"`
+	Finished   time.Time `json:"finished,omitzero"`
+	BlobsTotal int       `json:"blobs_total"`
+	BlobsDone  int       `json:"blobs_done"`
+	BytesTotal int64     `json:"bytes_total"`       // bytes of the selected blobs
+	BytesDone  int64     `json:"bytes_done"`        // of which cached (already or fetched by this job)
+	Current    string    `json:"current,omitempty"` // digest of a blob being fetched now
+	Errors     []string  `json:"errors,omitempty"`
+	Owner      string    `json:"owner,omitempty"` // replica that ran it last
+}
+
+// Ended reports whether the job has ended (done or failed).
+func (j Job) Ended() bool { return j.State == JobDone || j.State == JobFailed }
+
+// MaxJobs is how many jobs a store keeps; beyond it the oldest ended jobs
+// are forgotten.
+const MaxJobs = 500
+
+// MaxPullLog is how many individual pulls a store keeps (the counters in
+// Usage are kept for every repository, tag and platform).
+const MaxPullLog = 10000
+
+// Store is the persistence behind tracking and prefetch. Every method may
+// fail when the backend is unreachable; callers log, count and carry on.
+type Store interface {
+	// PutTags inserts or updates tags (keyed by repository and name).
+	PutTags(ctx context.Context, tags []Tag) error
+	// Tags returns the tags known for repo, sorted by name.
+	Tags(ctx context.Context, repo string) ([]Tag, error)
+	// MarkPolled records that repo's tags were listed at t.
+	MarkPolled(ctx context.Context, repo string, t time.Time) error
+	// Repositories returns every repository polled or pulled, sorted by name.
+	Repositories(ctx context.Context) ([]Repository, error)
+	// RecordPull adds p to the pull log and to the Usage counters.
+	RecordPull(ctx context.Context, p Pull) error
+	// Usage returns the counters whose last pull is at or after since.
+	Usage(ctx context.Context, since time.Time) ([]Usage, error)
+	// RecentPulls returns up to n pulls, newest first.
+	RecentPulls(ctx context.Context, n int) ([]Pull, error)
+
+	// PutJob creates or replaces a job.
+	PutJob(ctx context.Context, j Job) error
+	// Job returns job id, or ErrNotFound.
+	Job(ctx context.Context, id string) (Job, error)
+	// Jobs returns every kept job, newest first.
+	Jobs(ctx context.Context) ([]Job, error)
+
+	// Lock takes or renews the named lock for owner for ttl. It returns
+	// false when another owner holds it. A lock whose owner stops renewing
+	// it expires after ttl.
+	Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error)
+	// Unlock releases the lock if owner holds it.
+	Unlock(ctx context.Context, name, owner string) error
+	// Claim returns true to exactly one caller per key within ttl: the
+	// guard that makes a scheduled tick run once even across a change of
+	// lock holder.
+	Claim(ctx context.Context, key string, ttl time.Duration) (bool, error)
+
+	// Ping checks the backend.
+	Ping(ctx context.Context) error
+	Close() error
+}
