@@ -4,7 +4,7 @@
 // physical limit) as subprocesses on 127.0.0.1, runs the cases side by side
 // and prints a markdown table with ratios. See bench/README.md.
 //
-//	harness -mirror BIN [-peer BIN] [-cases 1,2,3,4,5] [-blob-size 1GiB] ...
+//	harness -mirror BIN [-peer BIN] [-cases 1,2,3,4,5,6] [-blob-size 1GiB] ...
 //
 // It never fails because a target was missed; it exits non-zero only when it
 // cannot set up (a server does not start).
@@ -82,6 +82,9 @@ type config struct {
 
 	manifestRequests    int // case 5
 	manifestConcurrency int
+
+	versitygwBin string // case 6 ("": versitygw on PATH)
+	s3BlobSize   int64
 }
 
 func main() {
@@ -89,7 +92,7 @@ func main() {
 		serveStatic = flag.String("serve-static", "", "internal: serve this directory with http.FileServer (the static baseline)")
 		listen      = flag.String("listen", "", "internal: address for -serve-static")
 		c           config
-		casesFlag   = flag.String("cases", "1,2,3,4,5", "cases to run, comma separated")
+		casesFlag   = flag.String("cases", "1,2,3,4,5,6", "cases to run, comma separated")
 		nsFlag      = flag.String("cold-n", "1,8,32", "case 2: concurrent clients per round")
 		blobSize    = size(1 << 30)
 		smallSize   = size(-1)
@@ -113,6 +116,7 @@ func main() {
 	flag.Var(&ttfbSize, "ttfb-size", "case 3: blob size")
 	flag.IntVar(&c.manifestRequests, "manifest-requests", 10000, "case 5: requests per measurement")
 	flag.IntVar(&c.manifestConcurrency, "manifest-concurrency", 16, "case 5: concurrent connections")
+	flag.StringVar(&c.versitygwBin, "versitygw", "", "case 6: versitygw binary (default: versitygw on PATH)")
 	flag.Parse()
 
 	if *serveStatic != "" {
@@ -123,11 +127,19 @@ func main() {
 	if c.smallSize < 0 {
 		c.smallSize = c.blobSize / 8
 	}
+	// Case 6 moves every byte through a real S3 server several times per
+	// run: a modest default, and -blob-size when it is given.
+	c.s3BlobSize = 256 << 20
+	flag.Visit(func(f *flag.Flag) {
+		if f.Name == "blob-size" {
+			c.s3BlobSize = c.blobSize
+		}
+	})
 	c.cases = map[int]bool{}
 	for _, f := range strings.Split(*casesFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 || n > 5 {
-			log.Fatalf("-cases: %q is not a case (1-5)", f)
+		if err != nil || n < 1 || n > 6 {
+			log.Fatalf("-cases: %q is not a case (1-6)", f)
 		}
 		c.cases[n] = true
 	}
@@ -153,6 +165,9 @@ type harness struct {
 	peer   *proc
 	static *proc
 	peerNA string // why the peer is unavailable, if it is
+
+	// Case 6: the S3 store and the two mirrors on it (nil until it runs).
+	s3gw, s3proxied, s3redirect *proc
 
 	mirrorData string
 	rows       []row
@@ -200,6 +215,7 @@ func run(c config) int {
 			return err
 		}},
 		{1, func(ctx context.Context) error { return h.case1(ctx, bigBlobs) }},
+		{6, h.case6},
 	}
 	for _, s := range steps {
 		if !c.cases[s.n] {
@@ -215,7 +231,7 @@ func run(c config) int {
 			h.note("Case %d did not complete: %v", s.n, err)
 		}
 		logf("case %d: done in %s", s.n, time.Since(t0).Round(time.Second))
-		for _, p := range []*proc{h.mirror, h.peer, h.static} {
+		for _, p := range h.procs() {
 			if p != nil && !p.alive() {
 				h.note("%s exited during case %d (%v):\n%s", p.name, s.n, p.waitErr, tail(p.logPath, 10))
 			}
@@ -309,8 +325,13 @@ func firstLine(s string) string {
 	return l
 }
 
+// procs returns the server subprocesses (nil where one is not running).
+func (h *harness) procs() []*proc {
+	return []*proc{h.mirror, h.peer, h.static, h.s3proxied, h.s3redirect, h.s3gw}
+}
+
 func (h *harness) close() {
-	for _, p := range []*proc{h.mirror, h.peer, h.static} {
+	for _, p := range h.procs() {
 		p.stop()
 	}
 	if h.up != nil {
@@ -334,10 +355,16 @@ func (h *harness) report() string {
 	fmt.Fprintf(&b, "\n## Results\n\n")
 	fmt.Fprintf(&b, "Run %s, %s total. Machine: %s.\n\n", h.started.UTC().Format("2006-01-02 15:04 UTC"),
 		time.Since(h.started).Round(time.Second), machine())
-	fmt.Fprintf(&b, "Settings: blob %s (case 4 also %s), %d clients, case 2 %s over %d layers of %s at %s/s, case 3 %d × %s, case 5 %d requests × %d connections.\n\n",
-		fmtBytes(h.cfg.blobSize), fmtBytes(h.cfg.smallSize), h.cfg.clients, fmtInts(h.cfg.coldNs), h.cfg.coldLayers,
-		fmtBytes(h.cfg.coldLayerSize), fmtBytes(h.cfg.coldRate), h.cfg.ttfbSamples, fmtBytes(h.cfg.ttfbSize),
-		h.cfg.manifestRequests, h.cfg.manifestConcurrency)
+	if h.cfg.cases[1] || h.cfg.cases[2] || h.cfg.cases[3] || h.cfg.cases[4] || h.cfg.cases[5] {
+		fmt.Fprintf(&b, "Settings: blob %s (case 4 also %s), %d clients, case 2 %s over %d layers of %s at %s/s, case 3 %d × %s, case 5 %d requests × %d connections.\n\n",
+			fmtBytes(h.cfg.blobSize), fmtBytes(h.cfg.smallSize), h.cfg.clients, fmtInts(h.cfg.coldNs), h.cfg.coldLayers,
+			fmtBytes(h.cfg.coldLayerSize), fmtBytes(h.cfg.coldRate), h.cfg.ttfbSamples, fmtBytes(h.cfg.ttfbSize),
+			h.cfg.manifestRequests, h.cfg.manifestConcurrency)
+	}
+	if h.cfg.cases[6] {
+		fmt.Fprintf(&b, "Case 6: blob %s, 1 and %d clients, %d reps, TTFB %d samples; static column = direct GETs from versitygw (the presigned URL).\n\n",
+			fmtBytes(h.cfg.s3BlobSize), h.cfg.clients, h.cfg.reps, max(h.cfg.ttfbSamples, 1))
+	}
 	if h.peerNA != "" {
 		fmt.Fprintf(&b, "Peer: n/a (%s).\n\n", h.peerNA)
 	}

@@ -18,8 +18,8 @@ import (
 	"time"
 )
 
-// proc is a server subprocess: the mirror, the peer registry or the static
-// file server.
+// proc is a server subprocess: the mirror, the peer registry, the static
+// file server, or case 6's S3 store (versitygw) and mirrors.
 type proc struct {
 	name    string
 	base    string // http://127.0.0.1:PORT
@@ -48,9 +48,16 @@ func baseEnv(extra ...string) []string {
 	return append(env, extra...)
 }
 
-// startProc starts bin with args and waits until GET <base>/v2/ (or
-// readyPath) answers 200.
+// startProc starts bin with args and waits until GET <base><readyPath>
+// answers 200.
 func startProc(ctx context.Context, name, addr, readyPath, logPath, bin string, args, env []string) (*proc, error) {
+	return startProcReady(ctx, name, addr, logPath, bin, args, env, readyPath,
+		func(r *http.Response) bool { return r.StatusCode == http.StatusOK })
+}
+
+// startProcReady starts bin with args and waits until GET <base><readyPath>
+// gets an answer that ready accepts.
+func startProcReady(ctx context.Context, name, addr, logPath, bin string, args, env []string, readyPath string, ready func(*http.Response) bool) (*proc, error) {
 	lf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
@@ -85,7 +92,7 @@ func startProc(ctx context.Context, name, addr, readyPath, logPath, bin string, 
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
+			if ready(resp) {
 				return p, nil
 			}
 		}
@@ -287,4 +294,30 @@ func readProcIO(pid int) (procIO, error) {
 		}
 	}
 	return io, nil
+}
+
+// procCPU returns the CPU time (user + system) the process has used, from
+// /proc/<pid>/stat (utime and stime, in USER_HZ = 100 ticks per second on
+// Linux).
+func procCPU(pid int) (time.Duration, error) {
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(raw), ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(raw[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	// f[0] is field 3 (state): utime and stime are fields 14 and 15.
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, err
+	}
+	return time.Duration(ut+st) * (time.Second / 100), nil
 }
