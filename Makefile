@@ -3,6 +3,8 @@ GO ?= go
 # The storage and proxy tests run against a real S3 server (versitygw from
 # .ci/install.sh); make test requires it rather than skipping.
 export MIRROR_TEST_REQUIRE_S3 = 1
+# Likewise a real redis-server (Debian's package) for the state store tests.
+export MIRROR_TEST_REQUIRE_REDIS = 1
 
 .PHONY: run build test unit fuzz e2e deps bench
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
-# skopeo, a Docker daemon, containerd, Prometheus (with promtool) and
-# docker-compose from Debian; crane and versitygw (an S3 server) from the Go
+# skopeo, a Docker daemon, containerd, Prometheus (with promtool),
+# docker-compose and redis-server from Debian; crane and versitygw (an S3 server) from the Go
 # module proxy.
 set -euo pipefail
 need=()
@@ -11,6 +11,7 @@ command -v containerd >/dev/null || need+=(containerd)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v make >/dev/null || need+=(make)
+command -v redis-server >/dev/null || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -29,3 +30,4 @@ containerd --version
 prometheus --version 2>&1 | head -1
 docker-compose --version
 versitygw --version 2>&1 | head -1 || true
+redis-server --version

@@ -218,7 +218,7 @@ func TestComposeFile(t *testing.T) {
 	if err := yaml.Unmarshal(raw, &c); err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []string{"mirror", "prometheus", "grafana"} {
+	for _, s := range []string{"mirror", "redis", "prometheus", "grafana"} {
 		if _, ok := c.Services[s]; !ok {
 			t.Errorf("compose has no %s service", s)
 		}

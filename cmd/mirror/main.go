@@ -28,11 +28,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
+	"github.com/ngc-mirror/ngc-mirror/internal/admin"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/health"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/tlsreload"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -49,11 +51,13 @@ const usage = `usage: mirror serve [--config FILE]
        mirror healthcheck [--config FILE]   (GET /healthz of the local mirror)
        mirror fsck [--config FILE] [--repair report|quarantine|delete]
        mirror gc [--config FILE] [--dry-run] [--grace 1h]
+       mirror prefetch IMAGE [--platform os/arch]... [--detach]   (on the running mirror)
+       mirror tags REPOSITORY [--monthly] [--refresh]           (tracked tags, what is cached)
 
 Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
 MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL,
 MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE, MIRROR_TLS_CERT_FILE,
-MIRROR_TLS_KEY_FILE. See configs/mirror.yaml.
+MIRROR_TLS_KEY_FILE, MIRROR_REDIS_URL, MIRROR_ADMIN_TOKEN. See configs/mirror.yaml.
 `
 
 func main() {
@@ -65,6 +69,10 @@ func main() {
 			os.Exit(fsck(os.Args[2:]))
 		case "gc":
 			os.Exit(gc(os.Args[2:]))
+		case "prefetch":
+			os.Exit(prefetchCmd(os.Args[2:]))
+		case "tags":
+			os.Exit(tagsCmd(os.Args[2:]))
 		}
 	}
 	if len(os.Args) < 2 || os.Args[1] != "serve" {
@@ -86,6 +94,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "config:", err)
 		os.Exit(2)
 	}
+	rules, err := compileRules(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cfg.TLS.CertFile == "" {
@@ -93,7 +106,7 @@ func main() {
 		// process (its default action).
 		signal.Ignore(syscall.SIGHUP)
 	}
-	if err := serve(ctx, cfg, policy); err != nil {
+	if err := serve(ctx, cfg, policy, rules); err != nil {
 		slog.Error("mirror stopped", "err", err)
 		os.Exit(1)
 	}
@@ -118,7 +131,7 @@ func newPolicy(cfg config.Config) (*access.Policy, error) {
 	})
 }
 
-func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error {
+func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules []*prefetch.Rule) error {
 	level, _ := cfg.Level()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
@@ -157,6 +170,8 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	metrics.BuildInfo(reg, version, revision, runtime.Version())
 	metrics.StorageUsage(reg, store.Usage)
 	metrics.FilesystemUsage(reg, dataDir)
+	// Cache budget and eviction (evict.go); nil without a budget.
+	ev := startEviction(ctx, cfg, store, dataDir, reg, log)
 	go func() {
 		if err := store.Scan(ctx); err != nil {
 			log.Warn("scanning the cache for its size failed", "err", err)
@@ -177,10 +192,17 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 		IdleTimeout:        time.Duration(cfg.Upstream.BlobIdleTimeout),
 		StopWithoutClients: cfg.Cache.StopFillsWithoutClients,
 		MaxFills:           cfg.Limits.MaxFills,
+		Budget:             ev, // evict.go
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
+	trk, err := newTracked(cfg, dataDir, rules, up, reg, log)
+	if err != nil {
+		return err
+	}
+	defer trk.store.Close()
 	h := proxy.New(up, store, fills, proxy.Options{
+		Pulls:           trk.tracker,
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
 		NSAliases:       cfg.Upstream.NSAliases,
@@ -188,6 +210,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 		Metrics:         m,
 		Access:          policy,
 		BlobRedirect:    cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
+		Cache:           ev, // evict.go
 	})
 	hc := &health.Checker{StorageProbe: store.Probe, UpstreamProbe: up.Ping}
 
@@ -201,6 +224,14 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	mux.HandleFunc("/readyz", hc.Readyz)
 	mux.Handle("/auth/token", policy.TokenHandler())
 	mux.Handle("/", h)
+	bgCtx, stopBackground := context.WithCancel(ctx)
+	defer stopBackground()
+	background, err := trk.start(bgCtx, cfg, dataDir, rules, h, store, up, log)
+	if err != nil {
+		return err
+	}
+	mux.Handle(admin.Prefix+"/", trk.admin)
+	pinPrefetchRules(ev, trk.sched)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
 		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)
@@ -264,6 +295,8 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy) error 
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Warn("responses cut off at the end of the grace period", "err", err)
 	}
+	stopBackground()
+	<-background // prefetch jobs stop here (state saved: resumed at the next start)
 	if err := fills.Wait(sctx); err != nil {
 		// Their uploads are removed at the next start (PurgeUploads).
 		log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/distribution/reference"
 	"gopkg.in/yaml.v3"
 )
 
@@ -29,6 +30,10 @@ type Config struct {
 	Access   Access   `yaml:"access"`
 	TLS      TLS      `yaml:"tls"`
 	Limits   Limits   `yaml:"limits"`
+	State    State    `yaml:"state"`
+	Tracking Tracking `yaml:"tracking"`
+	Prefetch Prefetch `yaml:"prefetch"`
+	Admin    Admin    `yaml:"admin"`
 }
 
 // Limits protect the mirror from overload and abuse.
@@ -119,6 +124,21 @@ type Cache struct {
 	// StopFillsWithoutClients cancels a blob download when every client
 	// asking for it has gone. Off by default: the blob is cached anyway.
 	StopFillsWithoutClients bool `yaml:"stop_fills_without_clients"`
+	// MaxSize is the most bytes of blobs and manifests the cache holds
+	// (0: no limit). Over it, the least recently used content is evicted
+	// down to 90% of it.
+	MaxSize Size `yaml:"max_size"`
+	// MinFree is the free space to keep on the filesystem holding the
+	// cache: bytes or a percentage of it (zero: none). Filesystem driver
+	// only.
+	MinFree FreeSpace `yaml:"min_free"`
+	// EvictInterval is how often the budget is checked besides after
+	// each commit that crosses it.
+	EvictInterval Duration `yaml:"evict_interval"`
+	// Pin lists images eviction never removes: "repository:tag" (what the
+	// tag points at in the cache) or "repository@digest"; an index keeps
+	// its child manifests and all their blobs.
+	Pin []string `yaml:"pin"`
 }
 
 // Duration is a time.Duration written as "30s", "5m" in YAML.
@@ -137,7 +157,11 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 // Default returns the embedded defaults: listen on :5000, anonymous nvcr.io,
 // cache in ./data on the local filesystem.
 func Default() Config {
+	st, tr, pf := defaultTracking()
 	return Config{
+		State:    st,
+		Tracking: tr,
+		Prefetch: pf,
 		Addr:     ":5000",
 		LogLevel: "info",
 		Upstream: Upstream{
@@ -147,7 +171,7 @@ func Default() Config {
 			BlobIdleTimeout: Duration(60 * time.Second),
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
-		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute)},
 		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
 		Access: Access{
 			Mode: "none",
@@ -193,6 +217,8 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		"MIRROR_HTPASSWD_FILE":     &c.Access.HtpasswdFile,
 		"MIRROR_TLS_CERT_FILE":     &c.TLS.CertFile,
 		"MIRROR_TLS_KEY_FILE":      &c.TLS.KeyFile,
+		"MIRROR_REDIS_URL":         &c.State.RedisURL,
+		"MIRROR_ADMIN_TOKEN":       &c.Admin.Token,
 	} {
 		if v := getenv(env); v != "" {
 			*dst = v
@@ -209,6 +235,27 @@ func Load(path string, getenv func(string) string) (Config, error) {
 			}
 			*dst = b
 		}
+	}
+	if v := getenv("MIRROR_CACHE_MAX_SIZE"); v != "" {
+		n, err := ParseSize(v)
+		if err != nil {
+			return c, fmt.Errorf("config: MIRROR_CACHE_MAX_SIZE: %w", err)
+		}
+		c.Cache.MaxSize = Size(n)
+	}
+	if v := getenv("MIRROR_CACHE_MIN_FREE"); v != "" {
+		f, err := ParseFreeSpace(v)
+		if err != nil {
+			return c, fmt.Errorf("config: MIRROR_CACHE_MIN_FREE: %w", err)
+		}
+		c.Cache.MinFree = f
+	}
+	if c.Admin.Token == "" && c.Admin.TokenFile != "" {
+		raw, err := os.ReadFile(c.Admin.TokenFile)
+		if err != nil {
+			return c, fmt.Errorf("config: admin.token_file: %w", err)
+		}
+		c.Admin.Token = strings.TrimSpace(string(raw))
 	}
 	if c.Upstream.APIKey == "" && c.Upstream.APIKeyFile != "" {
 		raw, err := os.ReadFile(c.Upstream.APIKeyFile)
@@ -286,6 +333,24 @@ func (c Config) Validate() error {
 	if c.Cache.TagFreshness < 0 {
 		errs = append(errs, errors.New("cache.tag_freshness must not be negative"))
 	}
+	if c.Cache.MaxSize < 0 || c.Cache.MinFree.Bytes < 0 {
+		errs = append(errs, errors.New("cache.max_size and cache.min_free must not be negative"))
+	}
+	if !c.Cache.MinFree.IsZero() && c.Storage.Driver != "filesystem" {
+		errs = append(errs, errors.New("cache.min_free (MIRROR_CACHE_MIN_FREE) applies to the filesystem driver only; use cache.max_size with s3"))
+	}
+	if c.Cache.EvictInterval <= 0 {
+		errs = append(errs, errors.New("cache.evict_interval must be positive"))
+	}
+	for _, p := range c.Cache.Pin {
+		named, err := reference.ParseNamed("nvcr.io/" + p)
+		_, tagged := named.(reference.Tagged)
+		_, digested := named.(reference.Digested)
+		if err != nil || strings.HasPrefix(p, "nvcr.io/") || (!tagged && !digested) {
+			errs = append(errs, fmt.Errorf("cache.pin %q: want repository:tag or repository@sha256:...", p))
+		}
+	}
+	errs = append(errs, c.validateTracking()...)
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))
 	}

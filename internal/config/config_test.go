@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -39,7 +40,7 @@ func TestDefaults(t *testing.T) {
 			BlobIdleTimeout: Duration(60 * time.Second),
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
-		Cache:   Cache{TagFreshness: Duration(5 * time.Minute)},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute)},
 		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
 		Access: Access{
 			Mode:             "none",
@@ -47,6 +48,9 @@ func TestDefaults(t *testing.T) {
 			TokenLifetime:    Duration(15 * time.Minute),
 			PassthroughTTL:   Duration(time.Minute),
 		},
+		State:    State{Timeout: Duration(time.Second)},
+		Tracking: Tracking{Poll: "@every 1h", Recent: Duration(30 * 24 * time.Hour)},
+		Prefetch: Prefetch{Enabled: true, MaxJobs: 2, Auto: AutoPrefetch{Enabled: true, Window: Duration(14 * 24 * time.Hour)}},
 	}
 	if got := Default(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("Default() = %+v\nwant %+v", got, want)
@@ -302,5 +306,64 @@ func TestMissingFileIsAnError(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "nope.yaml")
 	if _, err := Load(p, noEnv); err == nil || !strings.Contains(err.Error(), "nope.yaml") {
 		t.Fatalf("Load of a missing file: %v", err)
+	}
+}
+
+func TestPrefetchRulesFromYAML(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", `
+state:
+  redis_url: redis://127.0.0.1:6379/0
+tracking:
+  repositories: [nvidia/pytorch]
+  poll: "*/30 * * * *"
+prefetch:
+  auto: {enabled: false}
+  rules:
+    - name: frameworks
+      repositories: [nvidia/pytorch, "nvidia/**"]
+      tags: {latest: 2, regex: '24\.\d\d-py3', exact: [24.05-py3]}
+      variants: [py3, py3-igpu]
+      platforms: [linux/amd64]
+      schedule: "0 3 * * *"
+      concurrency: 8
+      bandwidth: 100MiB
+      pin: true
+admin:
+  token: s3cret
+`)
+	c, err := Load(p, func(k string) string {
+		if k == "MIRROR_REDIS_URL" {
+			return "redis://10.0.0.1:6379/1"
+		}
+		return ""
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.Prefetch.Rules[0]
+	if c.State.RedisURL != "redis://10.0.0.1:6379/1" || c.Prefetch.Auto.Enabled || !c.Prefetch.Enabled ||
+		r.Bandwidth != 100<<20 || r.Tags.Latest != 2 || r.Tags.Regex != `24\.\d\d-py3` || !r.Pin || r.Concurrency != 8 ||
+		len(r.Platforms) != 1 || c.Admin.Token != "s3cret" || c.Tracking.Poll != "*/30 * * * *" {
+		t.Errorf("parsed %+v / %+v", c, r)
+	}
+	dup := writeFile(t, "dup.yaml", "prefetch:\n  rules:\n    - {name: a}\n    - {name: a}\n")
+	if _, err := Load(dup, noEnv); err == nil || !strings.Contains(err.Error(), "duplicate name") {
+		t.Errorf("duplicate rule names: %v", err)
+	}
+}
+
+// configs/mirror.yaml documents every key with its default: loading it
+// gives exactly the defaults.
+func TestShippedConfigIsTheDefaults(t *testing.T) {
+	t.Parallel()
+	got, err := Load("../../configs/mirror.yaml", noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Default()
+	// YAML's empty lists decode to empty slices, the defaults have nil.
+	if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", want) {
+		t.Errorf("configs/mirror.yaml = %+v\ndefaults           %+v", got, want)
 	}
 }

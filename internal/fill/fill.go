@@ -48,6 +48,19 @@ var ErrTooManyFills = errors.New("fill: too many downloads in progress")
 // local disk, not the upstream, is at fault.
 var ErrSpool = errors.New("fill: spool")
 
+// ErrCacheFull is returned by Wait when Options.Budget refused the blob:
+// the cache is at its budget and nothing could be evicted. Nothing is
+// cached; the caller serves the client straight from the upstream.
+var ErrCacheFull = errors.New("fill: cache budget full")
+
+// Budget decides whether a blob may be cached (internal/evict.Evictor).
+type Budget interface {
+	// Admit reserves room for a blob of size bytes before it is written.
+	// release is called once the blob is committed or abandoned. An error
+	// means the blob is not to be cached.
+	Admit(ctx context.Context, dgst digest.Digest, size int64) (release func(), err error)
+}
+
 // Source opens the upstream body of one blob from byte offset on. size is the
 // full blob size in bytes (not the remaining length); it must not be
 // negative. A Source is called again with the offset reached when the
@@ -71,8 +84,11 @@ type Options struct {
 	// StopWithoutClients cancels a fill when its last client leaves. By
 	// default a fill outlives its clients and the blob is cached anyway.
 	StopWithoutClients bool
-	Log                *slog.Logger
-	Metrics            *metrics.Metrics // nil records nothing
+	// Budget, when set, is asked for room once the blob size is known and
+	// before anything is written; a refusal ends the fill with ErrCacheFull.
+	Budget  Budget
+	Log     *slog.Logger
+	Metrics *metrics.Metrics // nil records nothing
 }
 
 // Group runs at most one fill per digest. It is safe for concurrent use.
@@ -442,6 +458,14 @@ func (f *Fill) run(ctx context.Context, src Source) {
 	}
 
 	err := f.fetch(ctx, src, idle, readyOnce, log)
+	if errors.Is(err, ErrCacheFull) {
+		// Not a failure: the budget (which counts and logs it) declined
+		// the blob, and each client is served from the upstream.
+		log.Debug("cache full; blob not cached", "err", err)
+		f.g.opts.Metrics.FillEnded("")
+		f.finish(err)
+		return
+	}
 	if err != nil && errors.Is(err, storage.ErrNotCached) {
 		// Verified and streamed to every client, but the cache refused it.
 		log.Warn("blob served but not cached", "err", err, "size", f.size)
@@ -486,6 +510,15 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	defer func() { _ = body.Close() }()
 	if size < 0 {
 		return ErrUnknownSize
+	}
+	if b := f.g.opts.Budget; b != nil {
+		// An eviction pass may run meanwhile: not an upstream stall.
+		idle.Stop()
+		release, err := b.Admit(ctx, f.dgst, size)
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrCacheFull, err)
+		}
+		defer release()
 	}
 	idle.Reset(f.g.opts.IdleTimeout)
 
@@ -586,4 +619,16 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	f.wake = make(chan struct{})
 	f.mu.Unlock()
 	return w.Commit(context.WithoutCancel(ctx))
+}
+
+// Clients returns how many callers hold the running fill of dgst (0 when
+// none runs). A prefetch throttles its fill only while it is the only
+// caller, so a client that joins gets the upstream's full speed.
+func (g *Group) Clients(dgst digest.Digest) int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if f := g.fills[dgst]; f != nil {
+		return f.refs - 1 // the runner holds one
+	}
+	return 0
 }

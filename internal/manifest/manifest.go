@@ -64,3 +64,50 @@ func References(body []byte) ([]Descriptor, error) {
 	}
 	return out, nil
 }
+
+// PlatformString returns "os/arch[/variant]" of an index entry, or "" when it has
+// no platform.
+func (d Descriptor) PlatformString() string {
+	if d.Platform == nil || d.Platform.OS == "" {
+		return ""
+	}
+	s := d.Platform.OS + "/" + d.Platform.Architecture
+	if d.Platform.Variant != "" {
+		s += "/" + d.Platform.Variant
+	}
+	return s
+}
+
+// IsIndex reports whether mediaType is an OCI image index or a Docker
+// manifest list.
+func IsIndex(mediaType string) bool {
+	return mediaType == "application/vnd.oci.image.index.v1+json" ||
+		mediaType == "application/vnd.docker.distribution.manifest.list.v2+json"
+}
+
+// Children returns the child manifests of an index body with their
+// platforms ("" for entries without one, such as attestations' unknown/unknown
+// which report "unknown/unknown").
+func Children(body []byte) ([]Descriptor, error) {
+	var s shape
+	if err := json.Unmarshal(body, &s); err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	out := make([]Descriptor, 0, len(s.Manifests))
+	for _, m := range s.Manifests {
+		if m.Digest.Validate() == nil {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// MatchPlatform reports whether platform ("linux/arm64/v8") is selected by
+// want ("linux/arm64" selects every arm64 variant; "linux/arm64/v8" only
+// v8).
+func MatchPlatform(platform, want string) bool {
+	if platform == want {
+		return true
+	}
+	return len(platform) > len(want) && platform[:len(want)] == want && platform[len(want)] == '/'
+}

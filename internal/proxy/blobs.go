@@ -29,10 +29,19 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		writeError(w, toAPIError(err, kindBlob))
 		return
 	}
+	if h.cache != nil && r.Method == http.MethodGet {
+		// Before the lookup: eviction then either removed the blob
+		// already (a miss) or leaves it until this response is sent.
+		release, err := h.cache.Lease(ctx, dgst)
+		if err != nil {
+			return // the client went away
+		}
+		defer release()
+	}
 	size, err := h.store.StatBlob(ctx, dgst)
 	if err == nil {
 		if n, gone := h.serveCachedBlob(w, r, dgst, size); !gone {
-			h.metrics.CacheResult("blob", metrics.Hit, n)
+			h.hit(dgst, n)
 			return
 		}
 		// Removed (gc) between the lookup and the open: a miss after all.
@@ -59,38 +68,66 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		return
 	}
 
+	// A fill may find the blob cached, and gc or another process remove it
+	// before it is opened: then fetch it after all, a few times at most.
+	for attempt := 1; ; attempt++ {
+		if h.serveFill(w, r, name, dgst, attempt == 3) {
+			return
+		}
+	}
+}
+
+func (h *Handler) hit(dgst digest.Digest, n int64) {
+	if h.cache != nil {
+		h.cache.Touch("blob", dgst)
+	}
+	h.metrics.CacheResult("blob", metrics.Hit, n)
+}
+
+// serveFill answers a GET miss from the fill of dgst it joins or starts.
+// It returns false, having written nothing, when the fill found the blob
+// cached but it was gone when opened (unless last): the caller tries again.
+func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest, last bool) (done bool) {
+	ctx := r.Context()
 	f, _, err := h.fills.Join(dgst, h.blobSource(name, dgst))
 	if err != nil { // too many downloads at once: the client retries later
 		e := newAPIError(errcode.ErrorCodeUnavailable, "too many blob downloads in progress; retry shortly")
 		e.retryAfter = "5"
 		writeError(w, e)
-		return
+		return true
 	}
 	defer f.Release()
-	size, err = f.Wait(ctx)
-	if errors.Is(err, fill.ErrSpool) {
+	size, err := f.Wait(ctx)
+	switch {
+	case errors.Is(err, fill.ErrCacheFull):
+		// The budget refused it (logged and counted there).
+		h.metrics.CacheResult("blob", metrics.Miss, h.serveDirect(w, r, name, dgst))
+		return true
+	case errors.Is(err, fill.ErrSpool):
 		h.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", dgst, "err", err)
 		h.metrics.CacheResult("blob", metrics.Miss, h.serveDirect(w, r, name, dgst))
-		return
-	}
-	if err != nil {
+		return true
+	case err != nil:
 		if ctx.Err() == nil {
 			writeError(w, toAPIError(err, kindBlob))
 		}
-		return
+		return true
 	}
 	if f.Cached() {
 		n, gone := h.serveCachedBlob(w, r, dgst, size)
+		if gone && !last {
+			return false
+		}
 		if gone {
 			writeError(w, newAPIError(errcode.ErrorCodeUnavailable, "the blob was removed while being served; retry"))
-			return
+			return true
 		}
-		h.metrics.CacheResult("blob", metrics.Hit, n)
-		return
+		h.hit(dgst, n)
+		return true
 	}
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
-		return
+		return true
 	}
 	w.WriteHeader(status)
 	// Send the headers now, not with the first body bytes: a client whose
@@ -107,6 +144,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		// transfer, not a truncated blob.
 		panic(http.ErrAbortHandler)
 	}
+	return true
 }
 
 // serveDirect streams a blob from the upstream to one client without

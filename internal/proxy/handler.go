@@ -22,6 +22,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -44,10 +45,33 @@ type Options struct {
 	// from the store to the client. HEAD and manifests are still answered
 	// here.
 	BlobRedirect bool
+	// Cache, when set, is told of every cache hit (the access times that
+	// eviction orders by) and holds a lease on each blob while a GET
+	// serves it, so that eviction never removes what a response streams
+	// (internal/evict.Evictor).
+	Cache CacheTracker
 	// Access decides who may pull what. nil serves everything to everyone
 	// (tests); cmd/mirror always sets one, whose default opens only the
 	// public namespaces.
 	Access *access.Policy
+	// Pulls, when set, is told of every manifest served (GET or HEAD with
+	// status 200), for the pull history. It must not block.
+	Pulls PullRecorder
+}
+
+// CacheTracker follows cache use for eviction (internal/evict.Evictor).
+type CacheTracker interface {
+	// Touch records an access to a cached object of kind "blob" or
+	// "manifest". It must be cheap: it runs on every hit.
+	Touch(kind string, dgst digest.Digest)
+	// Lease keeps blob dgst in the cache until release is called; an
+	// error (ctx ended) means the request is abandoned.
+	Lease(ctx context.Context, dgst digest.Digest) (release func(), err error)
+}
+
+// PullRecorder receives served manifests (*tracking.Tracker).
+type PullRecorder interface {
+	Served(tracking.ManifestServed)
 }
 
 // Handler serves the registry API. Build it with New.
@@ -59,6 +83,7 @@ type Handler struct {
 	log       *slog.Logger
 	metrics   *metrics.Metrics
 	access    *access.Policy
+	cache     CacheTracker       // nil: no eviction to tell
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	router    chi.Router
 }
@@ -74,7 +99,7 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access}
+	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access, cache: opts.Cache}
 	r := chi.NewRouter()
 	r.Use(apiVersion, h.observe)
 	r.Get("/v2/", h.base)

@@ -16,6 +16,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -47,6 +48,9 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 		writeError(w, toAPIError(err, kindManifest))
 		return
 	}
+	if h.cache != nil {
+		h.cache.Touch("manifest", m.Digest)
+	}
 	hd := w.Header()
 	hd.Set("Content-Type", m.MediaType)
 	hd.Set("Content-Length", strconv.Itoa(len(m.Body)))
@@ -63,6 +67,14 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 		result = metrics.Hit
 	}
 	h.metrics.CacheResult("manifest", result, sent)
+	if h.opts.Pulls != nil {
+		ev := tracking.ManifestServed{Repository: name, Reference: ref, Digest: m.Digest, MediaType: m.MediaType,
+			Client: tracking.ClientOf(r, ""), Time: time.Now()}
+		if r.Method != http.MethodHead {
+			ev.Body = m.Body
+		}
+		h.opts.Pulls.Served(ev)
+	}
 }
 
 // anchoredTag matches a whole tag (distribution/reference grammar:

@@ -23,6 +23,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
@@ -38,6 +39,8 @@ type env struct {
 	mirror *httptest.Server
 	store  *storage.Store
 	fills  *fill.Group
+	// evictor is nil unless envOpts.budget is set.
+	evictor *evict.Evictor
 }
 
 type envOpts struct {
@@ -53,6 +56,11 @@ type envOpts struct {
 	// s3 puts the cache on a real S3 server (versitygw); redirect turns on
 	// presigned redirects for cache hits.
 	s3, redirect bool
+	// budget, if set, puts the cache under an evict.Evictor with these
+	// options (the fill asks it for room, the proxy leases and touches).
+	budget func(fx *ngctest.Fixture) evict.Options
+	// cache, if set, is the proxy's CacheTracker (instead of the evictor).
+	cache proxy.CacheTracker
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -95,11 +103,26 @@ func newEnv(t *testing.T, o envOpts) *env {
 	if o.fill.IdleTimeout == 0 {
 		o.fill.IdleTimeout = 5 * time.Second
 	}
+	var ev *evict.Evictor
+	if o.budget != nil {
+		ev = evict.New(store, o.budget(fx))
+		o.fill.Budget = ev
+		if o.cache == nil {
+			o.cache = ev
+		}
+	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
-	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills}
+	// Fills outlive their clients: let a commit finish before the cache
+	// directory is removed (cleanups run last-registered first).
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = fills.Wait(ctx)
+	})
+	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills, evictor: ev}
 }
 
 type result struct {

@@ -135,14 +135,21 @@ func (s *Store) verify(ctx context.Context, o object) string {
 }
 
 func (s *Store) repair(ctx context.Context, o object, r Repair) error {
+	var err error
 	switch r {
 	case Quarantine:
 		dst := path.Join("/_quarantine", o.kind, string(o.dgst.Algorithm()), o.dgst.Encoded()+"."+time.Now().UTC().Format("20060102T150405Z"))
-		return translate(s.d.Move(ctx, o.path, dst))
+		err = translate(s.d.Move(ctx, o.path, dst))
 	case Delete:
-		return translate(s.d.Delete(ctx, o.path))
+		err = translate(s.d.Delete(ctx, o.path))
+	default:
+		return nil
 	}
-	return nil
+	if err == nil { // out of the cache
+		s.subUsage(o.kind, o.size)
+		s.emit(Event{Kind: o.kind, Digest: o.dgst, Size: o.size, Removed: true})
+	}
+	return err
 }
 
 // GCResult is what GC removed (or would remove, in a dry run).
@@ -190,6 +197,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 				return res, fmt.Errorf("storage: removing %s: %w", o.path, err)
 			}
 			s.subUsage("blob", o.size)
+			s.emit(Event{Kind: "blob", Digest: o.dgst, Size: o.size, Removed: true})
 		}
 		res.Blobs++
 		res.BlobBytes += o.size
@@ -211,6 +219,58 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 		return res, fmt.Errorf("storage: removing stale uploads: %w", err)
 	}
 	return res, nil
+}
+
+// Object is one cached blob or manifest as listed by Objects.
+type Object struct {
+	Kind    string        // "blob" or "manifest"
+	Digest  digest.Digest // from the path; may fail Validate for a stray file
+	Size    int64         // bytes as stored
+	ModTime time.Time     // when it was written (the driver's modification time)
+}
+
+// Objects lists every cached blob and manifest. It reads every directory of
+// the cache (not the content); run it in the background on a large cache.
+func (s *Store) Objects(ctx context.Context) ([]Object, error) {
+	objs, err := s.objects(ctx)
+	out := make([]Object, len(objs))
+	for i, o := range objs {
+		out[i] = Object{Kind: o.kind, Digest: o.dgst, Size: o.size, ModTime: o.mod}
+	}
+	return out, err
+}
+
+// RemoveBlob deletes the cached blob dgst and returns the bytes it held, or
+// an error wrapping ErrNotFound when it is not cached. A client already
+// streaming it from a local disk keeps its open file; on S3 a read that
+// starts after the removal fails, so callers must not remove a blob that is
+// being served (see internal/evict's leases).
+func (s *Store) RemoveBlob(ctx context.Context, dgst digest.Digest) (int64, error) {
+	return s.remove(ctx, "blob", "blobs", dgst)
+}
+
+// RemoveManifest deletes the cached manifest dgst (tag records pointing at
+// it stay; the proxy refetches a tag whose manifest is missing) and returns
+// the bytes it held, or an error wrapping ErrNotFound.
+func (s *Store) RemoveManifest(ctx context.Context, dgst digest.Digest) (int64, error) {
+	return s.remove(ctx, "manifest", "manifests", dgst)
+}
+
+func (s *Store) remove(ctx context.Context, kind, dir string, dgst digest.Digest) (int64, error) {
+	p, err := contentPath(dir, dgst)
+	if err != nil {
+		return 0, err
+	}
+	fi, err := s.d.Stat(ctx, p)
+	if err != nil {
+		return 0, translate(err)
+	}
+	if err := s.d.Delete(ctx, p); err != nil {
+		return 0, translate(err)
+	}
+	s.subUsage(kind, fi.Size())
+	s.emit(Event{Kind: kind, Digest: dgst, Size: fi.Size(), Removed: true})
+	return fi.Size(), nil
 }
 
 func (s *Store) subUsage(kind string, bytes int64) {

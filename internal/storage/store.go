@@ -34,6 +34,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
@@ -64,6 +65,37 @@ type Store struct {
 
 	usageMu sync.Mutex
 	usage   map[string]*Usage // by kind: "blob", "manifest"
+
+	notify atomic.Pointer[func(Event)] // see Notify
+}
+
+// Event is a change of the cache's content made through this Store: a blob
+// or manifest that became visible (a fill's commit, PutManifest) or that
+// was removed (RemoveBlob, RemoveManifest, GC). Content another process
+// adds or removes is not reported.
+type Event struct {
+	Kind    string // "blob" or "manifest"
+	Digest  digest.Digest
+	Size    int64 // bytes as stored (a manifest's media type line included)
+	Removed bool
+}
+
+// Notify makes the store call f after each Event, on the goroutine that
+// made the change; f must be quick and must not call back into the store.
+// One observer at a time: a later call replaces f (nil: none). Set it
+// before the store is used.
+func (s *Store) Notify(f func(Event)) {
+	if f == nil {
+		s.notify.Store(nil)
+		return
+	}
+	s.notify.Store(&f)
+}
+
+func (s *Store) emit(ev Event) {
+	if f := s.notify.Load(); f != nil {
+		(*f)(ev)
+	}
 }
 
 // Usage is how much content of one kind the cache holds.
@@ -335,6 +367,7 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 	}
 	if statErr != nil {
 		w.s.addUsage("blob", w.n)
+		w.s.emit(Event{Kind: "blob", Digest: w.want, Size: w.n})
 	}
 	return nil
 }
@@ -424,6 +457,7 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 	}
 	if statErr != nil {
 		s.addUsage("manifest", int64(len(raw)))
+		s.emit(Event{Kind: "manifest", Digest: dgst, Size: int64(len(raw))})
 	}
 	return nil
 }

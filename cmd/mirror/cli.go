@@ -1,0 +1,309 @@
+package main
+
+import (
+	"bytes"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/admin"
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+)
+
+// adminClient talks to a running mirror's admin API.
+type adminClient struct {
+	base  string
+	token string
+	hc    *http.Client
+}
+
+// stringList is a repeatable flag.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+// newAdminClient reads --config / MIRROR_* like serve does, to find the
+// mirror's address and token; --server and --token override.
+func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
+	cfg, err := config.Load(cfgPath, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	tr := &http.Transport{}
+	if server == "" {
+		host, port, err := net.SplitHostPort(cfg.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("addr: %w", err)
+		}
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			host = "127.0.0.1"
+		}
+		scheme := "http"
+		if cfg.TLS.CertFile != "" {
+			// The local mirror: its certificate names its public name.
+			scheme, tr.TLSClientConfig = "https", &tls.Config{InsecureSkipVerify: true}
+		}
+		server = scheme + "://" + net.JoinHostPort(host, port)
+	}
+	if token == "" {
+		token = cfg.Admin.Token
+	}
+	if token == "" {
+		raw, err := os.ReadFile(filepath.Join(cfg.Storage.DataDir, "admin-token"))
+		if err != nil {
+			return nil, errNoToken
+		}
+		token = strings.TrimSpace(string(raw))
+	}
+	return &adminClient{base: strings.TrimSuffix(server, "/"), token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: tr}}, nil
+}
+
+// apiError is an admin API error answer.
+type apiError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *apiError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
+
+func (c *adminClient) do(method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, c.base+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("mirror at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
+	if resp.StatusCode >= 300 {
+		var env struct {
+			Errors []struct{ Code, Message string } `json:"errors"`
+		}
+		if json.Unmarshal(raw, &env) == nil && len(env.Errors) > 0 {
+			return &apiError{Status: resp.StatusCode, Code: env.Errors[0].Code, Message: env.Errors[0].Message}
+		}
+		return &apiError{Status: resp.StatusCode, Code: "HTTP_" + fmt.Sprint(resp.StatusCode), Message: strings.TrimSpace(string(raw))}
+	}
+	return json.Unmarshal(raw, out)
+}
+
+// exitCode is 2 for a refused request (bad input), 1 otherwise.
+func exitCode(err error) int {
+	var ae *apiError
+	if errors.As(err, &ae) && ae.Status >= 400 && ae.Status < 500 && ae.Status != 401 {
+		return 2
+	}
+	return 1
+}
+
+// prefetchCmd: mirror prefetch IMAGE [--platform P]... [--detach]
+// enqueues a prefetch on the running mirror and follows it with a progress
+// bar (bytes, rate, ETA, current layer) until it ends. Exit 0 when done, 1
+// when it failed, 2 for bad input.
+func prefetchCmd(args []string) int {
+	fs := flag.NewFlagSet("prefetch", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file of the mirror")
+	server := fs.String("server", "", "mirror URL (default: from the config's addr)")
+	token := fs.String("token", "", "admin token (default: MIRROR_ADMIN_TOKEN, admin.token, or <data_dir>/admin-token)")
+	detach := fs.Bool("detach", false, "enqueue and print the job ID; do not follow")
+	var platforms stringList
+	fs.Var(&platforms, "platform", "platform to fetch, like linux/amd64 (repeatable; default all)")
+	_ = fs.Parse(reorder(args))
+	if fs.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: mirror prefetch IMAGE [--platform os/arch]... [--detach]   e.g. nvidia/pytorch:24.05-py3")
+		return 2
+	}
+	c, err := newAdminClient(*cfgPath, *server, *token)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "prefetch:", err)
+		return 2
+	}
+	var resp struct{ Jobs []state.Job }
+	if err := c.do(http.MethodPost, admin.Prefix+"/prefetch", admin.PrefetchRequest{Image: fs.Arg(0), Platforms: platforms}, &resp); err != nil {
+		fmt.Fprintln(os.Stderr, "prefetch:", err)
+		return exitCode(err)
+	}
+	if len(resp.Jobs) != 1 {
+		fmt.Fprintln(os.Stderr, "prefetch: unexpected answer")
+		return 1
+	}
+	j := resp.Jobs[0]
+	if *detach {
+		fmt.Println(j.ID)
+		return 0
+	}
+	return follow(c, j)
+}
+
+// follow polls a job and renders its progress until it ends.
+func follow(c *adminClient, j state.Job) int {
+	start := time.Now()
+	bar := progressbar.NewOptions64(-1,
+		progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionSetPredictTime(true),
+		progressbar.OptionSetWidth(30),
+		progressbar.OptionThrottle(200*time.Millisecond),
+		progressbar.OptionSetDescription(j.Repository+":"+j.Reference),
+		progressbar.OptionSetRenderBlankState(true),
+	)
+	failures := 0
+	for {
+		if j.BytesTotal > 0 {
+			bar.ChangeMax64(j.BytesTotal)
+			_ = bar.Set64(j.BytesDone)
+		}
+		cur := ""
+		if j.Current != "" {
+			cur = " " + shortDigest(j.Current)
+		}
+		bar.Describe(fmt.Sprintf("%s [%s %d/%d blobs]%s", j.Repository+":"+j.Reference, j.State, j.BlobsDone, j.BlobsTotal, cur))
+		if j.Ended() {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+		var next state.Job
+		if err := c.do(http.MethodGet, admin.Prefix+"/jobs/"+url.PathEscape(j.ID), nil, &next); err != nil {
+			failures++
+			if failures > 20 {
+				fmt.Fprintln(os.Stderr, "\nprefetch: lost the mirror:", err)
+				return 1
+			}
+			continue
+		}
+		failures = 0
+		j = next
+	}
+	_ = bar.Finish()
+	fmt.Fprintln(os.Stderr)
+	took := time.Since(start).Round(100 * time.Millisecond)
+	if j.State == state.JobFailed {
+		fmt.Fprintf(os.Stderr, "prefetch %s:%s failed after %s (%d/%d blobs):\n", j.Repository, j.Reference, took, j.BlobsDone, j.BlobsTotal)
+		for _, e := range j.Errors {
+			fmt.Fprintln(os.Stderr, "  ", e)
+		}
+		return 1
+	}
+	fmt.Printf("prefetched %s:%s: %d blobs, %d bytes, job %s, %s\n", j.Repository, j.Reference, j.BlobsTotal, j.BytesTotal, j.ID, took)
+	return 0
+}
+
+func shortDigest(d string) string {
+	if i := strings.IndexByte(d, ':'); i >= 0 && len(d) > i+13 {
+		return d[:i+13]
+	}
+	return d
+}
+
+// reorder moves flags before positional arguments, so that
+// "mirror prefetch IMAGE --platform linux/amd64" works with package flag.
+func reorder(args []string) []string {
+	var flags, pos []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
+			break
+		}
+		if strings.HasPrefix(a, "-") {
+			flags = append(flags, a)
+			if !strings.Contains(a, "=") && i+1 < len(args) && takesValue(a) {
+				flags = append(flags, args[i+1])
+				i++
+			}
+			continue
+		}
+		pos = append(pos, a)
+	}
+	return append(flags, pos...)
+}
+
+func takesValue(flagArg string) bool {
+	switch strings.TrimLeft(flagArg, "-") {
+	case "detach", "monthly", "refresh":
+		return false
+	}
+	return true
+}
+
+// tagsCmd: mirror tags REPOSITORY [--monthly] [--refresh] lists the tags
+// the mirror tracks, with release, variant, digest, platforms and how much
+// of each image is cached.
+func tagsCmd(args []string) int {
+	fs := flag.NewFlagSet("tags", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file of the mirror")
+	server := fs.String("server", "", "mirror URL (default: from the config's addr)")
+	token := fs.String("token", "", "admin token (default: MIRROR_ADMIN_TOKEN, admin.token, or <data_dir>/admin-token)")
+	monthly := fs.Bool("monthly", false, "only NGC monthly tags (YY.MM-variant)")
+	refresh := fs.Bool("refresh", false, "poll the upstream's tag list first")
+	_ = fs.Parse(reorder(args))
+	if fs.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: mirror tags REPOSITORY [--monthly] [--refresh]   e.g. nvidia/pytorch")
+		return 2
+	}
+	c, err := newAdminClient(*cfgPath, *server, *token)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tags:", err)
+		return 2
+	}
+	q := url.Values{"repository": {fs.Arg(0)}}
+	if *monthly {
+		q.Set("monthly", "true")
+	}
+	if *refresh {
+		q.Set("refresh", "true")
+	}
+	var resp struct {
+		Tags []admin.TagInfo `json:"tags"`
+	}
+	if err := c.do(http.MethodGet, admin.Prefix+"/tags?"+q.Encode(), nil, &resp); err != nil {
+		fmt.Fprintln(os.Stderr, "tags:", err)
+		return exitCode(err)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TAG\tRELEASE\tVARIANT\tDIGEST\tPLATFORMS\tCACHED")
+	for _, t := range resp.Tags {
+		cached := t.Cached
+		if len(t.CachedPlatforms) > 0 && t.Cached != "full" {
+			cached += " (" + strings.Join(t.CachedPlatforms, ",") + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.Name, dash(t.Release), dash(t.Variant), dash(shortDigest(t.Digest)),
+			dash(strings.Join(t.Platforms, ",")), cached)
+	}
+	_ = tw.Flush()
+	return 0
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

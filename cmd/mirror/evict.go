@@ -1,0 +1,57 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// startEviction keeps the cache within cache.max_size and cache.min_free
+// (on the filesystem holding dataDir, filesystem driver only), never
+// evicting the images of cache.pin: it builds the evictor and runs it on
+// ctx (seeding access times from the store, then passes every
+// cache.evict_interval and when a commit crosses the budget). It returns
+// nil when no budget is configured; a nil *evict.Evictor is a valid
+// fill.Budget and proxy.CacheTracker that does nothing. The eviction
+// metrics are registered either way. Pin sources (prefetch rules) are
+// added with SetPinSource on the result.
+func startEviction(ctx context.Context, cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) *evict.Evictor {
+	log = log.With("component", "evict")
+	m := metrics.NewEviction(reg)
+	opts := evict.Options{
+		MaxSize:        int64(cfg.Cache.MaxSize),
+		MinFree:        cfg.Cache.MinFree.Bytes,
+		MinFreePercent: cfg.Cache.MinFree.Percent,
+		Interval:       time.Duration(cfg.Cache.EvictInterval),
+		Log:            log,
+		Metrics:        m,
+	}
+	if cfg.Storage.Driver == "filesystem" {
+		opts.Dir = dataDir
+	}
+	for _, s := range cfg.Cache.Pin {
+		p, err := evict.ParsePin(s) // validated with the configuration
+		if err != nil {
+			log.Warn("ignoring cache.pin entry", "err", err)
+			continue
+		}
+		opts.Pins = append(opts.Pins, p)
+	}
+	if !opts.Enabled() {
+		if len(opts.Pins) > 0 {
+			log.Info("cache.pin has no effect without cache.max_size or cache.min_free")
+		}
+		return nil
+	}
+	ev := evict.New(store, opts)
+	log.Info("cache budget", "max_size", opts.MaxSize, "min_free", cfg.Cache.MinFree, "pins", len(opts.Pins), "interval", opts.Interval)
+	go ev.Run(ctx)
+	return ev
+}

@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/admin"
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// openState opens Redis when configured, else the embedded store in the
+// data directory.
+func openState(cfg config.Config, dataDir string) (state.Store, string, error) {
+	if cfg.State.RedisURL != "" {
+		r, err := state.OpenRedis(cfg.State.RedisURL, state.RedisOptions{
+			Prefix: cfg.State.RedisPrefix, Timeout: time.Duration(cfg.State.Timeout)})
+		return r, "redis", err
+	}
+	path := cfg.State.Path
+	if path == "" {
+		path = filepath.Join(dataDir, "state.db")
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, "", err
+	}
+	b, err := state.OpenBolt(path, 5*time.Second)
+	return b, "embedded " + path, err
+}
+
+// compileRules validates the configured prefetch rules.
+func compileRules(cfg config.Config) ([]*prefetch.Rule, error) {
+	var rules []*prefetch.Rule
+	for _, spec := range cfg.Prefetch.Rules {
+		r, err := prefetch.Compile(spec)
+		if err != nil {
+			return nil, fmt.Errorf("config: prefetch.rules: %w", err)
+		}
+		rules = append(rules, r)
+	}
+	return rules, nil
+}
+
+// tracked is the wiring of tag tracking, prefetch and the admin API.
+type tracked struct {
+	store   state.Store
+	tracker *tracking.Tracker
+	sched   *prefetch.Scheduler
+	admin   http.Handler
+	m       *metrics.Tracking
+}
+
+// newTracked builds tracking and the scheduler (started by run).
+func newTracked(cfg config.Config, dataDir string, rules []*prefetch.Rule, up *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
+	st, kind, err := openState(cfg, dataDir)
+	if err != nil {
+		return nil, fmt.Errorf("state store: %w", err)
+	}
+	tm := metrics.NewTracking(reg)
+	repos := append([]string(nil), cfg.Tracking.Repositories...)
+	for _, r := range rules {
+		repos = append(repos, r.Literal()...)
+	}
+	trk := tracking.New(st, up, tracking.Options{
+		Repositories: repos,
+		Recent:       time.Duration(cfg.Tracking.Recent),
+		StoreTimeout: time.Duration(cfg.State.Timeout),
+		Log:          log.With("component", "tracking"),
+		Metrics:      tm,
+	})
+	log.Info("state store", "kind", kind)
+	return &tracked{store: st, tracker: trk, m: tm}, nil
+}
+
+// start builds the scheduler and the admin API on the registry handler
+// (the warmer) and starts the background work; it ends with ctx.
+func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, rules []*prefetch.Rule, warm prefetch.Warmer,
+	cache *storage.Store, up *upstream.Client, log *slog.Logger) (done <-chan struct{}, err error) {
+	host, _ := os.Hostname()
+	sched, err := prefetch.New(t.store, t.tracker, warm, prefetch.Options{
+		Rules:        rules,
+		PollSchedule: cfg.Tracking.Poll,
+		Auto:         cfg.Prefetch.Auto.Enabled,
+		AutoWindow:   time.Duration(cfg.Prefetch.Auto.Window),
+		MaxJobs:      cfg.Prefetch.MaxJobs,
+		Owner:        host + "-" + strconv.Itoa(os.Getpid()) + "-" + randomHex(4),
+		Log:          log.With("component", "prefetch"),
+		Metrics:      t.m,
+	})
+	if err != nil {
+		return nil, err
+	}
+	t.sched = sched
+	token, src, err := adminToken(cfg, dataDir)
+	if err != nil {
+		return nil, err
+	}
+	log.Info("admin API", "prefix", admin.Prefix+"/", "token", src)
+	t.admin = admin.New(sched, t.tracker, warm, cache, admin.Options{
+		Token:         token,
+		UpstreamHosts: append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
+		Log:           log.With("component", "admin"),
+		Metrics:       t.m,
+	})
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		go t.tracker.Run(ctx)
+		if cfg.Prefetch.Enabled {
+			sched.Run(ctx)
+		} else {
+			<-ctx.Done()
+		}
+	}()
+	return ch, nil
+}
+
+// adminToken returns the admin API token: admin.token / MIRROR_ADMIN_TOKEN
+// / admin.token_file, else the one in <data_dir>/admin-token, created
+// (random, mode 0600) on first start. src names where it came from, never
+// the token.
+func adminToken(cfg config.Config, dataDir string) (token, src string, err error) {
+	if cfg.Admin.Token != "" {
+		return cfg.Admin.Token, "from the configuration", nil
+	}
+	path := filepath.Join(dataDir, "admin-token")
+	if raw, err := os.ReadFile(path); err == nil && strings.TrimSpace(string(raw)) != "" {
+		return strings.TrimSpace(string(raw)), "in " + path, nil
+	}
+	token = randomHex(24)
+	if err := os.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
+		return "", "", fmt.Errorf("admin token: %w", err)
+	}
+	return token, "created in " + path, nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+var errNoToken = errors.New("no admin token: set MIRROR_ADMIN_TOKEN or --token, or run on the mirror's host (it reads <data_dir>/admin-token)")
+
+// pinPrefetchRules keeps the images of prefetch rules with pin: true out of
+// eviction (nothing to do without a budget).
+func pinPrefetchRules(ev *evict.Evictor, sched *prefetch.Scheduler) {
+	if ev == nil {
+		return
+	}
+	ev.SetPinSource("prefetch rules", func(ctx context.Context) ([]evict.Pin, error) {
+		targets, err := sched.PinnedTargets(ctx)
+		if err != nil {
+			return nil, err
+		}
+		pins := make([]evict.Pin, 0, len(targets))
+		for _, t := range targets {
+			p := evict.Pin{Repository: t.Repository}
+			if d, err := digest.Parse(t.Reference); err == nil {
+				p.Digest = d
+			} else {
+				p.Tag = t.Reference
+			}
+			pins = append(pins, p)
+		}
+		return pins, nil
+	})
+}

@@ -1,0 +1,504 @@
+// Package admin is the mirror's management API under /admin/v1/, a prefix
+// registry clients never use: tracked repositories and tags, prefetch jobs
+// and rules, the pull history. Every request needs the admin token as
+// "Authorization: Bearer <token>". Errors use the OCI error envelope
+// {"errors":[{"code","message"}]} with codes of the registry API where one
+// fits (NAME_INVALID, NAME_UNKNOWN, MANIFEST_UNKNOWN, TAG_INVALID, DENIED,
+// UNAUTHORIZED, UNAVAILABLE) and RULE_INVALID, PLATFORM_INVALID,
+// JOB_UNKNOWN, BAD_REQUEST for this API's own.
+package admin
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/distribution/reference"
+	"github.com/go-chi/chi/v5"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// Prefix is where the API is mounted.
+const Prefix = "/admin/v1"
+
+// Options configure the API.
+type Options struct {
+	// Token is the bearer token every request must carry. Empty refuses
+	// every request.
+	Token string
+	// UpstreamHosts are registry hosts a client may put in front of an
+	// image name ("nvcr.io/nvidia/pytorch:24.05-py3"); they are dropped.
+	UpstreamHosts []string
+	Log           *slog.Logger
+	Metrics       *metrics.Tracking
+}
+
+// Server is the admin API handler.
+type Server struct {
+	sched   *prefetch.Scheduler
+	tracker *tracking.Tracker
+	store   state.Store
+	warm    prefetch.Warmer
+	cache   *storage.Store
+	opts    Options
+	router  chi.Router
+}
+
+// New returns the API handler (mount it at Prefix; it routes full paths).
+func New(sched *prefetch.Scheduler, tracker *tracking.Tracker, warm prefetch.Warmer, cache *storage.Store, opts Options) *Server {
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{sched: sched, tracker: tracker, store: tracker.Store(), warm: warm, cache: cache, opts: opts}
+	r := chi.NewRouter()
+	r.Use(s.authenticate)
+	r.Get(Prefix+"/repositories", s.repositories)
+	r.Get(Prefix+"/tags", s.tags)
+	r.Post(Prefix+"/prefetch", s.prefetch)
+	r.Get(Prefix+"/jobs", s.jobs)
+	r.Get(Prefix+"/jobs/{id}", s.job)
+	r.Get(Prefix+"/rules", s.rules)
+	r.Get(Prefix+"/pulls", s.pulls)
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such admin endpoint: "+r.Method+" "+r.URL.Path)
+	})
+	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", r.Method+" is not supported on "+r.URL.Path)
+	})
+	s.router = r
+	return s
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.router.ServeHTTP(w, r) }
+
+func (s *Server) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || s.opts.Token == "" || subtle.ConstantTimeCompare([]byte(tok), []byte(s.opts.Token)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="ngc-mirror admin"`)
+			writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "the admin API needs the admin token (Authorization: Bearer <token>)")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// writeError answers {"errors":[{"code","message"}]}.
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, _ := json.MarshalIndent(v, "", "  ")
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)+1))
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// stateFailed answers 503 for a state store that did not answer.
+func (s *Server) stateFailed(w http.ResponseWriter, err error) {
+	s.opts.Metrics.StateError(metrics.OpAPI)
+	s.opts.Log.Warn("admin API: state store failed", "err", err)
+	writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the state store (Redis or the embedded file) is unavailable; retry later")
+}
+
+// upstreamFailed maps an upstream error for a repository or manifest.
+func upstreamFailed(w http.ResponseWriter, err error, what string) {
+	switch {
+	case errors.Is(err, upstream.ErrNotFound):
+		code := "NAME_UNKNOWN"
+		if what == "manifest" {
+			code = "MANIFEST_UNKNOWN"
+		}
+		writeError(w, http.StatusNotFound, code, what+" unknown to the upstream registry")
+	case errors.Is(err, upstream.ErrDenied), errors.Is(err, upstream.ErrUnauthorized):
+		writeError(w, http.StatusForbidden, "DENIED", "the upstream registry refused the mirror access to this repository")
+	default:
+		writeError(w, http.StatusBadGateway, "UNAVAILABLE", "the upstream registry could not answer: "+err.Error())
+	}
+}
+
+// RepositoryInfo is one entry of GET /admin/v1/repositories.
+type RepositoryInfo struct {
+	state.Repository
+	Tracked bool `json:"tracked"` // polled on the schedule
+	Tags    int  `json:"tags"`
+}
+
+func (s *Server) repositories(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	repos, err := s.store.Repositories(ctx)
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	tracked, err := s.tracker.Tracked(ctx)
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	byName := map[string]*RepositoryInfo{}
+	for _, rp := range repos {
+		byName[rp.Name] = &RepositoryInfo{Repository: rp}
+	}
+	for _, n := range tracked {
+		if byName[n] == nil {
+			byName[n] = &RepositoryInfo{Repository: state.Repository{Name: n}}
+		}
+		byName[n].Tracked = true
+	}
+	out := make([]RepositoryInfo, 0, len(byName))
+	for _, ri := range byName {
+		tags, err := s.store.Tags(ctx, ri.Name)
+		if err != nil {
+			s.stateFailed(w, err)
+			return
+		}
+		ri.Tags = len(tags)
+		out = append(out, *ri)
+	}
+	slices.SortFunc(out, func(a, b RepositoryInfo) int { return strings.Compare(a.Name, b.Name) })
+	writeJSON(w, http.StatusOK, map[string]any{"repositories": out})
+}
+
+// TagInfo is one entry of GET /admin/v1/tags.
+type TagInfo struct {
+	state.Tag
+	Monthly bool   `json:"monthly"`
+	Release string `json:"release,omitempty"`
+	Variant string `json:"variant,omitempty"`
+	// Cached: "full" (the manifest and every platform's manifest and
+	// blobs), "partial" (some of it), "no", or "unknown" (digest not
+	// resolved yet).
+	Cached          string   `json:"cached"`
+	CachedPlatforms []string `json:"cached_platforms,omitempty"`
+}
+
+// tags answers GET /admin/v1/tags?repository=<name>[&monthly=true][&refresh=true].
+// A repository never polled is polled first (so a name the upstream does
+// not know gets NAME_UNKNOWN); refresh=true polls anyway.
+func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	q := r.URL.Query()
+	repo := q.Get("repository")
+	if repo == "" {
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", "query parameter repository is required")
+		return
+	}
+	if !validName(repo) {
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name "+strconv.Quote(repo))
+		return
+	}
+	tags, err := s.store.Tags(ctx, repo)
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	if len(tags) == 0 || q.Get("refresh") == "true" {
+		if _, err := s.tracker.Poll(ctx, repo); err != nil {
+			if errors.Is(err, tracking.ErrState) {
+				s.stateFailed(w, err)
+			} else {
+				upstreamFailed(w, err, "repository")
+			}
+			return
+		}
+		if tags, err = s.store.Tags(ctx, repo); err != nil {
+			s.stateFailed(w, err)
+			return
+		}
+	}
+	out := make([]TagInfo, 0, len(tags))
+	for _, t := range tags {
+		p := ngctag.Parse(t.Name)
+		if q.Get("monthly") == "true" && !p.Monthly {
+			continue
+		}
+		ti := TagInfo{Tag: t, Monthly: p.Monthly, Release: p.Release, Variant: p.Variant}
+		ti.Cached, ti.CachedPlatforms = s.cachedState(ctx, t)
+		out = append(out, ti)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"repository": repo, "tags": out})
+}
+
+// cachedState says how much of a tag's image the cache holds.
+func (s *Server) cachedState(ctx context.Context, t state.Tag) (string, []string) {
+	d, err := digest.Parse(t.Digest)
+	if err != nil {
+		return "unknown", nil
+	}
+	m, err := s.cache.GetManifest(ctx, d)
+	if err != nil {
+		return "no", nil
+	}
+	if !manifest.IsIndex(m.MediaType) {
+		if s.imageCached(ctx, m.Body) {
+			return "full", nil
+		}
+		return "partial", nil
+	}
+	children, _ := manifest.Children(m.Body)
+	var cached []string
+	total := 0
+	for _, c := range children {
+		p := c.PlatformString()
+		if p == "" || p == "unknown/unknown" {
+			continue
+		}
+		total++
+		cm, err := s.cache.GetManifest(ctx, c.Digest)
+		if err == nil && s.imageCached(ctx, cm.Body) {
+			cached = append(cached, p)
+		}
+	}
+	switch {
+	case total > 0 && len(cached) == total:
+		return "full", cached
+	default:
+		return "partial", cached // the index is cached
+	}
+}
+
+func (s *Server) imageCached(ctx context.Context, body []byte) bool {
+	refs, err := manifest.References(body)
+	if err != nil {
+		return false
+	}
+	for _, d := range refs {
+		if _, err := s.cache.StatBlob(ctx, d.Digest); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// PrefetchRequest is the body of POST /admin/v1/prefetch: one of image
+// (with platforms), rule (a configured rule's name, run now) or spec (an
+// ad hoc rule, run once).
+type PrefetchRequest struct {
+	Image     string             `json:"image,omitempty"`
+	Platforms []string           `json:"platforms,omitempty"`
+	Rule      string             `json:"rule,omitempty"`
+	Spec      *prefetch.RuleSpec `json:"spec,omitempty"`
+}
+
+var platformRe = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
+
+// prefetch answers POST /admin/v1/prefetch with 202 and the jobs queued
+// (or already queued or running for the same image and platforms).
+func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	var req PrefetchRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "body: "+err.Error())
+		return
+	}
+	set := 0
+	for _, b := range []bool{req.Image != "", req.Rule != "", req.Spec != nil} {
+		if b {
+			set++
+		}
+	}
+	if set != 1 {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "give exactly one of image, rule or spec")
+		return
+	}
+	var jobs []state.Job
+	switch {
+	case req.Image != "":
+		repo, ref, err := ParseImage(req.Image, s.opts.UpstreamHosts)
+		if err != nil {
+			code := "NAME_INVALID"
+			if errors.Is(err, errBadTag) {
+				code = "TAG_INVALID"
+			}
+			writeError(w, http.StatusBadRequest, code, err.Error())
+			return
+		}
+		for _, p := range req.Platforms {
+			if !platformRe.MatchString(p) {
+				writeError(w, http.StatusBadRequest, "PLATFORM_INVALID", "platform "+strconv.Quote(p)+": want os/arch[/variant], like linux/amd64")
+				return
+			}
+		}
+		// Resolve now so that an unknown image is an error here, not a
+		// failed job later; this also caches the manifest.
+		uctx, cancel := context.WithTimeout(ctx, time.Minute)
+		mt, body, _, err := s.warm.WarmManifest(uctx, repo, ref)
+		cancel()
+		if err != nil {
+			upstreamFailed(w, err, "manifest")
+			return
+		}
+		if len(req.Platforms) > 0 && manifest.IsIndex(mt) {
+			if missing := missingPlatforms(body, req.Platforms); len(missing) > 0 {
+				writeError(w, http.StatusBadRequest, "PLATFORM_INVALID", fmt.Sprintf("%s has no manifest for %v", req.Image, missing))
+				return
+			}
+		}
+		j, _, err := s.sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ref, Platforms: req.Platforms})
+		if err != nil {
+			s.stateFailed(w, err)
+			return
+		}
+		jobs = append(jobs, j)
+	default:
+		var rule *prefetch.Rule
+		if req.Rule != "" {
+			for _, ru := range s.sched.Rules() {
+				if ru.Name == req.Rule {
+					rule = ru
+				}
+			}
+			if rule == nil {
+				writeError(w, http.StatusNotFound, "RULE_UNKNOWN", "no configured prefetch rule named "+strconv.Quote(req.Rule))
+				return
+			}
+		} else {
+			if req.Spec.Name == "" {
+				req.Spec.Name = "adhoc"
+			}
+			ru, err := prefetch.Compile(*req.Spec)
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "RULE_INVALID", err.Error())
+				return
+			}
+			rule = ru
+		}
+		var err error
+		if jobs, err = s.sched.RunRule(ctx, rule); err != nil {
+			s.stateFailed(w, err)
+			return
+		}
+	}
+	writeJSON(w, http.StatusAccepted, map[string]any{"jobs": jobs})
+}
+
+func missingPlatforms(index []byte, want []string) []string {
+	children, _ := manifest.Children(index)
+	var missing []string
+	for _, p := range want {
+		if !slices.ContainsFunc(children, func(c manifest.Descriptor) bool { return manifest.MatchPlatform(c.PlatformString(), p) }) {
+			missing = append(missing, p)
+		}
+	}
+	return missing
+}
+
+var errBadTag = errors.New("invalid tag")
+
+// ParseImage splits "repository:tag" or "repository@digest" (optionally
+// prefixed with one of hosts, such as "nvcr.io/") into repository and
+// reference. Errors say what is wrong.
+func ParseImage(image string, hosts []string) (repo, ref string, err error) {
+	for _, h := range hosts {
+		if rest, ok := strings.CutPrefix(image, h+"/"); ok {
+			image = rest
+			break
+		}
+	}
+	named, perr := reference.ParseNamed("nvcr.io/" + image)
+	if perr != nil {
+		if strings.Contains(perr.Error(), "tag") {
+			return "", "", fmt.Errorf("%w in %q: %v", errBadTag, image, perr)
+		}
+		return "", "", fmt.Errorf("invalid image reference %q: want repository:tag or repository@digest (%v)", image, perr)
+	}
+	repo = reference.Path(named)
+	switch v := named.(type) {
+	case reference.Digested:
+		return repo, v.Digest().String(), nil
+	case reference.Tagged:
+		return repo, v.Tag(), nil
+	}
+	return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", errBadTag, image)
+}
+
+func validName(n string) bool {
+	named, err := reference.ParseNamed("nvcr.io/" + n)
+	return err == nil && reference.Path(named) == n
+}
+
+func (s *Server) jobs(w http.ResponseWriter, r *http.Request) {
+	jobs, err := s.store.Jobs(r.Context())
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	if st := r.URL.Query().Get("state"); st != "" {
+		jobs = slices.DeleteFunc(jobs, func(j state.Job) bool { return j.State != st })
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs})
+}
+
+func (s *Server) job(w http.ResponseWriter, r *http.Request) {
+	j, err := s.store.Job(r.Context(), chi.URLParam(r, "id"))
+	if errors.Is(err, state.ErrNotFound) {
+		writeError(w, http.StatusNotFound, "JOB_UNKNOWN", "no job "+strconv.Quote(chi.URLParam(r, "id")))
+		return
+	}
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, j)
+}
+
+// RuleInfo is one entry of GET /admin/v1/rules.
+type RuleInfo struct {
+	prefetch.RuleSpec
+	Next time.Time `json:"next,omitzero"`
+}
+
+func (s *Server) rules(w http.ResponseWriter, r *http.Request) {
+	var out []RuleInfo
+	for _, ru := range s.sched.Rules() {
+		out = append(out, RuleInfo{RuleSpec: ru.RuleSpec, Next: ru.Next(time.Now())})
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"rules": out, "leader": s.sched.Leader()})
+}
+
+func (s *Server) pulls(w http.ResponseWriter, r *http.Request) {
+	n := 100
+	if v := r.URL.Query().Get("n"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 1 || n > state.MaxPullLog {
+			writeError(w, http.StatusBadRequest, "BAD_REQUEST", fmt.Sprintf("n: want 1 to %d", state.MaxPullLog))
+			return
+		}
+	}
+	pulls, err := s.store.RecentPulls(r.Context(), n)
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	usage, err := s.store.Usage(r.Context(), time.Time{})
+	if err != nil {
+		s.stateFailed(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"pulls": pulls, "usage": usage})
+}

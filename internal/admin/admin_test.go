@@ -1,0 +1,202 @@
+package admin_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/admin"
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch/prefetchtest"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+)
+
+const token = "test-admin-token"
+
+type api struct {
+	t   *testing.T
+	w   *prefetchtest.World
+	srv *httptest.Server
+}
+
+func newAPI(t *testing.T) *api {
+	w := prefetchtest.New(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{{
+		Name: "dgx", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Latest: 1}, Platforms: []string{"linux/amd64"}}}})
+	w.Start(t)
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Proxy, w.Cache, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}}))
+	t.Cleanup(srv.Close)
+	return &api{t: t, w: w, srv: srv}
+}
+
+// call sends a request with the token and decodes the JSON answer into
+// out (when not nil). It returns the status and the first error code.
+func (a *api) call(method, path string, body string, out any) (int, string) {
+	a.t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, _ := http.NewRequest(method, a.srv.URL+path, rd)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		a.t.Errorf("%s %s: Content-Type %q", method, path, ct)
+	}
+	var env struct {
+		Errors []struct{ Code, Message string } `json:"errors"`
+	}
+	if resp.StatusCode >= 300 {
+		if err := json.Unmarshal(raw, &env); err != nil || len(env.Errors) == 0 || env.Errors[0].Message == "" {
+			a.t.Errorf("%s %s: %d with a body that is not the error envelope: %s", method, path, resp.StatusCode, raw)
+			return resp.StatusCode, ""
+		}
+		return resp.StatusCode, env.Errors[0].Code
+	}
+	if out != nil {
+		if err := json.Unmarshal(raw, out); err != nil {
+			a.t.Fatalf("%s %s: %v: %s", method, path, err, raw)
+		}
+	}
+	return resp.StatusCode, ""
+}
+
+func TestTokenRequired(t *testing.T) {
+	a := newAPI(t)
+	for _, auth := range []string{"", "Bearer wrong", "Basic " + token, "Bearer " + token + "x"} {
+		req, _ := http.NewRequest(http.MethodGet, a.srv.URL+admin.Prefix+"/jobs", nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || !bytes.Contains(body, []byte(`"UNAUTHORIZED"`)) || resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("Authorization %q: %d %s", auth, resp.StatusCode, body)
+		}
+		if bytes.Contains(body, []byte(token)) {
+			t.Error("the answer echoes the token")
+		}
+	}
+}
+
+func TestPrefetchAndListJobs(t *testing.T) {
+	a := newAPI(t)
+	var resp struct{ Jobs []state.Job }
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"nvcr.io/nvidia/pytorch:17.12","platforms":["linux/arm64"]}`, &resp); st != http.StatusAccepted {
+		t.Fatalf("prefetch: %d %s", st, code)
+	}
+	if len(resp.Jobs) != 1 || resp.Jobs[0].Repository != ngctest.PytorchRepo || resp.Jobs[0].Reference != "17.12" {
+		t.Fatalf("jobs = %+v", resp.Jobs)
+	}
+	id := resp.Jobs[0].ID
+	j := a.w.WaitJob(t, id, 20*time.Second)
+	if j.State != state.JobDone {
+		t.Fatalf("job = %+v", j)
+	}
+	var one state.Job
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/jobs/"+id, "", &one); st != 200 || one.ID != id || one.BytesDone != one.BytesTotal {
+		t.Errorf("GET job: %d %+v", st, one)
+	}
+	var list struct{ Jobs []state.Job }
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/jobs?state=done", "", &list); st != 200 || len(list.Jobs) != 1 {
+		t.Errorf("GET jobs: %d %+v", st, list)
+	}
+
+	// The tag list says what is cached: the index and arm64, not amd64.
+	var tags struct{ Tags []admin.TagInfo }
+	if st, code := a.call(http.MethodGet, admin.Prefix+"/tags?repository=nvidia/pytorch&monthly=true", "", &tags); st != 200 {
+		t.Fatalf("tags: %d %s", st, code)
+	}
+	if len(tags.Tags) != 2 {
+		t.Fatalf("tags = %+v", tags.Tags)
+	}
+	for _, tg := range tags.Tags {
+		if tg.Cached != "partial" || len(tg.CachedPlatforms) != 1 || tg.CachedPlatforms[0] != "linux/arm64" || !tg.Monthly {
+			t.Errorf("tag %s: cached %s %v", tg.Name, tg.Cached, tg.CachedPlatforms)
+		}
+	}
+	var repos struct{ Repositories []admin.RepositoryInfo }
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/repositories", "", &repos); st != 200 || len(repos.Repositories) == 0 || repos.Repositories[0].Tags != 2 {
+		t.Errorf("repositories: %d %+v", st, repos)
+	}
+
+	// A configured rule, run now.
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"rule":"dgx"}`, &resp); st != http.StatusAccepted || len(resp.Jobs) != 1 || resp.Jobs[0].Rule != "dgx" {
+		t.Errorf("run rule: %d %s %+v", st, code, resp.Jobs)
+	}
+	var rules struct {
+		Rules  []admin.RuleInfo
+		Leader bool
+	}
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/rules", "", &rules); st != 200 || len(rules.Rules) != 1 || !rules.Leader {
+		t.Errorf("rules: %d %+v", st, rules)
+	}
+}
+
+func TestBadInputGetsClearErrors(t *testing.T) {
+	a := newAPI(t)
+	for _, c := range []struct {
+		method, path, body string
+		status             int
+		code               string
+	}{
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch"}`, 400, "TAG_INVALID"},
+		{"POST", "/prefetch", `{"image":"NVIDIA/PyTorch:1"}`, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:bad:tag"}`, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/no-such-image:24.05-py3"}`, 404, "MANIFEST_UNKNOWN"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:99.01-py3"}`, 404, "MANIFEST_UNKNOWN"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["amd64"]}`, 400, "PLATFORM_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["linux/s390x"]}`, 400, "PLATFORM_INVALID"},
+		{"POST", "/prefetch", `{"rule":"nope"}`, 404, "RULE_UNKNOWN"},
+		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["nvidia/pytorch"],"tags":{"regex":"("}}}`, 400, "RULE_INVALID"},
+		{"POST", "/prefetch", `{"spec":{"repositories":[],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","rule":"dgx"}`, 400, "BAD_REQUEST"},
+		{"POST", "/prefetch", `{"imag":"x"}`, 400, "BAD_REQUEST"},
+		{"POST", "/prefetch", `not json`, 400, "BAD_REQUEST"},
+		{"GET", "/prefetch", ``, 405, "UNSUPPORTED"},
+		{"GET", "/jobs/nope", ``, 404, "JOB_UNKNOWN"},
+		{"GET", "/tags", ``, 400, "NAME_INVALID"},
+		{"GET", "/tags?repository=Bad//name", ``, 400, "NAME_INVALID"},
+		{"GET", "/tags?repository=nvidia/no-such-image", ``, 404, "NAME_UNKNOWN"},
+		{"GET", "/pulls?n=0", ``, 400, "BAD_REQUEST"},
+		{"GET", "/nothing", ``, 404, "NOT_FOUND"},
+	} {
+		st, code := a.call(c.method, admin.Prefix+c.path, c.body, nil)
+		if st != c.status || code != c.code {
+			t.Errorf("%s %s %s: %d %s, want %d %s", c.method, c.path, c.body, st, code, c.status, c.code)
+		}
+	}
+	if jobs, _ := a.w.State.Jobs(context.Background()); len(jobs) != 0 {
+		t.Errorf("bad requests queued jobs: %+v", jobs)
+	}
+}
+
+func TestParseImage(t *testing.T) {
+	for in, want := range map[string][2]string{
+		"nvidia/pytorch:24.05-py3":                      {"nvidia/pytorch", "24.05-py3"},
+		"nvcr.io/nvidia/pytorch:24.05-py3":              {"nvidia/pytorch", "24.05-py3"},
+		"nvidia/k8s/dcgm-exporter:3.3.5":                {"nvidia/k8s/dcgm-exporter", "3.3.5"},
+		"nvidia/cuda@sha256:" + strings.Repeat("a", 64): {"nvidia/cuda", "sha256:" + strings.Repeat("a", 64)},
+	} {
+		repo, ref, err := admin.ParseImage(in, []string{"nvcr.io"})
+		if err != nil || repo != want[0] || ref != want[1] {
+			t.Errorf("ParseImage(%q) = %q %q %v", in, repo, ref, err)
+		}
+	}
+}

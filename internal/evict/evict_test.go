@@ -1,0 +1,398 @@
+package evict_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
+)
+
+// forEachDriver runs fn as a parallel subtest on a fresh Store on the
+// local filesystem (as cmd/mirror opens it) and on a real S3 server.
+func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
+	t.Helper()
+	for name, open := range map[string]func(t *testing.T) *storage.Store{
+		"filesystem": func(t *testing.T) *storage.Store {
+			dir := t.TempDir()
+			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+		},
+		"s3": func(t *testing.T) *storage.Store {
+			s, err := storage.OpenS3(t.Context(), s3test.Start(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return s
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			fn(t, open(t))
+		})
+	}
+}
+
+// clock is a settable time for Options.Now.
+type clock struct{ ns atomic.Int64 }
+
+func (c *clock) set(minute int) {
+	c.ns.Store(time.Date(2025, 1, 1, 0, minute, 0, 0, time.UTC).UnixNano())
+}
+func (c *clock) now() time.Time { return time.Unix(0, c.ns.Load()) }
+
+var seq atomic.Uint64
+
+func putBlob(t *testing.T, s *storage.Store, size int) digest.Digest {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seq.Add(1), 7))
+	data := make([]byte, size)
+	for i := range data {
+		data[i] = byte(r.Uint32())
+	}
+	d := digest.FromBytes(data)
+	w, err := s.CreateBlob(t.Context(), d, int64(size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = w.Write(data)
+	if err := w.Commit(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// putImage caches an image manifest referring to config and layers.
+func putImage(t *testing.T, s *storage.Store, config digest.Digest, layers ...digest.Digest) digest.Digest {
+	t.Helper()
+	body := fmt.Sprintf(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":%q,"size":1000},"layers":[`, config)
+	for i, l := range layers {
+		if i > 0 {
+			body += ","
+		}
+		body += fmt.Sprintf(`{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":%q,"size":1000}`, l)
+	}
+	body += "]}"
+	return putManifest(t, s, "application/vnd.oci.image.manifest.v1+json", body)
+}
+
+func putIndex(t *testing.T, s *storage.Store, children ...digest.Digest) digest.Digest {
+	t.Helper()
+	body := `{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[`
+	for i, c := range children {
+		if i > 0 {
+			body += ","
+		}
+		body += fmt.Sprintf(`{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":%q,"size":300,"platform":{"os":"linux","architecture":"amd64"}}`, c)
+	}
+	body += "]}"
+	return putManifest(t, s, "application/vnd.oci.image.index.v1+json", body)
+}
+
+func putManifest(t *testing.T, s *storage.Store, mt, body string) digest.Digest {
+	t.Helper()
+	d := digest.FromString(body)
+	if err := s.PutManifest(t.Context(), mt, d, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func cached(t *testing.T, s *storage.Store, d digest.Digest) bool {
+	t.Helper()
+	_, err := s.StatBlob(t.Context(), d)
+	if err != nil && !errors.Is(err, storage.ErrNotFound) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+func usage(s *storage.Store) int64 {
+	b, _ := s.Usage("blob")
+	m, _ := s.Usage("manifest")
+	return b + m
+}
+
+// TestEvictionOrder: over budget, a pass removes the least recently used
+// content first, keeps a pinned image (index, child, config, layers), a
+// layer shared with a retained manifest of another repository, a leased
+// blob and every manifest, and ends under the low-water mark.
+func TestEvictionOrder(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := t.Context()
+		var clk clock
+		reg := prometheus.NewRegistry()
+		m := metrics.NewEviction(reg)
+		// The budget is set below, once the sizes are known; the Evictor
+		// must watch the store from the first commit.
+		var opts evict.Options
+		opts.Now, opts.Metrics = clk.now, m
+		opts.Pins = []evict.Pin{{Repository: "lab/p", Tag: "1"}}
+		const bs = 1000
+
+		clk.set(1)
+		orphan := putBlob(t, s, bs) // no manifest, oldest
+		leased := putBlob(t, s, bs) // as old, but being served
+		// Pinned, and older than everything else.
+		clk.set(2)
+		cp, lp := putBlob(t, s, bs), putBlob(t, s, bs)
+		mp := putImage(t, s, cp, lp)
+		ip := putIndex(t, s, mp)
+		if err := s.PutTag(ctx, "lab/p", "1", storage.TagRecord{Digest: ip, MediaType: "application/vnd.oci.image.index.v1+json", ConfirmedAt: clk.now()}); err != nil {
+			t.Fatal(err)
+		}
+		// Image A of lab/a, then image B of lab/b sharing a layer with A.
+		clk.set(3)
+		ca, la, shared := putBlob(t, s, bs), putBlob(t, s, bs), putBlob(t, s, bs)
+		ma := putImage(t, s, ca, la, shared)
+		clk.set(4)
+		cb, lb := putBlob(t, s, bs), putBlob(t, s, bs)
+		mb := putImage(t, s, cb, lb, shared)
+		_ = mb
+
+		// Nine blobs and four manifests. Keeping all but three blobs (the
+		// orphan and A's own two) is within the low-water mark; keeping one
+		// more is not.
+		manifestBytes, _ := s.Usage("manifest")
+		low := int64(6*bs) + manifestBytes + bs/2
+		opts.MaxSize = int64(float64(low) / 0.9)
+		if usage(s) <= opts.MaxSize {
+			t.Fatalf("test set-up: usage %d within the budget %d", usage(s), opts.MaxSize)
+		}
+		e := evict.New(s, opts)
+		if err := e.Seed(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if e.Used() != usage(s) {
+			t.Fatalf("index holds %d bytes, the store %d", e.Used(), usage(s))
+		}
+		// Seeding from modification times must not reorder what the index
+		// saw committed: re-touch at the fake times.
+		for _, step := range []struct {
+			minute int
+			blobs  []digest.Digest
+			mans   []digest.Digest
+		}{
+			{1, []digest.Digest{orphan, leased}, nil},
+			{2, []digest.Digest{cp, lp}, []digest.Digest{mp, ip}},
+			{3, []digest.Digest{ca, la, shared}, []digest.Digest{ma}},
+			{4, []digest.Digest{cb, lb}, []digest.Digest{mb}},
+		} {
+			clk.set(step.minute)
+			for _, d := range step.blobs {
+				e.Touch(evict.KindBlob, d)
+			}
+			for _, d := range step.mans {
+				e.Touch(evict.KindManifest, d)
+			}
+		}
+		release, err := e.Lease(ctx, leased)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer release()
+
+		res, err := e.Evict(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []digest.Digest
+		for _, it := range res.Removed {
+			if it.Kind != evict.KindBlob || it.Size != bs {
+				t.Errorf("removed %+v", it)
+			}
+			got = append(got, it.Digest)
+		}
+		if len(got) != 3 || got[0] != orphan || !slices.Contains(got[1:], ca) || !slices.Contains(got[1:], la) {
+			t.Fatalf("removed %v; want the orphan %s first, then A's config %s and layer %s", got, orphan, ca, la)
+		}
+		for _, d := range []digest.Digest{orphan, ca, la} {
+			if cached(t, s, d) {
+				t.Errorf("evicted blob %s still cached", d)
+			}
+		}
+		for name, d := range map[string]digest.Digest{"leased": leased, "pinned config": cp, "pinned layer": lp, "shared layer": shared, "B config": cb, "B layer": lb} {
+			if !cached(t, s, d) {
+				t.Errorf("%s blob %s was evicted", name, d)
+			}
+		}
+		for _, d := range []digest.Digest{ip, mp, ma, mb} {
+			if _, err := s.GetManifest(ctx, d); err != nil {
+				t.Errorf("manifest %s: %v", d, err)
+			}
+		}
+		if u := usage(s); u > low || e.Used() != u {
+			t.Errorf("usage %d (index %d) after the pass, low-water mark %d", u, e.Used(), low)
+		}
+		if n := testutil.ToFloat64(m.EvictedBytes.WithLabelValues("blob")); n != 3*bs {
+			t.Errorf("evicted bytes metric %v, want %d", n, 3*bs)
+		}
+		// Within budget now: another pass removes nothing.
+		if res, err := e.Evict(ctx); err != nil || len(res.Removed) != 0 {
+			t.Fatalf("second pass: %+v, %v", res, err)
+		}
+	})
+}
+
+// TestAdmitWhenFull: a blob that does not fit a budget whose content is
+// all pinned or leased is refused (ErrFull, counted); once the lease ends
+// the leased blob is evicted to make room and the blob is admitted; a blob
+// larger than the whole budget is refused without evicting anything.
+func TestAdmitWhenFull(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := t.Context()
+		reg := prometheus.NewRegistry()
+		m := metrics.NewEviction(reg)
+		c, l := putBlob(t, s, 2000), putBlob(t, s, 3000)
+		mp := putImage(t, s, c, l)
+		if err := s.PutTag(ctx, "lab/p", "1", storage.TagRecord{Digest: mp}); err != nil {
+			t.Fatal(err)
+		}
+		leased := putBlob(t, s, 4000)
+		// A budget of exactly what is cached.
+		opts := evict.Options{Metrics: m, MaxSize: usage(s), Pins: []evict.Pin{{Repository: "lab/p", Tag: "1"}}}
+		e := evict.New(s, opts)
+		if err := e.Seed(ctx); err != nil {
+			t.Fatal(err)
+		}
+		release, err := e.Lease(ctx, leased)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Admit(ctx, digest.FromString("new"), 1000); !errors.Is(err, evict.ErrFull) {
+			t.Fatalf("Admit with everything pinned or leased: %v, want ErrFull", err)
+		}
+		if n := testutil.ToFloat64(m.Full); n != 1 {
+			t.Fatalf("cache full metric %v, want 1", n)
+		}
+		if !cached(t, s, leased) || !cached(t, s, c) || !cached(t, s, l) {
+			t.Fatal("a refused admission evicted pinned or leased content")
+		}
+		if _, err := e.Admit(ctx, digest.FromString("huge"), opts.MaxSize+1); !errors.Is(err, evict.ErrFull) {
+			t.Fatalf("Admit larger than the budget: %v", err)
+		}
+		release()
+		done, err := e.Admit(ctx, digest.FromString("new"), 1000)
+		if err != nil {
+			t.Fatalf("Admit once the lease ended: %v", err)
+		}
+		done()
+		if cached(t, s, leased) {
+			t.Fatal("the no longer leased blob was not evicted")
+		}
+		if !cached(t, s, c) || !cached(t, s, l) {
+			t.Fatal("pinned content evicted")
+		}
+		if n := testutil.ToFloat64(m.Full); n != 2 {
+			t.Fatalf("cache full metric %v, want 2", n)
+		}
+	})
+}
+
+// TestMinFree: with a minimum of free space, a pass evicts until free
+// space is the minimum plus the low-water margin.
+func TestMinFree(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	const total = 100_000
+	var clk clock
+	clk.set(0)
+	e := evict.New(s, evict.Options{
+		MinFree:   20_000,
+		Now:       clk.now,
+		FreeSpace: func() (int64, int64, error) { return total - usage(s), total, nil },
+	})
+	var blobs []digest.Digest
+	for i := range 9 {
+		clk.set(i)
+		blobs = append(blobs, putBlob(t, s, 10_000))
+	}
+	// 90,000 used, 10,000 free: below 20,000; the target is 22,000 free.
+	res, err := e.Evict(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Removed) != 2 || res.Removed[0].Digest != blobs[0] || res.Removed[1].Digest != blobs[1] {
+		t.Fatalf("removed %+v, want the two oldest", res.Removed)
+	}
+	if free := total - usage(s); free < 22_000 {
+		t.Fatalf("free %d after the pass", free)
+	}
+}
+
+// TestSeedOrderAfterRestart: a new process orders content by the
+// driver's modification times.
+func TestSeedOrderAfterRestart(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	open := func() *storage.Store {
+		return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	}
+	s := open()
+	var blobs []digest.Digest
+	for range 4 {
+		blobs = append(blobs, putBlob(t, s, 1000))
+	}
+	// Written in the order 2, 0, 3, 1.
+	base := time.Now().Add(-time.Hour)
+	for i, n := range []int{1, 3, 0, 2} {
+		d := blobs[i]
+		p := filepath.Join(dir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())
+		mt := base.Add(time.Duration(n) * time.Minute)
+		if err := os.Chtimes(p, mt, mt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s = open()
+	e := evict.New(s, evict.Options{MaxSize: 2500})
+	if err := e.Seed(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	res, err := e.Evict(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []digest.Digest
+	for _, it := range res.Removed {
+		got = append(got, it.Digest)
+	}
+	if want := []digest.Digest{blobs[2], blobs[0]}; !slices.Equal(got, want) {
+		t.Fatalf("removed %v, want %v (the two least recently written)", got, want)
+	}
+}
+
+func TestParsePin(t *testing.T) {
+	t.Parallel()
+	d := "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	for in, want := range map[string]evict.Pin{
+		"nvidia/pytorch:24.05-py3": {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvidia/k8s/dcgm:1":        {Repository: "nvidia/k8s/dcgm", Tag: "1"},
+		"nvidia/cuda@" + d:         {Repository: "nvidia/cuda", Digest: digest.Digest(d)},
+		"org/team/image:latest":    {Repository: "org/team/image", Tag: "latest"},
+	} {
+		got, err := evict.ParsePin(in)
+		if err != nil || got != want || got.String() != in {
+			t.Errorf("ParsePin(%q) = %+v (%s), %v; want %+v", in, got, got, err, want)
+		}
+	}
+	for _, in := range []string{"nvidia/pytorch", "nvcr.io/nvidia/pytorch:1", "Nvidia/x:1", "x:y:z", ""} {
+		if p, err := evict.ParsePin(in); err == nil {
+			t.Errorf("ParsePin(%q) = %+v, want an error", in, p)
+		}
+	}
+}

@@ -1,0 +1,363 @@
+package prefetch
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/time/rate"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+)
+
+// Warmer is the cache's pull-through path (*proxy.Handler): what a job
+// fetches goes exactly where a client's pull would, and coalesces with it.
+type Warmer interface {
+	// WarmManifest returns repo's manifest for ref (tag or digest), from
+	// the cache or fetched and cached.
+	WarmManifest(ctx context.Context, repo, ref string) (mediaType string, body []byte, dgst digest.Digest, err error)
+	// WarmBlob caches blob dgst of repo through the fill group (joining a
+	// fill that runs). wrap, when not nil, wraps the upstream source of a
+	// fill this call starts. fetched reports whether this call caused an
+	// upstream fetch; an already cached blob returns (false, nil).
+	WarmBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error)
+	// BlobCached reports whether dgst is in the cache.
+	BlobCached(ctx context.Context, dgst digest.Digest) bool
+	// FillClients reports how many callers wait on a running fill of dgst.
+	FillClients(dgst digest.Digest) int
+}
+
+// Target is one image to prefetch.
+type Target struct {
+	Repository string
+	Reference  string   // tag or digest
+	Platforms  []string // empty: every platform
+	Rule       string   // "" manual, AutoRule, or a rule name
+}
+
+// JobID is the stable ID of a target: the same image and platforms give
+// the same job, so enqueueing twice is idempotent.
+func JobID(t Target) string {
+	p := slices.Clone(t.Platforms)
+	sort.Strings(p)
+	sum := sha256.Sum256([]byte(t.Repository + "\x00" + t.Reference + "\x00" + strings.Join(p, ",")))
+	return hex.EncodeToString(sum[:8])
+}
+
+// runner executes jobs.
+type runner struct {
+	warm    Warmer
+	store   state.Store
+	owner   string
+	log     *slog.Logger
+	m       *metrics.Tracking
+	rules   map[string]*Rule
+	limits  map[string]*rate.Limiter // by rule name
+	saveGap time.Duration
+}
+
+func (r *runner) settings(rule string) (concurrency int, lim *rate.Limiter) {
+	concurrency = 4
+	if ru := r.rules[rule]; ru != nil && ru.Concurrency > 0 {
+		concurrency = ru.Concurrency
+	}
+	return concurrency, r.limits[rule]
+}
+
+// job is a running job: its record and live counters.
+type job struct {
+	mu        sync.Mutex
+	rec       state.Job
+	bytesLive atomic.Int64 // bytes of blobs in progress
+	current   sync.Map     // digest → struct{}
+}
+
+func (j *job) snapshot() state.Job {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	rec := j.rec
+	rec.BytesDone += j.bytesLive.Load()
+	rec.Current = ""
+	j.current.Range(func(k, _ any) bool {
+		if rec.Current == "" || k.(string) < rec.Current {
+			rec.Current = k.(string)
+		}
+		return true
+	})
+	rec.Updated = time.Now().UTC()
+	return rec
+}
+
+// run executes one job to its end, saving progress every saveGap. It
+// fetches the manifest (by tag or digest); for an index, the children of
+// the job's platforms (all but attestations when none is given); then
+// every config and layer blob of those, Concurrency at a time. Blobs
+// already cached count as done at once, so a re-run (resume after a
+// restart) only fetches what is missing.
+func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
+	j := &job{rec: rec}
+	j.rec.State = state.JobRunning
+	j.rec.Owner = r.owner
+	j.rec.Errors = nil
+	j.rec.BlobsDone, j.rec.BytesDone, j.rec.BlobsTotal, j.rec.BytesTotal = 0, 0, 0, 0
+	j.rec.Finished = time.Time{}
+	r.save(ctx, j.snapshot())
+	r.m.JobStarted()
+
+	stop := make(chan struct{})
+	saved := make(chan struct{})
+	go func() {
+		defer close(saved)
+		t := time.NewTicker(r.saveGap)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				r.save(ctx, j.snapshot())
+			}
+		}
+	}()
+	err := r.execute(ctx, j)
+	close(stop)
+	<-saved
+
+	final := j.snapshot()
+	final.Current = ""
+	final.Finished = time.Now().UTC()
+	switch {
+	case ctx.Err() != nil:
+		// Shutdown or lost leadership: left running, resumed by the next
+		// scheduler.
+		final.Finished = time.Time{}
+		r.save(context.WithoutCancel(ctx), final)
+		r.m.JobEnded("failed")
+		return final
+	case err != nil:
+		final.State = state.JobFailed
+		final.Errors = append(final.Errors, err.Error())
+	case len(final.Errors) > 0:
+		final.State = state.JobFailed
+	default:
+		final.State = state.JobDone
+	}
+	r.save(ctx, final)
+	r.m.JobEnded(final.State)
+	r.log.Info("prefetch job ended", "job", final.ID, "repository", final.Repository, "reference", final.Reference,
+		"state", final.State, "blobs", final.BlobsDone, "bytes", final.BytesDone, "errors", len(final.Errors))
+	return final
+}
+
+func (r *runner) save(ctx context.Context, j state.Job) {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if err := r.store.PutJob(sctx, j); err != nil {
+		r.m.StateError(metrics.OpJob)
+		r.log.Debug("saving job progress failed", "job", j.ID, "err", err)
+	}
+}
+
+// ErrNoPlatform is returned for an index that has none of the job's
+// platforms.
+var ErrNoPlatform = errors.New("no manifest for the requested platforms")
+
+func (r *runner) execute(ctx context.Context, j *job) error {
+	repo, ref, platforms := j.rec.Repository, j.rec.Reference, j.rec.Platforms
+	mt, body, _, err := r.warm.WarmManifest(ctx, repo, ref)
+	if err != nil {
+		return fmt.Errorf("manifest %s:%s: %w", repo, ref, err)
+	}
+	var blobs []manifest.Descriptor
+	seen := map[digest.Digest]bool{}
+	addBlobs := func(body []byte) error {
+		refs, err := manifest.References(body)
+		if err != nil {
+			return err
+		}
+		for _, d := range refs {
+			if !seen[d.Digest] && !isManifest(d.MediaType) {
+				seen[d.Digest] = true
+				blobs = append(blobs, d)
+			}
+		}
+		return nil
+	}
+	if manifest.IsIndex(mt) {
+		children, err := manifest.Children(body)
+		if err != nil {
+			return err
+		}
+		var have []string
+		picked := 0
+		for _, c := range children {
+			p := c.PlatformString()
+			if p == "" || p == "unknown/unknown" { // attestations, not images
+				continue
+			}
+			have = append(have, p)
+			if len(platforms) > 0 && !slices.ContainsFunc(platforms, func(w string) bool { return manifest.MatchPlatform(p, w) }) {
+				continue
+			}
+			_, cbody, _, err := r.warm.WarmManifest(ctx, repo, c.Digest.String())
+			if err != nil {
+				return fmt.Errorf("manifest %s for %s: %w", c.Digest, p, err)
+			}
+			if err := addBlobs(cbody); err != nil {
+				return err
+			}
+			picked++
+		}
+		if picked == 0 {
+			return fmt.Errorf("%w %v in %s:%s (it has %v)", ErrNoPlatform, platforms, repo, ref, have)
+		}
+	} else if err := addBlobs(body); err != nil {
+		return err
+	}
+
+	j.mu.Lock()
+	j.rec.BlobsTotal = len(blobs)
+	for _, b := range blobs {
+		j.rec.BytesTotal += b.Size
+	}
+	j.mu.Unlock()
+
+	concurrency, lim := r.settings(j.rec.Rule)
+	work := make(chan manifest.Descriptor)
+	var wg sync.WaitGroup
+	for range min(concurrency, max(len(blobs), 1)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for d := range work {
+				r.blob(ctx, j, repo, d, lim)
+			}
+		}()
+	}
+	for _, d := range blobs {
+		select {
+		case work <- d:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	close(work)
+	wg.Wait()
+	return nil
+}
+
+func isManifest(mt string) bool {
+	return manifest.IsIndex(mt) || strings.Contains(mt, "manifest")
+}
+
+// blob caches one blob, with one retry.
+func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descriptor, lim *rate.Limiter) {
+	done := func() {
+		j.mu.Lock()
+		j.rec.BlobsDone++
+		j.rec.BytesDone += d.Size
+		j.mu.Unlock()
+	}
+	if r.warm.BlobCached(ctx, d.Digest) {
+		done()
+		r.m.PrefetchBlob("cached", d.Size)
+		return
+	}
+	j.current.Store(d.Digest.String(), struct{}{})
+	defer j.current.Delete(d.Digest.String())
+	var err error
+	for attempt := 0; attempt < 2 && ctx.Err() == nil; attempt++ {
+		var got atomic.Int64
+		var fetched bool
+		fetched, err = r.warm.WarmBlob(ctx, repo, d.Digest, func(src fill.Source) fill.Source {
+			return r.counted(src, d.Digest, &got, j, lim)
+		})
+		j.bytesLive.Add(-got.Load())
+		if err == nil {
+			done()
+			if fetched {
+				r.m.PrefetchBlob("fetched", d.Size)
+			} else {
+				r.m.PrefetchBlob("cached", d.Size)
+			}
+			return
+		}
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	r.m.PrefetchBlob("failed", 0)
+	j.mu.Lock()
+	j.rec.Errors = append(j.rec.Errors, fmt.Sprintf("blob %s: %v", d.Digest, err))
+	j.mu.Unlock()
+}
+
+// counted wraps a fill source: it counts bytes into the job's live
+// progress and, with a limiter, throttles while no client waits on the
+// blob.
+func (r *runner) counted(src fill.Source, dgst digest.Digest, got *atomic.Int64, j *job, lim *rate.Limiter) fill.Source {
+	return func(ctx context.Context, offset int64) (io.ReadCloser, int64, error) {
+		body, size, err := src(ctx, offset)
+		if err != nil {
+			return nil, size, err
+		}
+		return &progressReader{rc: body, ctx: ctx, got: got, live: &j.bytesLive, lim: lim,
+			throttle: func() bool { return r.warm.FillClients(dgst) <= 1 }}, size, nil
+	}
+}
+
+type progressReader struct {
+	rc       io.ReadCloser
+	ctx      context.Context
+	got      *atomic.Int64
+	live     *atomic.Int64
+	lim      *rate.Limiter
+	throttle func() bool
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	if p.lim != nil && p.throttle() {
+		if burst := p.lim.Burst(); len(b) > burst {
+			b = b[:burst]
+		}
+	}
+	n, err := p.rc.Read(b)
+	if n > 0 {
+		p.got.Add(int64(n))
+		p.live.Add(int64(n))
+		if p.lim != nil && p.throttle() {
+			if werr := p.lim.WaitN(p.ctx, n); werr != nil && err == nil {
+				err = werr
+			}
+		}
+	}
+	return n, err
+}
+
+func (p *progressReader) Close() error { return p.rc.Close() }
+
+// newLimiter returns a limiter of bytesPerSecond (nil for 0), with a burst
+// of a tenth of a second's worth (at least 32 KiB).
+func newLimiter(bytesPerSecond int64) *rate.Limiter {
+	if bytesPerSecond <= 0 {
+		return nil
+	}
+	burst := int(max(bytesPerSecond/10, 32<<10))
+	return rate.NewLimiter(rate.Limit(bytesPerSecond), burst)
+}

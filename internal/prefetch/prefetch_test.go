@@ -1,0 +1,436 @@
+package prefetch_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch/prefetchtest"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
+)
+
+var ctx = context.Background()
+
+func cached(w *prefetchtest.World, d digest.Digest) bool {
+	_, err := w.Cache.StatBlob(ctx, d)
+	return err == nil
+}
+
+func manifestFetches(up *ngctest.Upstream, repo string, d digest.Digest) int {
+	return up.Count("registry", http.MethodGet, "/v2/"+repo+"/manifests/"+d.String())
+}
+
+// A job for one platform fetches that platform's manifest, config and
+// layers once each, keeps the index, and touches nothing of the others.
+func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{})
+	w.Start(t)
+	repo, idx := ngctest.PytorchRepo, w.Fx.Pytorch
+	arm, amd := idx.Child("linux/arm64"), idx.Child("linux/amd64")
+	j, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	if err != nil || !created {
+		t.Fatal(created, err)
+	}
+	j = w.WaitJob(t, j.ID, 20*time.Second)
+	var total int64
+	for _, b := range arm.Blobs() {
+		total += int64(len(b.Body))
+	}
+	if j.State != state.JobDone || j.BlobsTotal != len(arm.Blobs()) || j.BlobsDone != j.BlobsTotal || j.BytesTotal != total || j.BytesDone != total {
+		t.Fatalf("job = %+v (want done, %d blobs, %d bytes)", j, len(arm.Blobs()), total)
+	}
+	for _, b := range arm.Blobs() {
+		if n := w.Up.BlobFetches(b.Digest); n != 1 || !cached(w, b.Digest) {
+			t.Errorf("arm64 blob %s: fetched %d times, cached %v", b.Digest, n, cached(w, b.Digest))
+		}
+	}
+	for _, b := range amd.Blobs() {
+		if n := w.Up.BlobFetches(b.Digest); n != 0 || cached(w, b.Digest) {
+			t.Errorf("amd64 blob %s fetched %d times (cached %v); the job asked for arm64 only", b.Digest, n, cached(w, b.Digest))
+		}
+	}
+	if n := manifestFetches(w.Up, repo, amd.Manifest.Digest); n != 0 {
+		t.Errorf("amd64 manifest fetched %d times", n)
+	}
+	for _, d := range []digest.Digest{idx.Manifest.Digest, arm.Manifest.Digest} {
+		if _, err := w.Cache.GetManifest(ctx, d); err != nil {
+			t.Errorf("manifest %s not cached: %v", d, err)
+		}
+	}
+	if got := testutil.ToFloat64(w.Metrics.PrefetchBlobs.WithLabelValues("fetched")); got != float64(len(arm.Blobs())) {
+		t.Errorf("fetched blobs metric = %v", got)
+	}
+
+	// Idempotent: the same target again fetches nothing more.
+	before := len(w.Up.Requests())
+	j2, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	if err != nil || !created || j2.ID != j.ID {
+		t.Fatalf("re-enqueue: %+v %v %v", j2, created, err)
+	}
+	j2 = w.WaitJob(t, j2.ID, 20*time.Second)
+	if j2.State != state.JobDone || j2.BytesDone != total {
+		t.Errorf("re-run = %+v", j2)
+	}
+	for _, r := range w.Up.Requests()[before:] {
+		if r.Host == "cdn" {
+			t.Errorf("re-run fetched a blob again: %+v", r)
+		}
+	}
+}
+
+// A rule with latest-N, a variant filter and a platform selects the newest
+// release of that variant only, and its job fetches that platform; a glob
+// rule selects among tracked repositories.
+func TestRuleSelectsTagsAndPlatforms(t *testing.T) {
+	repo := ngctest.PytorchRepo
+	w := prefetchtest.New(t, prefetchtest.Options{
+		Tracking: tracking.Options{Repositories: []string{repo}},
+		Rules: []prefetch.RuleSpec{
+			{Name: "frameworks", Repositories: []string{repo}, Tags: config.TagSelect{Latest: 1},
+				Variants: []string{"py3"}, Platforms: []string{"linux/amd64"}},
+			{Name: "globbed", Repositories: []string{"nvidia/pyt*", "nvidia/**/nothing"}, Tags: config.TagSelect{Exact: []string{"24.04-py3"}, Regex: `1[78]\..*`}},
+		}})
+	releases := map[string]*ngctest.Image{}
+	for _, tag := range []string{"24.04-py3", "24.05-py3", "24.05-py3-igpu"} {
+		im, err := w.Up.AddRelease(repo, tag, 4<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		releases[tag] = im
+	}
+	w.Start(t)
+	rules := w.Sched.Rules()
+	jobs, err := w.Sched.RunRule(ctx, rules[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) != 1 || jobs[0].Reference != "24.05-py3" || !slices.Equal(jobs[0].Platforms, []string{"linux/amd64"}) || jobs[0].Rule != "frameworks" {
+		t.Fatalf("rule jobs = %+v, want one for 24.05-py3 linux/amd64", jobs)
+	}
+	if j := w.WaitJob(t, jobs[0].ID, 20*time.Second); j.State != state.JobDone {
+		t.Fatalf("job = %+v", j)
+	}
+	for _, b := range releases["24.05-py3"].Child("linux/amd64").Blobs() {
+		if w.Up.BlobFetches(b.Digest) != 1 {
+			t.Errorf("amd64 blob of 24.05-py3 fetched %d times", w.Up.BlobFetches(b.Digest))
+		}
+	}
+	for _, im := range []*ngctest.Image{releases["24.05-py3"].Child("linux/arm64"), releases["24.05-py3-igpu"], releases["24.04-py3"]} {
+		for _, b := range im.Blobs() {
+			if w.Up.BlobFetches(b.Digest) != 0 {
+				t.Errorf("blob %s outside the rule was fetched", b.Digest)
+			}
+		}
+	}
+
+	targets, err := w.Sched.Expand(ctx, rules[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, tg := range targets {
+		got = append(got, tg.Repository+":"+tg.Reference)
+	}
+	if want := []string{repo + ":17.12", repo + ":18.01-py3", repo + ":24.04-py3"}; !slices.Equal(got, want) {
+		t.Errorf("glob rule targets = %v, want %v", got, want)
+	}
+}
+
+func TestCompileRejectsMalformedRules(t *testing.T) {
+	ok := prefetch.RuleSpec{Name: "r", Repositories: []string{"nvidia/pytorch"}, Tags: config.TagSelect{Latest: 1}}
+	if _, err := prefetch.Compile(ok); err != nil {
+		t.Fatal(err)
+	}
+	for name, mut := range map[string]func(*prefetch.RuleSpec){
+		"no name":         func(r *prefetch.RuleSpec) { r.Name = "" },
+		"reserved name":   func(r *prefetch.RuleSpec) { r.Name = prefetch.AutoRule },
+		"no repositories": func(r *prefetch.RuleSpec) { r.Repositories = nil },
+		"bad repository":  func(r *prefetch.RuleSpec) { r.Repositories = []string{"Nvidia/PyTorch"} },
+		"bad glob":        func(r *prefetch.RuleSpec) { r.Repositories = []string{"nvidia/[a"} },
+		"no tags":         func(r *prefetch.RuleSpec) { r.Tags = config.TagSelect{} },
+		"bad regex":       func(r *prefetch.RuleSpec) { r.Tags.Regex = "(" },
+		"bad exact tag":   func(r *prefetch.RuleSpec) { r.Tags.Exact = []string{"a:b"} },
+		"negative latest": func(r *prefetch.RuleSpec) { r.Tags.Latest = -1 },
+		"bad platform":    func(r *prefetch.RuleSpec) { r.Platforms = []string{"amd64"} },
+		"bad schedule":    func(r *prefetch.RuleSpec) { r.Schedule = "every day" },
+		"bad concurrency": func(r *prefetch.RuleSpec) { r.Concurrency = 1000 },
+		"bad bandwidth":   func(r *prefetch.RuleSpec) { r.Bandwidth = -1 },
+	} {
+		spec := ok
+		spec.Tags.Exact = nil
+		mut(&spec)
+		if _, err := prefetch.Compile(spec); !errors.Is(err, prefetch.ErrInvalidRule) {
+			t.Errorf("%s: Compile = %v, want ErrInvalidRule", name, err)
+		}
+	}
+	for _, c := range []struct {
+		pattern, name string
+		match         bool
+	}{
+		{"nvidia/*", "nvidia/pytorch", true},
+		{"nvidia/*", "nvidia/k8s/dcgm-exporter", false},
+		{"nvidia/**", "nvidia/k8s/dcgm-exporter", true},
+		{"nvidia/**/dcgm-exporter", "nvidia/k8s/dcgm-exporter", true},
+		{"nvidia/**", "nim/meta/llama3", false},
+		{"**", "a/b/c", true},
+	} {
+		if got := prefetch.MatchRepository(c.pattern, c.name); got != c.match {
+			t.Errorf("MatchRepository(%q, %q) = %v", c.pattern, c.name, got)
+		}
+	}
+}
+
+// pullAs replays Docker's pull of repo:tag for one platform: the index by
+// tag, then the platform's manifest by digest.
+func pullAs(t *testing.T, w *prefetchtest.World, repo, tag string, child *ngctest.Image) {
+	t.Helper()
+	for _, ref := range []string{tag, child.Manifest.Digest.String()} {
+		req, _ := http.NewRequest(http.MethodGet, w.Server.URL+"/v2/"+repo+"/manifests/"+ref, nil)
+		req.Header.Set("Accept", "application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %d", ref, resp.StatusCode)
+		}
+	}
+}
+
+// The automatic rule: nodes pulled 24.04-py3 for amd64; when 24.05-py3
+// appears upstream, the poll tick prefetches it for amd64 only, and not the
+// variants nobody pulled.
+func TestAutoRuleFollowsPullHistory(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{Prefetch: prefetch.Options{Auto: true, PollSchedule: "@every 1s"}})
+	repo := ngctest.PytorchRepo
+	old, err := w.Up.AddRelease(repo, "24.04-py3", 4<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start(t)
+	pullAs(t, w, repo, "24.04-py3", old.Child("linux/amd64"))
+	prefetchtest.Eventually(t, 10*time.Second, "the first poll", func() bool {
+		tags, _ := w.State.Tags(ctx, repo)
+		return len(tags) == 3
+	})
+	if jobs, _ := w.State.Jobs(ctx); len(jobs) != 0 {
+		t.Fatalf("jobs before any new release: %+v", jobs)
+	}
+	next, err := w.Up.AddRelease(repo, "24.05-py3", 4<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	igpu, err := w.Up.AddRelease(repo, "24.05-py3-igpu", 4<<10, "linux/arm64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var job state.Job
+	prefetchtest.Eventually(t, 15*time.Second, "an automatic job for 24.05-py3", func() bool {
+		jobs, _ := w.State.Jobs(ctx)
+		for _, j := range jobs {
+			if j.Ended() {
+				job = j
+				return true
+			}
+		}
+		return false
+	})
+	if job.Rule != prefetch.AutoRule || job.Reference != "24.05-py3" || !slices.Equal(job.Platforms, []string{"linux/amd64"}) || job.State != state.JobDone {
+		t.Fatalf("automatic job = %+v", job)
+	}
+	for _, b := range next.Child("linux/amd64").Blobs() {
+		if !cached(w, b.Digest) {
+			t.Errorf("24.05-py3 amd64 blob %s not prefetched", b.Digest)
+		}
+	}
+	for _, im := range []*ngctest.Image{next.Child("linux/arm64"), igpu} {
+		for _, b := range im.Blobs() {
+			if w.Up.BlobFetches(b.Digest) != 0 {
+				t.Errorf("blob %s nobody pulls was prefetched", b.Digest)
+			}
+		}
+	}
+	// Later polls do not redo it.
+	time.Sleep(2500 * time.Millisecond)
+	if jobs, _ := w.State.Jobs(ctx); len(jobs) != 1 || jobs[0].Updated.After(job.Updated) {
+		t.Errorf("jobs after more polls = %+v", jobs)
+	}
+}
+
+// stall makes the CDN hold blob d until release is closed (or the client
+// goes away).
+func stall(up *ngctest.Upstream, d digest.Digest, release <-chan struct{}, started *atomic.Int32) {
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !up.IsCDN(r) || !strings.HasSuffix(r.URL.Path, d.String()) {
+			return false
+		}
+		started.Add(1)
+		select {
+		case <-release:
+			return false
+		case <-r.Context().Done():
+			return true
+		}
+	})
+}
+
+// A job cut off by a restart is resumed by the next process and fetches
+// only what it had not cached.
+func TestJobResumesAfterRestart(t *testing.T) {
+	cacheDir, stateDir := t.TempDir(), t.TempDir()
+	a := prefetchtest.New(t, prefetchtest.Options{CacheDir: cacheDir, StateDir: stateDir, Prefetch: prefetch.Options{Owner: "a"}})
+	repo, amd := ngctest.PytorchRepo, a.Fx.Pytorch.Child("linux/amd64")
+	blobs := amd.Blobs()
+	last := blobs[len(blobs)-1].Digest
+	release := make(chan struct{})
+	var started atomic.Int32
+	stall(a.Up, last, release, &started)
+	defer close(release)
+	stopA := a.Start(t)
+	j, _, err := a.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/amd64"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefetchtest.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
+		got, _ := a.State.Job(ctx, j.ID)
+		return got.BlobsDone == len(blobs)-1 && started.Load() > 0
+	})
+	stopA() // the process stops; its job is left running
+	if got, _ := a.State.Job(ctx, j.ID); got.State != state.JobRunning || got.Owner != "a" {
+		t.Fatalf("after stop: %+v", got)
+	}
+	a.State.Close()
+	a.Up.SetFault(nil)
+
+	b := prefetchtest.New(t, prefetchtest.Options{Upstream: a.Up, Fixture: a.Fx, CacheDir: cacheDir, StateDir: stateDir, Prefetch: prefetch.Options{Owner: "b"}})
+	b.Start(t)
+	got := b.WaitJob(t, j.ID, 20*time.Second)
+	if got.State != state.JobDone || got.Owner != "b" || got.BlobsDone != len(blobs) {
+		t.Fatalf("resumed job = %+v", got)
+	}
+	for _, bl := range blobs[:len(blobs)-1] {
+		if n := b.Up.BlobFetches(bl.Digest); n != 1 {
+			t.Errorf("blob %s cached before the restart was fetched %d times", bl.Digest, n)
+		}
+	}
+	if !cached(b, last) {
+		t.Error("the stalled blob was not cached by the resumed job")
+	}
+}
+
+// Two replicas sharing Redis: one leads, each scheduled tick runs once,
+// and when the leader stops the other takes over.
+func TestTwoReplicasRunEachTickOnce(t *testing.T) {
+	srv := redistest.Start(t)
+	rule := []prefetch.RuleSpec{{Name: "every-second", Repositories: []string{ngctest.PytorchRepo},
+		Tags: config.TagSelect{Exact: []string{ngctest.PytorchTag}}, Platforms: []string{"linux/arm64"}, Schedule: "@every 1s"}}
+	// Replicas on one shared cache (as on S3).
+	dir := t.TempDir()
+	a := prefetchtest.New(t, prefetchtest.Options{Redis: srv, CacheDir: dir, Rules: rule, Prefetch: prefetch.Options{Owner: "a", PollSchedule: "@yearly"}})
+	b := prefetchtest.New(t, prefetchtest.Options{Redis: srv, CacheDir: dir, Upstream: a.Up, Fixture: a.Fx, Rules: rule, Prefetch: prefetch.Options{Owner: "b", PollSchedule: "@yearly"}})
+	stopA := a.Start(t)
+	stopB := b.Start(t)
+	ticks := func(w *prefetchtest.World) float64 {
+		return testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues("rule"))
+	}
+	prefetchtest.Eventually(t, 15*time.Second, "four ticks", func() bool { return ticks(a)+ticks(b) >= 4 })
+	if a.Sched.Leader() == b.Sched.Leader() {
+		t.Fatalf("leaders: a %v, b %v; want exactly one", a.Sched.Leader(), b.Sched.Leader())
+	}
+	leader, other, stopLeader := a, b, stopA
+	if b.Sched.Leader() {
+		leader, other, stopLeader = b, a, stopB
+	}
+	if ticks(other) != 0 {
+		t.Errorf("the follower ran %v ticks", ticks(other))
+	}
+	stopLeader()
+	prefetchtest.Eventually(t, 10*time.Second, "the other replica to take over and tick", func() bool {
+		return other.Sched.Leader() && ticks(other) >= 2
+	})
+	// Every tick that ran claimed its own key: none ran twice.
+	rc := redis.NewClient(&redis.Options{Addr: strings.TrimPrefix(strings.TrimSuffix(srv.URL, "/0"), "redis://")})
+	defer rc.Close()
+	keys, err := rc.Keys(ctx, "ngc-mirror:claim:tick:every-second:*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	total := ticks(leader) + ticks(other)
+	if float64(len(keys)) < total-1 || float64(len(keys)) > total+1 {
+		// A tick may be claimed between reading the keys and the counters.
+		t.Errorf("%d claimed ticks, %v ticks run", len(keys), total)
+	}
+	// The jobs the ticks made are one job (same image), done once.
+	jobs, _ := a.State.Jobs(ctx)
+	if len(jobs) != 1 {
+		t.Errorf("jobs = %+v", jobs)
+	}
+	for _, bl := range a.Fx.Pytorch.Child("linux/arm64").Blobs() {
+		if n := a.Up.BlobFetches(bl.Digest); n != 1 {
+			t.Errorf("blob %s fetched %d times across replicas and ticks", bl.Digest, n)
+		}
+	}
+}
+
+// A rule's bandwidth cap slows its fills (a lower bound on time only: the
+// check cannot flake on a slow machine).
+func TestBandwidthLimit(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{LayerSize: 256 << 10, Rules: []prefetch.RuleSpec{{
+		Name: "slow", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Exact: []string{ngctest.PytorchTag}},
+		Platforms: []string{"linux/arm64"}, Bandwidth: 256 << 10}}})
+	w.Start(t)
+	var size int64
+	for _, b := range w.Fx.Pytorch.Child("linux/arm64").Blobs() {
+		size += int64(len(b.Body))
+	}
+	start := time.Now()
+	jobs, err := w.Sched.RunRule(ctx, w.Sched.Rules()[0])
+	if err != nil || len(jobs) != 1 {
+		t.Fatal(jobs, err)
+	}
+	j := w.WaitJob(t, jobs[0].ID, 30*time.Second)
+	took := time.Since(start)
+	if j.State != state.JobDone {
+		t.Fatalf("job = %+v", j)
+	}
+	// 256 KiB/s with a burst of 32 KiB.
+	if floor := time.Duration(float64(size-(32<<10)) / float64(256<<10) * float64(time.Second)); took < floor*9/10 {
+		t.Errorf("%d bytes at 256 KiB/s took %v, less than %v", size, took, floor)
+	}
+}
+
+// Rules with pin: true name the images cache eviction keeps.
+func TestPinnedTargets(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{
+		{Name: "pinned", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Exact: []string{"17.12"}}, Pin: true},
+		{Name: "loose", Repositories: []string{ngctest.CUDARepo}, Tags: config.TagSelect{Regex: ".*"}},
+	}})
+	for _, repo := range []string{ngctest.PytorchRepo, ngctest.CUDARepo} {
+		if _, err := w.Tracker.Poll(ctx, repo); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := w.Sched.PinnedTargets(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Repository != ngctest.PytorchRepo || got[0].Reference != "17.12" {
+		t.Errorf("pinned = %+v, want only nvidia/pytorch:17.12", got)
+	}
+}

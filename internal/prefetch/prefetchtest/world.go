@@ -1,0 +1,196 @@
+// Package prefetchtest builds a whole mirror in process for tests of
+// tracking, prefetch and the admin API: the fake nvcr.io (internal/ngctest)
+// with its fixture, a filesystem cache, the fill group, the registry
+// handler on a loopback HTTP server, a state store (embedded bbolt or a
+// real redis-server), the tracker and the scheduler.
+package prefetchtest
+
+import (
+	"context"
+	"net/http/httptest"
+	"net/url"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// Options shape a World.
+type Options struct {
+	// Redis, when set, keeps state there instead of in an embedded file.
+	Redis *redistest.Server
+	// Rules are compiled for the scheduler.
+	Rules []prefetch.RuleSpec
+	// Prefetch options (Rules, Metrics and Log are set by the world);
+	// LockTTL defaults to 600 ms here so that failover tests are quick.
+	Prefetch prefetch.Options
+	// Tracking options (Metrics is set by the world).
+	Tracking tracking.Options
+	// LayerSize of the fixture (default 64 KiB).
+	LayerSize int64
+	// Upstream, when set, is used instead of a new fake (a second replica
+	// of the same lab); CacheDir likewise shares a cache.
+	Upstream *ngctest.Upstream
+	Fixture  *ngctest.Fixture
+	CacheDir string
+	StateDir string
+}
+
+// World is a mirror in process.
+type World struct {
+	Up      *ngctest.Upstream
+	Fx      *ngctest.Fixture
+	Cache   *storage.Store
+	Fills   *fill.Group
+	Proxy   *proxy.Handler
+	Server  *httptest.Server
+	State   state.Store
+	Tracker *tracking.Tracker
+	Sched   *prefetch.Scheduler
+	Metrics *metrics.Tracking
+	Reg     *prometheus.Registry
+	opts    Options
+}
+
+// New builds a world; nothing runs until Start.
+func New(t *testing.T, o Options) *World {
+	t.Helper()
+	w := &World{opts: o, Up: o.Upstream, Fx: o.Fixture}
+	if w.Up == nil {
+		w.Up = ngctest.New(ngctest.Options{})
+		t.Cleanup(w.Up.Close)
+		if o.LayerSize == 0 {
+			o.LayerSize = 64 << 10
+		}
+		fx, err := w.Up.Populate(o.LayerSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.Fx = fx
+	}
+	dir := o.CacheDir
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	w.Cache = storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50}), storage.WithLocalRoot(dir))
+	origin, _ := url.Parse(w.Up.URL())
+	client := upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
+	w.Fills = fill.NewGroup(w.Cache, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second})
+
+	if o.Redis != nil {
+		r, err := state.OpenRedis(o.Redis.URL, state.RedisOptions{Timeout: 300 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.State = r
+	} else {
+		sd := o.StateDir
+		if sd == "" {
+			sd = t.TempDir()
+		}
+		b, err := state.OpenBolt(filepath.Join(sd, "state.db"), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.State = b
+	}
+	t.Cleanup(func() { w.State.Close() })
+	w.Reg = prometheus.NewRegistry()
+	w.Metrics = metrics.NewTracking(w.Reg)
+	to := o.Tracking
+	to.Metrics = w.Metrics
+	w.Tracker = tracking.New(w.State, client, to)
+	w.Proxy = proxy.New(client, w.Cache, w.Fills, proxy.Options{Pulls: w.Tracker, NSAliases: []string{"nvcr.io"}})
+	w.Server = httptest.NewServer(w.Proxy)
+	t.Cleanup(w.Server.Close)
+
+	po := o.Prefetch
+	for _, spec := range o.Rules {
+		r, err := prefetch.Compile(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		po.Rules = append(po.Rules, r)
+	}
+	po.Metrics = w.Metrics
+	if po.LockTTL == 0 {
+		po.LockTTL = 600 * time.Millisecond
+	}
+	if po.SaveInterval == 0 {
+		po.SaveInterval = 50 * time.Millisecond
+	}
+	if po.Owner == "" {
+		po.Owner = t.Name()
+	}
+	s, err := prefetch.New(w.State, w.Tracker, w.Proxy, po)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Sched = s
+	return w
+}
+
+// Start runs the tracker's writer and the scheduler until the returned
+// stop is called (or the test ends). stop waits for them to return.
+func (w *World) Start(t *testing.T) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		go w.Tracker.Run(ctx)
+		w.Sched.Run(ctx)
+	}()
+	var once bool
+	stop = func() {
+		if once {
+			return
+		}
+		once = true
+		cancel()
+		<-done
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// WaitJob polls job id until it ends or timeout passes, and returns it.
+func (w *World) WaitJob(t *testing.T, id string, timeout time.Duration) state.Job {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		j, err := w.State.Job(context.Background(), id)
+		if err == nil && j.Ended() {
+			return j
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job %s did not end within %v: %+v (err %v)", id, timeout, j, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Eventually polls cond every 20 ms until it holds or timeout passes.
+func Eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

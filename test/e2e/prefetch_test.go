@@ -1,0 +1,205 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+)
+
+// runCLI runs the mirror binary as a command-line client with env.
+func runCLI(t *testing.T, env []string, args ...string) (string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, mirrorBin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	code := 0
+	if err != nil {
+		code = cmd.ProcessState.ExitCode()
+	}
+	return string(out), code
+}
+
+// TestPrefetchCLIThenOffline: `mirror prefetch --platform linux/amd64` on
+// a new monthly release fetches that platform, `mirror tags` says so, and
+// skopeo then pulls the amd64 image with the upstream gone, while arm64
+// (never fetched) fails. Bad input exits 2 with a clear error.
+func TestPrefetchCLIThenOffline(t *testing.T) {
+	need(t, "skopeo")
+	up, _ := newUpstream(t)
+	rel, err := up.AddRelease(ngctest.PytorchRepo, "24.05-py3", 256<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dataDir := t.TempDir()
+	m := startMirrorAt(t, up.URL(), dataDir, "")
+	env := []string{"MIRROR_ADDR=" + m.addr, "MIRROR_DATA_DIR=" + dataDir}
+
+	out, code := runCLI(t, env, "prefetch", "nvidia/pytorch:24.05-py3", "--platform", "linux/amd64")
+	if code != 0 || !strings.Contains(out, "prefetched nvidia/pytorch:24.05-py3") {
+		t.Fatalf("mirror prefetch: exit %d\n%s", code, out)
+	}
+	for _, b := range rel.Child("linux/amd64").Blobs() {
+		if n := up.BlobFetches(b.Digest); n != 1 {
+			t.Errorf("amd64 blob fetched %d times", n)
+		}
+	}
+	out, code = runCLI(t, env, "tags", "nvidia/pytorch", "--monthly")
+	if code != 0 {
+		t.Fatalf("mirror tags: exit %d\n%s", code, out)
+	}
+	var row string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "24.05-py3 ") {
+			row = l
+		}
+	}
+	if f := strings.Fields(row); len(f) < 6 || f[1] != "24.05" || f[2] != "py3" || !strings.Contains(row, "partial (linux/amd64)") {
+		t.Errorf("mirror tags row for 24.05-py3 = %q\n%s", row, out)
+	}
+
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"prefetch", "nvidia/pytorch"}, 2, "TAG_INVALID"},
+		{[]string{"prefetch", "nvidia/pytorch:24.05-py3", "--platform", "linux/s390x"}, 2, "PLATFORM_INVALID"},
+		{[]string{"prefetch", "nvidia/nope:1"}, 2, "MANIFEST_UNKNOWN"},
+		{[]string{"prefetch", "nvidia/pytorch:24.05-py3", "--token", "wrong"}, 1, "UNAUTHORIZED"},
+		{[]string{"tags", "nvidia/nope"}, 2, "NAME_UNKNOWN"},
+	} {
+		out, code := runCLI(t, env, c.args...)
+		if code != c.code || !strings.Contains(out, c.want) {
+			t.Errorf("mirror %v: exit %d, want %d with %s\n%s", c.args, code, c.code, c.want, out)
+		}
+	}
+
+	up.Close()
+	tmp := t.TempDir()
+	pull := func(arch string) (string, error) {
+		return run(t, 2*time.Minute, "skopeo", "--override-os", "linux", "--override-arch", arch, "--insecure-policy",
+			"copy", "--retry-times", "0", "--src-tls-verify=false",
+			"docker://"+m.addr+"/nvidia/pytorch:24.05-py3", "dir:"+filepath.Join(tmp, arch))
+	}
+	if out, err := pull("amd64"); err != nil {
+		t.Fatalf("offline pull of the prefetched platform: %v\n%s", err, out)
+	}
+	if out, err := pull("arm64"); err == nil {
+		t.Errorf("offline pull of arm64 succeeded, but it was never fetched\n%s", out)
+	}
+	token, _ := os.ReadFile(filepath.Join(dataDir, "admin-token"))
+	assertNoSecrets(t, up, m.log.String(), strings.TrimSpace(string(token)))
+}
+
+// scrape returns the value of one sample line of the mirror's /metrics.
+func scrape(t *testing.T, m *mirror, sample string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + m.addr + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(io.LimitReader(resp.Body, 16<<20))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), sample+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	t.Fatalf("no sample %s in /metrics", sample)
+	return 0
+}
+
+// TestTwoMirrorsShareRedis: two mirror processes on one Redis with a rule
+// ticking every second: exactly one leads, every tick runs once (one
+// claim per tick run), and after kill -9 of the leader the other takes
+// over within the lock's expiry.
+func TestTwoMirrorsShareRedis(t *testing.T) {
+	up, fx := newUpstream(t)
+	srv := redistest.Start(t)
+	cfg := writeConfig(t, `
+tracking:
+  poll: "@yearly"
+prefetch:
+  auto: {enabled: false}
+  rules:
+    - name: tick
+      repositories: [nvidia/pytorch]
+      tags: {exact: ["17.12"]}
+      platforms: [linux/arm64]
+      schedule: "@every 1s"
+`)
+	a := startMirrorWithConfig(t, up.URL(), cfg, "MIRROR_REDIS_URL="+srv.URL)
+	b := startMirrorWithConfig(t, up.URL(), cfg, "MIRROR_REDIS_URL="+srv.URL)
+	const ticks, leader = `ngc_mirror_scheduler_ticks_total{kind="rule"}`, "ngc_mirror_scheduler_leader"
+	deadline := time.Now().Add(30 * time.Second)
+	for scrape(t, a, ticks)+scrape(t, b, ticks) < 4 {
+		if time.Now().After(deadline) {
+			t.Fatal("no ticks")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if la, lb := scrape(t, a, leader), scrape(t, b, leader); la+lb != 1 {
+		t.Fatalf("leader gauges %v and %v; want exactly one leader", la, lb)
+	}
+	lead, other := a, b
+	if scrape(t, b, leader) == 1 {
+		lead, other = b, a
+	}
+	if n := scrape(t, other, ticks); n != 0 {
+		t.Errorf("the follower ran %v ticks", n)
+	}
+	// The job the ticks queue (one image) ran once: arm64 blobs fetched once.
+	for _, bl := range fx.Pytorch.Child("linux/arm64").Blobs() {
+		deadline := time.Now().Add(20 * time.Second)
+		for up.BlobFetches(bl.Digest) == 0 && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
+		}
+		if n := up.BlobFetches(bl.Digest); n != 1 {
+			t.Errorf("blob %s fetched %d times", bl.Digest, n)
+		}
+	}
+
+	ledTicks := scrape(t, lead, ticks)
+	_ = lead.cmd.Process.Kill() // kill -9: the lock is not released, it expires
+	deadline = time.Now().Add(40 * time.Second)
+	for scrape(t, other, leader) != 1 || scrape(t, other, ticks) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the surviving mirror did not take over\n%s", other.log.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	opt, err := redis.ParseURL(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := redis.NewClient(opt)
+	defer rc.Close()
+	otherTicks := scrape(t, other, ticks)
+	keys, err := rc.Keys(t.Context(), "ngc-mirror:claim:tick:tick:*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each tick run claimed its own key (a tick may land between the reads).
+	if total := ledTicks + otherTicks; float64(len(keys)) < total || float64(len(keys)) > total+2 {
+		t.Errorf("%d ticks claimed, %v run (%v by the killed leader)", len(keys), total, ledTicks)
+	}
+}
