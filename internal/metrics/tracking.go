@@ -154,6 +154,14 @@ func (t *Tracking) JobStarted() {
 	}
 }
 
+// JobStopped records a job cut off (shutdown, lost leadership) to be
+// resumed later: not counted as ended.
+func (t *Tracking) JobStopped() {
+	if t != nil {
+		t.JobsRunning.Dec()
+	}
+}
+
 func (t *Tracking) JobEnded(result string) {
 	if t != nil {
 		t.JobsRunning.Dec()

@@ -146,7 +146,7 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 		// scheduler.
 		final.Finished = time.Time{}
 		r.save(context.WithoutCancel(ctx), final)
-		r.m.JobEnded("failed")
+		r.m.JobStopped()
 		return final
 	case err != nil:
 		final.State = state.JobFailed

@@ -188,8 +188,12 @@ func TestCompileRejectsMalformedRules(t *testing.T) {
 		{"nvidia/**", "nim/meta/llama3", false},
 		{"**", "a/b/c", true},
 	} {
-		if got := prefetch.MatchRepository(c.pattern, c.name); got != c.match {
-			t.Errorf("MatchRepository(%q, %q) = %v", c.pattern, c.name, got)
+		r, err := prefetch.Compile(prefetch.RuleSpec{Name: "g", Repositories: []string{c.pattern}, Tags: config.TagSelect{Latest: 1}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := r.Matches(c.name); got != c.match {
+			t.Errorf("pattern %q matches %q: %v", c.pattern, c.name, got)
 		}
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/distribution/reference"
 	"github.com/robfig/cron/v3"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
@@ -141,33 +142,6 @@ func validPattern(p string) error {
 // IsGlob reports whether a repository pattern has glob characters.
 func IsGlob(p string) bool { return strings.ContainsAny(p, "*?[") }
 
-// MatchRepository reports whether repository name matches pattern: "*"
-// within one component, "**" across any number (zero or more).
-func MatchRepository(pattern, name string) bool {
-	return matchParts(strings.Split(pattern, "/"), strings.Split(name, "/"))
-}
-
-func matchParts(p, n []string) bool {
-	for len(p) > 0 {
-		if p[0] == "**" {
-			for i := 0; i <= len(n); i++ {
-				if matchParts(p[1:], n[i:]) {
-					return true
-				}
-			}
-			return false
-		}
-		if len(n) == 0 {
-			return false
-		}
-		if ok, _ := path.Match(p[0], n[0]); !ok {
-			return false
-		}
-		p, n = p[1:], n[1:]
-	}
-	return len(n) == 0
-}
-
 // Literal returns the rule's repositories that are plain names (always
 // tracked).
 func (r *Rule) Literal() []string {
@@ -183,7 +157,7 @@ func (r *Rule) Literal() []string {
 // Matches reports whether the rule covers repository name.
 func (r *Rule) Matches(name string) bool {
 	for _, p := range r.Repositories {
-		if MatchRepository(p, name) {
+		if access.MatchRepository(p, name) {
 			return true
 		}
 	}

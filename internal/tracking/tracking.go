@@ -222,13 +222,6 @@ func (t *Tracker) Run(ctx context.Context) {
 	}
 }
 
-// Flush waits until the queue is empty or ctx ends (tests, shutdown).
-func (t *Tracker) Flush(ctx context.Context) {
-	for len(t.queue) > 0 && ctx.Err() == nil {
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // Tracked returns the repositories to poll: the configured ones and those
 // pulled within Options.Recent, sorted.
 func (t *Tracker) Tracked(ctx context.Context) ([]string, error) {

@@ -223,46 +223,22 @@ func testLock(t *testing.T, a, b state.Store) {
 	}
 	// Many contenders at once: exactly one wins.
 	_ = a.Unlock(ctx, "scheduler", "A")
-	var wins atomic.Int32
-	var wg sync.WaitGroup
-	for i := range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			st := a
-			if i%2 == 1 {
-				st = b
-			}
-			if ok, _ := st.Lock(ctx, "race", fmt.Sprint("owner-", i), time.Minute); ok {
-				wins.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	if wins.Load() != 1 {
-		t.Errorf("%d contenders won the lock, want 1", wins.Load())
+	wins := contend(a, b, func(st state.Store, i int) bool {
+		ok, _ := st.Lock(ctx, "race", fmt.Sprint("owner-", i), time.Minute)
+		return ok
+	})
+	if wins != 1 {
+		t.Errorf("%d contenders won the lock, want 1", wins)
 	}
 }
 
 func testClaim(t *testing.T, a, b state.Store) {
-	var wins atomic.Int32
-	var wg sync.WaitGroup
-	for i := range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			st := a
-			if i%2 == 1 {
-				st = b
-			}
-			if ok, _ := st.Claim(ctx, "tick:rule:1000", time.Minute); ok {
-				wins.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	if wins.Load() != 1 {
-		t.Errorf("%d claims won, want 1", wins.Load())
+	wins := contend(a, b, func(st state.Store, _ int) bool {
+		ok, _ := st.Claim(ctx, "tick:rule:1000", time.Minute)
+		return ok
+	})
+	if wins != 1 {
+		t.Errorf("%d claims won, want 1", wins)
 	}
 	if ok, _ := a.Claim(ctx, "tick:rule:1001", time.Minute); !ok {
 		t.Error("a new key was not claimable")
@@ -274,4 +250,26 @@ func testClaim(t *testing.T, a, b state.Store) {
 	if ok, _ := b.Claim(ctx, "short", time.Minute); !ok {
 		t.Error("an expired claim was not claimable again")
 	}
+}
+
+// contend runs try from 16 goroutines at once, half on each store, and
+// returns how many got true.
+func contend(a, b state.Store, try func(st state.Store, i int) bool) int {
+	var wins atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := a
+			if i%2 == 1 {
+				st = b
+			}
+			if try(st, i) {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return int(wins.Load())
 }
