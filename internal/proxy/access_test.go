@@ -5,10 +5,12 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 )
 
 // htpasswd writes an htpasswd file (bcrypt) for user:password pairs.
@@ -186,5 +188,52 @@ func TestColdHeadHonoursRange(t *testing.T) {
 	r = e.do(t, http.MethodHead, path, "Range", "bytes="+itoa(len(layer.Body))+"-")
 	if r.status != 416 {
 		t.Fatalf("cold HEAD past the end: %d", r.status)
+	}
+}
+
+// pullLog records what the handler reports for the pull history.
+type pullLog struct {
+	mu  sync.Mutex
+	evs []tracking.ManifestServed
+}
+
+func (p *pullLog) Served(ev tracking.ManifestServed) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.evs = append(p.evs, ev)
+}
+
+// The pull history names an authenticated client by user, an anonymous
+// one by IP address, and gets the manifest body for GET only.
+func TestPullHistoryClient(t *testing.T) {
+	t.Parallel()
+	pol := policy(t, access.Config{
+		Mode:             access.ModeHtpasswd,
+		HtpasswdFile:     htpasswd(t, "alice", "alice-pw"),
+		PublicNamespaces: []string{"nvidia"},
+	}, nil)
+	log := &pullLog{}
+	e := newEnv(t, envOpts{access: pol, pulls: log})
+	path := "/v2/" + ngctest.PytorchRepo + "/manifests/" + ngctest.PytorchTag
+	if r := e.doAs(t, "alice", "alice-pw", http.MethodGet, path); r.status != 200 {
+		t.Fatal(r.status)
+	}
+	if r := e.doAs(t, "", "", http.MethodHead, path); r.status != 200 {
+		t.Fatal(r.status)
+	}
+	if r := e.doAs(t, "", "", http.MethodGet, "/v2/"+ngctest.PytorchRepo+"/manifests/nope"); r.status != 404 {
+		t.Fatal(r.status)
+	}
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if len(log.evs) != 2 {
+		t.Fatalf("events = %+v (want the two served manifests only)", log.evs)
+	}
+	a, b := log.evs[0], log.evs[1]
+	if a.Client != "alice" || a.Body == nil || a.Reference != ngctest.PytorchTag || a.Digest != e.fx.Pytorch.Manifest.Digest {
+		t.Errorf("GET as alice: %+v", a)
+	}
+	if b.Client != "127.0.0.1" || b.Body != nil {
+		t.Errorf("anonymous HEAD: client %q, body %v", b.Client, b.Body != nil)
 	}
 }

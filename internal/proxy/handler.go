@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -128,7 +129,10 @@ func apiVersion(next http.Handler) http.Handler {
 }
 
 // routeInfo lets dispatch tell the observe middleware the route kind.
-type routeInfo struct{ route string }
+type routeInfo struct {
+	route string
+	user  string // the authenticated client, for the pull history
+}
 
 type routeKey struct{}
 
@@ -269,6 +273,9 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, name string)
 	}
 	switch err := h.access.Authorize(r.Context(), id, name); {
 	case err == nil:
+		if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok && id.User != auth.DefaultUsername {
+			ri.user = id.User // not NGC's literal "$oauthtoken" of a pass-through client
+		}
 		return true
 	case errors.Is(err, access.ErrUnauthenticated):
 		h.unauthorized(w, r, name, "authentication required")

@@ -69,7 +69,7 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 	h.metrics.CacheResult("manifest", result, sent)
 	if h.opts.Pulls != nil {
 		ev := tracking.ManifestServed{Repository: name, Reference: ref, Digest: m.Digest, MediaType: m.MediaType,
-			Client: tracking.ClientOf(r, ""), Time: time.Now()}
+			Client: tracking.ClientOf(r, userOf(r)), Time: time.Now()}
 		if r.Method != http.MethodHead {
 			ev.Body = m.Body
 		}
@@ -234,4 +234,12 @@ func (h *Handler) manifestByTag(ctx context.Context, name, tag string) (*storage
 		}
 	}
 	return nil, false, err
+}
+
+// userOf returns the authenticated user of r ("" when anonymous).
+func userOf(r *http.Request) string {
+	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
+		return ri.user
+	}
+	return ""
 }

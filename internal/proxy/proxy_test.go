@@ -53,6 +53,7 @@ type envOpts struct {
 	wrap    func(driver.StorageDriver) driver.StorageDriver
 	metrics *metrics.Metrics
 	access  *access.Policy
+	pulls   proxy.PullRecorder
 	// s3 puts the cache on a real S3 server (versitygw); redirect turns on
 	// presigned redirects for cache hits.
 	s3, redirect bool
@@ -112,7 +113,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	// Fills outlive their clients: let a commit finish before the cache
