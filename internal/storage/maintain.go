@@ -90,7 +90,7 @@ func (s *Store) Check(ctx context.Context, repair Repair, progress CheckProgress
 		if err := ctx.Err(); err != nil {
 			return damaged, err
 		}
-		if problem := s.verify(ctx, o); problem != "" {
+		if problem := s.verify(ctx, o); problem != "" && !s.vanished(ctx, o) {
 			d := Damage{Kind: o.kind, Digest: o.dgst, Path: o.path, Problem: problem}
 			if err := s.repair(ctx, o, repair); err != nil {
 				d.Problem += fmt.Sprintf(" (repair failed: %v)", err)
@@ -103,6 +103,14 @@ func (s *Store) Check(ctx context.Context, repair Repair, progress CheckProgress
 		}
 	}
 	return damaged, nil
+}
+
+// vanished reports whether o is gone from the store: removed by gc or
+// eviction while fsck ran (the mirror may serve meanwhile). That is not
+// damage.
+func (s *Store) vanished(ctx context.Context, o object) bool {
+	_, err := s.d.Stat(ctx, o.path)
+	return errors.As(err, new(driver.PathNotFoundError))
 }
 
 func (s *Store) verify(ctx context.Context, o object) string {
