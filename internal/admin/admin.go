@@ -381,6 +381,12 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 			if req.Spec.Name == "" {
 				req.Spec.Name = "adhoc"
 			}
+			for _, ru := range s.sched.Rules() {
+				if ru.Name == req.Spec.Name {
+					writeError(w, http.StatusBadRequest, "RULE_INVALID", "spec name "+strconv.Quote(ru.Name)+" is a configured rule's; run it with {\"rule\": ...} or pick another name")
+					return
+				}
+			}
 			ru, err := prefetch.Compile(*req.Spec)
 			if err != nil {
 				writeError(w, http.StatusBadRequest, "RULE_INVALID", err.Error())

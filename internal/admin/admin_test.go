@@ -166,6 +166,7 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"POST", "/prefetch", `{"rule":"nope"}`, 404, "RULE_UNKNOWN"},
 		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["nvidia/pytorch"],"tags":{"regex":"("}}}`, 400, "RULE_INVALID"},
 		{"POST", "/prefetch", `{"spec":{"repositories":[],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
+		{"POST", "/prefetch", `{"spec":{"name":"dgx","repositories":["nvidia/cuda"],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","rule":"dgx"}`, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `{"imag":"x"}`, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `not json`, 400, "BAD_REQUEST"},
@@ -198,5 +199,26 @@ func TestParseImage(t *testing.T) {
 		if err != nil || repo != want[0] || ref != want[1] {
 			t.Errorf("ParseImage(%q) = %q %q %v", in, repo, ref, err)
 		}
+	}
+}
+
+// An ad hoc rule's concurrency and bandwidth apply to its jobs (a lower
+// bound on time only).
+func TestAdHocRuleBandwidth(t *testing.T) {
+	a := newAPI(t)
+	var resp struct{ Jobs []state.Job }
+	body := `{"spec":{"name":"slow","repositories":["nvidia/pytorch"],"tags":{"exact":["17.12"]},"platforms":["linux/arm64"],"bandwidth":65536,"concurrency":1}}`
+	start := time.Now()
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", body, &resp); st != http.StatusAccepted || len(resp.Jobs) != 1 {
+		t.Fatalf("prefetch: %d %s %+v", st, code, resp)
+	}
+	j := a.w.WaitJob(t, resp.Jobs[0].ID, 30*time.Second)
+	took := time.Since(start)
+	if j.State != state.JobDone || j.Bandwidth != 65536 || j.Concurrency != 1 {
+		t.Fatalf("job = %+v", j)
+	}
+	// 64 KiB/s with a 32 KiB burst.
+	if floor := time.Duration(float64(j.BytesTotal-(32<<10)) / 65536 * float64(time.Second)); took < floor*9/10 {
+		t.Errorf("%d bytes at 64 KiB/s took %v, less than %v", j.BytesTotal, took, floor)
 	}
 }

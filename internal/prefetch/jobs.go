@@ -47,6 +47,10 @@ type Target struct {
 	Reference  string   // tag or digest
 	Platforms  []string // empty: every platform
 	Rule       string   // "" manual, AutoRule, or a rule name
+	// Concurrency and Bandwidth (bytes per second) of the rule; zero:
+	// defaults (4 blobs at once, no cap).
+	Concurrency int
+	Bandwidth   int64
 }
 
 // JobID is the stable ID of a target: the same image and platforms give
@@ -70,12 +74,18 @@ type runner struct {
 	saveGap time.Duration
 }
 
-func (r *runner) settings(rule string) (concurrency int, lim *rate.Limiter) {
+// settings returns a job's concurrency and limiter. A configured rule's
+// jobs share the rule's limiter; any other job with a cap (an ad hoc rule)
+// gets its own.
+func (r *runner) settings(j state.Job) (concurrency int, lim *rate.Limiter) {
 	concurrency = 4
-	if ru := r.rules[rule]; ru != nil && ru.Concurrency > 0 {
-		concurrency = ru.Concurrency
+	if j.Concurrency > 0 {
+		concurrency = j.Concurrency
 	}
-	return concurrency, r.limits[rule]
+	if ru := r.rules[j.Rule]; ru != nil && int64(ru.Bandwidth) == j.Bandwidth {
+		return concurrency, r.limits[j.Rule]
+	}
+	return concurrency, newLimiter(j.Bandwidth)
 }
 
 // job is a running job: its record and live counters.
@@ -236,7 +246,7 @@ func (r *runner) execute(ctx context.Context, j *job) error {
 	}
 	j.mu.Unlock()
 
-	concurrency, lim := r.settings(j.rec.Rule)
+	concurrency, lim := r.settings(j.rec)
 	work := make(chan manifest.Descriptor)
 	var wg sync.WaitGroup
 	for range min(concurrency, max(len(blobs), 1)) {

@@ -290,7 +290,7 @@ func (s *Scheduler) Enqueue(ctx context.Context, t Target) (j state.Job, created
 	}
 	now := time.Now().UTC()
 	j = state.Job{ID: id, Repository: t.Repository, Reference: t.Reference, Platforms: t.Platforms,
-		Rule: t.Rule, State: state.JobQueued, Created: now, Updated: now}
+		Rule: t.Rule, Concurrency: t.Concurrency, Bandwidth: t.Bandwidth, State: state.JobQueued, Created: now, Updated: now}
 	if err := s.store.PutJob(ctx, j); err != nil {
 		return state.Job{}, false, err
 	}
@@ -327,7 +327,8 @@ func (s *Scheduler) Expand(ctx context.Context, r *Rule) ([]Target, error) {
 			return nil, err
 		}
 		for _, tag := range r.SelectTags(tags) {
-			out = append(out, Target{Repository: repo, Reference: tag, Platforms: r.Platforms, Rule: r.Name})
+			out = append(out, Target{Repository: repo, Reference: tag, Platforms: r.Platforms, Rule: r.Name,
+				Concurrency: r.Concurrency, Bandwidth: int64(r.Bandwidth)})
 		}
 	}
 	return out, nil

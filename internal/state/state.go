@@ -66,22 +66,26 @@ const (
 // Job is one prefetch: an image (repository and tag or digest) for some
 // platforms, with its progress.
 type Job struct {
-	ID         string    `json:"id"`
-	Repository string    `json:"repository"`
-	Reference  string    `json:"reference"`           // tag or digest
-	Platforms  []string  `json:"platforms,omitempty"` // empty: every platform of an index
-	Rule       string    `json:"rule,omitempty"`      // the rule that made it; "" for a manual prefetch, "auto" for the automatic rule
-	State      string    `json:"state"`
-	Created    time.Time `json:"created"`
-	Updated    time.Time `json:"updated"`
-	Finished   time.Time `json:"finished,omitzero"`
-	BlobsTotal int       `json:"blobs_total"`
-	BlobsDone  int       `json:"blobs_done"`
-	BytesTotal int64     `json:"bytes_total"`       // bytes of the selected blobs
-	BytesDone  int64     `json:"bytes_done"`        // of which cached (already or fetched by this job)
-	Current    string    `json:"current,omitempty"` // digest of a blob being fetched now
-	Errors     []string  `json:"errors,omitempty"`
-	Owner      string    `json:"owner,omitempty"` // replica that ran it last
+	ID         string   `json:"id"`
+	Repository string   `json:"repository"`
+	Reference  string   `json:"reference"`           // tag or digest
+	Platforms  []string `json:"platforms,omitempty"` // empty: every platform of an index
+	Rule       string   `json:"rule,omitempty"`      // the rule that made it; "" for a manual prefetch, "auto" for the automatic rule
+	// Concurrency (blobs at once; 0: the default) and Bandwidth (bytes per
+	// second; 0: none) the job runs with, from its rule.
+	Concurrency int       `json:"concurrency,omitempty"`
+	Bandwidth   int64     `json:"bandwidth,omitempty"`
+	State       string    `json:"state"`
+	Created     time.Time `json:"created"`
+	Updated     time.Time `json:"updated"`
+	Finished    time.Time `json:"finished,omitzero"`
+	BlobsTotal  int       `json:"blobs_total"`
+	BlobsDone   int       `json:"blobs_done"`
+	BytesTotal  int64     `json:"bytes_total"`       // bytes of the selected blobs
+	BytesDone   int64     `json:"bytes_done"`        // of which cached (already or fetched by this job)
+	Current     string    `json:"current,omitempty"` // digest of a blob being fetched now
+	Errors      []string  `json:"errors,omitempty"`
+	Owner       string    `json:"owner,omitempty"` // replica that ran it last
 }
 
 // Ended reports whether the job has ended (done or failed).
