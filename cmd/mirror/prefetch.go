@@ -116,10 +116,11 @@ func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, 
 	}
 	log.Info("admin API", "prefix", admin.Prefix+"/", "token", src)
 	t.admin = admin.New(sched, t.tracker, warm, cache, admin.Options{
-		Token:         token,
-		UpstreamHosts: append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
-		Log:           log.With("component", "admin"),
-		Metrics:       t.m,
+		Token:            token,
+		UpstreamHosts:    append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
+		PrefetchDisabled: !cfg.Prefetch.Enabled,
+		Log:              log.With("component", "admin"),
+		Metrics:          t.m,
 	})
 	ch := make(chan struct{})
 	go func() {

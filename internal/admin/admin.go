@@ -9,6 +9,7 @@
 package admin
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -48,8 +49,12 @@ type Options struct {
 	// UpstreamHosts are registry hosts a client may put in front of an
 	// image name ("nvcr.io/nvidia/pytorch:24.05-py3"); they are dropped.
 	UpstreamHosts []string
-	Log           *slog.Logger
-	Metrics       *metrics.Tracking
+	// PrefetchDisabled refuses POST prefetch: no scheduler runs jobs in
+	// this process (prefetch.enabled: false) and, with the embedded store,
+	// none ever would.
+	PrefetchDisabled bool
+	Log              *slog.Logger
+	Metrics          *metrics.Tracking
 }
 
 // Server is the admin API handler.
@@ -309,11 +314,12 @@ var platformRe = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
 // (or already queued or running for the same image and platforms).
 func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
+	if s.opts.PrefetchDisabled {
+		writeError(w, http.StatusConflict, "UNSUPPORTED", "prefetch is disabled on this mirror (prefetch.enabled: false)")
+		return
+	}
 	var req PrefetchRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "body: "+err.Error())
+	if !decodeBody(w, r, &req) {
 		return
 	}
 	set := 0
@@ -332,8 +338,11 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 		repo, ref, err := ParseImage(req.Image, s.opts.UpstreamHosts)
 		if err != nil {
 			code := "NAME_INVALID"
-			if errors.Is(err, errBadTag) {
+			switch {
+			case errors.Is(err, errBadTag):
 				code = "TAG_INVALID"
+			case errors.Is(err, errBadDigest):
+				code = "DIGEST_INVALID"
 			}
 			writeError(w, http.StatusBadRequest, code, err.Error())
 			return
@@ -400,7 +409,38 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if jobs == nil {
+		jobs = []state.Job{} // a rule that selects nothing now
+	}
 	writeJSON(w, http.StatusAccepted, map[string]any{"jobs": jobs})
+}
+
+// maxBody bounds a request body (bytes).
+const maxBody = 1 << 20
+
+// decodeBody reads one JSON object into v, strictly: unknown fields,
+// trailing data and bodies over maxBody are errors (413 for the last).
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	raw, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if mbe := new(http.MaxBytesError); errors.As(err, &mbe) || len(raw) > maxBody {
+		writeError(w, http.StatusRequestEntityTooLarge, "BAD_REQUEST", fmt.Sprintf("body over %d bytes", maxBody))
+		return false
+	}
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "reading the body: "+err.Error())
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "body: "+err.Error())
+		return false
+	}
+	if dec.More() || dec.InputOffset() < int64(len(bytes.TrimRight(raw, " \t\r\n"))) {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", "body: data after the JSON object")
+		return false
+	}
+	return true
 }
 
 func missingPlatforms(index []byte, want []string) []string {
@@ -414,11 +454,18 @@ func missingPlatforms(index []byte, want []string) []string {
 	return missing
 }
 
-var errBadTag = errors.New("invalid tag")
+var (
+	errBadTag    = errors.New("invalid tag")
+	errBadDigest = errors.New("invalid digest")
+)
+
+var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 
 // ParseImage splits "repository:tag" or "repository@digest" (optionally
 // prefixed with one of hosts, such as "nvcr.io/") into repository and
-// reference. Errors say what is wrong.
+// reference. Errors wrap errBadTag or errBadDigest for a malformed
+// reference; others concern the name (another registry's host, a name
+// outside the distribution grammar).
 func ParseImage(image string, hosts []string) (repo, ref string, err error) {
 	for _, h := range hosts {
 		if rest, ok := strings.CutPrefix(image, h+"/"); ok {
@@ -426,21 +473,28 @@ func ParseImage(image string, hosts []string) (repo, ref string, err error) {
 			break
 		}
 	}
-	named, perr := reference.ParseNamed("nvcr.io/" + image)
-	if perr != nil {
-		if strings.Contains(perr.Error(), "tag") {
-			return "", "", fmt.Errorf("%w in %q: %v", errBadTag, image, perr)
+	name, ref := image, ""
+	if i := strings.IndexByte(image, '@'); i >= 0 {
+		name, ref = image[:i], image[i+1:]
+		if _, err := digest.Parse(ref); err != nil {
+			return "", "", fmt.Errorf("%w %q in %q: %v", errBadDigest, ref, image, err)
 		}
-		return "", "", fmt.Errorf("invalid image reference %q: want repository:tag or repository@digest (%v)", image, perr)
+	} else if i := strings.LastIndexByte(image, ':'); i > strings.LastIndexByte(image, '/') {
+		name, ref = image[:i], image[i+1:]
+		if !anchoredTag.MatchString(ref) {
+			return "", "", fmt.Errorf("%w %q in %q: tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", errBadTag, ref, image)
+		}
 	}
-	repo = reference.Path(named)
-	switch v := named.(type) {
-	case reference.Digested:
-		return repo, v.Digest().String(), nil
-	case reference.Tagged:
-		return repo, v.Tag(), nil
+	if first, _, ok := strings.Cut(name, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		return "", "", fmt.Errorf("%q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)", image, first, strings.Join(hosts, ", "))
 	}
-	return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", errBadTag, image)
+	if !validName(name) {
+		return "", "", fmt.Errorf("invalid repository name %q: lower-case path components separated by '/', like nvidia/pytorch", name)
+	}
+	if ref == "" {
+		return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", errBadTag, image)
+	}
+	return name, ref, nil
 }
 
 func validName(n string) bool {
@@ -455,6 +509,10 @@ func (s *Server) jobs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if st := r.URL.Query().Get("state"); st != "" {
+		if !slices.Contains([]string{state.JobQueued, state.JobRunning, state.JobDone, state.JobFailed}, st) {
+			writeError(w, http.StatusBadRequest, "BAD_REQUEST", "state: want queued, running, done or failed")
+			return
+		}
 		jobs = slices.DeleteFunc(jobs, func(j state.Job) bool { return j.State != st })
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"jobs": jobs})

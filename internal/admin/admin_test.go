@@ -159,6 +159,15 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch"}`, 400, "TAG_INVALID"},
 		{"POST", "/prefetch", `{"image":"NVIDIA/PyTorch:1"}`, 400, "NAME_INVALID"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:bad:tag"}`, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:-bad"}`, 400, "TAG_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:"}`, 400, "TAG_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:bad%tag"}`, 400, "TAG_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch@sha256:abc"}`, 400, "DIGEST_INVALID"},
+		{"POST", "/prefetch", `{"image":"docker.io/library/ubuntu:22.04"}`, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12"} trailing`, 400, "BAD_REQUEST"},
+		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12"}{"image":"x"}`, 400, "BAD_REQUEST"},
+		{"POST", "/prefetch", `{"image":"` + strings.Repeat("a", 1<<20) + `"}`, 413, "BAD_REQUEST"},
+		{"GET", "/jobs?state=bogus", ``, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `{"image":"nvidia/no-such-image:24.05-py3"}`, 404, "MANIFEST_UNKNOWN"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:99.01-py3"}`, 404, "MANIFEST_UNKNOWN"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["amd64"]}`, 400, "PLATFORM_INVALID"},
@@ -220,5 +229,20 @@ func TestAdHocRuleBandwidth(t *testing.T) {
 	// 64 KiB/s with a 32 KiB burst.
 	if floor := time.Duration(float64(j.BytesTotal-(32<<10)) / 65536 * float64(time.Second)); took < floor*9/10 {
 		t.Errorf("%d bytes at 64 KiB/s took %v, less than %v", j.BytesTotal, took, floor)
+	}
+}
+
+// With prefetch disabled in this process, a prefetch request is refused
+// rather than queued forever.
+func TestPrefetchDisabled(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{})
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Proxy, w.Cache, admin.Options{Token: token, PrefetchDisabled: true}))
+	defer srv.Close()
+	a := &api{t: t, w: w, srv: srv}
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"nvidia/pytorch:17.12"}`, nil); st != http.StatusConflict || code != "UNSUPPORTED" {
+		t.Errorf("prefetch with prefetch disabled: %d %s", st, code)
+	}
+	if jobs, _ := w.State.Jobs(context.Background()); len(jobs) != 0 {
+		t.Errorf("queued %+v", jobs)
 	}
 }
