@@ -362,9 +362,21 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 			upstreamFailed(w, err, "manifest")
 			return
 		}
-		if len(req.Platforms) > 0 && manifest.IsIndex(mt) {
-			if missing := missingPlatforms(body, req.Platforms); len(missing) > 0 {
-				writeError(w, http.StatusBadRequest, "PLATFORM_INVALID", fmt.Sprintf("%s has no manifest for %v", req.Image, missing))
+		if len(req.Platforms) > 0 {
+			var have []string
+			if manifest.IsIndex(mt) {
+				children, _ := manifest.Children(body)
+				for _, c := range children {
+					have = append(have, c.PlatformString())
+				}
+			} else if p, err := s.imagePlatform(ctx, repo, body); err != nil {
+				upstreamFailed(w, err, "blob")
+				return
+			} else {
+				have = []string{p}
+			}
+			if missing := missingPlatforms(have, req.Platforms); len(missing) > 0 {
+				writeError(w, http.StatusBadRequest, "PLATFORM_INVALID", fmt.Sprintf("%s has no image for %v (it has %v)", req.Image, missing, have))
 				return
 			}
 		}
@@ -443,15 +455,45 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
 	return true
 }
 
-func missingPlatforms(index []byte, want []string) []string {
-	children, _ := manifest.Children(index)
+func missingPlatforms(have, want []string) []string {
 	var missing []string
 	for _, p := range want {
-		if !slices.ContainsFunc(children, func(c manifest.Descriptor) bool { return manifest.MatchPlatform(c.PlatformString(), p) }) {
+		if !slices.ContainsFunc(have, func(h string) bool { return manifest.MatchPlatform(h, p) }) {
 			missing = append(missing, p)
 		}
 	}
 	return missing
+}
+
+// imagePlatform reads "os/arch[/variant]" of a single-platform image from
+// its config blob (fetched into the cache when missing; it is small).
+func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (string, error) {
+	refs, err := manifest.References(body)
+	if err != nil || len(refs) == 0 {
+		return "", fmt.Errorf("manifest has no config: %v", err)
+	}
+	cfg := refs[0].Digest // References lists the config first
+	if _, err := s.warm.WarmBlob(ctx, repo, cfg, nil); err != nil {
+		return "", err
+	}
+	rc, err := s.cache.OpenBlob(ctx, cfg, 0)
+	if err != nil {
+		return "", err
+	}
+	defer rc.Close()
+	var c struct {
+		OS           string `json:"os"`
+		Architecture string `json:"architecture"`
+		Variant      string `json:"variant"`
+	}
+	if err := json.NewDecoder(io.LimitReader(rc, 4<<20)).Decode(&c); err != nil {
+		return "", fmt.Errorf("image config: %w", err)
+	}
+	p := c.OS + "/" + c.Architecture
+	if c.Variant != "" {
+		p += "/" + c.Variant
+	}
+	return p, nil
 }
 
 var (

@@ -172,6 +172,7 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:99.01-py3"}`, 404, "MANIFEST_UNKNOWN"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["amd64"]}`, 400, "PLATFORM_INVALID"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["linux/s390x"]}`, 400, "PLATFORM_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvidia/cuda:12.4.1-base-ubuntu22.04","platforms":["linux/arm64"]}`, 400, "PLATFORM_INVALID"},
 		{"POST", "/prefetch", `{"rule":"nope"}`, 404, "RULE_UNKNOWN"},
 		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["nvidia/pytorch"],"tags":{"regex":"("}}}`, 400, "RULE_INVALID"},
 		{"POST", "/prefetch", `{"spec":{"repositories":[],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
@@ -194,6 +195,18 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 	}
 	if jobs, _ := a.w.State.Jobs(context.Background()); len(jobs) != 0 {
 		t.Errorf("bad requests queued jobs: %+v", jobs)
+	}
+}
+
+// A single-platform image is checked against its config's platform.
+func TestPrefetchSinglePlatformImage(t *testing.T) {
+	a := newAPI(t)
+	var resp struct{ Jobs []state.Job }
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"nvidia/cuda:12.4.1-base-ubuntu22.04","platforms":["linux/amd64"]}`, &resp); st != http.StatusAccepted {
+		t.Fatalf("amd64 image for linux/amd64: %d %s", st, code)
+	}
+	if j := a.w.WaitJob(t, resp.Jobs[0].ID, 20*time.Second); j.State != state.JobDone {
+		t.Errorf("job = %+v", j)
 	}
 }
 

@@ -104,9 +104,10 @@ func Children(body []byte) ([]Descriptor, error) {
 
 // MatchPlatform reports whether platform ("linux/arm64/v8") is selected by
 // want ("linux/arm64" selects every arm64 variant; "linux/arm64/v8" only
-// v8).
+// v8). arm64 without a variant is v8 (as containerd's platform matching
+// has it), so "linux/arm64/v8" also selects "linux/arm64".
 func MatchPlatform(platform, want string) bool {
-	if platform == want {
+	if platform == want || (want == "linux/arm64/v8" && platform == "linux/arm64") {
 		return true
 	}
 	return len(platform) > len(want) && platform[:len(want)] == want && platform[len(want)] == '/'

@@ -58,3 +58,22 @@ func FuzzReferences(f *testing.F) {
 		}
 	})
 }
+
+func TestMatchPlatform(t *testing.T) {
+	for _, c := range []struct {
+		platform, want string
+		match          bool
+	}{
+		{"linux/amd64", "linux/amd64", true},
+		{"linux/arm64/v8", "linux/arm64", true},
+		{"linux/arm64", "linux/arm64/v8", true},
+		{"linux/arm64", "linux/arm", false},
+		{"linux/arm/v7", "linux/arm64", false},
+		{"linux/arm/v7", "linux/arm/v6", false},
+		{"linux/amd64", "linux/arm64", false},
+	} {
+		if got := MatchPlatform(c.platform, c.want); got != c.match {
+			t.Errorf("MatchPlatform(%q, %q) = %v", c.platform, c.want, got)
+		}
+	}
+}
