@@ -162,29 +162,42 @@ func prefetchCmd(args []string) int {
 	return follow(c, j)
 }
 
-// follow polls a job and renders its progress until it ends.
+// follow polls a job and shows its progress until it ends: a live bar on
+// a terminal, else (a log file, CI) a plain line every 10 seconds.
 func follow(c *adminClient, j state.Job) int {
 	start := time.Now()
-	bar := progressbar.NewOptions64(-1,
-		progressbar.OptionSetWriter(os.Stderr),
-		progressbar.OptionShowBytes(true),
-		progressbar.OptionSetPredictTime(true),
-		progressbar.OptionSetWidth(30),
-		progressbar.OptionThrottle(200*time.Millisecond),
-		progressbar.OptionSetDescription(j.Repository+":"+j.Reference),
-		progressbar.OptionSetRenderBlankState(true),
-	)
+	fi, _ := os.Stderr.Stat()
+	tty := fi != nil && fi.Mode()&os.ModeCharDevice != 0
+	var bar *progressbar.ProgressBar
+	if tty {
+		bar = progressbar.NewOptions64(-1,
+			progressbar.OptionSetWriter(os.Stderr),
+			progressbar.OptionShowBytes(true),
+			progressbar.OptionSetPredictTime(true),
+			progressbar.OptionSetWidth(30),
+			progressbar.OptionThrottle(200*time.Millisecond),
+			progressbar.OptionSetDescription(j.Repository+":"+j.Reference),
+			progressbar.OptionSetRenderBlankState(true),
+		)
+	}
 	failures := 0
+	lastLine := time.Time{}
 	for {
-		if j.BytesTotal > 0 {
-			bar.ChangeMax64(j.BytesTotal)
-			_ = bar.Set64(j.BytesDone)
-		}
 		cur := ""
 		if j.Current != "" {
 			cur = " " + shortDigest(j.Current)
 		}
-		bar.Describe(fmt.Sprintf("%s [%s %d/%d blobs]%s", j.Repository+":"+j.Reference, j.State, j.BlobsDone, j.BlobsTotal, cur))
+		desc := fmt.Sprintf("%s [%s %d/%d blobs]%s", j.Repository+":"+j.Reference, j.State, j.BlobsDone, j.BlobsTotal, cur)
+		if bar != nil {
+			if j.BytesTotal > 0 {
+				bar.ChangeMax64(j.BytesTotal)
+				_ = bar.Set64(j.BytesDone)
+			}
+			bar.Describe(desc)
+		} else if time.Since(lastLine) >= 10*time.Second || j.Ended() {
+			fmt.Fprintf(os.Stderr, "%s %d of %d bytes\n", desc, j.BytesDone, j.BytesTotal)
+			lastLine = time.Now()
+		}
 		if j.Ended() {
 			break
 		}
@@ -201,8 +214,10 @@ func follow(c *adminClient, j state.Job) int {
 		failures = 0
 		j = next
 	}
-	_ = bar.Finish()
-	fmt.Fprintln(os.Stderr)
+	if bar != nil {
+		_ = bar.Finish()
+		fmt.Fprintln(os.Stderr)
+	}
 	took := time.Since(start).Round(100 * time.Millisecond)
 	if j.State == state.JobFailed {
 		fmt.Fprintf(os.Stderr, "prefetch %s:%s failed after %s (%d/%d blobs):\n", j.Repository, j.Reference, took, j.BlobsDone, j.BlobsTotal)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -34,7 +35,7 @@ func openState(cfg config.Config, dataDir string) (state.Store, string, error) {
 	if cfg.State.RedisURL != "" {
 		r, err := state.OpenRedis(cfg.State.RedisURL, state.RedisOptions{
 			Prefix: cfg.State.RedisPrefix, Timeout: time.Duration(cfg.State.Timeout)})
-		return r, "redis", err
+		return r, "redis " + redisHost(cfg.State.RedisURL), err
 	}
 	path := cfg.State.Path
 	if path == "" {
@@ -88,6 +89,12 @@ func newTracked(cfg config.Config, dataDir string, rules []*prefetch.Rule, up *u
 		Metrics:      tm,
 	})
 	log.Info("state store", "kind", kind)
+	pctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := st.Ping(pctx); err != nil {
+		// Not fatal: pulls never need it, and the client reconnects.
+		log.Warn("state store not reachable; tag tracking, pull history and prefetch wait for it", "store", kind, "err", err)
+	}
 	return &tracked{store: st, tracker: trk, m: tm}, nil
 }
 
@@ -185,4 +192,14 @@ func pinPrefetchRules(ev *evict.Evictor, sched *prefetch.Scheduler) {
 		}
 		return pins, nil
 	})
+}
+
+// redisHost names a Redis URL's host and database for logs, never its
+// password.
+func redisHost(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Host + u.Path
 }

@@ -93,6 +93,7 @@ type job struct {
 	mu        sync.Mutex
 	rec       state.Job
 	bytesLive atomic.Int64 // bytes of blobs in progress
+	fetched   atomic.Int32 // blobs this run fetched from the upstream
 	current   sync.Map     // digest → struct{}
 }
 
@@ -168,7 +169,11 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 	}
 	r.save(ctx, final)
 	r.m.JobEnded(final.State)
-	r.log.Info("prefetch job ended", "job", final.ID, "repository", final.Repository, "reference", final.Reference,
+	level := slog.LevelInfo
+	if j.fetched.Load() == 0 && final.State == state.JobDone {
+		level = slog.LevelDebug // everything was cached already
+	}
+	r.log.Log(ctx, level, "prefetch job ended", "job", final.ID, "fetched_blobs", j.fetched.Load(), "repository", final.Repository, "reference", final.Reference,
 		"state", final.State, "blobs", final.BlobsDone, "bytes", final.BytesDone, "errors", len(final.Errors))
 	return final
 }
@@ -302,6 +307,7 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 		if err == nil {
 			done()
 			if fetched {
+				j.fetched.Add(1)
 				r.m.PrefetchBlob("fetched", d.Size)
 			} else {
 				r.m.PrefetchBlob("cached", d.Size)

@@ -167,6 +167,7 @@ func TestCompileRejectsMalformedRules(t *testing.T) {
 		"negative latest": func(r *prefetch.RuleSpec) { r.Tags.Latest = -1 },
 		"bad platform":    func(r *prefetch.RuleSpec) { r.Platforms = []string{"amd64"} },
 		"bad schedule":    func(r *prefetch.RuleSpec) { r.Schedule = "every day" },
+		"too frequent":    func(r *prefetch.RuleSpec) { r.Schedule = "@every 1ms" },
 		"bad concurrency": func(r *prefetch.RuleSpec) { r.Concurrency = 1000 },
 		"bad bandwidth":   func(r *prefetch.RuleSpec) { r.Bandwidth = -1 },
 	} {

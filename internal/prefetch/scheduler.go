@@ -68,7 +68,7 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	if opts.PollSchedule == "" {
 		opts.PollSchedule = "@every 1h"
 	}
-	poll, err := cron.ParseStandard(opts.PollSchedule)
+	poll, err := parseSchedule(opts.PollSchedule)
 	if err != nil {
 		return nil, fmt.Errorf("prefetch: poll schedule %q: %w", opts.PollSchedule, err)
 	}
@@ -147,7 +147,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 				// The claim makes a tick run once even if two replicas
 				// both believe they lead for a moment (lock handover).
 				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				ok, err := s.store.Claim(cctx, "tick:"+sc.name+":"+strconv.FormatInt(at.Unix(), 10), 24*time.Hour)
+				ok, err := s.store.Claim(cctx, "tick:"+sc.name+":"+strconv.FormatInt(at.Unix(), 10), claimTTL)
 				cancel()
 				if err != nil {
 					s.m.StateError(metrics.OpSchedule)
@@ -166,16 +166,30 @@ func (s *Scheduler) Run(ctx context.Context) {
 	<-ctx.Done()
 }
 
+// claimTTL is how long a tick's claim is kept: far longer than any clock
+// difference between replicas, short enough that frequent schedules leave
+// few keys behind.
+const claimTTL = time.Hour
+
 // elect takes and renews the scheduler lock every third of its TTL.
 func (s *Scheduler) elect(ctx context.Context) {
 	t := time.NewTicker(s.opts.LockTTL / 3)
 	defer t.Stop()
+	failing := false
 	for {
 		lctx, cancel := context.WithTimeout(ctx, s.opts.LockTTL/3)
 		ok, err := s.store.Lock(lctx, "scheduler", s.opts.Owner, s.opts.LockTTL)
 		cancel()
-		if err != nil && ctx.Err() == nil {
+		switch {
+		case err != nil && ctx.Err() == nil:
 			s.m.StateError(metrics.OpSchedule)
+			if !failing {
+				s.log.Warn("scheduler: state store unreachable; ticks and jobs pause", "err", err)
+				failing = true
+			}
+		case err == nil && failing:
+			s.log.Info("scheduler: state store reachable again")
+			failing = false
 		}
 		s.setLeader(ctx, ok && err == nil, err)
 		select {
@@ -337,7 +351,16 @@ func (s *Scheduler) Expand(ctx context.Context, r *Rule) ([]Target, error) {
 // RunRule polls the rule's plain repositories, expands it and enqueues
 // its targets. It returns the jobs (new or already queued).
 func (s *Scheduler) RunRule(ctx context.Context, r *Rule) ([]state.Job, error) {
+	recent := map[string]bool{} // polled within a minute (by the poll tick, say)
+	if repos, err := s.store.Repositories(ctx); err == nil {
+		for _, rp := range repos {
+			recent[rp.Name] = time.Since(rp.LastPolled) < time.Minute
+		}
+	}
 	for _, repo := range r.Literal() {
+		if recent[repo] {
+			continue
+		}
 		if _, err := s.tracker.Poll(ctx, repo); err != nil {
 			s.log.Warn("prefetch rule: polling tags failed", "rule", r.Name, "repository", repo, "err", err)
 		}
@@ -369,7 +392,9 @@ func (s *Scheduler) ruleTick(ctx context.Context, r *Rule) {
 
 func (s *Scheduler) pollTick(ctx context.Context, _ time.Time) {
 	if _, err := s.tracker.PollAll(ctx); err != nil {
-		s.log.Warn("tag polling paused: state store unreachable", "err", err)
+		if ctx.Err() == nil {
+			s.log.Warn("tag polling paused: state store unreachable", "err", err)
+		}
 		return
 	}
 	if s.opts.Auto {
