@@ -24,6 +24,7 @@ type Tag struct {
 	Digest     string    `json:"digest,omitempty"`     // what the tag resolved to when last resolved; "" not yet
 	MediaType  string    `json:"media_type,omitempty"` // of that manifest
 	Platforms  []string  `json:"platforms,omitempty"`  // "linux/amd64", ... of an index; empty for a single image
+	Resolved   time.Time `json:"resolved,omitzero"`    // when Digest was last read from the upstream
 	FirstSeen  time.Time `json:"first_seen"`
 	LastSeen   time.Time `json:"last_seen"` // last poll (or pull) that saw the tag
 }

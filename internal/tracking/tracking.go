@@ -43,11 +43,15 @@ type Options struct {
 	// Recent: repositories pulled within this long are tracked too
 	// (default 30 days).
 	Recent time.Duration
-	// ResolvePerPoll bounds how many tags without a known digest one poll
-	// of a repository resolves (a manifest GET each), newest first (default
-	// 50); the rest follow in later polls. A first poll of nvidia/cuda sees
-	// over a thousand tags.
+	// ResolvePerPoll bounds how many tags one poll of a repository
+	// resolves (a manifest GET each; default 50): first those without a
+	// known digest, newest first, then those resolved longest ago, past
+	// Reresolve. The rest follow in later polls. A first poll of nvidia/cuda
+	// sees over a thousand tags.
 	ResolvePerPoll int
+	// Reresolve: a tag's digest older than this is read again, so that a
+	// tag that moves (latest) is followed (default 24 h).
+	Reresolve time.Duration
 	// QueueSize bounds pulls waiting to be recorded (default 4096); beyond
 	// it pulls are dropped and counted.
 	QueueSize int
@@ -89,6 +93,9 @@ func New(store state.Store, up Upstream, opts Options) *Tracker {
 	}
 	if opts.ResolvePerPoll <= 0 {
 		opts.ResolvePerPoll = 50
+	}
+	if opts.Reresolve <= 0 {
+		opts.Reresolve = 24 * time.Hour
 	}
 	if opts.QueueSize <= 0 {
 		opts.QueueSize = 4096
@@ -354,14 +361,18 @@ func (t *Tracker) poll(ctx context.Context, repo string) (*PollResult, error) {
 }
 
 // resolve fills in digest, media type and platforms of up to
-// ResolvePerPoll tags of upd that lack a digest: monthly tags newest first,
-// then the others in reverse name order. A failure leaves the tag
-// unresolved for the next poll.
+// ResolvePerPoll tags of upd: those without a digest (monthly tags newest
+// first, then the others in reverse name order), then those resolved
+// longer than Reresolve ago, oldest first. A failure leaves the tag as it
+// was for the next poll.
 func (t *Tracker) resolve(ctx context.Context, repo string, upd []state.Tag, res *PollResult) {
-	var todo []int
+	var todo, stale []int
 	for i := range upd {
-		if upd[i].Digest == "" {
+		switch {
+		case upd[i].Digest == "":
 			todo = append(todo, i)
+		case time.Since(upd[i].Resolved) > t.opts.Reresolve:
+			stale = append(stale, i)
 		}
 	}
 	slices.SortFunc(todo, func(a, b int) int {
@@ -384,6 +395,8 @@ func (t *Tracker) resolve(ctx context.Context, repo string, upd []state.Tag, res
 		}
 		return 0
 	})
+	slices.SortFunc(stale, func(a, b int) int { return upd[a].Resolved.Compare(upd[b].Resolved) })
+	todo = append(todo, stale...)
 	if len(todo) > t.opts.ResolvePerPoll {
 		todo = todo[:t.opts.ResolvePerPoll]
 	}
@@ -409,6 +422,7 @@ func (t *Tracker) resolve(ctx context.Context, repo string, upd []state.Tag, res
 			}
 			mu.Lock()
 			upd[i].Digest, upd[i].MediaType, upd[i].Platforms = m.Digest.String(), m.MediaType, platforms
+			upd[i].Resolved = time.Now().UTC()
 			res.Resolved++
 			mu.Unlock()
 			return nil

@@ -224,3 +224,30 @@ func TestRedisOutageWhilePulling(t *testing.T) {
 		t.Errorf("poll after Redis came back: %v", err)
 	}
 }
+
+// A tag that moves upstream (latest) is followed once its digest is older
+// than Reresolve.
+func TestMovedTagIsReresolved(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{Tracking: tracking.Options{Reresolve: time.Millisecond}})
+	ctx := context.Background()
+	repo := ngctest.PytorchRepo
+	w.Up.AddTag(repo, "latest", w.Fx.Pytorch.Manifest.Digest)
+	if _, err := w.Tracker.Poll(ctx, repo); err != nil {
+		t.Fatal(err)
+	}
+	idx, err := w.Up.AddRelease(repo, "24.05-py3", 4<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Up.AddTag(repo, "latest", idx.Manifest.Digest)
+	time.Sleep(5 * time.Millisecond)
+	if _, err := w.Tracker.Poll(ctx, repo); err != nil {
+		t.Fatal(err)
+	}
+	tags, _ := w.State.Tags(ctx, repo)
+	for _, tg := range tags {
+		if tg.Name == "latest" && (tg.Digest != idx.Manifest.Digest.String() || tg.Resolved.IsZero()) {
+			t.Errorf("latest = %s (resolved %v), want the moved-to %s", tg.Digest, tg.Resolved, idx.Manifest.Digest)
+		}
+	}
+}
