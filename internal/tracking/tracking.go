@@ -145,7 +145,9 @@ func ClientOf(r *http.Request, user string) string {
 // manifest by digest, and containerd HEADs the tag and GETs the index and
 // the platform's manifest by digest; a by-digest pull of a child of the
 // index this client last resolved by tag is recorded with that tag and the
-// child's platform. Repeats within a minute (HEAD then GET) count once.
+// child's platform. Repeats within a minute (HEAD then GET) count once. A
+// GET by digest that belongs to no tag the client resolved is recorded
+// without a tag.
 func (t *Tracker) Served(ev ManifestServed) {
 	key := ev.Client + "\x00" + ev.Repository
 	var rec *state.Pull
@@ -163,13 +165,27 @@ func (t *Tracker) Served(ev ManifestServed) {
 		if ev.Body != nil && lt.children == nil {
 			lt.children = children(ev.MediaType, ev.Body)
 		}
-	} else if lt != nil {
-		switch p, ok := lt.children[ev.Digest]; {
-		case ev.Digest == lt.digest && ev.Body != nil && lt.children == nil:
-			lt.children = children(ev.MediaType, ev.Body)
-		case ok && ev.Body != nil:
+	} else {
+		var p string
+		var child bool
+		if lt != nil {
+			p, child = lt.children[ev.Digest]
+		}
+		switch {
+		case lt != nil && ev.Digest == lt.digest:
+			// containerd fetches the index it resolved by tag: part of
+			// that pull, recorded with the tag already.
+			if ev.Body != nil && lt.children == nil {
+				lt.children = children(ev.MediaType, ev.Body)
+			}
+		case child && p != "" && ev.Body != nil:
 			rec = &state.Pull{Repository: ev.Repository, Tag: lt.tag, Digest: ev.Digest.String(), Platform: p, Client: ev.Client, Time: ev.Time}
-			delete(lt.children, ev.Digest) // once per pull
+			lt.children[ev.Digest] = "" // once per pull
+		case child:
+			// A HEAD or a repeat of a child already recorded.
+		case ev.Body != nil:
+			// A pull by digest alone (repository@sha256:...).
+			rec = &state.Pull{Repository: ev.Repository, Digest: ev.Digest.String(), Client: ev.Client, Time: ev.Time}
 		}
 	}
 	t.mu.Unlock()

@@ -158,7 +158,11 @@ func TestPullHistoryLearnsPlatforms(t *testing.T) {
 		get(t, w, http.MethodHead, "/v2/"+repo+"/manifests/18.01-py3")
 		get(t, w, http.MethodGet, "/v2/"+repo+"/manifests/"+idx.Manifest.Digest.String())
 		get(t, w, http.MethodGet, "/v2/"+repo+"/manifests/"+amd.Manifest.Digest.String())
+		get(t, w, http.MethodHead, "/v2/"+repo+"/manifests/"+amd.Manifest.Digest.String()) // a repeat: not a pull
+		// A pull by digest alone, in another repository.
+		get(t, w, http.MethodGet, "/v2/"+ngctest.CUDARepo+"/manifests/"+w.Fx.CUDA.Manifest.Digest.String())
 		want := []state.Usage{
+			{Repository: ngctest.CUDARepo, Count: 1},
 			{Repository: repo, Tag: "17.12", Count: 1},
 			{Repository: repo, Tag: "17.12", Platform: "linux/arm64", Count: 1},
 			{Repository: repo, Tag: "18.01-py3", Count: 1},
@@ -170,12 +174,12 @@ func TestPullHistoryLearnsPlatforms(t *testing.T) {
 			return len(got) == len(want)
 		})
 		for i := range want {
-			if got[i].Tag != want[i].Tag || got[i].Platform != want[i].Platform || got[i].Count != want[i].Count || got[i].Repository != repo {
+			if got[i].Tag != want[i].Tag || got[i].Platform != want[i].Platform || got[i].Count != want[i].Count || got[i].Repository != want[i].Repository {
 				t.Errorf("usage[%d] = %+v, want %+v", i, got[i], want[i])
 			}
 		}
 		pulls, _ := w.State.RecentPulls(context.Background(), 10)
-		if len(pulls) != 4 || pulls[0].Client != "127.0.0.1" || pulls[0].Digest != amd.Manifest.Digest.String() {
+		if len(pulls) != 5 || pulls[0].Client != "127.0.0.1" || pulls[1].Digest != amd.Manifest.Digest.String() {
 			t.Errorf("pull log = %+v", pulls)
 		}
 		tracked, _ := w.Tracker.Tracked(context.Background())
