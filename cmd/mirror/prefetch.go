@@ -11,7 +11,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -50,6 +49,9 @@ func openState(cfg config.Config, dataDir string) (state.Store, string, error) {
 
 // compileRules validates the configured prefetch rules.
 func compileRules(cfg config.Config) ([]*prefetch.Rule, error) {
+	if _, err := prefetch.ParseSchedule(cfg.Tracking.Poll); err != nil {
+		return nil, fmt.Errorf("config: tracking.poll: %w", err)
+	}
 	var rules []*prefetch.Rule
 	for _, spec := range cfg.Prefetch.Rules {
 		r, err := prefetch.Compile(spec)
@@ -102,14 +104,12 @@ func newTracked(cfg config.Config, dataDir string, rules []*prefetch.Rule, up *u
 // (the warmer) and starts the background work; it ends with ctx.
 func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, rules []*prefetch.Rule, warm prefetch.Warmer,
 	cache *storage.Store, up *upstream.Client, log *slog.Logger) (done <-chan struct{}, err error) {
-	host, _ := os.Hostname()
 	sched, err := prefetch.New(t.store, t.tracker, warm, prefetch.Options{
 		Rules:        rules,
 		PollSchedule: cfg.Tracking.Poll,
 		Auto:         cfg.Prefetch.Auto.Enabled,
 		AutoWindow:   time.Duration(cfg.Prefetch.Auto.Window),
 		MaxJobs:      cfg.Prefetch.MaxJobs,
-		Owner:        host + "-" + strconv.Itoa(os.Getpid()) + "-" + randomHex(4),
 		Log:          log.With("component", "prefetch"),
 		Metrics:      t.m,
 	})

@@ -104,7 +104,7 @@ func Compile(spec RuleSpec) (*Rule, error) {
 		return nil, bad("bandwidth must not be negative")
 	}
 	if spec.Schedule != "" {
-		s, err := parseSchedule(spec.Schedule)
+		s, err := ParseSchedule(spec.Schedule)
 		if err != nil {
 			return nil, bad("schedule: %v", err)
 		}
@@ -220,9 +220,9 @@ func (r *Rule) Next(now time.Time) time.Time {
 	return next(r.schedule, now)
 }
 
-// parseSchedule parses a cron expression (5 fields or a descriptor such as
+// ParseSchedule parses a cron expression (5 fields or a descriptor such as
 // @daily or @every 6h). @every needs at least a second.
-func parseSchedule(spec string) (cron.Schedule, error) {
+func ParseSchedule(spec string) (cron.Schedule, error) {
 	if v, ok := strings.CutPrefix(spec, "@every "); ok {
 		// The parser would silently round a shorter delay up to 1 s.
 		if d, err := time.ParseDuration(strings.TrimSpace(v)); err == nil && d < time.Second {

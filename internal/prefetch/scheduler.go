@@ -2,9 +2,11 @@ package prefetch
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -33,7 +35,8 @@ type Options struct {
 	AutoWindow time.Duration // default 14 days
 	// MaxJobs bounds jobs running at once on the leader (default 2).
 	MaxJobs int
-	// Owner names this replica in the lock and in jobs (default host-pid).
+	// Owner names this replica in the lock and in jobs (default
+	// host-pid-random).
 	Owner string
 	// LockTTL is the scheduler lock's expiry (default 15 s); it is renewed
 	// every third of it. A replica that dies holding it is replaced within
@@ -68,7 +71,7 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	if opts.PollSchedule == "" {
 		opts.PollSchedule = "@every 1h"
 	}
-	poll, err := parseSchedule(opts.PollSchedule)
+	poll, err := ParseSchedule(opts.PollSchedule)
 	if err != nil {
 		return nil, fmt.Errorf("prefetch: poll schedule %q: %w", opts.PollSchedule, err)
 	}
@@ -77,6 +80,12 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	}
 	if opts.MaxJobs <= 0 {
 		opts.MaxJobs = 2
+	}
+	if opts.Owner == "" {
+		host, _ := os.Hostname()
+		var b [4]byte
+		_, _ = rand.Read(b[:])
+		opts.Owner = fmt.Sprintf("%s-%d-%x", host, os.Getpid(), b)
 	}
 	if opts.LockTTL <= 0 {
 		opts.LockTTL = 15 * time.Second
