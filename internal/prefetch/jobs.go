@@ -297,6 +297,7 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 	j.current.Store(d.Digest.String(), struct{}{})
 	defer j.current.Delete(d.Digest.String())
 	var err error
+	busy := 0
 	for attempt := 0; attempt < 2 && ctx.Err() == nil; attempt++ {
 		var got atomic.Int64
 		var fetched bool
@@ -304,6 +305,17 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 			return r.counted(src, d.Digest, &got, j, lim)
 		})
 		j.bytesLive.Add(-got.Load())
+		if errors.Is(err, fill.ErrTooManyFills) && busy < maxBusyWaits {
+			// Clients' downloads fill limits.max_fills: wait, without
+			// spending an attempt.
+			busy++
+			attempt--
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
 		if err == nil {
 			done()
 			if fetched {
@@ -323,6 +335,9 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 	j.rec.Errors = append(j.rec.Errors, fmt.Sprintf("blob %s: %v", d.Digest, err))
 	j.mu.Unlock()
 }
+
+// maxBusyWaits bounds the one-second waits of a blob for a free fill slot.
+const maxBusyWaits = 600
 
 // counted wraps a fill source: it counts bytes into the job's live
 // progress and, with a limiter, throttles while no client waits on the
