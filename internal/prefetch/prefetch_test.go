@@ -439,3 +439,33 @@ func TestPinnedTargets(t *testing.T) {
 		t.Errorf("pinned = %+v, want only nvidia/pytorch:17.12", got)
 	}
 }
+
+// With every fill slot taken by a client's download, a job waits for a
+// slot instead of failing.
+func TestJobWaitsForAFillSlot(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{MaxFills: 1})
+	w.Start(t)
+	cuda := w.Fx.CUDA.Layers[len(w.Fx.CUDA.Layers)-1].Digest // not shared with pytorch
+	release := make(chan struct{})
+	var started atomic.Int32
+	stall(w.Up, cuda, release, &started)
+	go func() { // a client's download holds the only slot
+		resp, err := http.Get(w.Server.URL + "/v2/" + ngctest.CUDARepo + "/blobs/" + cuda.String())
+		if err == nil {
+			resp.Body.Close()
+		}
+	}()
+	prefetchtest.Eventually(t, 10*time.Second, "the client's fill", func() bool { return started.Load() > 0 })
+	j, _, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if got, _ := w.State.Job(ctx, j.ID); got.Ended() || got.BlobsDone != 0 {
+		t.Fatalf("job while no slot is free: %+v", got)
+	}
+	close(release)
+	if got := w.WaitJob(t, j.ID, 30*time.Second); got.State != state.JobDone || len(got.Errors) != 0 {
+		t.Fatalf("job = %+v", got)
+	}
+}

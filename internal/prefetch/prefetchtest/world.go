@@ -48,6 +48,8 @@ type Options struct {
 	Fixture  *ngctest.Fixture
 	CacheDir string
 	StateDir string
+	// MaxFills bounds the fill group (limits.max_fills; 0: none).
+	MaxFills int
 }
 
 // World is a mirror in process.
@@ -89,7 +91,7 @@ func New(t *testing.T, o Options) *World {
 	w.Cache = storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50}), storage.WithLocalRoot(dir))
 	origin, _ := url.Parse(w.Up.URL())
 	client := upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
-	w.Fills = fill.NewGroup(w.Cache, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second})
+	w.Fills = fill.NewGroup(w.Cache, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second, MaxFills: o.MaxFills})
 
 	if o.Redis != nil {
 		r, err := state.OpenRedis(o.Redis.URL, state.RedisOptions{Timeout: 300 * time.Millisecond})
