@@ -52,6 +52,11 @@ func compileRules(cfg config.Config) ([]*prefetch.Rule, error) {
 	if _, err := prefetch.ParseSchedule(cfg.Tracking.Poll); err != nil {
 		return nil, fmt.Errorf("config: tracking.poll: %w", err)
 	}
+	if cfg.Cache.GCSchedule != "" {
+		if _, err := prefetch.ParseSchedule(cfg.Cache.GCSchedule); err != nil {
+			return nil, fmt.Errorf("config: cache.gc_schedule: %w", err)
+		}
+	}
 	var rules []*prefetch.Rule
 	for _, spec := range cfg.Prefetch.Rules {
 		r, err := prefetch.Compile(spec)
@@ -110,6 +115,7 @@ func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, 
 		Auto:         cfg.Prefetch.Auto.Enabled,
 		AutoWindow:   time.Duration(cfg.Prefetch.Auto.Window),
 		MaxJobs:      cfg.Prefetch.MaxJobs,
+		Tasks:        gcTask(cfg, cache, log),
 		Log:          log.With("component", "prefetch"),
 		Metrics:      t.m,
 	})
@@ -202,4 +208,21 @@ func redisHost(raw string) string {
 		return "(unparsable URL)"
 	}
 	return u.Host + u.Path
+}
+
+// gcTask is the scheduled garbage collection (cache.gc_schedule), or none.
+func gcTask(cfg config.Config, cache *storage.Store, log *slog.Logger) []prefetch.Task {
+	if cfg.Cache.GCSchedule == "" {
+		return nil
+	}
+	grace := time.Duration(cfg.Cache.GCGrace)
+	log = log.With("component", "gc")
+	return []prefetch.Task{{Name: "gc", Schedule: cfg.Cache.GCSchedule, Run: func(ctx context.Context) {
+		res, err := cache.GC(ctx, grace, false)
+		if err != nil {
+			log.Warn("scheduled gc failed", "err", err)
+			return
+		}
+		log.Info("scheduled gc", "blobs", res.Blobs, "blob_bytes", res.BlobBytes, "uploads", res.Uploads, "upload_bytes", res.UploadBytes)
+	}}}
 }

@@ -135,6 +135,11 @@ type Cache struct {
 	// EvictInterval is how often the budget is checked besides after
 	// each commit that crosses it.
 	EvictInterval Duration `yaml:"evict_interval"`
+	// GCSchedule runs the cache's garbage collection (as `mirror gc`) on
+	// this cron expression; empty: only by hand. GCGrace spares blobs and
+	// uploads younger than it.
+	GCSchedule string   `yaml:"gc_schedule"`
+	GCGrace    Duration `yaml:"gc_grace"`
 	// Pin lists images eviction never removes: "repository:tag" (what the
 	// tag points at in the cache) or "repository@digest"; an index keeps
 	// its child manifests and all their blobs.
@@ -171,7 +176,7 @@ func Default() Config {
 			BlobIdleTimeout: Duration(60 * time.Second),
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
-		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute)},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute), GCGrace: Duration(time.Hour)},
 		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
 		Access: Access{
 			Mode: "none",
@@ -329,6 +334,9 @@ func (c Config) Validate() error {
 	}
 	if c.Limits.MaxFills < 0 || c.Limits.RequestsPerSecond < 0 || c.Limits.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("limits.max_fills, limits.requests_per_second and limits.shutdown_grace must not be negative"))
+	}
+	if c.Cache.GCGrace < 0 {
+		errs = append(errs, errors.New("cache.gc_grace must not be negative"))
 	}
 	if c.Cache.TagFreshness < 0 {
 		errs = append(errs, errors.New("cache.tag_freshness must not be negative"))

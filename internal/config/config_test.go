@@ -40,7 +40,7 @@ func TestDefaults(t *testing.T) {
 			BlobIdleTimeout: Duration(60 * time.Second),
 		},
 		Storage: Storage{Driver: "filesystem", DataDir: "./data"},
-		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute)},
+		Cache:   Cache{TagFreshness: Duration(5 * time.Minute), EvictInterval: Duration(time.Minute), GCGrace: Duration(time.Hour)},
 		Limits:  Limits{MaxFills: 64, ShutdownGrace: Duration(30 * time.Second)},
 		Access: Access{
 			Mode:             "none",

@@ -52,7 +52,7 @@ func NewTracking(reg prometheus.Registerer) *Tracking {
 		}),
 		Ticks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_scheduler_ticks_total",
-			Help: "Scheduled ticks this replica ran, by kind (rule: a prefetch rule, auto: the automatic rule, poll: tag polling).",
+			Help: "Scheduled ticks this replica ran, by kind (rule: a prefetch rule, auto: the automatic rule, poll: tag polling, task: cache gc).",
 		}, []string{"kind"}),
 		Jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_prefetch_jobs_total",
@@ -80,7 +80,7 @@ func NewTracking(reg prometheus.Registerer) *Tracking {
 	for _, op := range []string{OpRecordPull, OpPoll, OpSchedule, OpJob, OpAPI} {
 		t.StateErrors.WithLabelValues(op)
 	}
-	for _, k := range []string{"rule", "auto", "poll"} {
+	for _, k := range []string{"rule", "auto", "poll", "task"} {
 		t.Ticks.WithLabelValues(k)
 	}
 	for _, r := range []string{"done", "failed"} {

@@ -469,3 +469,18 @@ func TestJobWaitsForAFillSlot(t *testing.T) {
 		t.Fatalf("job = %+v", got)
 	}
 }
+
+// A task (scheduled gc) runs on its schedule on the leader only.
+func TestScheduledTask(t *testing.T) {
+	var runs atomic.Int32
+	w := prefetchtest.New(t, prefetchtest.Options{Prefetch: prefetch.Options{PollSchedule: "@yearly",
+		Tasks: []prefetch.Task{{Name: "gc", Schedule: "@every 1s", Run: func(context.Context) { runs.Add(1) }}}}})
+	w.Start(t)
+	prefetchtest.Eventually(t, 10*time.Second, "two task runs", func() bool { return runs.Load() >= 2 })
+	if got := testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues("task")); got < 2 {
+		t.Errorf("task ticks = %v", got)
+	}
+	if _, err := prefetch.New(w.State, w.Tracker, w.Proxy, prefetch.Options{Tasks: []prefetch.Task{{Name: "x", Schedule: "nope"}}}); err == nil {
+		t.Error("a task with a bad schedule was accepted")
+	}
+}

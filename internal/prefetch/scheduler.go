@@ -42,10 +42,20 @@ type Options struct {
 	// every third of it. A replica that dies holding it is replaced within
 	// LockTTL.
 	LockTTL time.Duration
+	// Tasks are other scheduled work run by the leader, once per tick
+	// across replicas (the cache's garbage collection).
+	Tasks []Task
 	// SaveInterval is how often a running job's progress is saved (default 1 s).
 	SaveInterval time.Duration
 	Log          *slog.Logger
 	Metrics      *metrics.Tracking
+}
+
+// Task is scheduled work other than prefetch.
+type Task struct {
+	Name     string // unique among tasks and rules
+	Schedule string // cron expression (see ParseSchedule)
+	Run      func(ctx context.Context)
 }
 
 // Scheduler elects one leader among replicas through the store's lock;
@@ -74,6 +84,11 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	poll, err := ParseSchedule(opts.PollSchedule)
 	if err != nil {
 		return nil, fmt.Errorf("prefetch: poll schedule %q: %w", opts.PollSchedule, err)
+	}
+	for _, task := range opts.Tasks {
+		if _, err := ParseSchedule(task.Schedule); err != nil {
+			return nil, fmt.Errorf("prefetch: task %s: schedule %q: %w", task.Name, task.Schedule, err)
+		}
 	}
 	if opts.AutoWindow <= 0 {
 		opts.AutoWindow = 14 * 24 * time.Hour
@@ -138,6 +153,10 @@ func (s *Scheduler) Run(ctx context.Context) {
 		if r.schedule != nil {
 			scheds = append(scheds, sched{"rule", r.Name, r.schedule, func(ctx context.Context, _ time.Time) { s.ruleTick(ctx, r) }})
 		}
+	}
+	for _, task := range s.opts.Tasks {
+		sc, _ := ParseSchedule(task.Schedule) // checked by New
+		scheds = append(scheds, sched{"task", "task:" + task.Name, sc, func(ctx context.Context, _ time.Time) { task.Run(ctx) }})
 	}
 	for _, sc := range scheds {
 		wg.Add(1)

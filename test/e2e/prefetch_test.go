@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
@@ -201,5 +202,45 @@ prefetch:
 	// Each tick run claimed its own key (a tick may land between the reads).
 	if total := ledTicks + otherTicks; float64(len(keys)) < total || float64(len(keys)) > total+2 {
 		t.Errorf("%d ticks claimed, %v run (%v by the killed leader)", len(keys), total, ledTicks)
+	}
+}
+
+// TestScheduledGC: with cache.gc_schedule the mirror removes a blob no
+// cached manifest refers to, and keeps a pulled image's blobs.
+func TestScheduledGC(t *testing.T) {
+	need(t, "skopeo")
+	up, fx := newUpstream(t)
+	dataDir := t.TempDir()
+	cfg := writeConfig(t, "cache:\n  gc_schedule: \"@every 1s\"\n  gc_grace: 0s\ntracking:\n  poll: \"@yearly\"\n")
+	m := startMirrorAt(t, up.URL(), dataDir, cfg)
+	if out, err := skopeoCopy(t, m.addr+"/"+ngctest.CUDARepo+":"+ngctest.CUDATag, filepath.Join(t.TempDir(), "cuda")); err != nil {
+		t.Fatalf("pull: %v\n%s", err, out)
+	}
+	orphan := []byte("a blob no manifest refers to")
+	d := digest.FromBytes(orphan)
+	p := filepath.Join(dataDir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, orphan, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(p); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the orphan blob is still there\n%s", m.log.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, b := range fx.CUDA.Blobs() {
+		if _, err := os.Stat(filepath.Join(dataDir, "blobs", "sha256", b.Digest.Encoded()[:2], b.Digest.Encoded())); err != nil {
+			t.Errorf("a pulled image's blob was collected: %v", err)
+		}
+	}
+	if !strings.Contains(m.log.String(), "scheduled gc") {
+		t.Error("no scheduled gc in the log")
 	}
 }
