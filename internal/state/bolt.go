@@ -163,14 +163,12 @@ func (b *Bolt) RecordPull(ctx context.Context, p Pull) error {
 		if err := pb.Put(k[:], pv); err != nil {
 			return err
 		}
-		// Trim the log to MaxPullLog entries.
-		if n := pb.Stats().KeyN; n > MaxPullLog {
-			c := pb.Cursor()
-			for k, _ := c.First(); k != nil && n > MaxPullLog; k, _ = c.Next() {
-				if err := c.Delete(); err != nil {
-					return err
-				}
-				n--
+		// Keep the newest MaxPullLog entries: keys are the sequence, so
+		// the ones at or below seq-MaxPullLog are the oldest.
+		c := pb.Cursor()
+		for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k)+MaxPullLog <= seq; k, _ = c.Next() {
+			if err := c.Delete(); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -210,9 +208,13 @@ func (b *Bolt) RecentPulls(ctx context.Context, n int) ([]Pull, error) {
 func (b *Bolt) PutJob(ctx context.Context, j Job) error {
 	return b.db.Update(func(tx *bolt.Tx) error {
 		bk := tx.Bucket(bJobs)
+		existed := bk.Get([]byte(j.ID)) != nil
 		v, _ := json.Marshal(j)
 		if err := bk.Put([]byte(j.ID), v); err != nil {
 			return err
+		}
+		if existed {
+			return nil // a progress update adds no job: nothing to trim
 		}
 		var jobs []Job
 		_ = bk.ForEach(func(_, v []byte) error {
