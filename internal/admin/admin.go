@@ -268,7 +268,7 @@ func (s *Server) cachedState(ctx context.Context, t state.Tag) (string, []string
 	total := 0
 	for _, c := range children {
 		p := c.PlatformString()
-		if p == "" || p == "unknown/unknown" {
+		if p == "" {
 			continue
 		}
 		total++
@@ -367,7 +367,9 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 			if manifest.IsIndex(mt) {
 				children, _ := manifest.Children(body)
 				for _, c := range children {
-					have = append(have, c.PlatformString())
+					if p := c.PlatformString(); p != "" {
+						have = append(have, p)
+					}
 				}
 			} else if p, err := s.imagePlatform(ctx, repo, body); err != nil {
 				upstreamFailed(w, err, "blob")
@@ -481,19 +483,11 @@ func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (s
 		return "", err
 	}
 	defer rc.Close()
-	var c struct {
-		OS           string `json:"os"`
-		Architecture string `json:"architecture"`
-		Variant      string `json:"variant"`
-	}
+	var c manifest.Platform // an image config's os, architecture, variant
 	if err := json.NewDecoder(io.LimitReader(rc, 4<<20)).Decode(&c); err != nil {
 		return "", fmt.Errorf("image config: %w", err)
 	}
-	p := c.OS + "/" + c.Architecture
-	if c.Variant != "" {
-		p += "/" + c.Variant
-	}
-	return p, nil
+	return c.String(), nil
 }
 
 var (

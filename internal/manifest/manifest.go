@@ -15,11 +15,29 @@ type Descriptor struct {
 	MediaType string        `json:"mediaType"`
 	Digest    digest.Digest `json:"digest"`
 	Size      int64         `json:"size"`
-	Platform  *struct {
-		OS           string `json:"os"`
-		Architecture string `json:"architecture"`
-		Variant      string `json:"variant,omitempty"`
-	} `json:"platform,omitempty"`
+	Platform  *Platform     `json:"platform,omitempty"`
+}
+
+// Platform is an index entry's platform, or the platform fields of an
+// image config (OCI image spec: os, architecture, variant).
+type Platform struct {
+	OS           string `json:"os"`
+	Architecture string `json:"architecture"`
+	Variant      string `json:"variant,omitempty"`
+}
+
+// String returns "os/arch[/variant]", or "" for no platform and for
+// "unknown/unknown", which BuildKit gives its attestation manifests (they
+// are not images to pull).
+func (p Platform) String() string {
+	if p.OS == "" || (p.OS == "unknown" && p.Architecture == "unknown") {
+		return ""
+	}
+	s := p.OS + "/" + p.Architecture
+	if p.Variant != "" {
+		s += "/" + p.Variant
+	}
+	return s
 }
 
 // shape covers image manifests (config, layers), image indexes and Docker
@@ -65,17 +83,13 @@ func References(body []byte) ([]Descriptor, error) {
 	return out, nil
 }
 
-// PlatformString returns "os/arch[/variant]" of an index entry, or "" when it has
-// no platform.
+// PlatformString returns the platform of an index entry (see
+// Platform.String): "" when it has none or is an attestation.
 func (d Descriptor) PlatformString() string {
-	if d.Platform == nil || d.Platform.OS == "" {
+	if d.Platform == nil {
 		return ""
 	}
-	s := d.Platform.OS + "/" + d.Platform.Architecture
-	if d.Platform.Variant != "" {
-		s += "/" + d.Platform.Variant
-	}
-	return s
+	return d.Platform.String()
 }
 
 // IsIndex reports whether mediaType is an OCI image index or a Docker
@@ -85,9 +99,9 @@ func IsIndex(mediaType string) bool {
 		mediaType == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
-// Children returns the child manifests of an index body with their
-// platforms ("" for entries without one, such as attestations' unknown/unknown
-// which report "unknown/unknown").
+// Children returns the child manifests of an index body, with their
+// platforms (PlatformString is "" for entries without one and for
+// attestations).
 func Children(body []byte) ([]Descriptor, error) {
 	var s shape
 	if err := json.Unmarshal(body, &s); err != nil {

@@ -221,7 +221,7 @@ func (r *runner) execute(ctx context.Context, j *job) error {
 		picked := 0
 		for _, c := range children {
 			p := c.PlatformString()
-			if p == "" || p == "unknown/unknown" { // attestations, not images
+			if p == "" { // attestations, not images
 				continue
 			}
 			have = append(have, p)

@@ -209,7 +209,7 @@ func children(mediaType string, body []byte) map[digest.Digest]string {
 	}
 	m := make(map[digest.Digest]string, len(ds))
 	for _, d := range ds {
-		if p := d.PlatformString(); p != "" && p != "unknown/unknown" {
+		if p := d.PlatformString(); p != "" {
 			m[d.Digest] = p
 		}
 	}
@@ -430,7 +430,7 @@ func (t *Tracker) resolve(ctx context.Context, repo string, upd []state.Tag, res
 			if manifest.IsIndex(m.MediaType) {
 				ds, _ := manifest.Children(m.Body)
 				for _, d := range ds {
-					if p := d.PlatformString(); p != "" && p != "unknown/unknown" && !slices.Contains(platforms, p) {
+					if p := d.PlatformString(); p != "" && !slices.Contains(platforms, p) {
 						platforms = append(platforms, p)
 					}
 				}
