@@ -235,33 +235,63 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	out := make([]TagInfo, 0, len(tags))
+	view := s.newCacheView()
 	for _, t := range tags {
 		p := ngctag.Parse(t.Name)
 		if q.Get("monthly") == "true" && !p.Monthly {
 			continue
 		}
 		ti := TagInfo{Tag: t, Monthly: p.Monthly, Release: p.Release, Variant: p.Variant}
-		ti.Cached, ti.CachedPlatforms = s.cachedState(ctx, t)
+		ti.Cached, ti.CachedPlatforms = view.tag(ctx, t)
 		out = append(out, ti)
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"repository": repo, "tags": out})
 }
 
-// cachedState says how much of a tag's image the cache holds.
-func (s *Server) cachedState(ctx context.Context, t state.Tag) (string, []string) {
+// cacheView answers how much of an image the cache holds, remembering
+// each answer for one request: tags share digests (latest and its
+// release), and releases and variants share layers.
+type cacheView struct {
+	s      *Server
+	tags   map[digest.Digest]cachedAnswer
+	images map[digest.Digest]bool // image manifest → it and all its blobs cached
+	blobs  map[digest.Digest]bool
+}
+
+type cachedAnswer struct {
+	state     string
+	platforms []string
+}
+
+func (s *Server) newCacheView() *cacheView {
+	return &cacheView{s: s, tags: map[digest.Digest]cachedAnswer{}, images: map[digest.Digest]bool{}, blobs: map[digest.Digest]bool{}}
+}
+
+// tag says how much of a tag's image the cache holds: "full", "partial"
+// (the index and some platforms), "no", or "unknown" (digest not resolved).
+func (v *cacheView) tag(ctx context.Context, t state.Tag) (string, []string) {
 	d, err := digest.Parse(t.Digest)
 	if err != nil {
 		return "unknown", nil
 	}
-	m, err := s.cache.GetManifest(ctx, d)
+	if a, ok := v.tags[d]; ok {
+		return a.state, a.platforms
+	}
+	a := v.compute(ctx, d)
+	v.tags[d] = a
+	return a.state, a.platforms
+}
+
+func (v *cacheView) compute(ctx context.Context, d digest.Digest) cachedAnswer {
+	m, err := v.s.cache.GetManifest(ctx, d)
 	if err != nil {
-		return "no", nil
+		return cachedAnswer{state: "no"}
 	}
 	if !manifest.IsIndex(m.MediaType) {
-		if s.imageCached(ctx, m.Body) {
-			return "full", nil
+		if v.imageBlobs(ctx, m.Body) {
+			return cachedAnswer{state: "full"}
 		}
-		return "partial", nil
+		return cachedAnswer{state: "partial"}
 	}
 	children, _ := manifest.Children(m.Body)
 	var cached []string
@@ -272,26 +302,39 @@ func (s *Server) cachedState(ctx context.Context, t state.Tag) (string, []string
 			continue
 		}
 		total++
-		cm, err := s.cache.GetManifest(ctx, c.Digest)
-		if err == nil && s.imageCached(ctx, cm.Body) {
+		if v.image(ctx, c.Digest) {
 			cached = append(cached, p)
 		}
 	}
-	switch {
-	case total > 0 && len(cached) == total:
-		return "full", cached
-	default:
-		return "partial", cached // the index is cached
+	if total > 0 && len(cached) == total {
+		return cachedAnswer{state: "full", platforms: cached}
 	}
+	return cachedAnswer{state: "partial", platforms: cached} // the index is cached
 }
 
-func (s *Server) imageCached(ctx context.Context, body []byte) bool {
+// image reports whether image manifest d and all its blobs are cached.
+func (v *cacheView) image(ctx context.Context, d digest.Digest) bool {
+	ok, seen := v.images[d]
+	if !seen {
+		m, err := v.s.cache.GetManifest(ctx, d)
+		ok = err == nil && v.imageBlobs(ctx, m.Body)
+		v.images[d] = ok
+	}
+	return ok
+}
+
+func (v *cacheView) imageBlobs(ctx context.Context, body []byte) bool {
 	refs, err := manifest.References(body)
 	if err != nil {
 		return false
 	}
-	for _, d := range refs {
-		if _, err := s.cache.StatBlob(ctx, d.Digest); err != nil {
+	for _, r := range refs {
+		ok, seen := v.blobs[r.Digest]
+		if !seen {
+			ok = v.s.warm.BlobCached(ctx, r.Digest)
+			v.blobs[r.Digest] = ok
+		}
+		if !ok {
 			return false
 		}
 	}
