@@ -158,11 +158,7 @@ func (s *Server) repositories(w http.ResponseWriter, r *http.Request) {
 		s.stateFailed(w, err)
 		return
 	}
-	tracked, err := s.tracker.Tracked(ctx)
-	if err != nil {
-		s.stateFailed(w, err)
-		return
-	}
+	tracked := s.tracker.TrackedOf(repos)
 	byName := map[string]*RepositoryInfo{}
 	for _, rp := range repos {
 		byName[rp.Name] = &RepositoryInfo{Repository: rp}

@@ -344,13 +344,19 @@ func (s *Scheduler) Enqueue(ctx context.Context, t Target) (j state.Job, created
 // covers (its plain names, and tracked repositories matching its globs),
 // the selected tags known from polling.
 func (s *Scheduler) Expand(ctx context.Context, r *Rule) ([]Target, error) {
-	repos := map[string]bool{}
-	for _, n := range r.Literal() {
-		repos[n] = true
-	}
 	tracked, err := s.tracker.Tracked(ctx)
 	if err != nil {
 		return nil, err
+	}
+	return s.expand(ctx, r, tracked, s.store.Tags)
+}
+
+// expand is Expand over the tracked repositories already known, reading
+// tags through tagsOf.
+func (s *Scheduler) expand(ctx context.Context, r *Rule, tracked []string, tagsOf func(context.Context, string) ([]state.Tag, error)) ([]Target, error) {
+	repos := map[string]bool{}
+	for _, n := range r.Literal() {
+		repos[n] = true
 	}
 	for _, n := range tracked {
 		if r.Matches(n) {
@@ -364,7 +370,7 @@ func (s *Scheduler) Expand(ctx context.Context, r *Rule) ([]Target, error) {
 	sort.Strings(names)
 	var out []Target
 	for _, repo := range names {
-		tags, err := s.store.Tags(ctx, repo)
+		tags, err := tagsOf(ctx, repo)
 		if err != nil {
 			return nil, err
 		}
@@ -376,14 +382,17 @@ func (s *Scheduler) Expand(ctx context.Context, r *Rule) ([]Target, error) {
 	return out, nil
 }
 
-// RunRule polls the rule's plain repositories, expands it and enqueues
-// its targets. It returns the jobs (new or already queued).
+// RunRule polls the rule's plain repositories (unless polled within a
+// minute), expands it and enqueues its targets. It returns the jobs (new or
+// already queued).
 func (s *Scheduler) RunRule(ctx context.Context, r *Rule) ([]state.Job, error) {
-	recent := map[string]bool{} // polled within a minute (by the poll tick, say)
-	if repos, err := s.store.Repositories(ctx); err == nil {
-		for _, rp := range repos {
-			recent[rp.Name] = time.Since(rp.LastPolled) < time.Minute
-		}
+	repos, err := s.store.Repositories(ctx)
+	if err != nil {
+		return nil, err
+	}
+	recent := map[string]bool{}
+	for _, rp := range repos {
+		recent[rp.Name] = time.Since(rp.LastPolled) < time.Minute
 	}
 	for _, repo := range r.Literal() {
 		if recent[repo] {
@@ -393,7 +402,7 @@ func (s *Scheduler) RunRule(ctx context.Context, r *Rule) ([]state.Job, error) {
 			s.log.Warn("prefetch rule: polling tags failed", "rule", r.Name, "repository", repo, "err", err)
 		}
 	}
-	targets, err := s.Expand(ctx, r)
+	targets, err := s.expand(ctx, r, s.tracker.TrackedOf(repos), s.store.Tags)
 	if err != nil {
 		return nil, err
 	}
@@ -522,12 +531,26 @@ func (s *Scheduler) RunAuto(ctx context.Context) ([]state.Job, error) {
 // PinnedTargets returns the images selected now by the rules with Pin set
 // (for cache eviction, which keeps them).
 func (s *Scheduler) PinnedTargets(ctx context.Context) ([]Target, error) {
+	tracked, err := s.tracker.Tracked(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Rules may cover the same repositories: read each one's tags once.
+	tags := map[string][]state.Tag{}
+	tagsOf := func(ctx context.Context, repo string) ([]state.Tag, error) {
+		if t, ok := tags[repo]; ok {
+			return t, nil
+		}
+		t, err := s.store.Tags(ctx, repo)
+		tags[repo] = t
+		return t, err
+	}
 	var out []Target
 	for _, r := range s.opts.Rules {
 		if !r.Pin {
 			continue
 		}
-		ts, err := s.Expand(ctx, r)
+		ts, err := s.expand(ctx, r, tracked, tagsOf)
 		if err != nil {
 			return nil, err
 		}

@@ -248,13 +248,18 @@ func (t *Tracker) Run(ctx context.Context) {
 // Tracked returns the repositories to poll: the configured ones and those
 // pulled within Options.Recent, sorted.
 func (t *Tracker) Tracked(ctx context.Context) ([]string, error) {
-	set := map[string]bool{}
-	for _, r := range t.opts.Repositories {
-		set[r] = true
-	}
 	repos, err := t.store.Repositories(ctx)
 	if err != nil {
 		return nil, err
+	}
+	return t.TrackedOf(repos), nil
+}
+
+// TrackedOf is Tracked over repositories already read from the store.
+func (t *Tracker) TrackedOf(repos []state.Repository) []string {
+	set := map[string]bool{}
+	for _, r := range t.opts.Repositories {
+		set[r] = true
 	}
 	since := time.Now().Add(-t.opts.Recent)
 	for _, r := range repos {
@@ -267,7 +272,7 @@ func (t *Tracker) Tracked(ctx context.Context) ([]string, error) {
 		out = append(out, r)
 	}
 	sort.Strings(out)
-	return out, nil
+	return out
 }
 
 // ErrState wraps the state store's errors returned by Poll, to tell them
