@@ -21,8 +21,6 @@ type Checker struct {
 	StorageProbe func(ctx context.Context) error
 	// UpstreamProbe pings the upstream registry.
 	UpstreamProbe func(ctx context.Context) error
-	// UpstreamEvery is how often the upstream is pinged at most (default 30 s).
-	UpstreamEvery time.Duration
 
 	mu          sync.Mutex
 	lastPing    time.Time
@@ -60,14 +58,13 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(rep)
 }
 
+// upstreamEvery is how often /readyz pings the upstream at most.
+const upstreamEvery = 30 * time.Second
+
 func (c *Checker) upstream(ctx context.Context) error {
-	every := c.UpstreamEvery
-	if every <= 0 {
-		every = 30 * time.Second
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if time.Since(c.lastPing) >= every {
+	if time.Since(c.lastPing) >= upstreamEvery {
 		c.upstreamErr = c.UpstreamProbe(ctx)
 		c.lastPing = time.Now()
 	}

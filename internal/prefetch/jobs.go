@@ -187,9 +187,9 @@ func (r *runner) save(ctx context.Context, j state.Job) {
 	}
 }
 
-// ErrNoPlatform is returned for an index that has none of the job's
+// errNoPlatform is returned for an index that has none of the job's
 // platforms.
-var ErrNoPlatform = errors.New("no manifest for the requested platforms")
+var errNoPlatform = errors.New("no manifest for the requested platforms")
 
 func (r *runner) execute(ctx context.Context, j *job) error {
 	repo, ref, platforms := j.rec.Repository, j.rec.Reference, j.rec.Platforms
@@ -238,7 +238,7 @@ func (r *runner) execute(ctx context.Context, j *job) error {
 			picked++
 		}
 		if picked == 0 {
-			return fmt.Errorf("%w %v in %s:%s (it has %v)", ErrNoPlatform, platforms, repo, ref, have)
+			return fmt.Errorf("%w %v in %s:%s (it has %v)", errNoPlatform, platforms, repo, ref, have)
 		}
 	} else if err := addBlobs(body); err != nil {
 		return err

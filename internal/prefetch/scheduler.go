@@ -69,6 +69,7 @@ type Scheduler struct {
 	m       *metrics.Tracking
 	runner  *runner
 	poll    cron.Schedule
+	tasks   []cron.Schedule // of opts.Tasks
 
 	mu     sync.Mutex
 	leader bool
@@ -85,10 +86,13 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	if err != nil {
 		return nil, fmt.Errorf("prefetch: poll schedule %q: %w", opts.PollSchedule, err)
 	}
-	for _, task := range opts.Tasks {
-		if _, err := ParseSchedule(task.Schedule); err != nil {
+	taskSchedules := make([]cron.Schedule, len(opts.Tasks))
+	for i, task := range opts.Tasks {
+		sc, err := ParseSchedule(task.Schedule)
+		if err != nil {
 			return nil, fmt.Errorf("prefetch: task %s: schedule %q: %w", task.Name, task.Schedule, err)
 		}
+		taskSchedules[i] = sc
 	}
 	if opts.AutoWindow <= 0 {
 		opts.AutoWindow = 14 * 24 * time.Hour
@@ -111,7 +115,7 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Scheduler{store: store, tracker: tracker, opts: opts, log: opts.Log, m: opts.Metrics, poll: poll,
+	s := &Scheduler{store: store, tracker: tracker, opts: opts, log: opts.Log, m: opts.Metrics, poll: poll, tasks: taskSchedules,
 		active: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1)}
 	rules := map[string]*Rule{}
 	limits := map[string]*rate.Limiter{}
@@ -154,9 +158,8 @@ func (s *Scheduler) Run(ctx context.Context) {
 			scheds = append(scheds, sched{"rule", r.Name, r.schedule, func(ctx context.Context, _ time.Time) { s.ruleTick(ctx, r) }})
 		}
 	}
-	for _, task := range s.opts.Tasks {
-		sc, _ := ParseSchedule(task.Schedule) // checked by New
-		scheds = append(scheds, sched{"task", "task:" + task.Name, sc, func(ctx context.Context, _ time.Time) { task.Run(ctx) }})
+	for i, task := range s.opts.Tasks {
+		scheds = append(scheds, sched{"task", "task:" + task.Name, s.tasks[i], func(ctx context.Context, _ time.Time) { task.Run(ctx) }})
 	}
 	for _, sc := range scheds {
 		wg.Add(1)
@@ -322,10 +325,17 @@ func (s *Scheduler) execute(ctx context.Context) {
 // same image and platforms (created false). An ended job of the same
 // target is queued again (a re-run skips what is cached).
 func (s *Scheduler) Enqueue(ctx context.Context, t Target) (j state.Job, created bool, err error) {
+	return s.enqueue(ctx, t, false)
+}
+
+// enqueue is Enqueue; with keepDone, a job of t that is done is returned
+// as it is instead of queued again (the automatic rule fetches a release
+// once).
+func (s *Scheduler) enqueue(ctx context.Context, t Target, keepDone bool) (j state.Job, created bool, err error) {
 	id := JobID(t)
 	old, err := s.store.Job(ctx, id)
 	switch {
-	case err == nil && !old.Ended():
+	case err == nil && (!old.Ended() || (keepDone && old.State == state.JobDone)):
 		return old, false, nil
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return state.Job{}, false, err
@@ -443,11 +453,11 @@ func (s *Scheduler) pollTick(ctx context.Context, _ time.Time) {
 	}
 }
 
-// AutoTargets returns what the automatic rule would prefetch now: for each
+// autoTargets returns what the automatic rule would prefetch now: for each
 // repository and variant that nodes pulled within the window, the newest
 // known release of that variant when it is newer than every release they
 // pulled, for the platforms they pulled (all when none was recorded).
-func (s *Scheduler) AutoTargets(ctx context.Context) ([]Target, error) {
+func (s *Scheduler) autoTargets(ctx context.Context) ([]Target, error) {
 	usage, err := s.store.Usage(ctx, time.Now().Add(-s.opts.AutoWindow))
 	if err != nil {
 		return nil, err
@@ -507,18 +517,18 @@ func (s *Scheduler) AutoTargets(ctx context.Context) ([]Target, error) {
 // RunAuto enqueues the automatic rule's targets that have no job yet (a
 // done job is not redone: the automatic rule fetches each release once).
 func (s *Scheduler) RunAuto(ctx context.Context) ([]state.Job, error) {
-	targets, err := s.AutoTargets(ctx)
+	targets, err := s.autoTargets(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var jobs []state.Job
 	for _, t := range targets {
-		if old, err := s.store.Job(ctx, JobID(t)); err == nil && old.State == state.JobDone {
-			continue
-		}
-		j, created, err := s.Enqueue(ctx, t)
+		j, created, err := s.enqueue(ctx, t, true)
 		if err != nil {
 			return jobs, err
+		}
+		if !created && j.State == state.JobDone {
+			continue
 		}
 		if created {
 			s.log.Info("automatic prefetch of a new release", "repository", t.Repository, "tag", t.Reference, "platforms", t.Platforms)

@@ -52,9 +52,6 @@ type Options struct {
 	// Reresolve: a tag's digest older than this is read again, so that a
 	// tag that moves (latest) is followed (default 24 h).
 	Reresolve time.Duration
-	// QueueSize bounds pulls waiting to be recorded (default 4096); beyond
-	// it pulls are dropped and counted.
-	QueueSize int
 	// StoreTimeout bounds one store operation (default 2 s).
 	StoreTimeout time.Duration
 	Log          *slog.Logger
@@ -86,6 +83,10 @@ type lastTag struct {
 
 const maxRecent = 4096
 
+// queueSize bounds pulls waiting to be recorded; beyond it pulls are
+// dropped and counted (ngc_mirror_pull_records_dropped_total).
+const queueSize = 4096
+
 // New returns a Tracker.
 func New(store state.Store, up Upstream, opts Options) *Tracker {
 	if opts.Recent <= 0 {
@@ -97,9 +98,6 @@ func New(store state.Store, up Upstream, opts Options) *Tracker {
 	if opts.Reresolve <= 0 {
 		opts.Reresolve = 24 * time.Hour
 	}
-	if opts.QueueSize <= 0 {
-		opts.QueueSize = 4096
-	}
 	if opts.StoreTimeout <= 0 {
 		opts.StoreTimeout = 2 * time.Second
 	}
@@ -107,7 +105,7 @@ func New(store state.Store, up Upstream, opts Options) *Tracker {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
 	return &Tracker{store: store, up: up, opts: opts, log: opts.Log, m: opts.Metrics,
-		queue: make(chan state.Pull, opts.QueueSize), recent: map[string]*lastTag{}}
+		queue: make(chan state.Pull, queueSize), recent: map[string]*lastTag{}}
 }
 
 // Store returns the tracker's state store.
@@ -150,6 +148,10 @@ func ClientOf(r *http.Request, user string) string {
 // without a tag.
 func (t *Tracker) Served(ev ManifestServed) {
 	key := ev.Client + "\x00" + ev.Repository
+	var kids map[digest.Digest]string // an index's children, parsed outside the lock
+	if ev.Body != nil {
+		kids = children(ev.MediaType, ev.Body)
+	}
 	var rec *state.Pull
 	t.mu.Lock()
 	lt := t.recent[key]
@@ -163,7 +165,7 @@ func (t *Tracker) Served(ev ManifestServed) {
 			t.recent[key] = lt
 		}
 		if ev.Body != nil && lt.children == nil {
-			lt.children = children(ev.MediaType, ev.Body)
+			lt.children = kids
 		}
 	} else {
 		var p string
@@ -176,7 +178,7 @@ func (t *Tracker) Served(ev ManifestServed) {
 			// containerd fetches the index it resolved by tag: part of
 			// that pull, recorded with the tag already.
 			if ev.Body != nil && lt.children == nil {
-				lt.children = children(ev.MediaType, ev.Body)
+				lt.children = kids
 			}
 		case child && p != "" && ev.Body != nil:
 			rec = &state.Pull{Repository: ev.Repository, Tag: lt.tag, Digest: ev.Digest.String(), Platform: p, Client: ev.Client, Time: ev.Time}

@@ -65,13 +65,12 @@ type World struct {
 	Sched   *prefetch.Scheduler
 	Metrics *metrics.Tracking
 	Reg     *prometheus.Registry
-	opts    Options
 }
 
 // New builds a world; nothing runs until Start.
 func New(t *testing.T, o Options) *World {
 	t.Helper()
-	w := &World{opts: o, Up: o.Upstream, Fx: o.Fixture}
+	w := &World{Up: o.Upstream, Fx: o.Fixture}
 	if w.Up == nil {
 		w.Up = ngctest.New(ngctest.Options{})
 		t.Cleanup(w.Up.Close)
