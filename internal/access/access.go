@@ -104,7 +104,20 @@ type Policy struct {
 	mu     sync.Mutex
 	checks map[string]checkResult // by sha256(key) + "\x00" + repository
 	flight singleflight.Group
+	// logins remembers Basic credentials that passed the htpasswd check
+	// for basicTTL, by sha256(user, password): clients send them on every
+	// request, and each check is a bcrypt comparison (milliseconds of CPU
+	// per blob GET otherwise).
+	logins map[[32]byte]time.Time
 }
+
+// basicTTL is how long a verified Basic login is trusted without another
+// bcrypt check; a password changed or removed in the htpasswd file takes
+// effect within it. maxLogins bounds the memory of logins.
+const (
+	basicTTL  = time.Minute
+	maxLogins = 4096
+)
 
 type checkResult struct {
 	err     error
@@ -113,7 +126,7 @@ type checkResult struct {
 
 // New builds a Policy. check is needed in pass-through mode only.
 func New(cfg Config, check UpstreamChecker) (*Policy, error) {
-	p := &Policy{cfg: cfg, check: check, checks: map[string]checkResult{}}
+	p := &Policy{cfg: cfg, check: check, checks: map[string]checkResult{}, logins: map[[32]byte]time.Time{}}
 	if p.cfg.TokenLifetime <= 0 {
 		p.cfg.TokenLifetime = 15 * time.Minute
 	}
@@ -198,10 +211,28 @@ func (p *Policy) Authenticate(r *http.Request) (Identity, error) {
 }
 
 func (p *Policy) basic(r *http.Request) (Identity, error) {
+	user, pw, ok := r.BasicAuth()
+	if !ok {
+		return Identity{}, ErrBadCredentials
+	}
+	key := sha256.Sum256([]byte(user + "\x00" + pw))
+	now := time.Now()
+	p.mu.Lock()
+	exp, seen := p.logins[key]
+	p.mu.Unlock()
+	if seen && now.Before(exp) {
+		return Identity{User: user}, nil
+	}
 	grant, err := p.htpasswd.Authorized(r)
 	if err != nil {
 		return Identity{}, ErrBadCredentials
 	}
+	p.mu.Lock()
+	if len(p.logins) >= maxLogins {
+		clear(p.logins)
+	}
+	p.logins[key] = now.Add(basicTTL)
+	p.mu.Unlock()
 	return Identity{User: grant.User.Name}, nil
 }
 

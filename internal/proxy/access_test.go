@@ -237,3 +237,25 @@ func TestPullHistoryClient(t *testing.T) {
 		t.Errorf("anonymous HEAD: client %q, body %v", b.Client, b.Body != nil)
 	}
 }
+
+// A verified Basic login is remembered (no bcrypt per request), keyed by
+// the password too: a wrong password after a good one is still refused.
+func TestBasicLoginMemoryKeepsPasswordsApart(t *testing.T) {
+	t.Parallel()
+	pol := policy(t, access.Config{
+		Mode:             access.ModeHtpasswd,
+		HtpasswdFile:     htpasswd(t, "alice", "alice-pw"),
+		PublicNamespaces: []string{"nvidia"},
+		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"alice"}}},
+	}, nil)
+	e := newEnv(t, envOpts{key: ngctest.APIKey, access: pol})
+	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
+	for i, c := range []struct {
+		pass string
+		want int
+	}{{"alice-pw", 200}, {"alice-pw", 200}, {"wrong", 401}, {"", 401}, {"alice-pw", 200}} {
+		if r := e.doAs(t, "alice", c.pass, http.MethodGet, priv); r.status != c.want {
+			t.Errorf("request %d with password %q: %d, want %d", i, c.pass, r.status, c.want)
+		}
+	}
+}
