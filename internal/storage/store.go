@@ -67,6 +67,31 @@ type Store struct {
 	usage   map[string]*Usage // by kind: "blob", "manifest"
 
 	notify atomic.Pointer[func(Event)] // see Notify
+
+	// links remembers links known to exist: nothing removes a link, so a
+	// positive answer never goes stale, and a cache-hit blob GET needs no
+	// stat (an S3 HEAD) for it. Bounded by maxKnownLinks.
+	linksMu sync.Mutex
+	links   map[string]struct{} // repo + "@" + digest
+}
+
+// maxKnownLinks bounds Store.links (about 100 bytes each).
+const maxKnownLinks = 100_000
+
+func (s *Store) knownLink(repo string, d digest.Digest) bool {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	_, ok := s.links[repo+"@"+string(d)]
+	return ok
+}
+
+func (s *Store) rememberLink(repo string, d digest.Digest) {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	if s.links == nil || len(s.links) >= maxKnownLinks {
+		s.links = map[string]struct{}{}
+	}
+	s.links[repo+"@"+string(d)] = struct{}{}
 }
 
 // Event is a change of the cache's content made through this Store: a blob
@@ -548,12 +573,15 @@ func (s *Store) PutLinks(ctx context.Context, repo string, dgsts ...digest.Diges
 		if err != nil {
 			return err
 		}
-		if _, err := s.d.Stat(ctx, p); err == nil {
+		if s.knownLink(repo, d) {
 			continue
 		}
-		if err := s.d.PutContent(ctx, p, nil); err != nil {
-			return translate(err)
+		if _, err := s.d.Stat(ctx, p); err != nil {
+			if err := s.d.PutContent(ctx, p, nil); err != nil {
+				return translate(err)
+			}
 		}
+		s.rememberLink(repo, d)
 	}
 	return nil
 }
@@ -564,8 +592,12 @@ func (s *Store) HasLink(ctx context.Context, repo string, dgst digest.Digest) (b
 	if err != nil {
 		return false, err
 	}
+	if s.knownLink(repo, dgst) {
+		return true, nil
+	}
 	_, err = s.d.Stat(ctx, p)
 	if err == nil {
+		s.rememberLink(repo, dgst)
 		return true, nil
 	}
 	if err = translate(err); errors.Is(err, ErrNotFound) {
