@@ -259,3 +259,32 @@ func TestBasicLoginMemoryKeepsPasswordsApart(t *testing.T) {
 		}
 	}
 }
+
+// A manifest cached under one repository and asked for by digest under
+// another that holds it too is served, although the upstream refuses
+// manifest HEADs (nvcr.io has answered 403); its layers then need no
+// upstream HEAD each.
+func TestManifestLinkedAcrossRepositoriesWithoutHead(t *testing.T) {
+	t.Parallel()
+	pol := policy(t, access.Config{Mode: access.ModeNone, PublicNamespaces: []string{"nvidia"}}, nil)
+	e := newEnv(t, envOpts{access: pol})
+	const copyRepo = "nvidia/pytorch-copy"
+	e.up.AddImage(copyRepo, false, e.fx.Pytorch, ngctest.PytorchTag)
+	amd := e.fx.Pytorch.Child("linux/amd64")
+	mustOK(t, e.do(t, http.MethodGet, "/v2/"+ngctest.PytorchRepo+"/manifests/"+amd.Manifest.Digest.String()), 200) // cached under pytorch
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodHead && strings.Contains(r.URL.Path, "/manifests/") {
+			w.WriteHeader(http.StatusForbidden)
+			return true
+		}
+		return false
+	})
+	mustOK(t, e.do(t, http.MethodGet, "/v2/"+copyRepo+"/manifests/"+amd.Manifest.Digest.String()), 200)
+	before := len(e.up.Requests())
+	mustServe(t, e, "/v2/"+copyRepo+"/blobs/"+amd.Config.Digest.String(), amd.Config.Body)
+	for _, r := range e.up.Requests()[before:] {
+		if r.Method == http.MethodHead {
+			t.Errorf("the upstream was asked %s %s for a blob the linked manifest refers to", r.Method, r.Path)
+		}
+	}
+}

@@ -95,6 +95,13 @@ func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest
 	if !errors.Is(err, storage.ErrNotFound) {
 		h.log.Warn("cached manifest unreadable; refetching", "digest", dgst, "err", err)
 	}
+	m, err = h.fetchManifest(ctx, name, dgst)
+	return m, false, err
+}
+
+// fetchManifest gets manifest dgst of repository name from the upstream
+// (one exchange however many ask at once) and caches and links it.
+func (h *Handler) fetchManifest(ctx context.Context, name string, dgst digest.Digest) (*storage.Manifest, error) {
 	v, err, _ := h.manifests.Do(name+"@"+dgst.String(), func() (any, error) {
 		ctx, cancel := h.upstreamContext(ctx)
 		defer cancel()
@@ -105,9 +112,9 @@ func (h *Handler) manifestByDigest(ctx context.Context, name string, dgst digest
 		return h.cacheManifest(ctx, name, um), nil
 	})
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
-	return v.(*storage.Manifest), false, nil
+	return v.(*storage.Manifest), nil
 }
 
 // upstreamContext detaches an upstream exchange from one client's
@@ -142,7 +149,8 @@ func (h *Handler) cacheManifest(ctx context.Context, name string, um *upstream.M
 
 // ensureLink makes sure content dgst, cached under some repository, may be
 // served under name: a link recorded from one of name's manifests, or the
-// upstream confirming (HEAD) that name holds dgst, which is then recorded.
+// upstream confirming that name holds dgst (a blob HEAD; a manifest is
+// fetched from name and cached, which links it and its references).
 // Without this, a client allowed on a public repository could read a
 // private repository's cached blob by naming its digest. It does nothing
 // without an access policy. Content name does not hold is reported as
@@ -154,14 +162,19 @@ func (h *Handler) ensureLink(ctx context.Context, name string, dgst digest.Diges
 	if ok, err := h.store.HasLink(ctx, name, dgst); err == nil && ok {
 		return nil
 	}
+	if k == kindManifest {
+		// A GET, not a HEAD: nvcr.io has refused manifest HEADs (403),
+		// and caching the manifest under name links what it refers to as
+		// well, so its blobs need no HEAD each.
+		_, err := h.fetchManifest(ctx, name, dgst)
+		if err != nil && isAuthoritative(err) {
+			return &upstream.Error{StatusCode: http.StatusNotFound}
+		}
+		return err
+	}
 	uctx, cancel := h.upstreamContext(ctx)
 	defer cancel()
-	var err error
-	if k == kindManifest {
-		_, err = h.up.HeadManifest(uctx, name, dgst.String(), nil)
-	} else {
-		_, err = h.up.HeadBlob(uctx, name, dgst)
-	}
+	_, err := h.up.HeadBlob(uctx, name, dgst)
 	switch {
 	case err == nil:
 		if lerr := h.store.PutLinks(ctx, name, dgst); lerr != nil {
