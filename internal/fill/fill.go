@@ -389,13 +389,15 @@ func (r *reader) WriteTo(w io.Writer) (int64, error) {
 			return 0, err
 		}
 	}
+	// fh is this reader's own handle, and each copy moves its offset by
+	// exactly what it copied: one seek keeps it at r.off.
+	if _, err := fh.Seek(r.off, io.SeekStart); err != nil {
+		return 0, fmt.Errorf("fill: reading spool: %w", err)
+	}
 	for r.off < r.end {
 		upto, err := r.available()
 		if err != nil {
 			return total, err
-		}
-		if _, err := fh.Seek(r.off, io.SeekStart); err != nil {
-			return total, fmt.Errorf("fill: reading spool: %w", err)
 		}
 		n, err := io.Copy(w, io.LimitReader(fh, upto-r.off))
 		r.off += n
