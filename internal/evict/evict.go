@@ -193,6 +193,7 @@ type entry struct {
 	size     int64
 	present  bool          // cached, as far as this process knows
 	leases   int           // responses streaming it now
+	skipped  bool          // a pass left it alone for its leases: their end can make room
 	evicting chan struct{} // non-nil while a pass removes it; closed after
 
 	// Guarded by Evictor.passSem (read and written by passes only).
@@ -217,8 +218,8 @@ type Evictor struct {
 	log    *slog.Logger
 	shards [nShards]shard
 	used   atomic.Int64 // bytes of the objects the index holds
-	// gen counts changes that can make room (commits, removals, leases
-	// ending); fruitless is gen when an admission's pass freed nothing, so
+	// gen counts changes that can make room (commits, removals, the end
+	// of leases that kept a pass from evicting); fruitless is gen when an admission's pass freed nothing, so
 	// that a full cache does not rescan the index on every miss while
 	// nothing changed.
 	gen       atomic.Uint64
@@ -443,7 +444,10 @@ func (e *Evictor) Lease(ctx context.Context, d digest.Digest) (release func(), e
 	return sync.OnceFunc(func() {
 		sh.mu.Lock()
 		en.leases--
-		if en.leases == 0 {
+		if en.leases == 0 && en.skipped {
+			// Only a lease that kept a pass from evicting frees something
+			// by ending; others leave the "nothing to free" verdict valid.
+			en.skipped = false
 			e.gen.Add(1)
 		}
 		sh.dropLocked(k, en)
@@ -885,6 +889,9 @@ func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
 	sh.mu.Lock()
 	en := it.en
 	if sh.m[it.k] != en || !en.present || en.leases > 0 || en.evicting != nil {
+		if sh.m[it.k] == en && en.leases > 0 {
+			en.skipped = true
+		}
 		sh.mu.Unlock()
 		return 0, false
 	}
