@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"log/slog"
 	"time"
 
@@ -13,16 +12,16 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
-// startEviction keeps the cache within cache.max_size and cache.min_free
-// (on the filesystem holding dataDir, filesystem driver only), never
-// evicting the images of cache.pin: it builds the evictor and runs it on
-// ctx (seeding access times from the store, then passes every
+// newEvictor builds the evictor that keeps the cache within
+// cache.max_size and cache.min_free (on the filesystem holding dataDir,
+// filesystem driver only), never evicting the images of cache.pin. The
+// caller seeds it from the start-up listing and runs it (passes every
 // cache.evict_interval and when a commit crosses the budget). It returns
 // nil when no budget is configured; a nil *evict.Evictor is a valid
 // fill.Budget and proxy.CacheTracker that does nothing. The eviction
 // metrics are registered either way. Pin sources (prefetch rules) are
 // added with SetPinSource on the result.
-func startEviction(ctx context.Context, cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) *evict.Evictor {
+func newEvictor(cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) *evict.Evictor {
 	log = log.With("component", "evict")
 	m := metrics.NewEviction(reg)
 	opts := evict.Options{
@@ -52,6 +51,5 @@ func startEviction(ctx context.Context, cfg config.Config, store *storage.Store,
 	}
 	ev := evict.New(store, opts)
 	log.Info("cache budget", "max_size", opts.MaxSize, "min_free", cfg.Cache.MinFree, "pins", len(opts.Pins), "interval", opts.Interval)
-	go ev.Run(ctx)
 	return ev
 }

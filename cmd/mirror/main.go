@@ -172,11 +172,15 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	metrics.StorageUsage(reg, store.Usage)
 	metrics.FilesystemUsage(reg, dataDir)
 	// Cache budget and eviction (evict.go); nil without a budget.
-	ev := startEviction(ctx, cfg, store, dataDir, reg, log)
+	ev := newEvictor(cfg, store, dataDir, reg, log)
 	go func() {
-		if err := store.Scan(ctx); err != nil {
-			log.Warn("scanning the cache for its size failed", "err", err)
+		// One listing of the cache for its size and the evictor's index.
+		objs, err := store.Scan(ctx)
+		if err != nil && ctx.Err() == nil {
+			log.Warn("listing the cache failed; its size is undercounted and unlisted content is not evicted until the next start", "err", err)
 		}
+		ev.SeedObjects(objs)
+		ev.Run(ctx)
 	}()
 
 	origin := cfg.UpstreamURL()

@@ -351,14 +351,24 @@ func (e *Evictor) forget(k key) {
 	sh.dropLocked(k, en)
 }
 
-// Seed adds everything the store holds to the index, with its modification
-// time as last access unless the index saw a later one. Run calls it first;
-// passes before it has finished see part of the cache only.
+// Seed adds everything the store holds to the index (SeedObjects of a new
+// listing).
 func (e *Evictor) Seed(ctx context.Context) error {
 	if e == nil {
 		return nil
 	}
 	objs, err := e.store.Objects(ctx)
+	e.SeedObjects(objs)
+	return err
+}
+
+// SeedObjects adds listed objects to the index, with their modification
+// time as last access unless the index saw a later one. Seed the index
+// before Run: passes see only what the index holds.
+func (e *Evictor) SeedObjects(objs []storage.Object) {
+	if e == nil {
+		return
+	}
 	for _, o := range objs {
 		kind, ok := kindOf(o.Kind)
 		if !ok || o.Digest.Validate() != nil {
@@ -377,7 +387,6 @@ func (e *Evictor) Seed(ctx context.Context) error {
 		}
 		sh.mu.Unlock()
 	}
-	return err
 }
 
 // Used returns the bytes of cached content the index holds.
@@ -597,15 +606,12 @@ func (e *Evictor) SetPinSource(name string, f PinSource) {
 	e.sources[name] = f
 }
 
-// Run seeds the index (Seed) and then keeps the cache within budget until
-// ctx ends: a pass every Options.Interval and whenever a commit takes the
-// cache over budget.
+// Run keeps the cache within budget until ctx ends: a pass every
+// Options.Interval and whenever a commit takes the cache over budget. Seed
+// the index first (Seed or SeedObjects).
 func (e *Evictor) Run(ctx context.Context) {
 	if e == nil {
 		return
-	}
-	if err := e.Seed(ctx); err != nil && ctx.Err() == nil {
-		e.log.Warn("listing the cache for eviction failed; content not listed is not evicted until the next start", "err", err)
 	}
 	t := time.NewTicker(e.opts.Interval)
 	defer t.Stop()

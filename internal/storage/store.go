@@ -166,21 +166,15 @@ func (s *Store) addUsage(kind string, bytes int64) {
 	s.usageMu.Unlock()
 }
 
-// Scan walks the cache once and adds what it holds to Usage. Run it at
+// Scan lists the cache once, adds what it holds to Usage and returns the
+// objects (for the evictor's seed: one listing serves both). Run it at
 // start-up; it reads every directory of the cache (not the content).
-func (s *Store) Scan(ctx context.Context) error {
-	for kind, root := range map[string]string{"blob": "/blobs", "manifest": "/manifests"} {
-		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
-			if !fi.IsDir() && !pendingPut.MatchString(fi.Path()) {
-				s.addUsage(kind, fi.Size())
-			}
-			return nil
-		})
-		if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
-			return fmt.Errorf("storage: scanning %s: %w", root, err)
-		}
+func (s *Store) Scan(ctx context.Context) ([]Object, error) {
+	objs, err := s.Objects(ctx)
+	for _, o := range objs {
+		s.addUsage(o.Kind, o.Size)
 	}
-	return nil
+	return objs, err
 }
 
 // Driver returns the underlying storage driver.
