@@ -289,11 +289,6 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 		j.rec.BytesDone += d.Size
 		j.mu.Unlock()
 	}
-	if r.warm.BlobCached(ctx, d.Digest) {
-		done()
-		r.m.PrefetchBlob("cached", d.Size)
-		return
-	}
 	j.current.Store(d.Digest.String(), struct{}{})
 	defer j.current.Delete(d.Digest.String())
 	var err error

@@ -36,8 +36,7 @@ func newAPIError(code errcode.ErrorCode, message string) *apiError {
 type kind int
 
 const (
-	kindOther kind = iota
-	kindManifest
+	kindManifest kind = iota + 1
 	kindBlob
 	kindTags
 )

@@ -69,7 +69,7 @@ func (e *Error) Is(target error) bool {
 
 // checkResponse returns nil for 2xx, otherwise an *Error built from resp
 // (whose body it drains and closes).
-func checkResponse(resp *http.Response) error {
+func checkResponse(resp *http.Response, now time.Time) error {
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return nil
 	}
@@ -82,7 +82,7 @@ func checkResponse(resp *http.Response) error {
 	if json.Unmarshal(body, &env) == nil {
 		e.Errors = env.Errors
 	}
-	e.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
+	e.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), now)
 	return e
 }
 
