@@ -2,17 +2,14 @@ package main
 
 import (
 	"bytes"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -46,29 +43,17 @@ func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
 	}
 	tr := &http.Transport{}
 	if server == "" {
-		host, port, err := net.SplitHostPort(cfg.Addr)
-		if err != nil {
-			return nil, fmt.Errorf("addr: %w", err)
+		if server, tr, err = localBase(cfg); err != nil {
+			return nil, err
 		}
-		if host == "" || host == "0.0.0.0" || host == "::" {
-			host = "127.0.0.1"
-		}
-		scheme := "http"
-		if cfg.TLS.CertFile != "" {
-			// The local mirror: its certificate names its public name.
-			scheme, tr.TLSClientConfig = "https", &tls.Config{InsecureSkipVerify: true}
-		}
-		server = scheme + "://" + net.JoinHostPort(host, port)
 	}
 	if token == "" {
 		token = cfg.Admin.Token
 	}
 	if token == "" {
-		raw, err := os.ReadFile(filepath.Join(cfg.Storage.DataDir, "admin-token"))
-		if err != nil {
+		if token = readAdminToken(cfg.Storage.DataDir); token == "" {
 			return nil, errNoToken
 		}
-		token = strings.TrimSpace(string(raw))
 	}
 	return &adminClient{base: strings.TrimSuffix(server, "/"), token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: tr}}, nil
 }
@@ -135,7 +120,7 @@ func prefetchCmd(args []string) int {
 	detach := fs.Bool("detach", false, "enqueue and print the job ID; do not follow")
 	var platforms stringList
 	fs.Var(&platforms, "platform", "platform to fetch, like linux/amd64 (repeatable; default all)")
-	_ = fs.Parse(reorder(args))
+	_ = fs.Parse(reorder(fs, args))
 	if fs.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: mirror prefetch IMAGE [--platform os/arch]... [--detach]   e.g. nvidia/pytorch:24.05-py3")
 		return 2
@@ -239,7 +224,7 @@ func shortDigest(d string) string {
 
 // reorder moves flags before positional arguments, so that
 // "mirror prefetch IMAGE --platform linux/amd64" works with package flag.
-func reorder(args []string) []string {
+func reorder(fs *flag.FlagSet, args []string) []string {
 	var flags, pos []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -249,7 +234,7 @@ func reorder(args []string) []string {
 		}
 		if strings.HasPrefix(a, "-") {
 			flags = append(flags, a)
-			if !strings.Contains(a, "=") && i+1 < len(args) && takesValue(a) {
+			if !strings.Contains(a, "=") && i+1 < len(args) && takesValue(fs, a) {
 				flags = append(flags, args[i+1])
 				i++
 			}
@@ -260,12 +245,15 @@ func reorder(args []string) []string {
 	return append(flags, pos...)
 }
 
-func takesValue(flagArg string) bool {
-	switch strings.TrimLeft(flagArg, "-") {
-	case "detach", "monthly", "refresh":
-		return false
+// takesValue reports whether flag argument "-name" or "--name" is followed
+// by its value (not a boolean flag of fs).
+func takesValue(fs *flag.FlagSet, flagArg string) bool {
+	f := fs.Lookup(strings.TrimLeft(flagArg, "-"))
+	if f == nil {
+		return true
 	}
-	return true
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return !ok || !b.IsBoolFlag()
 }
 
 // tagsCmd: mirror tags REPOSITORY [--monthly] [--refresh] lists the tags
@@ -278,7 +266,7 @@ func tagsCmd(args []string) int {
 	token := fs.String("token", "", "admin token (default: MIRROR_ADMIN_TOKEN, admin.token, or <data_dir>/admin-token)")
 	monthly := fs.Bool("monthly", false, "only NGC monthly tags (YY.MM-variant)")
 	refresh := fs.Bool("refresh", false, "poll the upstream's tag list first")
-	_ = fs.Parse(reorder(args))
+	_ = fs.Parse(reorder(fs, args))
 	if fs.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: mirror tags REPOSITORY [--monthly] [--refresh]   e.g. nvidia/pytorch")
 		return 2

@@ -320,6 +320,26 @@ func limitBodies(next http.Handler) http.Handler {
 	})
 }
 
+// localBase returns the URL of the mirror this host runs with cfg
+// (scheme://host:port, a wildcard listen address read as 127.0.0.1) and a
+// transport for it. With TLS it skips certificate checks: the certificate
+// names the mirror's public name, not 127.0.0.1, and this reaches the local
+// process only.
+func localBase(cfg config.Config) (string, *http.Transport, error) {
+	host, port, err := net.SplitHostPort(cfg.Addr)
+	if err != nil {
+		return "", nil, fmt.Errorf("addr: %w", err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	scheme, tr := "http", &http.Transport{}
+	if cfg.TLS.CertFile != "" {
+		scheme, tr.TLSClientConfig = "https", &tls.Config{InsecureSkipVerify: true}
+	}
+	return scheme + "://" + net.JoinHostPort(host, port), tr, nil
+}
+
 // healthcheck asks the local mirror's /healthz and returns the exit code:
 // 0 when healthy. It reads the address and TLS setting like serve does
 // (--config FILE, then MIRROR_* env). Distroless images have no curl, so
@@ -333,22 +353,13 @@ func healthcheck(args []string) int {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 2
 	}
-	host, port, err := net.SplitHostPort(cfg.Addr)
+	base, tr, err := localBase(cfg)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "healthcheck: addr:", err)
+		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 2
 	}
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		host = "127.0.0.1"
-	}
-	scheme, tr := "http", &http.Transport{}
-	if cfg.TLS.CertFile != "" {
-		// Liveness of the local process only: the certificate names the
-		// mirror's public name, not 127.0.0.1.
-		scheme, tr.TLSClientConfig = "https", &tls.Config{InsecureSkipVerify: true}
-	}
 	c := &http.Client{Timeout: 5 * time.Second, Transport: tr}
-	resp, err := c.Get(scheme + "://" + net.JoinHostPort(host, port) + "/healthz")
+	resp, err := c.Get(base + "/healthz")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 1

@@ -157,14 +157,23 @@ func adminToken(cfg config.Config, dataDir string) (token, src string, err error
 		return cfg.Admin.Token, "from the configuration", nil
 	}
 	path := filepath.Join(dataDir, "admin-token")
-	if raw, err := os.ReadFile(path); err == nil && strings.TrimSpace(string(raw)) != "" {
-		return strings.TrimSpace(string(raw)), "in " + path, nil
+	if token := readAdminToken(dataDir); token != "" {
+		return token, "in " + path, nil
 	}
 	token = randomHex(24)
 	if err := os.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
 		return "", "", fmt.Errorf("admin token: %w", err)
 	}
 	return token, "created in " + path, nil
+}
+
+// readAdminToken returns the token in <dataDir>/admin-token, or "".
+func readAdminToken(dataDir string) string {
+	raw, err := os.ReadFile(filepath.Join(dataDir, "admin-token"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(raw))
 }
 
 func randomHex(n int) string {
