@@ -5,7 +5,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 )
@@ -21,17 +20,7 @@ func TestEvictionMetrics(t *testing.T) {
 	m.Evicted("manifest", 3)
 	m.SetBudget(1<<30, 5<<20)
 	m.CacheFull()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
-	}
+	assertLintClean(t, reg)
 	if got := testutil.ToFloat64(m.EvictedBytes.WithLabelValues("blob")); got != 120 {
 		t.Errorf("evicted blob bytes %v, want 120", got)
 	}

@@ -32,6 +32,12 @@ func TestPromlintClean(t *testing.T) {
 	m.UpstreamRequest("blob", 429, 0.2)
 	m.UpstreamRequest("manifest", 0, 0)
 	m.UpstreamReceived(10)
+	assertLintClean(t, reg)
+}
+
+// assertLintClean runs client_golang's promlint over what reg exposes.
+func assertLintClean(t *testing.T, reg *prometheus.Registry) {
+	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -184,6 +184,26 @@ func (u *Upstream) Requests() []Request {
 	return append([]Request(nil), u.requests...)
 }
 
+// CDNRequests returns a copy of the requests the CDN listener received.
+func (u *Upstream) CDNRequests() []Request {
+	var out []Request
+	for _, r := range u.Requests() {
+		if r.Host == "cdn" {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// CDNRanges returns the Range header of each CDN request ("" for none).
+func (u *Upstream) CDNRanges() []string {
+	var out []string
+	for _, r := range u.CDNRequests() {
+		out = append(out, r.Range)
+	}
+	return out
+}
+
 // Count returns how many requests matched host ("registry", "cdn"), method
 // and path (exact).
 func (u *Upstream) Count(host, method, path string) int {

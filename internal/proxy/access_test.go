@@ -13,16 +13,6 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 )
 
-// htpasswd writes an htpasswd file (bcrypt) for user:password pairs.
-func htpasswd(t *testing.T, pairs ...string) string {
-	t.Helper()
-	p, err := ngctest.WriteHtpasswd(t.TempDir(), pairs...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 func policy(t *testing.T, cfg access.Config, check access.UpstreamChecker) *access.Policy {
 	t.Helper()
 	p, err := access.New(cfg, check)
@@ -55,7 +45,7 @@ func TestAccessHtpasswd(t *testing.T) {
 	t.Parallel()
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
-		HtpasswdFile:     htpasswd(t, "alice", "alice-pw", "bob", "bob-pw"),
+		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw"),
 		PublicNamespaces: []string{"nvidia"},
 		Groups:           map[string][]string{"ml": {"alice"}},
 		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"@ml"}}},
@@ -209,7 +199,7 @@ func TestPullHistoryClient(t *testing.T) {
 	t.Parallel()
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
-		HtpasswdFile:     htpasswd(t, "alice", "alice-pw"),
+		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw"),
 		PublicNamespaces: []string{"nvidia"},
 	}, nil)
 	log := &pullLog{}
@@ -244,7 +234,7 @@ func TestBasicLoginMemoryKeepsPasswordsApart(t *testing.T) {
 	t.Parallel()
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
-		HtpasswdFile:     htpasswd(t, "alice", "alice-pw"),
+		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw"),
 		PublicNamespaces: []string{"nvidia"},
 		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"alice"}}},
 	}, nil)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -34,16 +35,6 @@ func breakAfter(w http.ResponseWriter, body []byte, n int) {
 	panic(http.ErrAbortHandler)
 }
 
-func cdnRanges(e *env) []string {
-	var out []string
-	for _, r := range e.up.Requests() {
-		if r.Host == "cdn" {
-			out = append(out, r.Range)
-		}
-	}
-	return out
-}
-
 // waitFills waits (bounded) until no fill runs: a client has its last
 // byte once the content is verified, and the commit follows.
 func waitFills(t *testing.T, e *env) {
@@ -54,6 +45,16 @@ func waitFills(t *testing.T, e *env) {
 			t.Fatal("fills still running after 5 s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// assertCached waits for running fills, then fails unless blob d is
+// cached; what says what should have cached it.
+func assertCached(t *testing.T, e *env, d digest.Digest, what string) {
+	t.Helper()
+	waitFills(t, e)
+	if _, err := e.store.StatBlob(t.Context(), d); err != nil {
+		t.Fatalf("%s: blob %s not cached: %v", what, d, err)
 	}
 }
 
@@ -87,17 +88,14 @@ func TestResumeAfterBrokenConnection(t *testing.T) {
 	if !bytes.Equal(r.body, layer.Body) {
 		t.Fatalf("resumed blob differs (%d bytes)", len(r.body))
 	}
-	ranges := cdnRanges(e)
+	ranges := e.up.CDNRanges()
 	if len(ranges) != 2 || ranges[0] != "" || ranges[1] != "bytes="+strconv.Itoa(len(layer.Body)/3)+"-" {
 		t.Fatalf("CDN requests' Range headers: %q", ranges)
 	}
 	if n := e.up.Count("registry", http.MethodGet, "/authn/token"); n != 0 {
 		t.Fatal("resume went to the post-expiry realm")
 	}
-	waitFills(t, e)
-	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
-		t.Fatalf("resumed blob not cached: %v", err)
-	}
+	assertCached(t, e, layer.Digest, "the resumed fill")
 }
 
 // TestResumeGivesUp: a CDN that always breaks makes the fill give up after
@@ -128,7 +126,7 @@ func TestResumeGivesUp(t *testing.T) {
 	if r.err == nil {
 		t.Fatalf("the client got a clean end (%d, %d bytes) from a failed fill", r.status, len(r.body))
 	}
-	if n := len(cdnRanges(e)); n < 2 || n > 3 {
+	if n := len(e.up.CDNRanges()); n < 2 || n > 3 {
 		t.Fatalf("CDN was asked %d times; want 1 + at most 2 resumes", n)
 	}
 	assertNotCached(t, e, layer)
@@ -411,13 +409,7 @@ func TestStopWithoutClients(t *testing.T) {
 	_, _ = io.ReadFull(resp.Body, make([]byte, 50))
 	cancel()
 	resp.Body.Close()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.fills.InFlight() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("fill still running after its only client left")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitFills(t, e) // stopped with its only client, before the upstream resumes
 	close(release)
 	assertNotCached(t, e, layer)
 }

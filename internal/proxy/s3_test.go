@@ -37,10 +37,7 @@ func TestS3Cache(t *testing.T) {
 	if n := e.up.BlobFetches(layer.Digest); n != 1 {
 		t.Fatalf("upstream fetches %d, want 1", n)
 	}
-	waitFills(t, e)
-	if _, err := e.store.StatBlob(t.Context(), layer.Digest); err != nil {
-		t.Fatalf("not committed to S3: %v", err)
-	}
+	assertCached(t, e, layer.Digest, "the fill to S3")
 	// Hit with Range, served through the mirror.
 	r := e.do(t, http.MethodGet, path, "Range", "bytes=100-199")
 	mustOK(t, r, http.StatusPartialContent)

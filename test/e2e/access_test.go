@@ -20,15 +20,6 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 )
 
-func writeHtpasswd(t *testing.T, pairs ...string) string {
-	t.Helper()
-	p, err := ngctest.WriteHtpasswd(t.TempDir(), pairs...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
 func writeConfig(t *testing.T, yaml string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "mirror.yaml")
@@ -74,7 +65,7 @@ func TestPrivateOrgDefaultsAndHtpasswd(t *testing.T) {
 
 	cfg := writeConfig(t, `access:
   mode: htpasswd
-  htpasswd_file: `+writeHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
+  htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
   rules:
     - repositories: ["myorg/**"]
       users: [alice]
@@ -106,7 +97,7 @@ func TestTokenModeWithCraneAndDocker(t *testing.T) {
 	up, fx := newUpstream(t)
 	cfg := writeConfig(t, `access:
   mode: token
-  htpasswd_file: `+writeHtpasswd(t, "alice", "alice-pw")+`
+  htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw")+`
   rules:
     - repositories: ["myorg/**"]
       users: ["*"]

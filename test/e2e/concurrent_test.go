@@ -77,11 +77,7 @@ func TestConcurrentClientsOneFetchPerBlob(t *testing.T) {
 		}
 		return false
 	})
-	cfgPath := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(cfgPath, []byte("upstream:\n  ns_aliases: [nvcr.io]\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	m := startMirrorWithConfig(t, up.URL(), cfgPath)
+	m := startMirrorWithConfig(t, up.URL(), writeConfig(t, "upstream:\n  ns_aliases: [nvcr.io]\n"))
 	sock := startContainerd(t)
 	hostsDir := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(hostsDir, "nvcr.io"), 0o755); err != nil {
@@ -216,10 +212,7 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 	// fsck finds a clean cache; after damaging a blob it finds that, and
 	// quarantine leaves a clean cache again.
 	fsck := func(args ...string) (string, int) {
-		cmd := exec.Command(mirrorBin, append([]string{"fsck"}, args...)...)
-		cmd.Env = append(os.Environ(), "MIRROR_DATA_DIR="+dataDir)
-		out, _ := cmd.CombinedOutput()
-		return string(out), cmd.ProcessState.ExitCode()
+		return runCLI(t, []string{"MIRROR_DATA_DIR=" + dataDir}, append([]string{"fsck"}, args...)...)
 	}
 	if out, code := fsck(); code != 0 || !strings.Contains(out, "clean") {
 		t.Fatalf("fsck after kill -9 and restart: exit %d\n%s", code, out)
