@@ -88,3 +88,17 @@ func TestCacheResultFeedsServedBytes(t *testing.T) {
 		t.Fatalf("backoff refusals %v", got)
 	}
 }
+
+// TestTrackingMetricsLintClean: the tag tracking and prefetch collectors
+// pass promlint too.
+func TestTrackingMetricsLintClean(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := metrics.NewTracking(reg)
+	m.Discovered("tag", 2)
+	m.PrefetchBlob("fetched", 10)
+	m.JobStarted()
+	m.JobEnded("done")
+	m.SetLeader(true)
+	assertLintClean(t, reg)
+}
