@@ -18,18 +18,17 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/go-chi/chi/v5"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
@@ -207,7 +206,7 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", "query parameter repository is required")
 		return
 	}
-	if !validName(repo) {
+	if !names.ValidRepository(repo) {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name "+strconv.Quote(repo))
 		return
 	}
@@ -347,8 +346,6 @@ type PrefetchRequest struct {
 	Spec      *prefetch.RuleSpec `json:"spec,omitempty"`
 }
 
-var platformRe = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
-
 // prefetch answers POST /admin/v1/prefetch with 202 and the jobs queued
 // (or already queued or running for the same image and platforms).
 func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
@@ -387,7 +384,7 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		for _, p := range req.Platforms {
-			if !platformRe.MatchString(p) {
+			if !names.ValidPlatform(p) {
 				writeError(w, http.StatusBadRequest, "PLATFORM_INVALID", "platform "+strconv.Quote(p)+": want os/arch[/variant], like linux/amd64")
 				return
 			}
@@ -534,8 +531,6 @@ var (
 	errBadDigest = errors.New("invalid digest")
 )
 
-var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
-
 // ParseImage splits "repository:tag" or "repository@digest" (optionally
 // prefixed with one of hosts, such as "nvcr.io/") into repository and
 // reference. Errors wrap errBadTag or errBadDigest for a malformed
@@ -556,25 +551,20 @@ func ParseImage(image string, hosts []string) (repo, ref string, err error) {
 		}
 	} else if i := strings.LastIndexByte(image, ':'); i > strings.LastIndexByte(image, '/') {
 		name, ref = image[:i], image[i+1:]
-		if !anchoredTag.MatchString(ref) {
+		if !names.ValidTag(ref) {
 			return "", "", fmt.Errorf("%w %q in %q: tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", errBadTag, ref, image)
 		}
 	}
 	if first, _, ok := strings.Cut(name, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
 		return "", "", fmt.Errorf("%q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)", image, first, strings.Join(hosts, ", "))
 	}
-	if !validName(name) {
+	if !names.ValidRepository(name) {
 		return "", "", fmt.Errorf("invalid repository name %q: lower-case path components separated by '/', like nvidia/pytorch", name)
 	}
 	if ref == "" {
 		return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", errBadTag, image)
 	}
 	return name, ref, nil
-}
-
-func validName(n string) bool {
-	named, err := reference.ParseNamed("nvcr.io/" + n)
-	return err == nil && reference.Path(named) == n
 }
 
 func (s *Server) jobs(w http.ResponseWriter, r *http.Request) {

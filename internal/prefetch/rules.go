@@ -16,11 +16,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/robfig/cron/v3"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
@@ -54,8 +54,6 @@ type Rule struct {
 // ErrInvalidRule wraps every rule validation error.
 var ErrInvalidRule = errors.New("invalid prefetch rule")
 
-var platformRe = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
-
 // Compile validates spec. Errors wrap ErrInvalidRule and say which field is
 // wrong.
 func Compile(spec RuleSpec) (*Rule, error) {
@@ -88,12 +86,12 @@ func Compile(spec RuleSpec) (*Rule, error) {
 		r.regex = re
 	}
 	for _, t := range spec.Tags.Exact {
-		if !anchoredTag.MatchString(t) {
+		if !names.ValidTag(t) {
 			return nil, bad("tags.exact: %q is not a tag", t)
 		}
 	}
 	for _, p := range spec.Platforms {
-		if !platformRe.MatchString(p) {
+		if !names.ValidPlatform(p) {
 			return nil, bad("platform %q: want os/arch[/variant], like linux/amd64", p)
 		}
 	}
@@ -113,8 +111,6 @@ func Compile(spec RuleSpec) (*Rule, error) {
 	return r, nil
 }
 
-var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
-
 // validPattern accepts a repository name whose components may be "*" globs
 // (path.Match syntax within a component) or "**".
 func validPattern(p string) error {
@@ -122,8 +118,7 @@ func validPattern(p string) error {
 		return errors.New("empty")
 	}
 	if !IsGlob(p) {
-		named, err := reference.ParseNamed("nvcr.io/" + p)
-		if err != nil || reference.Path(named) != p {
+		if !names.ValidRepository(p) {
 			return errors.New("not a repository name")
 		}
 		return nil

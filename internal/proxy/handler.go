@@ -22,6 +22,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -306,8 +307,7 @@ func validateName(name string) *apiError {
 	if len(name) > reference.NameTotalLengthMax {
 		return newAPIError(errcode.ErrorCodeNameInvalid, "repository name is too long")
 	}
-	named, err := reference.ParseNamed("nvcr.io/" + name)
-	if err != nil || reference.Path(named) != name {
+	if !names.ValidRepository(name) {
 		return newAPIError(errcode.ErrorCodeNameInvalid, "invalid repository name")
 	}
 	return nil

@@ -4,17 +4,16 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
-	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -34,7 +33,7 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 	} else if strings.Contains(ref, ":") {
 		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid manifest digest"))
 		return
-	} else if !anchoredTag.MatchString(ref) {
+	} else if !names.ValidTag(ref) {
 		writeError(w, newAPIError(errcode.ErrorCodeTagInvalid, "invalid tag"))
 		return
 	} else {
@@ -76,10 +75,6 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 		h.opts.Pulls.Served(ev)
 	}
 }
-
-// anchoredTag matches a whole tag (distribution/reference grammar:
-// [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}).
-var anchoredTag = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 
 // manifestByDigest serves a digest from the cache, which never goes stale,
 // or fetches and caches it. Content-addressed: the digest is verified. hit

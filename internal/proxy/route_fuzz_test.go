@@ -3,6 +3,8 @@ package proxy
 import (
 	"strings"
 	"testing"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
 // FuzzParseRoute: route and name parsing never panics; a route it accepts
@@ -46,7 +48,7 @@ func FuzzParseRoute(f *testing.F) {
 				t.Fatalf("accepted name %q", rt.name)
 			}
 		}
-		if rt.kind == kindManifest && anchoredTag.MatchString(rt.ref) {
+		if rt.kind == kindManifest && names.ValidTag(rt.ref) {
 			if len(rt.ref) > 128 || strings.ContainsAny(rt.ref, "/:") {
 				t.Fatalf("accepted tag %q", rt.ref)
 			}

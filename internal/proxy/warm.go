@@ -8,6 +8,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -23,7 +24,7 @@ func (h *Handler) WarmManifest(ctx context.Context, repo, ref string) (mediaType
 	var m *storage.Manifest
 	if d, derr := digest.Parse(ref); derr == nil {
 		m, _, err = h.manifestByDigest(ctx, repo, d)
-	} else if !anchoredTag.MatchString(ref) {
+	} else if !names.ValidTag(ref) {
 		return "", nil, "", fmt.Errorf("invalid reference %q", ref)
 	} else {
 		m, _, err = h.manifestByTag(ctx, repo, ref)
