@@ -219,9 +219,9 @@ type Evictor struct {
 	shards [nShards]shard
 	used   atomic.Int64 // bytes of the objects the index holds
 	// gen counts changes that can make room (commits, removals, the end
-	// of leases that kept a pass from evicting); fruitless is gen when an admission's pass freed nothing, so
-	// that a full cache does not rescan the index on every miss while
-	// nothing changed.
+	// of leases that kept a pass from evicting); fruitless is gen when an
+	// admission's pass freed nothing, so that a full cache does not rescan
+	// the index on every miss while nothing changed.
 	gen       atomic.Uint64
 	fruitless atomic.Uint64
 
