@@ -303,7 +303,17 @@ func TestJobResumesAfterRestart(t *testing.T) {
 	release := make(chan struct{})
 	var started atomic.Int32
 	stall(a.Up, last, release, &started)
-	defer close(release)
+	// A's stalled fill outlives A's scheduler: at the end it is let go and
+	// waited for, before the shared cache directory is removed (it would
+	// otherwise write into it while it goes).
+	t.Cleanup(func() {
+		close(release)
+		wctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := a.Fills.Wait(wctx); err != nil {
+			t.Errorf("replica a's fill still running: %v", err)
+		}
+	})
 	stopA := a.Start(t)
 	j, _, err := a.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/amd64"}})
 	if err != nil {
