@@ -30,9 +30,9 @@ import (
 // Modes of client authentication.
 const (
 	ModeNone        = "none"        // nobody authenticates: public namespaces only
-	ModeHtpasswd    = "htpasswd"    // HTTP Basic against an htpasswd file (bcrypt)
-	ModeToken       = "token"       // Docker token flow: /auth/token issues bearer tokens after an htpasswd check
-	ModePassthrough = "passthrough" // clients present their own NGC key; the upstream decides
+	ModeHtpasswd    = "htpasswd"    // users of an htpasswd file (bcrypt): HTTP Basic, or tokens from /auth/token
+	ModeToken       = "token"       // the same users; named for the Docker token flow (docker login)
+	ModePassthrough = "passthrough" // clients present their own NGC key (Basic, or a token carrying it); the upstream decides
 )
 
 // Errors of Authorize. Compare with errors.Is.
@@ -70,10 +70,11 @@ type Config struct {
 	PublicNamespaces []string            `yaml:"public_namespaces"`
 	Groups           map[string][]string `yaml:"groups"`
 	Rules            []Rule              `yaml:"rules"`
-	// TokenLifetime of mirror-issued bearer tokens (token mode).
+	// TokenLifetime of mirror-issued bearer tokens (every mode but none).
 	TokenLifetime time.Duration `yaml:"-"`
 	// TokenKeyFile holds the key that signs bearer tokens; when empty a
-	// random key is made at start (tokens then end with the process).
+	// random key is made at start (tokens then end with the process, and
+	// replicas behind one name need the same file).
 	TokenKeyFile string `yaml:"token_key_file"`
 	// PassthroughCacheTTL is how long an upstream access check is reused.
 	PassthroughCacheTTL time.Duration `yaml:"-"`
@@ -145,19 +146,23 @@ func New(cfg Config, check UpstreamChecker) (*Policy, error) {
 			return nil, fmt.Errorf("access.htpasswd_file: %w", err)
 		}
 		p.htpasswd = ac
-		if cfg.Mode == ModeToken {
-			key, err := loadTokenKey(cfg.TokenKeyFile)
-			if err != nil {
-				return nil, err
-			}
-			p.tokens = &tokenIssuer{key: key, lifetime: p.cfg.TokenLifetime}
-		}
 	case ModePassthrough:
 		if check == nil {
 			return nil, errors.New("access: pass-through mode needs an upstream checker")
 		}
 	default:
 		return nil, fmt.Errorf("access.mode %q: want none, htpasswd, token or passthrough", cfg.Mode)
+	}
+	if p.cfg.Mode != ModeNone {
+		// Every mode with client authentication offers the token endpoint:
+		// it is what anonymous Docker clients can use (see TokenHandler).
+		key, err := loadTokenKey(cfg.TokenKeyFile)
+		if err != nil {
+			return nil, err
+		}
+		if p.tokens, err = newTokenIssuer(key, p.cfg.TokenLifetime); err != nil {
+			return nil, err
+		}
 	}
 	for _, r := range cfg.Rules {
 		for _, pat := range r.Repositories {
@@ -172,31 +177,34 @@ func New(cfg Config, check UpstreamChecker) (*Policy, error) {
 // Mode returns the authentication mode.
 func (p *Policy) Mode() string { return p.cfg.Mode }
 
-// Authenticate reads the request's credentials. No credentials give the
-// anonymous identity; wrong ones ErrBadCredentials.
+// Authenticate reads the request's credentials: a bearer token from the
+// mirror's token endpoint, or HTTP Basic (htpasswd users, or "$oauthtoken"
+// and an NGC key in pass-through mode). No credentials (or an anonymous
+// token) give the anonymous identity; wrong ones ErrBadCredentials. In
+// mode none credentials are ignored.
 func (p *Policy) Authenticate(r *http.Request) (Identity, error) {
 	h := r.Header.Get("Authorization")
-	if h == "" {
+	if h == "" || p.cfg.Mode == ModeNone {
 		return Identity{}, nil
+	}
+	if tok, ok := strings.CutPrefix(h, "Bearer "); ok {
+		user, key, err := p.tokens.verify(tok, time.Now())
+		if err != nil {
+			return Identity{}, ErrBadCredentials
+		}
+		return Identity{User: user, key: key}, nil
 	}
 	if u, pw, ok := r.BasicAuth(); ok && u == "" && pw == "" {
 		// containers/image (skopeo, podman) answers a Basic challenge with
 		// empty credentials when it has none: that is an anonymous client.
 		return Identity{}, nil
 	}
-	switch p.cfg.Mode {
-	case ModeHtpasswd:
-		return p.basic(r)
-	case ModeToken:
-		if tok, ok := strings.CutPrefix(h, "Bearer "); ok {
-			user, err := p.tokens.verify(tok, time.Now())
-			if err != nil {
-				return Identity{}, ErrBadCredentials
-			}
-			return Identity{User: user}, nil
-		}
-		return p.basic(r)
-	case ModePassthrough:
+	return p.login(r)
+}
+
+// login checks a request's Basic credentials for the mode.
+func (p *Policy) login(r *http.Request) (Identity, error) {
+	if p.cfg.Mode == ModePassthrough {
 		user, key, ok := r.BasicAuth()
 		if !ok || key == "" {
 			return Identity{}, ErrBadCredentials
@@ -206,8 +214,12 @@ func (p *Policy) Authenticate(r *http.Request) (Identity, error) {
 		}
 		return Identity{User: user + "#" + keyID(key), key: key}, nil
 	}
-	// Mode none: credentials are ignored, the client is anonymous.
-	return Identity{}, nil
+	return p.basic(r)
+}
+
+// Bearer reports whether r carries a bearer token (valid or not).
+func Bearer(r *http.Request) bool {
+	return strings.HasPrefix(r.Header.Get("Authorization"), "Bearer ")
 }
 
 func (p *Policy) basic(r *http.Request) (Identity, error) {
@@ -372,14 +384,16 @@ func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) erro
 
 // Challenge returns the WWW-Authenticate value for a 401 on repository (""
 // for the /v2/ base). host is the mirror's own scheme://host, used as the
-// token realm.
+// token realm. Every mode with client authentication challenges with
+// Bearer (the Docker token flow, distribution's docs/spec/auth/token.md),
+// never Basic: Docker reads the scheme from its unauthenticated GET /v2/
+// and cannot meet a Basic challenge without stored credentials, while any
+// client can fetch an anonymous token. Clients with credentials present
+// them to the realm, or send Basic on every request (accepted too).
 func (p *Policy) Challenge(host, repository string) string {
-	if p.cfg.Mode == ModeToken {
-		c := fmt.Sprintf(`Bearer realm="%s/auth/token",service="ngc-mirror"`, host)
-		if repository != "" {
-			c += fmt.Sprintf(`,scope="repository:%s:pull"`, repository)
-		}
-		return c
+	c := fmt.Sprintf(`Bearer realm="%s/auth/token",service="ngc-mirror"`, host)
+	if repository != "" {
+		c += fmt.Sprintf(`,scope="repository:%s:pull"`, repository)
 	}
-	return `Basic realm="ngc-mirror"`
+	return c
 }

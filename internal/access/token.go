@@ -1,6 +1,8 @@
 package access
 
 import (
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -20,11 +22,31 @@ import (
 type tokenIssuer struct {
 	key      []byte
 	lifetime time.Duration
+	seal     cipher.AEAD // seals pass-through keys carried in tokens
 }
 
 type claims struct {
 	Sub string `json:"sub"` // user name, "" for an anonymous token
 	Exp int64  `json:"exp"` // Unix seconds
+	// Key is a pass-through client's NGC key, sealed (AES-256-GCM under a
+	// key derived from the signing key): base64url(nonce || ciphertext).
+	// Requests with the token are checked with the upstream under that
+	// key, as a Basic login would be. "" in the other modes.
+	Key string `json:"key,omitempty"`
+}
+
+func newTokenIssuer(key []byte, lifetime time.Duration) (*tokenIssuer, error) {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte("ngc-mirror pass-through key seal"))
+	block, err := aes.NewCipher(m.Sum(nil))
+	if err != nil {
+		return nil, err
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, err
+	}
+	return &tokenIssuer{key: key, lifetime: lifetime, seal: aead}, nil
 }
 
 func loadTokenKey(file string) ([]byte, error) {
@@ -44,8 +66,16 @@ func loadTokenKey(file string) ([]byte, error) {
 	return key, nil
 }
 
-func (t *tokenIssuer) issue(user string, now time.Time) string {
-	body, _ := json.Marshal(claims{Sub: user, Exp: now.Add(t.lifetime).Unix()})
+// issue returns a token for user (and, in pass-through mode, the client's
+// NGC key, sealed).
+func (t *tokenIssuer) issue(user, key string, now time.Time) string {
+	c := claims{Sub: user, Exp: now.Add(t.lifetime).Unix()}
+	if key != "" {
+		nonce := make([]byte, t.seal.NonceSize())
+		_, _ = rand.Read(nonce)
+		c.Key = base64.RawURLEncoding.EncodeToString(t.seal.Seal(nonce, nonce, []byte(key), nil))
+	}
+	body, _ := json.Marshal(c)
 	b := base64.RawURLEncoding.EncodeToString(body)
 	return b + "." + base64.RawURLEncoding.EncodeToString(t.mac(b))
 }
@@ -56,35 +86,58 @@ func (t *tokenIssuer) mac(b string) []byte {
 	return m.Sum(nil)
 }
 
-// verify returns the token's user ("" for anonymous) or an error.
-func (t *tokenIssuer) verify(tok string, now time.Time) (string, error) {
+// verify returns the token's user ("" for anonymous) and sealed NGC key
+// ("" unless pass-through), or an error.
+func (t *tokenIssuer) verify(tok string, now time.Time) (user, key string, err error) {
 	b, sig, ok := strings.Cut(tok, ".")
 	if !ok {
-		return "", errors.New("malformed token")
+		return "", "", errors.New("malformed token")
 	}
 	got, err := base64.RawURLEncoding.DecodeString(sig)
 	if err != nil || !hmac.Equal(got, t.mac(b)) {
-		return "", errors.New("bad token signature")
+		return "", "", errors.New("bad token signature")
 	}
 	raw, err := base64.RawURLEncoding.DecodeString(b)
 	if err != nil {
-		return "", errors.New("malformed token")
+		return "", "", errors.New("malformed token")
 	}
 	var c claims
 	if err := json.Unmarshal(raw, &c); err != nil {
-		return "", errors.New("malformed token")
+		return "", "", errors.New("malformed token")
 	}
 	if now.Unix() >= c.Exp {
-		return "", errors.New("token expired")
+		return "", "", errors.New("token expired")
 	}
-	return c.Sub, nil
+	if c.Key != "" {
+		sealed, err := base64.RawURLEncoding.DecodeString(c.Key)
+		ns := t.seal.NonceSize()
+		if err != nil || len(sealed) < ns {
+			return "", "", errors.New("malformed token")
+		}
+		plain, err := t.seal.Open(nil, sealed[:ns], sealed[ns:], nil)
+		if err != nil {
+			return "", "", errors.New("bad token seal")
+		}
+		key = string(plain)
+	}
+	return c.Sub, key, nil
 }
 
-// TokenHandler serves the Docker token endpoint (GET /auth/token) in token
-// mode: with valid Basic credentials it issues a token for that user,
-// without credentials an anonymous one (which opens only the public
-// namespaces), with wrong ones 401. The answer carries both "token" and
-// "access_token", "expires_in" (seconds) and "issued_at".
+// TokenHandler serves the Docker token endpoint (GET /auth/token) in every
+// mode with client authentication (htpasswd, token, passthrough): with
+// valid Basic credentials it issues a token for that user (in pass-through
+// mode: for that NGC key, checked with the upstream on each request as a
+// Basic login is), without credentials an anonymous one (which opens only
+// the public namespaces), with wrong ones 401. The answer carries both
+// "token" and "access_token", "expires_in" (seconds) and "issued_at"
+// (Docker token authentication specification; distribution's
+// docs/spec/auth/token.md).
+//
+// The endpoint exists because Docker learns the scheme once, from its
+// unauthenticated GET /v2/, and answers a Basic challenge only with stored
+// credentials ("no basic auth credentials" otherwise): a Bearer challenge
+// is the one an anonymous Docker daemon can meet (with an anonymous token)
+// while a logged-in one still sends its credentials (to this endpoint).
 func (p *Policy) TokenHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if p.tokens == nil {
@@ -97,9 +150,9 @@ func (p *Policy) TokenHandler() http.Handler {
 			http.Error(w, "use GET", http.StatusMethodNotAllowed)
 			return
 		}
-		user := ""
-		if _, _, ok := r.BasicAuth(); ok {
-			id, err := p.basic(r)
+		user, key := "", ""
+		if u, pw, ok := r.BasicAuth(); ok && (u != "" || pw != "") {
+			id, err := p.login(r)
 			if err != nil {
 				w.Header().Set("WWW-Authenticate", `Basic realm="ngc-mirror"`)
 				w.Header().Set("Content-Type", "application/json")
@@ -107,10 +160,10 @@ func (p *Policy) TokenHandler() http.Handler {
 				_, _ = w.Write([]byte(`{"errors":[{"code":"UNAUTHORIZED","message":"invalid credentials"}]}` + "\n"))
 				return
 			}
-			user = id.User
+			user, key = id.User, id.key
 		}
 		now := time.Now()
-		tok := p.tokens.issue(user, now)
+		tok := p.tokens.issue(user, key, now)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Cache-Control", "no-store")
 		_ = json.NewEncoder(w).Encode(map[string]any{

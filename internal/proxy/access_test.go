@@ -54,7 +54,9 @@ func TestAccessHtpasswd(t *testing.T) {
 	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
 
 	r := e.doAs(t, "", "", http.MethodGet, priv)
-	if r.status != 401 || errorCode(t, r) != "UNAUTHORIZED" || !strings.HasPrefix(r.header.Get("Www-Authenticate"), "Basic ") {
+	// Bearer, not Basic: an anonymous Docker daemon can meet only that
+	// (with an anonymous token from the realm).
+	if r.status != 401 || errorCode(t, r) != "UNAUTHORIZED" || !strings.HasPrefix(r.header.Get("Www-Authenticate"), `Bearer realm="`+e.mirror.URL+`/auth/token"`) {
 		t.Fatalf("anonymous, cold: %d %v %s", r.status, r.header, r.body)
 	}
 	before := len(e.up.Requests())
@@ -91,8 +93,8 @@ func TestAccessHtpasswd(t *testing.T) {
 	// Public content: open to anonymous clients; /v2/ challenges them.
 	mustOK(t, e.doAs(t, "", "", http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12"), 200)
 	r = e.doAs(t, "", "", http.MethodGet, "/v2/")
-	if r.status != 401 {
-		t.Fatalf("/v2/ without credentials: %d", r.status)
+	if r.status != 401 || !strings.HasPrefix(r.header.Get("Www-Authenticate"), "Bearer ") {
+		t.Fatalf("/v2/ without credentials: %d %v", r.status, r.header)
 	}
 	mustOK(t, e.doAs(t, "bob", "bob-pw", http.MethodGet, "/v2/"), 200)
 	// A shared layer reached through a repository that holds it is served.

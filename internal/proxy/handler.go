@@ -171,9 +171,12 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 func (h *Handler) base(w http.ResponseWriter, r *http.Request) {
 	setRoute(r, metrics.RouteBase)
 	if h.access != nil && h.access.Mode() != access.ModeNone {
-		// Clients learn the auth scheme here (docker login asks /v2/).
+		// Clients learn the auth scheme here: Docker pings /v2/ without
+		// credentials and keeps the challenge for the whole pull, and
+		// docker login checks its credentials here. A token, anonymous
+		// ones included, is a completed login.
 		id, err := h.access.Authenticate(r)
-		if err != nil || id.Anonymous() {
+		if err != nil || (id.Anonymous() && !access.Bearer(r)) {
 			h.unauthorized(w, r, "", "authentication required")
 			return
 		}

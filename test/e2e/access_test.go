@@ -229,3 +229,100 @@ func testCertificate(t *testing.T, dir string) (certFile, keyFile string) {
 	write(keyFile, "EC PRIVATE KEY", keyDER)
 	return certFile, keyFile
 }
+
+// TestDockerAnonymousPublicPullEveryMode: a real Docker daemon without any
+// login pulls a public image through the mirror in every access mode
+// (Docker pings /v2/ anonymously and keeps that challenge for the pull:
+// with a Basic one it fails with "no basic auth credentials"), while the
+// private org still needs credentials: refused anonymously, pulled after
+// docker login where client authentication is on. skopeo, crane and
+// containerd (ctr) do the same, anonymously and with credentials.
+func TestDockerAnonymousPublicPullEveryMode(t *testing.T) {
+	need(t, "dockerd", "docker", "skopeo", "crane", "containerd", "ctr")
+	up, fx := newUpstream(t)
+	sock := startDockerd(t)
+	ctrSock := startContainerd(t)
+	htpasswd := ngctest.WriteHtpasswd(t, "alice", "alice-pw")
+	want := fx.CUDA.Config.Digest.String()
+	if c := fx.CUDA.Child("linux/amd64"); c != nil {
+		want = c.Config.Digest.String()
+	}
+	for _, tc := range []struct{ mode, user, password string }{
+		{"none", "", ""},
+		{"htpasswd", "alice", "alice-pw"},
+		{"token", "alice", "alice-pw"},
+		{"passthrough", "$oauthtoken", ngctest.APIKey},
+	} {
+		t.Run(tc.mode, func(t *testing.T) {
+			cfg := writeConfig(t, `access:
+  mode: `+tc.mode+`
+  htpasswd_file: `+htpasswd+`
+  rules:
+    - repositories: ["myorg/**"]
+      users: [alice]
+`)
+			m := startMirrorWithConfig(t, up.URL(), cfg, "NGC_API_KEY="+ngctest.APIKey)
+			dockerCfg := t.TempDir() // no stored credentials
+			dk := func(args ...string) (string, error) {
+				return run(t, 5*time.Minute, "docker", append([]string{"--config", dockerCfg, "-H", "unix://" + sock}, args...)...)
+			}
+			pub := m.addr + "/" + ngctest.CUDARepo + ":" + ngctest.CUDATag
+			if out, err := dk("pull", pub); err != nil {
+				t.Fatalf("anonymous docker pull of a public image: %v\n%s", err, out)
+			}
+			id, err := dk("image", "inspect", "--format", "{{.Id}}", pub)
+			if err != nil || strings.TrimSpace(id) != want {
+				t.Fatalf("image ID %q (%v), want %s", id, err, want)
+			}
+			// Remove it, so that the next mode's pull fetches every layer again.
+			if out, err := dk("image", "rm", pub); err != nil {
+				t.Fatalf("docker image rm: %v\n%s", err, out)
+			}
+			priv := m.addr + "/" + ngctest.PrivateRepo + ":" + ngctest.PrivateTag
+			if out, err := dk("pull", priv); err == nil {
+				t.Fatalf("anonymous docker pull of the private org succeeded:\n%s", out)
+			}
+			// The other clients: public anonymously, private only with credentials.
+			pubRef, privRef := ngctest.CUDARepo+":"+ngctest.CUDATag, ngctest.PrivateRepo+":"+ngctest.PrivateTag
+			ctr := func(ref string, extra ...string) (string, error) {
+				args := append([]string{"-a", ctrSock, "-n", "e2e-" + tc.mode, "content", "fetch", "--plain-http"}, extra...)
+				return run(t, 3*time.Minute, "ctr", append(args, m.addr+"/"+ref)...)
+			}
+			if out, err := skopeoCopy(t, m.addr+"/"+pubRef, t.TempDir()); err != nil {
+				t.Fatalf("skopeo, anonymous, public: %v\n%s", err, out)
+			}
+			if out, err := run(t, time.Minute, "crane", "manifest", "--insecure", m.addr+"/"+pubRef); err != nil {
+				t.Fatalf("crane, anonymous, public: %v\n%s", err, out)
+			}
+			if out, err := ctr(pubRef); err != nil {
+				t.Fatalf("ctr, anonymous, public: %v\n%s", err, out)
+			}
+			if out, err := skopeoCopy(t, m.addr+"/"+privRef, t.TempDir()); err == nil {
+				t.Fatalf("skopeo, anonymous, private:\n%s", out)
+			}
+			if out, err := ctr(privRef); err == nil {
+				t.Fatalf("ctr, anonymous, private:\n%s", out)
+			}
+			if tc.user == "" {
+				return
+			}
+			if out, err := skopeoCopy(t, m.addr+"/"+privRef, t.TempDir(), "--src-creds", tc.user+":"+tc.password); err != nil {
+				t.Fatalf("skopeo with credentials, private: %v\n%s", err, out)
+			}
+			if out, err := ctr(privRef, "--user", tc.user+":"+tc.password); err != nil {
+				t.Fatalf("ctr with credentials, private: %v\n%s", err, out)
+			}
+			if out, err := runStdin(t, tc.password, "docker", "--config", dockerCfg, "-H", "unix://"+sock,
+				"login", m.addr, "-u", tc.user, "--password-stdin"); err != nil {
+				t.Fatalf("docker login: %v\n%s", err, out)
+			}
+			if out, err := dk("pull", priv); err != nil {
+				t.Fatalf("docker pull of the private org after login: %v\n%s", err, out)
+			}
+			if out, err := dk("image", "rm", priv); err != nil {
+				t.Fatalf("docker image rm: %v\n%s", err, out)
+			}
+			assertNoSecrets(t, up, m.log.String(), "alice-pw")
+		})
+	}
+}

@@ -1,0 +1,140 @@
+package access_test
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+)
+
+// fetchToken asks the policy's token endpoint as Docker does (GET with
+// service and scope, Basic credentials when it has some) and returns the
+// status and the token.
+func fetchToken(t *testing.T, p *access.Policy, user, pass string) (int, string) {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodGet, "http://mirror/auth/token?service=ngc-mirror&scope=repository:myorg/team/private-image:pull", nil)
+	if user != "" || pass != "" {
+		req.SetBasicAuth(user, pass)
+	}
+	rec := httptest.NewRecorder()
+	p.TokenHandler().ServeHTTP(rec, req)
+	var body struct {
+		Token       string `json:"token"`
+		AccessToken string `json:"access_token"`
+	}
+	if rec.Code == http.StatusOK {
+		if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Token == "" || body.Token != body.AccessToken {
+			t.Fatalf("token answer %q: %v", rec.Body.String(), err)
+		}
+	}
+	return rec.Code, body.Token
+}
+
+func withToken(tok string) *http.Request {
+	req := httptest.NewRequest(http.MethodGet, "http://mirror/v2/", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	return req
+}
+
+// TestBearerInEveryAuthMode: every mode with client authentication
+// challenges with Bearer at the mirror's token endpoint (Docker can meet
+// no Basic challenge without stored credentials), issues anonymous tokens
+// that open the public namespaces only, and tokens for valid credentials
+// that identify the user (in pass-through mode: carry the NGC key, sealed,
+// to the upstream check). Wrong credentials and tampered tokens are
+// refused.
+func TestBearerInEveryAuthMode(t *testing.T) {
+	t.Parallel()
+	const key = "nvapi-client-key-0123456789"
+	for _, mode := range []string{access.ModeHtpasswd, access.ModeToken, access.ModePassthrough} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			var checkedKeys []string
+			cfg := access.Config{Mode: mode, PublicNamespaces: []string{"nvidia"},
+				Rules: []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"alice"}}}}
+			user, pass := "alice", "alice-pw"
+			if mode == access.ModePassthrough {
+				user, pass = "$oauthtoken", key
+			} else {
+				cfg.HtpasswdFile = ngctest.WriteHtpasswd(t, "alice", "alice-pw")
+			}
+			p, err := access.New(cfg, func(ctx context.Context, k, repo string) (bool, error) {
+				checkedKeys = append(checkedKeys, k)
+				return k == key, nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, repo := range []string{"", ngctest.PrivateRepo} {
+				if c := p.Challenge("http://mirror:5000", repo); !strings.HasPrefix(c, `Bearer realm="http://mirror:5000/auth/token",service="ngc-mirror"`) {
+					t.Fatalf("challenge for %q: %s", repo, c)
+				}
+			}
+
+			// Anonymous: a token that opens the public namespaces only.
+			status, anon := fetchToken(t, p, "", "")
+			if status != http.StatusOK {
+				t.Fatalf("anonymous token: status %d", status)
+			}
+			id, err := p.Authenticate(withToken(anon))
+			if err != nil || !id.Anonymous() {
+				t.Fatalf("anonymous token: %+v, %v", id, err)
+			}
+			if err := p.Authorize(t.Context(), id, ngctest.PytorchRepo); err != nil {
+				t.Fatalf("anonymous token, public repository: %v", err)
+			}
+			if err := p.Authorize(t.Context(), id, ngctest.PrivateRepo); !errors.Is(err, access.ErrUnauthenticated) {
+				t.Fatalf("anonymous token, private repository: %v", err)
+			}
+
+			// Logged in: the token stands for the user.
+			status, tok := fetchToken(t, p, user, pass)
+			if status != http.StatusOK {
+				t.Fatalf("login token: status %d", status)
+			}
+			if id, err = p.Authenticate(withToken(tok)); err != nil || id.Anonymous() {
+				t.Fatalf("login token: %+v, %v", id, err)
+			}
+			if err := p.Authorize(t.Context(), id, ngctest.PrivateRepo); err != nil {
+				t.Fatalf("login token, private repository: %v", err)
+			}
+			if mode == access.ModePassthrough {
+				if len(checkedKeys) != 1 || checkedKeys[0] != key {
+					t.Fatalf("upstream checks with %d keys, want the client's one", len(checkedKeys))
+				}
+				claims, _, _ := strings.Cut(tok, ".")
+				raw, _ := base64.RawURLEncoding.DecodeString(claims)
+				if strings.Contains(tok, key) || strings.Contains(string(raw), key) {
+					t.Fatal("the token carries the NGC key in the clear")
+				}
+				// Another key gets a token, and the upstream refuses it.
+				_, other := fetchToken(t, p, "$oauthtoken", "nvapi-someone-else")
+				oid, err := p.Authenticate(withToken(other))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := p.Authorize(t.Context(), oid, ngctest.PrivateRepo); !errors.Is(err, access.ErrDenied) {
+					t.Fatalf("refused key: %v", err)
+				}
+			} else if status, _ := fetchToken(t, p, "alice", "wrong"); status != http.StatusUnauthorized {
+				t.Fatalf("wrong password: status %d", status)
+			}
+
+			// Tampered or foreign tokens are refused.
+			claims, sig, _ := strings.Cut(tok, ".")
+			forged := base64.RawURLEncoding.EncodeToString([]byte(`{"sub":"root","exp":9999999999}`)) + "." + sig
+			for _, bad := range []string{forged, claims + ".AAAA", "garbage"} {
+				if _, err := p.Authenticate(withToken(bad)); !errors.Is(err, access.ErrBadCredentials) {
+					t.Fatalf("token %.20q…: %v", bad, err)
+				}
+			}
+		})
+	}
+}
