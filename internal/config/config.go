@@ -202,7 +202,7 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		dec := yaml.NewDecoder(bytes.NewReader(raw))
 		dec.KnownFields(true)
 		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) { // an empty file is fine
-			return c, fmt.Errorf("config: %s: %w", path, err)
+			return c, fmt.Errorf("config: %s: %w", path, explain(raw, err))
 		}
 	}
 	for env, dst := range map[string]*string{

@@ -367,3 +367,29 @@ func TestShippedConfigIsTheDefaults(t *testing.T) {
 		t.Errorf("configs/mirror.yaml = %+v\ndefaults           %+v", got, want)
 	}
 }
+
+// TestConfigErrorsNameTheKey: a typo or a wrong value names the key path
+// and the line, and says what to write, never a Go type.
+func TestConfigErrorsNameTheKey(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ content, want string }{
+		{"cache:\n  max_szie: 10GiB\n", "line 2: unknown key cache.max_szie (configs/mirror.yaml lists every key)"},
+		{"adress: :5000\n", "line 1: unknown key adress"},
+		{"access:\n  rules:\n    - repositories: [a/*]\n      user: [alice]\n", "line 4: unknown key access.rules[0].user"},
+		{"prefetch:\n  rules:\n    - name: x\n      tags: {lates: 2}\n", "unknown key prefetch.rules[0].tags.lates"},
+		{"limits:\n  max_fills: many\n", `line 2: limits.max_fills: want a whole number, got "many"`},
+		{"storage:\n  s3:\n    redirect: sometimes\n", `line 3: storage.s3.redirect: want true or false, got "sometimes"`},
+		{"upstream:\n  timeout: soon\n", `line 2: upstream.timeout: "soon" is not a duration`},
+		{"cache:\n  max_size: lots\n", `line 2: cache.max_size: "lots" is not a size`},
+		{"tracking:\n  repositories: nvidia/cuda\n", "line 2: tracking.repositories: want a list"},
+	} {
+		p := writeFile(t, "mirror.yaml", tc.content)
+		_, err := Load(p, noEnv)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), p) {
+			t.Errorf("%q: error %v, want it to name the file and contain %q", tc.content, err, tc.want)
+		}
+		if err != nil && (strings.Contains(err.Error(), "config.") || strings.Contains(err.Error(), "!!")) {
+			t.Errorf("%q: error %v names a Go type or YAML tag", tc.content, err)
+		}
+	}
+}
