@@ -24,6 +24,7 @@ import (
 
 	dauth "github.com/distribution/distribution/v3/registry/auth"
 	_ "github.com/distribution/distribution/v3/registry/auth/htpasswd" // registers "htpasswd"
+	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -138,8 +139,11 @@ func New(cfg Config, check UpstreamChecker) (*Policy, error) {
 	case "", ModeNone:
 		p.cfg.Mode = ModeNone
 	case ModeHtpasswd, ModeToken:
-		if _, err := os.Stat(cfg.HtpasswdFile); err != nil {
-			return nil, fmt.Errorf("access.htpasswd_file: %w", err)
+		if cfg.HtpasswdFile == "" {
+			return nil, fmt.Errorf("access.htpasswd_file (MIRROR_HTPASSWD_FILE) must name a file of users in mode %s (make one with htpasswd -B -c FILE USER)", cfg.Mode)
+		}
+		if err := checkHtpasswd(cfg.HtpasswdFile); err != nil {
+			return nil, err
 		}
 		ac, err := dauth.GetAccessController("htpasswd", map[string]any{"realm": "ngc-mirror", "path": cfg.HtpasswdFile})
 		if err != nil {
@@ -172,6 +176,45 @@ func New(cfg Config, check UpstreamChecker) (*Policy, error) {
 		}
 	}
 	return p, nil
+}
+
+// checkHtpasswd refuses an htpasswd file that distribution's controller
+// would load but never match: it compares bcrypt hashes only, so a user
+// whose entry is MD5 ("$apr1$", what plain "htpasswd -c" writes), SHA-1
+// ("{SHA}") or crypt(3) could never log in, and nothing would say why.
+// Lines are "user:hash"; blank lines and "#" comments are skipped, as
+// distribution does.
+func checkHtpasswd(file string) error {
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		return fmt.Errorf("access.htpasswd_file: %w", err)
+	}
+	var bad []string
+	for i, line := range strings.Split(string(raw), "\n") {
+		t := strings.TrimSpace(line)
+		if t == "" || t[0] == '#' {
+			continue
+		}
+		user, hash, ok := strings.Cut(t, ":")
+		if !ok {
+			return fmt.Errorf("access.htpasswd_file %s: line %d is not user:hash", file, i+1)
+		}
+		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
+			kind := "not bcrypt"
+			switch {
+			case strings.HasPrefix(hash, "$apr1$"):
+				kind = "MD5 ($apr1$, what htpasswd writes without -B)"
+			case strings.HasPrefix(hash, "{SHA}"):
+				kind = "SHA-1 ({SHA})"
+			}
+			bad = append(bad, fmt.Sprintf("%s (line %d: %s)", user, i+1, kind))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("access.htpasswd_file %s: only bcrypt password hashes work, and these are not: %s; "+
+			"recreate each with htpasswd -B %s USER", file, strings.Join(bad, ", "), file)
+	}
+	return nil
 }
 
 // Mode returns the authentication mode.
@@ -267,7 +310,8 @@ func (p *Policy) Public(repository string) bool {
 
 // Authorize decides whether id may pull repository. It returns nil,
 // ErrUnauthenticated (anonymous client, non-public repository) or an error
-// wrapping ErrDenied. In pass-through mode it asks the upstream (cached for
+// wrapping ErrDenied whose text after "access: denied: " says why, for the
+// client (DeniedReason). In pass-through mode it asks the upstream (cached for
 // PassthroughCacheTTL, concurrent checks of one key and repository shared).
 func (p *Policy) Authorize(ctx context.Context, id Identity, repository string) error {
 	if p.Public(repository) {
@@ -275,7 +319,7 @@ func (p *Policy) Authorize(ctx context.Context, id Identity, repository string) 
 	}
 	if p.cfg.Mode == ModeNone {
 		// No credentials can work here: say so rather than challenge.
-		return fmt.Errorf("%w: %s is not in a public namespace and client authentication is off", ErrDenied, repository)
+		return fmt.Errorf("%w: %s is not in a public namespace (access.public_namespaces) and client authentication is off (access.mode: none)", ErrDenied, repository)
 	}
 	if id.Anonymous() {
 		return ErrUnauthenticated
@@ -288,7 +332,15 @@ func (p *Policy) Authorize(ctx context.Context, id Identity, repository string) 
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: no rule lets %s pull %s", ErrDenied, id.User, repository)
+	return fmt.Errorf("%w: no rule in access.rules lets %s pull %s", ErrDenied, id.User, repository)
+}
+
+// DeniedReason returns why err (from Authorize, wrapping ErrDenied) denied
+// a pull, in words for the client: "no rule in access.rules lets bob pull
+// myorg/x". It names the user's own name and the repository asked, never a
+// key or password.
+func DeniedReason(err error) string {
+	return strings.TrimPrefix(err.Error(), ErrDenied.Error()+": ")
 }
 
 func (p *Policy) ruleAllows(r Rule, user, repository string) bool {

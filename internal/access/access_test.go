@@ -7,6 +7,8 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -136,5 +138,40 @@ func TestBearerInEveryAuthMode(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestHtpasswdRefusesNonBcrypt: distribution's htpasswd controller loads
+// MD5 ($apr1$, what htpasswd writes without -B) and SHA-1 entries but never
+// matches them; the policy refuses such a file at start, naming the users
+// and the fix.
+func TestHtpasswdRefusesNonBcrypt(t *testing.T) {
+	t.Parallel()
+	good := ngctest.WriteHtpasswd(t, "alice", "alice-pw")
+	raw, err := os.ReadFile(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "htpasswd")
+	content := string(raw) + "# a comment\n\nbob:$apr1$gmiCkWW9$Xi6Yr0ih1KFIQcOyIkiYX/\ncarol:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n"
+	if err := os.WriteFile(file, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{access.ModeHtpasswd, access.ModeToken} {
+		_, err := access.New(access.Config{Mode: mode, HtpasswdFile: file}, nil)
+		if err == nil {
+			t.Fatalf("%s: a file with MD5 and SHA-1 hashes was accepted", mode)
+		}
+		for _, want := range []string{"bob (line 4: MD5", "carol (line 5: SHA-1", "htpasswd -B"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("%s: error %q lacks %q", mode, err, want)
+			}
+		}
+		if strings.Contains(err.Error(), "alice") {
+			t.Errorf("%s: error %q names a good entry", mode, err)
+		}
+	}
+	if _, err := access.New(access.Config{Mode: access.ModeHtpasswd, HtpasswdFile: good}, nil); err != nil {
+		t.Fatalf("bcrypt file refused: %v", err)
 	}
 }

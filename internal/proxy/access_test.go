@@ -78,7 +78,7 @@ func TestAccessHtpasswd(t *testing.T) {
 		t.Fatalf("anonymous, warm: %d %s", r.status, r.body)
 	}
 	r = e.doAs(t, "bob", "bob-pw", http.MethodGet, layer)
-	if r.status != 403 || errorCode(t, r) != "DENIED" {
+	if r.status != 403 || errorCode(t, r) != "DENIED" || !strings.Contains(string(r.body), "no rule in access.rules lets bob pull "+ngctest.PrivateRepo) {
 		t.Fatalf("disallowed user, warm: %d %s", r.status, r.body)
 	}
 	// The private blob, cached, is not served through a public repository.
@@ -151,7 +151,8 @@ func TestAccessDefaultsAndUnavailableCheck(t *testing.T) {
 	t.Parallel()
 	none := newEnv(t, envOpts{key: ngctest.APIKey, access: policy(t, access.Config{PublicNamespaces: []string{"nvidia"}}, nil)})
 	r := none.doAs(t, "", "", http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
-	if r.status != 403 || errorCode(t, r) != "DENIED" || r.header.Get("Www-Authenticate") != "" {
+	if r.status != 403 || errorCode(t, r) != "DENIED" || r.header.Get("Www-Authenticate") != "" ||
+		!strings.Contains(string(r.body), "not in a public namespace") || !strings.Contains(string(r.body), "client authentication is off") {
 		t.Fatalf("mode none, private: %d %v %s", r.status, r.header, r.body)
 	}
 	mustOK(t, none.doAs(t, "", "", http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag), 200)

@@ -288,7 +288,7 @@ func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, name string)
 		writeError(w, newAPIError(errcode.ErrorCodeUnavailable, "the upstream registry could not confirm access; retry later"))
 	default:
 		h.log.Info("pull denied", "user", id.User, "repository", name, "err", err)
-		writeError(w, newAPIError(errcode.ErrorCodeDenied, "requested access to the resource is denied"))
+		writeError(w, newAPIError(errcode.ErrorCodeDenied, "requested access to the resource is denied: "+access.DeniedReason(err)))
 	}
 	return false
 }
