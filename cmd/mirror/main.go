@@ -36,6 +36,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/tlsreload"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -84,20 +85,23 @@ func main() {
 	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
 	_ = fs.Parse(os.Args[2:])
 
+	// Start-up refusals are logged like everything after them (the
+	// configured level is not known yet: info).
+	boot := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg, err := config.Load(*cfgPath, os.Getenv)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		boot.Error("configuration refused", "err", err)
 		os.Exit(2)
 	}
 	// The access policy is configuration too: check it before any work.
 	policy, err := newPolicy(cfg)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "config:", err)
+		boot.Error("configuration refused", "err", fmt.Errorf("config: %w", err))
 		os.Exit(2)
 	}
 	rules, err := compileRules(cfg)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		boot.Error("configuration refused", "err", err)
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -141,6 +145,13 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	if err != nil {
 		return err
 	}
+	// The state store first: its file lock tells a second mirror on this
+	// data_dir to stop before it removes the first one's uploads below.
+	st, stKind, err := openState(cfg, dataDir)
+	if err != nil {
+		return fmt.Errorf("state store: %w", err)
+	}
+	defer st.Close()
 	spoolDir := cfg.Cache.SpoolDir
 	if spoolDir == "" {
 		spoolDir = filepath.Join(dataDir, "_spool")
@@ -201,11 +212,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
-	trk, err := newTracked(cfg, dataDir, rules, up, reg, log)
+	trk, err := newTracked(cfg, st, stKind, rules, up, reg, log)
 	if err != nil {
 		return err
 	}
-	defer trk.store.Close()
 	h := proxy.New(up, store, fills, proxy.Options{
 		Pulls:           trk.tracker,
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
@@ -217,11 +227,27 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		BlobRedirect:    cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
 		Cache:           ev, // evict.go
 	})
-	hc := &health.Checker{StorageProbe: store.Probe, UpstreamProbe: up.Ping}
+	hc := &health.Checker{
+		StorageProbe: store.Probe,
+		UpstreamProbe: func(ctx context.Context) error {
+			err := up.Ping(ctx)
+			if auth.Refused(err) {
+				return fmt.Errorf("%w: %w", health.ErrCredentialsRefused, err)
+			}
+			return err
+		},
+		StateProbe: func(ctx context.Context) error {
+			err := st.Ping(ctx)
+			if errors.Is(err, state.ErrOff) {
+				return fmt.Errorf("%w: %w", health.ErrStateOff, err)
+			}
+			return err
+		},
+	}
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
-		return err
+		return listenError(cfg.Addr, err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -275,7 +301,14 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	go func() {
 		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		defer cancel()
-		if err := up.Ping(pctx); err != nil {
+		switch err := up.Ping(pctx); {
+		case auth.Refused(err) && creds.Secret != "":
+			log.Error("the upstream refused the NGC API key: check NGC_API_KEY (or upstream.api_key, upstream.api_key_file) "+
+				"and upstream.username ($oauthtoken); until then only cached content is served", "err", err)
+		case auth.Refused(err):
+			log.Error("the upstream refused anonymous access: set an NGC API key (NGC_API_KEY); "+
+				"until then only cached content is served", "err", err)
+		case err != nil:
 			log.Warn("upstream not reachable yet; cached content is still served", "err", err)
 		}
 	}()
@@ -307,6 +340,18 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())
 	}
 	return nil
+}
+
+// listenError explains a failure to listen on addr and names the setting
+// that changes it.
+func listenError(addr string, err error) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("%s is in use by another process (another mirror?): stop it, or listen elsewhere with MIRROR_ADDR or addr in the config (for example :5001): %w", addr, err)
+	case errors.Is(err, syscall.EACCES):
+		return fmt.Errorf("not allowed to listen on %s (ports below 1024 need CAP_NET_BIND_SERVICE): choose another port with MIRROR_ADDR or addr in the config (for example :5000): %w", addr, err)
+	}
+	return fmt.Errorf("cannot listen on %q (MIRROR_ADDR or addr in the config): %w", addr, err)
 }
 
 // limitBodies caps request bodies at 1 MiB: the mirror is read-only and

@@ -6,12 +6,14 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -30,7 +32,7 @@ import (
 
 // openState opens Redis when configured, else the embedded store in the
 // data directory.
-func openState(cfg config.Config, dataDir string) (state.Store, string, error) {
+func openState(cfg config.Config, dataDir string) (st state.Store, kind string, err error) {
 	if cfg.State.RedisURL != "" {
 		r, err := state.OpenRedis(cfg.State.RedisURL, state.RedisOptions{
 			Prefix: cfg.State.RedisPrefix, Timeout: time.Duration(cfg.State.Timeout)})
@@ -40,11 +42,36 @@ func openState(cfg config.Config, dataDir string) (state.Store, string, error) {
 	if path == "" {
 		path = filepath.Join(dataDir, "state.db")
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+	b, err := openBolt(path)
+	switch {
+	case errors.Is(err, state.ErrLocked):
+		return nil, "", fmt.Errorf("%w: is another mirror running on this data_dir? Stop it, or give this one its own "+
+			"data_dir (MIRROR_DATA_DIR) and state.path, or let replicas share state through state.redis_url (MIRROR_REDIS_URL)", err)
+	case unwritable(err):
+		// A read-only data disk: serve what the cache holds without state
+		// (README, "Health"); newTracked warns.
+		return state.Off(err), stateOff, nil
+	case err != nil:
 		return nil, "", err
 	}
-	b, err := state.OpenBolt(path, 5*time.Second)
-	return b, "embedded " + path, err
+	return b, "embedded " + path, nil
+}
+
+// stateOff is the kind of a state store that could not be opened for
+// writing.
+const stateOff = "off"
+
+func openBolt(path string) (*state.Bolt, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	return state.OpenBolt(path, 5*time.Second)
+}
+
+// unwritable reports whether err says that a file may not be created or
+// written (permissions, a read-only filesystem).
+func unwritable(err error) bool {
+	return errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS)
 }
 
 // compileRules validates the configured prefetch rules.
@@ -78,11 +105,8 @@ type tracked struct {
 }
 
 // newTracked builds tracking and the scheduler (started by run).
-func newTracked(cfg config.Config, dataDir string, rules []*prefetch.Rule, up *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
-	st, kind, err := openState(cfg, dataDir)
-	if err != nil {
-		return nil, fmt.Errorf("state store: %w", err)
-	}
+// st and kind come from openState.
+func newTracked(cfg config.Config, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
 	tm := metrics.NewTracking(reg)
 	repos := append([]string(nil), cfg.Tracking.Repositories...)
 	for _, r := range rules {
@@ -98,7 +122,11 @@ func newTracked(cfg config.Config, dataDir string, rules []*prefetch.Rule, up *u
 	log.Info("state store", "kind", kind)
 	pctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if err := st.Ping(pctx); err != nil {
+	if kind == stateOff {
+		log.Warn("state store off: the state file cannot be written (read-only data disk?); serving the cache without "+
+			"tag tracking, pull history and prefetch jobs. Set state.path to a writable file, or state.redis_url",
+			"err", st.Ping(pctx))
+	} else if err := st.Ping(pctx); err != nil {
 		// Not fatal: pulls never need it, and the client reconnects.
 		log.Warn("state store not reachable; tag tracking, pull history and prefetch wait for it", "store", kind, "err", err)
 	}
@@ -127,7 +155,11 @@ func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, 
 	if err != nil {
 		return nil, err
 	}
-	log.Info("admin API", "prefix", admin.Prefix+"/", "token", src)
+	if strings.HasPrefix(src, "not written") {
+		log.Warn("admin API", "prefix", admin.Prefix+"/", "token", src)
+	} else {
+		log.Info("admin API", "prefix", admin.Prefix+"/", "token", src)
+	}
 	t.admin = admin.New(sched, t.tracker, warm, cache, admin.Options{
 		Token:            token,
 		UpstreamHosts:    append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
@@ -162,6 +194,11 @@ func adminToken(cfg config.Config, dataDir string) (token, src string, err error
 	}
 	token = randomHex(24)
 	if err := os.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
+		if unwritable(err) {
+			// A read-only data disk: the mirror serves anyway; the admin
+			// API then takes a token nobody knows.
+			return token, "not written (" + path + " is not writable: set admin.token or MIRROR_ADMIN_TOKEN to use the admin API)", nil
+		}
 		return "", "", fmt.Errorf("admin token: %w", err)
 	}
 	return token, "created in " + path, nil

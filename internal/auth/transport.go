@@ -67,6 +67,14 @@ func (e *TokenError) Error() string {
 
 func (e *TokenError) Unwrap() error { return ErrTokenExchange }
 
+// Refused reports whether err says that a token realm answered and refused
+// the credentials (401 or 403): a wrong or revoked API key, as opposed to a
+// realm that could not be reached.
+func Refused(err error) bool {
+	var te *TokenError
+	return errors.As(err, &te) && (te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden)
+}
+
 // Transport is an http.RoundTripper that authenticates requests to one
 // registry origin (scheme, host and port). Requests to any other origin, such
 // as the CDN a blob GET is redirected to, pass through with no Authorization

@@ -5,22 +5,38 @@ package health
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"sync"
 	"time"
 )
 
+// ErrCredentialsRefused is wrapped by an UpstreamProbe error that means the
+// upstream answered and refused the mirror's credentials (a wrong NGC API
+// key), as opposed to not answering.
+var ErrCredentialsRefused = errors.New("health: the upstream refused the mirror's credentials")
+
+// ErrStateOff is wrapped by a StateProbe error that means the state store
+// is off by configuration or circumstance (a read-only data disk), not
+// failing.
+var ErrStateOff = errors.New("health: state store off")
+
 // Checker answers /healthz and /readyz.
 //
 // /healthz is 200 while the process serves HTTP. /readyz is 200 when the
 // cache storage accepts a write, 503 otherwise; it also reports whether the
-// upstream answered its last ping, which does not make the mirror unready:
-// a mirror with a warm cache is useful while the uplink is down.
+// upstream answered its last ping, and whether the state store answers,
+// neither of which makes the mirror unready: a mirror with a warm cache is
+// useful while the uplink is down.
 type Checker struct {
 	// StorageProbe writes and removes a small object in the cache.
 	StorageProbe func(ctx context.Context) error
-	// UpstreamProbe pings the upstream registry.
+	// UpstreamProbe pings the upstream registry; an error wrapping
+	// ErrCredentialsRefused is reported as "credentials refused".
 	UpstreamProbe func(ctx context.Context) error
+	// StateProbe, when set, pings the state store; an error wrapping
+	// ErrStateOff is reported as "off".
+	StateProbe func(ctx context.Context) error
 
 	mu          sync.Mutex
 	lastPing    time.Time
@@ -31,6 +47,7 @@ type report struct {
 	Status   string `json:"status"`
 	Storage  string `json:"storage"`
 	Upstream string `json:"upstream"`
+	State    string `json:"state,omitempty"`
 }
 
 // Healthz is the liveness handler.
@@ -40,7 +57,8 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 }
 
 // Readyz is the readiness handler. Its JSON body is
-// {"status":"ready|unready","storage":"ok|<error class>","upstream":"ok|unreachable"}.
+// {"status":"ready|unready","storage":"ok|not writable",
+// "upstream":"ok|unreachable|credentials refused","state":"ok|unreachable|off"}.
 func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
@@ -48,8 +66,20 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	if err := c.StorageProbe(ctx); err != nil {
 		rep.Status, rep.Storage = "unready", "not writable"
 	}
-	if err := c.upstream(ctx); err != nil {
+	if err := c.upstream(ctx); errors.Is(err, ErrCredentialsRefused) {
+		rep.Upstream = "credentials refused"
+	} else if err != nil {
 		rep.Upstream = "unreachable"
+	}
+	if c.StateProbe != nil {
+		switch err := c.StateProbe(ctx); {
+		case errors.Is(err, ErrStateOff):
+			rep.State = "off"
+		case err != nil:
+			rep.State = "unreachable"
+		default:
+			rep.State = "ok"
+		}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	if rep.Status != "ready" {

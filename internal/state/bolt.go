@@ -4,7 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -12,7 +12,13 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
+
+// ErrLocked is wrapped by OpenBolt's error when another process holds the
+// file (bbolt's exclusive lock did not come within the timeout): most
+// likely a second mirror on the same data directory.
+var ErrLocked = errors.New("state: another process holds the file")
 
 // Bolt keeps state in an embedded bbolt file: the default when no Redis is
 // configured. bbolt takes an exclusive file lock, so one process owns the
@@ -40,12 +46,17 @@ var (
 )
 
 // OpenBolt opens (creating) the state file at path. It fails after timeout
-// (1 s when 0) if another process holds the file.
+// (1 s when 0) with an error wrapping ErrLocked if another process holds
+// the file; a file it may not write fails with the os error
+// (fs.ErrPermission, syscall.EROFS).
 func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 	if timeout <= 0 {
 		timeout = time.Second
 	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout})
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, fmt.Errorf("%w: %s (waited %s for its lock)", ErrLocked, path, timeout)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("state: opening %s: %w", path, err)
 	}

@@ -2,6 +2,7 @@ package state_test
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -57,8 +58,8 @@ func TestBoltSurvivesReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A second opener waits for the file lock and gives up.
-	if _, err := state.OpenBolt(path, 100*time.Millisecond); err == nil {
-		t.Fatal("a second process could open a held state file")
+	if _, err := state.OpenBolt(path, 100*time.Millisecond); !errors.Is(err, state.ErrLocked) {
+		t.Fatalf("a second opener of a held state file: %v, want ErrLocked", err)
 	}
 	b.Close()
 	b, err = state.OpenBolt(path, 0)
