@@ -268,6 +268,9 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)
 	}
 	handler = limitBodies(handler)
+	// Outermost: the mux would otherwise redirect a path with "." or ".."
+	// segments to another repository before any route saw it.
+	handler = proxy.RejectDotSegments(handler)
 	srv := &http.Server{
 		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,

@@ -1,0 +1,40 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+)
+
+// RejectDotSegments answers 400 NAME_INVALID, in the OCI error envelope,
+// to any request whose path has a "." or ".." segment, written plainly or
+// percent-encoded ("%2e%2e", "%2E."), and passes every other request to
+// next. Wrap the whole server with it (registry API, admin API, token
+// endpoint): net/http's ServeMux otherwise cleans such a path and redirects
+// to the result before any route sees it, so that
+// /v2/nvidia/../pytorch/manifests/x would be answered with a redirect to
+// another repository, /v2/pytorch. A repository name never has such a
+// segment (distribution/reference grammar), and RFC 3986's dot-segment
+// removal is for relative references, not for what a registry client sends.
+func RejectDotSegments(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// URL.Path is decoded, so encoded dots (and an encoded '/' around
+		// them) are seen as what they stand for.
+		if hasDotSegment(r.URL.Path) {
+			w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `a path segment "." or ".." is not allowed in a repository name`))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func hasDotSegment(p string) bool {
+	for seg := range strings.SplitSeq(p, "/") {
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
+}
