@@ -33,6 +33,11 @@ const maxTokenResponse = 1 << 20
 // ErrTokenExchange is wrapped by every failure to obtain a token from a realm.
 var ErrTokenExchange = errors.New("auth: token exchange failed")
 
+// ErrTokenNotJSON is wrapped (with ErrTokenExchange) when a realm answered
+// 200 with a body that is not JSON at all, such as a captive portal's HTML
+// page.
+var ErrTokenNotJSON = errors.New("auth: token response is not JSON")
+
 // Credentials are the upstream credentials. An empty Secret means anonymous.
 // String and LogValue never reveal Secret.
 type Credentials struct {
@@ -375,7 +380,7 @@ const maxTokenLifetime = 24 * time.Hour
 func parseTokenResponse(body []byte, now time.Time) (*token, error) {
 	var tr tokenResponse
 	if err := json.Unmarshal(body, &tr); err != nil {
-		return nil, fmt.Errorf("%w: response is not a JSON token", ErrTokenExchange)
+		return nil, fmt.Errorf("%w: %w", ErrTokenExchange, ErrTokenNotJSON)
 	}
 	value := tr.Token
 	if value == "" {

@@ -27,6 +27,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
 // ErrIdle is the cause of a fill cancelled because the upstream sent nothing
@@ -244,6 +245,33 @@ func (f *Fill) Done(ctx context.Context) error {
 		done, err, wake := f.done, f.err, f.wake
 		f.mu.Unlock()
 		if done { // the cached path ends with finish(nil) too
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Verified blocks until every byte of the blob is in and matches its
+// digest (nil), the fill failed before that (its error), or ctx ends
+// (ctx's error). A caller answering a small blob waits for it before it
+// sends a status, so that a mismatch becomes an error status rather than a
+// cut-off 200. Call after Wait succeeded.
+func (f *Fill) Verified(ctx context.Context) error {
+	if f.cached {
+		return nil
+	}
+	for {
+		f.mu.Lock()
+		verified, err, wake := f.verified, f.err, f.wake
+		f.mu.Unlock()
+		if verified {
 			return nil
 		}
 		if err != nil {
@@ -500,6 +528,8 @@ func reason(err error) string {
 		return metrics.ReasonNoClients
 	case errors.Is(err, ErrSpool):
 		return metrics.ReasonDisk
+	case errors.Is(err, upstream.ErrNotRegistry):
+		return metrics.ReasonNotRegistry
 	}
 	return metrics.ReasonUpstream
 }

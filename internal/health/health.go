@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
 // ErrCredentialsRefused is wrapped by an UpstreamProbe error that means the
@@ -48,6 +50,9 @@ type report struct {
 	Storage  string `json:"storage"`
 	Upstream string `json:"upstream"`
 	State    string `json:"state,omitempty"`
+	// UpstreamReason says why the upstream is not "ok" (fixed texts: no
+	// URLs, tokens or upstream bodies).
+	UpstreamReason string `json:"upstream_reason,omitempty"`
 }
 
 // Healthz is the liveness handler.
@@ -58,7 +63,12 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 
 // Readyz is the readiness handler. Its JSON body is
 // {"status":"ready|unready","storage":"ok|not writable",
-// "upstream":"ok|unreachable|credentials refused","state":"ok|unreachable|off"}.
+// "upstream":"ok|unreachable|credentials refused|not a registry",
+// "upstream_reason":"...","state":"ok|unreachable|off"}.
+// "not a registry" means that the upstream's GET /v2/ answered without
+// Docker-Distribution-API-Version, or with an HTML page
+// (upstream.ErrNotRegistry): a captive portal or a misconfigured proxy
+// is on the uplink.
 func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
@@ -66,10 +76,16 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	if err := c.StorageProbe(ctx); err != nil {
 		rep.Status, rep.Storage = "unready", "not writable"
 	}
-	if err := c.upstream(ctx); errors.Is(err, ErrCredentialsRefused) {
+	switch err := c.upstream(ctx); {
+	case errors.Is(err, ErrCredentialsRefused):
 		rep.Upstream = "credentials refused"
-	} else if err != nil {
+		rep.UpstreamReason = "the upstream refused the mirror's credentials: check NGC_API_KEY (upstream.api_key)"
+	case errors.Is(err, upstream.ErrNotRegistry):
+		rep.Upstream = "not a registry"
+		rep.UpstreamReason = "GET /v2/ answered without the Docker-Distribution-API-Version header (or with an HTML page): a captive portal or proxy on the uplink answers instead of the registry"
+	case err != nil:
 		rep.Upstream = "unreachable"
+		rep.UpstreamReason = "the last ping of the upstream failed (network, status or token error; see the log)"
 	}
 	if c.StateProbe != nil {
 		switch err := c.StateProbe(ctx); {

@@ -19,6 +19,7 @@ const (
 	ReasonIdle           = "idle_timeout"    // the upstream stalled
 	ReasonDisk           = "disk_error"      // the spool or the cache could not be written
 	ReasonNoClients      = "no_clients"      // every client left and detached fills are off
+	ReasonNotRegistry    = "not_registry"    // an HTML page (captive portal, proxy) instead of the blob
 )
 
 // Route kinds, the values of the "route" label.
@@ -134,7 +135,7 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Upstream requests not sent because the upstream asked the mirror to back off (429 Retry-After).",
 		}),
 	}
-	for _, r := range []string{ReasonDigestMismatch, ReasonSizeMismatch, ReasonUpstream, ReasonIdle, ReasonDisk, ReasonNoClients} {
+	for _, r := range []string{ReasonDigestMismatch, ReasonSizeMismatch, ReasonUpstream, ReasonIdle, ReasonDisk, ReasonNoClients, ReasonNotRegistry} {
 		m.FillFailures.WithLabelValues(r)
 	}
 	for _, k := range []string{"manifest", "blob"} {

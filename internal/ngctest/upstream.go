@@ -174,6 +174,23 @@ func (u *Upstream) SetFault(f func(w http.ResponseWriter, r *http.Request) bool)
 	u.mu.Unlock()
 }
 
+// CaptivePortalPage is the body CaptivePortal answers with.
+const CaptivePortalPage = "<!DOCTYPE html><html><head><title>Network login</title></head><body><form action=\"/login\">Accept the terms of use to continue</form></body></html>\n"
+
+// CaptivePortal is a fault for SetFault that answers every request, on the
+// registry and the CDN alike, with 200 and an HTML login page and no
+// registry headers, as a captive portal or a misconfigured proxy on the
+// uplink does (the "upstream that is not a registry").
+func CaptivePortal(w http.ResponseWriter, r *http.Request) bool {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Content-Length", strconv.Itoa(len(CaptivePortalPage)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write([]byte(CaptivePortalPage))
+	}
+	return true
+}
+
 // IsCDN reports whether r arrived at the CDN listener.
 func (u *Upstream) IsCDN(r *http.Request) bool { return "http://"+r.Host == u.CDN.URL }
 

@@ -121,6 +121,22 @@ func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, name string,
 		h.hit(dgst, n)
 		return true
 	}
+	if h.verifyFirst(size) {
+		vctx, cancel := context.WithTimeout(ctx, verifyWait)
+		err := f.Verified(vctx)
+		waited := vctx.Err() != nil // verifyWait passed (or the client left)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return true // the client went away
+		case err != nil && !waited:
+			// Nothing sent yet: a clear error instead of a cut-off 200.
+			h.log.Warn("upstream blob failed before its response started; nothing cached", "digest", dgst, "err", err)
+			writeError(w, toAPIError(err, kindBlob))
+			return true
+		}
+		// Verified, or still arriving after verifyWait: stream it.
+	}
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
 		return true
@@ -156,6 +172,9 @@ func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name strin
 		return 0
 	}
 	defer body.Close()
+	if h.verifyFirst(size) {
+		return h.serveDirectSmall(w, r, body, dgst, size)
+	}
 	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
 	if !ok {
 		return 0
@@ -200,6 +219,37 @@ func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name strin
 		sent += int64(m)
 	}
 	return sent
+}
+
+// verifyFirst reports whether a blob of size bytes is verified before its
+// response status is sent (Options.VerifyBeforeHeaders).
+func (h *Handler) verifyFirst(size int64) bool {
+	return h.opts.VerifyBeforeHeaders >= 0 && size <= h.opts.VerifyBeforeHeaders
+}
+
+// serveDirectSmall is serveDirect for a blob small enough to hold in
+// memory: it reads and verifies all of body before it answers, so that a
+// mismatch is a 502 with the OCI error body.
+func (h *Handler) serveDirectSmall(w http.ResponseWriter, r *http.Request, body io.Reader, dgst digest.Digest, size int64) (sent int64) {
+	buf, err := io.ReadAll(io.LimitReader(body, size+1))
+	if err != nil {
+		if r.Context().Err() == nil {
+			writeError(w, toAPIError(err, kindBlob))
+		}
+		return 0
+	}
+	if int64(len(buf)) != size || dgst.Algorithm().FromBytes(buf) != dgst {
+		h.log.Warn("upstream blob failed verification; nothing sent", "digest", dgst)
+		writeError(w, toAPIError(storage.ErrDigestMismatch, kindBlob))
+		return 0
+	}
+	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
+	if !ok {
+		return 0
+	}
+	w.WriteHeader(status)
+	n, _ := w.Write(buf[start:end])
+	return int64(n)
 }
 
 // blobSource fetches dgst from repository name for a fill; when the

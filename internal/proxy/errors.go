@@ -47,6 +47,7 @@ const (
 //	upstream 401/403/451, token refusal → DENIED 403 (the mirror's upstream credentials do not grant access)
 //	upstream 429                      → TOOMANYREQUESTS 429 with the upstream's Retry-After
 //	upstream 5xx, bad content, network → UNAVAILABLE 502 (503 if the upstream said 503, 504 on timeouts)
+//	an HTML page instead of content    → UNAVAILABLE 502 (a captive portal or proxy on the uplink)
 //	anything else                     → UNKNOWN 500
 func toAPIError(err error, k kind) *apiError {
 	var ae *apiError
@@ -82,6 +83,10 @@ func toAPIError(err error, k kind) *apiError {
 		if ue.StatusCode != http.StatusServiceUnavailable {
 			e.status = http.StatusBadGateway
 		}
+		return e
+	case errors.Is(err, upstream.ErrNotRegistry):
+		e := newAPIError(errcode.ErrorCodeUnavailable, "the upstream answered with an HTML page, not registry content: a captive portal or proxy on the mirror's uplink is in the way")
+		e.status = http.StatusBadGateway
 		return e
 	case errors.Is(err, upstream.ErrInvalidContent), errors.Is(err, storage.ErrDigestMismatch),
 		errors.Is(err, storage.ErrSizeMismatch), errors.Is(err, fill.ErrUnknownSize):

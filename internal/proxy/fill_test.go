@@ -103,7 +103,8 @@ func TestResumeAfterBrokenConnection(t *testing.T) {
 // is cached, and the next request starts over cleanly.
 func TestResumeGivesUp(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{layerSize: 512 << 10, fill: fill.Options{MaxResumes: 2}})
+	// verifyBefore -1: the streaming path of a large blob (headers first).
+	e := newEnv(t, envOpts{layerSize: 512 << 10, fill: fill.Options{MaxResumes: 2}, verifyBefore: -1})
 	layer := e.fx.CUDA.Layers[1]
 	var failing atomic.Bool
 	failing.Store(true)
@@ -135,7 +136,9 @@ func TestResumeGivesUp(t *testing.T) {
 }
 
 // TestHTMLInsteadOfBlob: a proxy's HTML error page with status 200 where a
-// blob should be is never served as the blob nor cached.
+// blob should be is never served as the blob nor cached: it is refused by
+// its Content-Type, answered 502 in the OCI error envelope and counted as
+// not_registry.
 func TestHTMLInsteadOfBlob(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
@@ -156,9 +159,12 @@ func TestHTMLInsteadOfBlob(t *testing.T) {
 	if r.err == nil && r.status == 200 {
 		t.Fatalf("HTML page served as a complete blob: %q", r.body)
 	}
+	if r.status != http.StatusBadGateway || errorCode(t, r) != "UNAVAILABLE" {
+		t.Fatalf("HTML page: %d %s, want 502 UNAVAILABLE", r.status, r.body)
+	}
 	assertNotCached(t, e, layer)
-	if got := testutil.ToFloat64(m.FillFailures.WithLabelValues(metrics.ReasonDigestMismatch)); got != 1 {
-		t.Fatalf("digest mismatch failures counted: %v", got)
+	if got := testutil.ToFloat64(m.FillFailures.WithLabelValues(metrics.ReasonNotRegistry)); got != 1 {
+		t.Fatalf("not_registry failures counted: %v", got)
 	}
 	mustServe(t, e, path, layer.Body) // the next request refetches cleanly
 }
@@ -193,7 +199,8 @@ func TestChunkedUpstreamStillGetsContentLength(t *testing.T) {
 // the right bytes and the upstream is fetched once.
 func TestRangeAndLateJoinersDuringFill(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	// verifyBefore -1: the streaming path of a large blob (headers first).
+	e := newEnv(t, envOpts{layerSize: 1 << 20, verifyBefore: -1})
 	layer := e.fx.Pytorch.Child("linux/arm64").Layers[1]
 	half := len(layer.Body) / 2
 	release := make(chan struct{})
@@ -352,7 +359,8 @@ func TestIdleUpstreamAborts(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
-	e := newEnv(t, envOpts{fill: fill.Options{IdleTimeout: 300 * time.Millisecond, MaxResumes: -1, Metrics: m}})
+	// verifyBefore -1: the streaming path of a large blob (headers first).
+	e := newEnv(t, envOpts{fill: fill.Options{IdleTimeout: 300 * time.Millisecond, MaxResumes: -1, Metrics: m}, verifyBefore: -1})
 	layer := e.fx.CUDA.Layers[1]
 	stop := make(chan struct{})
 	defer close(stop)
@@ -383,7 +391,8 @@ func TestIdleUpstreamAborts(t *testing.T) {
 // only client leaves, and nothing is cached.
 func TestStopWithoutClients(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{fill: fill.Options{StopWithoutClients: true}})
+	// verifyBefore -1: the streaming path of a large blob (headers first).
+	e := newEnv(t, envOpts{fill: fill.Options{StopWithoutClients: true}, verifyBefore: -1})
 	layer := e.fx.CUDA.Layers[1]
 	release := make(chan struct{})
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {

@@ -59,7 +59,28 @@ type Options struct {
 	// Pulls, when set, is told of every manifest served (GET or HEAD with
 	// status 200), for the pull history. It must not block.
 	Pulls PullRecorder
+	// VerifyBeforeHeaders is the size (bytes) up to which a blob fetched
+	// from the upstream is verified whole (size and digest) before the
+	// response status is sent, so that bad content (a proxy's page, a
+	// corrupt CDN object) is answered 502 in the OCI error envelope rather
+	// than with a 200 cut off mid-body. Image configs and small layers
+	// arrive in well under a second; the wait is bounded by verifyWait,
+	// after which the blob streams as a large one does. Larger blobs get
+	// their headers as soon as the size is known (containerd gives up
+	// after 30 s without them) and a failed check aborts the transfer.
+	// Default 4 MiB (DefaultVerifyBeforeHeaders); negative: never.
+	VerifyBeforeHeaders int64
 }
+
+// DefaultVerifyBeforeHeaders is Options.VerifyBeforeHeaders' default (bytes):
+// 4 MiB, the manifest size limit, so that every config and most small
+// layers are verified before their status.
+const DefaultVerifyBeforeHeaders = 4 << 20
+
+// verifyWait bounds how long a small blob's response waits for its fill to
+// be verified before it starts streaming anyway (a slow uplink): headers
+// must arrive well before containerd's 30 s.
+const verifyWait = 10 * time.Second
 
 // CacheTracker follows cache use for eviction (internal/evict.Evictor).
 type CacheTracker interface {
@@ -100,6 +121,9 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	}
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.VerifyBeforeHeaders == 0 {
+		opts.VerifyBeforeHeaders = DefaultVerifyBeforeHeaders
 	}
 	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access, cache: opts.Cache}
 	r := chi.NewRouter()

@@ -62,6 +62,9 @@ type envOpts struct {
 	budget func(fx *ngctest.Fixture) evict.Options
 	// cache, if set, is the proxy's CacheTracker (instead of the evictor).
 	cache proxy.CacheTracker
+	// verifyBefore is proxy.Options.VerifyBeforeHeaders (0: its default);
+	// -1 puts every blob on the streaming path of a large one.
+	verifyBefore int64
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -113,7 +116,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	// Fills outlive their clients: let a commit finish before the cache

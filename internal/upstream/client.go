@@ -145,6 +145,10 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 		} else {
 			c.observe(kind, 0, time.Since(start))
 		}
+		if errors.Is(err, auth.ErrTokenNotJSON) {
+			// The token realm answered with a page, not a token.
+			return nil, fmt.Errorf("%w: %w", ErrNotRegistry, scrub(err))
+		}
 		if errors.As(err, &te) && te.StatusCode == http.StatusTooManyRequests {
 			// The token realm rate limits: report it as the registry would.
 			ue := &Error{Method: method, Path: path, StatusCode: te.StatusCode, RetryAfter: parseRetryAfter(te.RetryAfter, c.now())}
@@ -164,7 +168,22 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 		}
 		return nil, err
 	}
+	if kind != "ping" && isHTML(resp.Header.Get("Content-Type")) {
+		// No manifest, blob (also after the CDN redirect) or tag list is
+		// ever HTML: this is a portal's or proxy's page.
+		drainClose(resp.Body)
+		return nil, fmt.Errorf("%w: %s %s answered %d with Content-Type %s", ErrNotRegistry, method, path, resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
 	return resp, nil
+}
+
+// isHTML reports whether a Content-Type value is an HTML page.
+func isHTML(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		mt = strings.ToLower(strings.TrimSpace(strings.Split(ct, ";")[0]))
+	}
+	return mt == "text/html" || mt == "application/xhtml+xml"
 }
 
 func (c *Client) observe(kind string, status int, d time.Duration) {
@@ -230,13 +249,18 @@ func scrub(err error) error {
 }
 
 // Ping does a GET /v2/ and reports whether the registry answered with
-// success after authentication.
+// success after authentication. An answer without the
+// Docker-Distribution-API-Version header, which every registry sends there,
+// is not a registry's: the error wraps ErrNotRegistry.
 func (c *Client) Ping(ctx context.Context) error {
 	resp, err := c.do(ctx, http.MethodGet, "/v2/", nil, nil)
 	if err != nil {
 		return err
 	}
 	drainClose(resp.Body)
+	if resp.Header.Get("Docker-Distribution-API-Version") == "" {
+		return fmt.Errorf("%w: GET /v2/ answered %d without Docker-Distribution-API-Version", ErrNotRegistry, resp.StatusCode)
+	}
 	return nil
 }
 

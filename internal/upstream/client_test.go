@@ -472,6 +472,7 @@ func TestListTagsNotJSON(t *testing.T) {
 		if !strings.HasSuffix(r.URL.Path, "/tags/list") {
 			return false
 		}
+		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write([]byte("<html>"))
 		return true
 	})
@@ -774,5 +775,49 @@ func TestBackoffNotShortened(t *testing.T) {
 	}
 	if n := len(up.Requests()); n != 2 {
 		t.Fatalf("upstream saw %d requests, want 2", n)
+	}
+}
+
+// TestCaptivePortal: an uplink that answers every request with a 200 HTML
+// page is not a registry: each call fails with ErrNotRegistry (none returns
+// the page as content), and so does a GET /v2/ without the registry's
+// Docker-Distribution-API-Version header.
+func TestCaptivePortal(t *testing.T) {
+	t.Parallel()
+	c, up, fx := newTestClient(t)
+	ctx := t.Context()
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("ping of the real fake: %v", err)
+	}
+	up.SetFault(ngctest.CaptivePortal)
+	layer := fx.CUDA.Layers[0]
+	for name, call := range map[string]func() error{
+		"ping":          func() error { return c.Ping(ctx) },
+		"manifest":      func() error { _, err := c.GetManifest(ctx, ngctest.CUDARepo, ngctest.CUDATag, nil); return err },
+		"manifest HEAD": func() error { _, err := c.HeadManifest(ctx, ngctest.CUDARepo, ngctest.CUDATag, nil); return err },
+		"blob":          func() error { _, err := c.GetBlob(ctx, ngctest.CUDARepo, layer.Digest, 0); return err },
+		"blob HEAD":     func() error { _, err := c.HeadBlob(ctx, ngctest.CUDARepo, layer.Digest); return err },
+		"tags":          func() error { _, err := c.ListTags(ctx, ngctest.CUDARepo, 0, ""); return err },
+	} {
+		if err := call(); !errors.Is(err, ErrNotRegistry) {
+			t.Errorf("%s through a captive portal: %v, want ErrNotRegistry", name, err)
+		}
+	}
+	// Only the CDN answers HTML: the blob is refused after the redirect.
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool { return up.IsCDN(r) && ngctest.CaptivePortal(w, r) })
+	if _, err := c.GetBlob(ctx, ngctest.CUDARepo, layer.Digest, 0); !errors.Is(err, ErrNotRegistry) {
+		t.Errorf("HTML from the CDN: %v, want ErrNotRegistry", err)
+	}
+	// A JSON 200 without the API version header on /v2/.
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != "/v2/" {
+			return false
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte("{}"))
+		return true
+	})
+	if err := c.Ping(ctx); !errors.Is(err, ErrNotRegistry) {
+		t.Errorf("/v2/ without Docker-Distribution-API-Version: %v, want ErrNotRegistry", err)
 	}
 }

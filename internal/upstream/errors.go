@@ -20,6 +20,13 @@ var (
 	// ErrInvalidContent means the upstream answered 2xx with content that
 	// does not match what was asked for (wrong digest, size or type).
 	ErrInvalidContent = errors.New("upstream: invalid content")
+	// ErrNotRegistry means that what answered is not a registry: a 2xx
+	// HTML page where a manifest, blob or tag list should be (a captive
+	// portal or a misconfigured proxy on the uplink answers every request
+	// that way), or a GET /v2/ without the Docker-Distribution-API-Version
+	// header that every registry sends (OCI distribution spec, "Determining
+	// Support"; Docker registry API v2).
+	ErrNotRegistry = errors.New("upstream: not a registry (HTML or no registry API version); a captive portal or proxy may be in the way")
 )
 
 // maxErrorBody caps how much of an error response is read (bytes).

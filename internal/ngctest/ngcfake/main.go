@@ -6,7 +6,8 @@
 //
 // It serves the fixture images (nvidia/pytorch:17.12, nvidia/cuda,
 // nvidia/k8s/dcgm-exporter and the private myorg/team/private-image, whose
-// API key it prints) until interrupted.
+// API key it prints) until interrupted. -captive-portal makes it answer
+// every request with an HTML page instead, as a captive portal does.
 package main
 
 import (
@@ -21,9 +22,13 @@ import (
 
 func main() {
 	layer := flag.Int64("layer-size", 1<<20, "uncompressed bytes per fixture layer")
+	portal := flag.Bool("captive-portal", false, "answer every request with 200 and an HTML page, as a captive portal does")
 	flag.Parse()
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close()
+	if *portal {
+		up.SetFault(ngctest.CaptivePortal)
+	}
 	if _, err := up.Populate(*layer); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
