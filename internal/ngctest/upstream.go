@@ -406,6 +406,10 @@ func (u *Upstream) serveToken(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(body)
 }
 
+// TagPageSize is the most tags one tag list page holds: nvcr.io answers
+// 100 at most, with a Link rel="next" to the rest, whatever n asks.
+const TagPageSize = 100
+
 func (u *Upstream) serveTags(w http.ResponseWriter, r *http.Request, name string, rp *repo) {
 	u.mu.Lock()
 	tags := make([]string, 0, len(rp.tags))
@@ -421,7 +425,12 @@ func (u *Upstream) serveTags(w http.ResponseWriter, r *http.Request, name string
 		}
 		tags = tags[i:]
 	}
-	if n, err := strconv.Atoi(r.URL.Query().Get("n")); err == nil && n >= 0 && n < len(tags) {
+	// Like nvcr.io: pages of at most TagPageSize, whatever n asks for more.
+	n := TagPageSize
+	if v, err := strconv.Atoi(r.URL.Query().Get("n")); err == nil && v >= 0 && v < n {
+		n = v
+	}
+	if n < len(tags) {
 		tags = tags[:n]
 		w.Header().Set("Link", fmt.Sprintf(`<%s/v2/%s/tags/list?n=%d&last=%s>; rel="next"`, u.Registry.URL, name, n, url.QueryEscape(tags[len(tags)-1])))
 	}

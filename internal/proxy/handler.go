@@ -70,6 +70,11 @@ type Options struct {
 	// after 30 s without them) and a failed check aborts the transfer.
 	// Default 4 MiB (DefaultVerifyBeforeHeaders); negative: never.
 	VerifyBeforeHeaders int64
+	// TagListMaxPages bounds the upstream pages merged for a tag list
+	// asked without n (default upstream.MaxTagPages: 100 pages, 10,000
+	// tags at nvcr.io's 100 a page). A list cut there is answered with a
+	// Link to the rest, on this mirror.
+	TagListMaxPages int
 }
 
 // DefaultVerifyBeforeHeaders is Options.VerifyBeforeHeaders' default (bytes):
@@ -121,6 +126,9 @@ func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Opti
 	}
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.TagListMaxPages <= 0 {
+		opts.TagListMaxPages = upstream.MaxTagPages
 	}
 	if opts.VerifyBeforeHeaders == 0 {
 		opts.VerifyBeforeHeaders = DefaultVerifyBeforeHeaders

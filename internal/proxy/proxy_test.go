@@ -65,6 +65,8 @@ type envOpts struct {
 	// verifyBefore is proxy.Options.VerifyBeforeHeaders (0: its default);
 	// -1 puts every blob on the streaming path of a large one.
 	verifyBefore int64
+	// tagListMaxPages is proxy.Options.TagListMaxPages (0: its default).
+	tagListMaxPages int
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -116,7 +118,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore})
+	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore, TagListMaxPages: o.tagListMaxPages})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	// Fills outlive their clients: let a commit finish before the cache

@@ -7,6 +7,7 @@
 //	/blobs/<alg>/<hex[0:2]>/<hex>                blob bytes
 //	/manifests/<alg>/<hex[0:2]>/<hex>            "<media type>\n" + manifest bytes
 //	/repositories/<name>/_tags/<tag>             JSON TagRecord
+//	/repositories/<name>/_taglist                JSON TagList (merged upstream pages)
 //	/_uploads/<random>                           blob bytes being written
 //
 // Nothing partial is ever visible at a final path: blobs are written under
@@ -547,6 +548,38 @@ func (s *Store) ListTags(ctx context.Context, repo string) ([]string, error) {
 	}
 	sort.Strings(tags)
 	return tags, nil
+}
+
+// TagList is a repository's complete tag list as the upstream last served
+// it (all pages merged), and when.
+type TagList struct {
+	Tags        []string  `json:"tags"`
+	Complete    bool      `json:"complete"` // false: cut at the page bound
+	ConfirmedAt time.Time `json:"confirmedAt"`
+}
+
+func tagListPath(repo string) string { return path.Join("/repositories", repo, "_taglist") }
+
+// GetTagList returns repo's cached tag list, or ErrNotFound.
+func (s *Store) GetTagList(ctx context.Context, repo string) (TagList, error) {
+	raw, err := s.d.GetContent(ctx, tagListPath(repo))
+	if err != nil {
+		return TagList{}, translate(err)
+	}
+	var tl TagList
+	if err := json.Unmarshal(raw, &tl); err != nil {
+		return TagList{}, fmt.Errorf("%w: damaged tag list of %s", ErrNotFound, repo)
+	}
+	return tl, nil
+}
+
+// PutTagList records repo's tag list (replacing the previous one).
+func (s *Store) PutTagList(ctx context.Context, repo string, tl TagList) error {
+	raw, err := json.Marshal(tl)
+	if err != nil {
+		return err
+	}
+	return translate(s.d.PutContent(ctx, tagListPath(repo), raw))
 }
 
 // linkPath is where the cache records that repo's upstream serves dgst (a

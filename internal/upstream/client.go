@@ -12,6 +12,8 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -416,6 +418,9 @@ func (c *Client) HeadBlob(ctx context.Context, repo string, dgst digest.Digest) 
 type TagPage struct {
 	Tags []string
 	More bool // the upstream announced a next page (Link rel="next")
+	// next is the announced next page's path and query when it is on the
+	// registry's own origin and for the same repository's tag list.
+	next *url.URL
 }
 
 // ListTags lists repo's tags, n at most (0: the upstream's default), after
@@ -428,7 +433,11 @@ func (c *Client) ListTags(ctx context.Context, repo string, n int, last string) 
 	if last != "" {
 		q.Set("last", last)
 	}
-	resp, err := c.do(ctx, http.MethodGet, "/v2/"+repo+"/tags/list", q, nil)
+	return c.tagPage(ctx, repo, "/v2/"+repo+"/tags/list", q)
+}
+
+func (c *Client) tagPage(ctx context.Context, repo, path string, q url.Values) (*TagPage, error) {
+	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -439,7 +448,72 @@ func (c *Client) ListTags(ctx context.Context, repo string, n int, last string) 
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(&body); err != nil {
 		return nil, fmt.Errorf("%w: tag list is not JSON: %v", ErrInvalidContent, err)
 	}
-	return &TagPage{Tags: body.Tags, More: strings.Contains(resp.Header.Get("Link"), `rel="next"`)}, nil
+	link := resp.Header.Get("Link")
+	page := &TagPage{Tags: body.Tags, More: strings.Contains(link, `rel="next"`)}
+	if page.More {
+		page.next = c.nextPage(resp.Request.URL, link, "/v2/"+repo+"/tags/list")
+	}
+	return page, nil
+}
+
+// nextPage returns the target of a Link header's rel="next" entry, resolved
+// against the request URL, when it is the tag list wantPath on the
+// registry's own origin (the only place credentials may go); else nil.
+func (c *Client) nextPage(req *url.URL, link, wantPath string) *url.URL {
+	for entry := range strings.SplitSeq(link, ",") {
+		target, params, ok := strings.Cut(entry, ";")
+		if !ok || !strings.Contains(params, `rel="next"`) {
+			continue
+		}
+		target = strings.TrimSpace(target)
+		if !strings.HasPrefix(target, "<") || !strings.HasSuffix(target, ">") {
+			return nil
+		}
+		u, err := req.Parse(strings.Trim(target, "<>"))
+		if err != nil || u.Scheme != c.base.Scheme || u.Host != c.base.Host ||
+			u.Path != strings.TrimSuffix(c.base.Path, "/")+wantPath {
+			return nil
+		}
+		u.Path = wantPath
+		return u
+	}
+	return nil
+}
+
+// MaxTagPages bounds how many upstream pages ListAllTags follows: 100
+// pages, 10,000 tags at nvcr.io's 100 a page.
+const MaxTagPages = 100
+
+// ListAllTags lists all of repo's tags in lexical order, following the
+// upstream's Link rel="next" pages (OCI distribution spec, "Listing
+// Tags"), at most maxPages of them (MaxTagPages when <= 0). It asks for
+// 1000 tags a page (nvcr.io sends 100 whatever n says). complete is false
+// when the bound stopped it with pages left. A Link that leaves the
+// registry's origin or its tag list is not followed; the next page is then
+// asked with last= the last tag received. Errors are ListTags'.
+func (c *Client) ListAllTags(ctx context.Context, repo string, maxPages int) (tags []string, complete bool, err error) {
+	if maxPages <= 0 {
+		maxPages = MaxTagPages
+	}
+	path, q := "/v2/"+repo+"/tags/list", url.Values{"n": {"1000"}}
+	for range maxPages {
+		page, err := c.tagPage(ctx, repo, path, q)
+		if err != nil {
+			return nil, false, err
+		}
+		tags = append(tags, page.Tags...)
+		if !page.More || len(page.Tags) == 0 {
+			sort.Strings(tags)
+			return slices.Compact(tags), true, nil
+		}
+		if page.next != nil {
+			path, q = page.next.Path, page.next.Query()
+		} else {
+			q = url.Values{"n": {"1000"}, "last": {page.Tags[len(page.Tags)-1]}}
+		}
+	}
+	sort.Strings(tags)
+	return slices.Compact(tags), false, nil
 }
 
 func drainClose(rc io.ReadCloser) {
