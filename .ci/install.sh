@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # skopeo, a Docker daemon, containerd, Prometheus (with promtool),
-# docker-compose and redis-server from Debian; crane and versitygw (an S3 server) from the Go
-# module proxy.
+# docker-compose and redis-server from Debian; crane, versitygw (an S3 server) and the
+# OCI distribution-spec conformance suite (as oci-conformance) from the Go module proxy.
 set -euo pipefail
 need=()
 command -v skopeo >/dev/null || need+=(skopeo)
@@ -22,6 +22,14 @@ fi
 # A real S3-compatible server for the S3 cache tests (about 2 minutes to build cold).
 if ! command -v versitygw >/dev/null; then
   (cd / && GOBIN=/usr/local/bin go install github.com/versity/versitygw/cmd/versitygw@v1.8.0)
+fi
+# The OCI distribution-spec conformance suite (pull, read-only), run by the
+# e2e tests against the mirror; `go install` names it conformance.
+if ! command -v oci-conformance >/dev/null; then
+  d=$(mktemp -d)
+  (cd / && GOBIN="$d" go install github.com/opencontainers/distribution-spec/conformance@v0.0.0-20260831232431-97274622c111)
+  install -m 0755 "$d/conformance" /usr/local/bin/oci-conformance
+  rm -rf "$d"
 fi
 skopeo --version
 crane version
