@@ -163,3 +163,56 @@ func TestTLSReloadAndHTTP2(t *testing.T) {
 		t.Fatal("no reload in the log")
 	}
 }
+
+// TestCaptivePortalUpstream: behind a captive portal (every upstream
+// request answered 200 text/html) the binary answers blob and manifest
+// requests with 502 in the OCI error envelope, caches nothing, and /readyz
+// reports the upstream as not a registry, saying why, while staying ready.
+func TestCaptivePortalUpstream(t *testing.T) {
+	up, fx := newUpstream(t)
+	up.SetFault(ngctest.CaptivePortal)
+	dataDir := t.TempDir()
+	m := startMirrorAt(t, up.URL(), dataDir, "")
+	for _, path := range []string{
+		"/v2/" + ngctest.CUDARepo + "/blobs/" + fx.CUDA.Config.Digest.String(),
+		"/v2/" + ngctest.CUDARepo + "/blobs/" + fx.CUDA.Layers[0].Digest.String(),
+		"/v2/" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag,
+		"/v2/" + ngctest.CUDARepo + "/manifests/" + fx.CUDA.Manifest.Digest.String(),
+	} {
+		resp, err := http.Get("http://" + m.addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), `"UNAVAILABLE"`) || strings.Contains(string(body), "<html") {
+			t.Errorf("GET %s: %d %v %s, want 502 UNAVAILABLE", path, resp.StatusCode, err, body)
+		}
+	}
+	for _, dir := range []string{"blobs", "manifests", "repositories"} {
+		if n := countFiles(t, filepath.Join(dataDir, dir)); n > 0 {
+			t.Errorf("%d files cached under %s through the portal", n, dir)
+		}
+	}
+	resp, err := http.Get("http://" + m.addr + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"upstream":"not a registry"`) || !strings.Contains(string(body), "Docker-Distribution-API-Version") {
+		t.Fatalf("/readyz behind a captive portal: %d %s", resp.StatusCode, body)
+	}
+}
+
+func countFiles(t *testing.T, root string) int {
+	t.Helper()
+	n := 0
+	_ = filepath.WalkDir(root, func(_ string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			n++
+		}
+		return nil
+	})
+	return n
+}
