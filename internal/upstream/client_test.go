@@ -2,10 +2,14 @@ package upstream
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -819,5 +823,53 @@ func TestCaptivePortal(t *testing.T) {
 	})
 	if err := c.Ping(ctx); !errors.Is(err, ErrNotRegistry) {
 		t.Errorf("/v2/ without Docker-Distribution-API-Version: %v, want ErrNotRegistry", err)
+	}
+}
+
+// TestListAllTags: every Link page is merged (the fake, like nvcr.io,
+// sends 100 a page); a Link to another origin is not followed, the next
+// page is asked on the registry with last= instead; the page bound cuts
+// the list and says so.
+func TestListAllTags(t *testing.T) {
+	t.Parallel()
+	c, up, fx := newTestClient(t)
+	ctx := t.Context()
+	for i := range 250 {
+		up.AddTag(ngctest.CUDARepo, fmt.Sprintf("t%03d", i), fx.CUDA.Manifest.Digest)
+	}
+	tags, complete, err := c.ListAllTags(ctx, ngctest.CUDARepo, 0)
+	if err != nil || !complete || len(tags) != 251 || !sort.StringsAreSorted(tags) {
+		t.Fatalf("all tags: %d complete=%v %v", len(tags), complete, err)
+	}
+	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, 2)
+	if err != nil || complete || len(tags) != 2*ngctest.TagPageSize {
+		t.Fatalf("bounded: %d complete=%v %v", len(tags), complete, err)
+	}
+	// A Link elsewhere: never followed (credentials stay with the registry).
+	var elsewhere atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { elsewhere.Add(1) }))
+	t.Cleanup(other.Close)
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasSuffix(r.URL.Path, "/tags/list") || r.Header.Get("Authorization") == "" {
+			return false
+		}
+		all := []string{}
+		for i := range 250 {
+			all = append(all, fmt.Sprintf("t%03d", i))
+		}
+		page := all[:100]
+		if last := r.URL.Query().Get("last"); last != "" {
+			i := sort.SearchStrings(all, last) + 1
+			page = all[i:min(i+100, len(all))]
+		}
+		if page[len(page)-1] != all[len(all)-1] {
+			w.Header().Set("Link", `<`+other.URL+`/v2/`+ngctest.CUDARepo+`/tags/list?last=`+page[len(page)-1]+`>; rel="next"`)
+		}
+		_ = json.NewEncoder(w).Encode(map[string]any{"tags": page})
+		return true
+	})
+	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, 0)
+	if err != nil || !complete || len(tags) != 250 || elsewhere.Load() != 0 {
+		t.Fatalf("off-origin Link: %d complete=%v %v, %d requests elsewhere", len(tags), complete, err, elsewhere.Load())
 	}
 }
