@@ -86,6 +86,16 @@ func (h *Handler) serveAllTags(w http.ResponseWriter, r *http.Request, name, las
 		return
 	}
 	tags := after(tl.Tags, last)
+	if !tl.Complete && len(tags) == 0 && last != "" {
+		// Past the end of a list cut at the page bound (a client following
+		// the Link below): the next pages from the upstream, uncached.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 4*h.opts.ManifestTimeout)
+		defer cancel()
+		if tags, tl.Complete, err = h.up.ListAllTags(ctx, name, last, h.opts.TagListMaxPages); err != nil {
+			writeError(w, toAPIError(err, kindTags))
+			return
+		}
+	}
 	// Cut at the page bound: the rest is one request away, from here.
 	writeTagList(w, name, tags, nextLink(name, tags, !tl.Complete, 0))
 }
@@ -108,7 +118,7 @@ func (h *Handler) completeTags(ctx context.Context, name string) (storage.TagLis
 		// times one manifest exchange's bound.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*h.opts.ManifestTimeout)
 		defer cancel()
-		tags, complete, err := h.up.ListAllTags(ctx, name, h.opts.TagListMaxPages)
+		tags, complete, err := h.up.ListAllTags(ctx, name, "", h.opts.TagListMaxPages)
 		if err != nil {
 			return nil, err
 		}

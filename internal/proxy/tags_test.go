@@ -104,4 +104,10 @@ func TestTagListPageBound(t *testing.T) {
 	if len(got) != 2*ngctest.TagPageSize || r.header.Get("Link") != `</v2/nvidia/cuda/tags/list?last=`+got[len(got)-1]+`>; rel="next"` {
 		t.Fatalf("bounded list: %d tags, Link %q", len(got), r.header.Get("Link"))
 	}
+	// Following the Link gets the rest.
+	r = e.do(t, http.MethodGet, "/v2/"+ngctest.CUDARepo+"/tags/list?last="+got[len(got)-1])
+	rest := tagList(t, r)
+	if all := append(got, rest...); len(all) != 251 || !sort.StringsAreSorted(all) || r.header.Get("Link") != "" {
+		t.Fatalf("after the Link: %d more tags (Link %q), want the remaining %d", len(rest), r.header.Get("Link"), 251-len(got))
+	}
 }

@@ -484,18 +484,22 @@ func (c *Client) nextPage(req *url.URL, link, wantPath string) *url.URL {
 // pages, 10,000 tags at nvcr.io's 100 a page.
 const MaxTagPages = 100
 
-// ListAllTags lists all of repo's tags in lexical order, following the
-// upstream's Link rel="next" pages (OCI distribution spec, "Listing
-// Tags"), at most maxPages of them (MaxTagPages when <= 0). It asks for
-// 1000 tags a page (nvcr.io sends 100 whatever n says). complete is false
-// when the bound stopped it with pages left. A Link that leaves the
-// registry's origin or its tag list is not followed; the next page is then
-// asked with last= the last tag received. Errors are ListTags'.
-func (c *Client) ListAllTags(ctx context.Context, repo string, maxPages int) (tags []string, complete bool, err error) {
+// ListAllTags lists all of repo's tags after last ("" for all) in lexical
+// order, following the upstream's Link rel="next" pages (OCI distribution
+// spec, "Listing Tags"), at most maxPages of them (MaxTagPages when <= 0).
+// It asks for 1000 tags a page (nvcr.io sends 100 whatever n says).
+// complete is false when the bound stopped it with pages left. A Link that
+// leaves the registry's origin or its tag list is not followed; the next
+// page is then asked with last= the last tag received. Errors are
+// ListTags'.
+func (c *Client) ListAllTags(ctx context.Context, repo, last string, maxPages int) (tags []string, complete bool, err error) {
 	if maxPages <= 0 {
 		maxPages = MaxTagPages
 	}
 	path, q := "/v2/"+repo+"/tags/list", url.Values{"n": {"1000"}}
+	if last != "" {
+		q.Set("last", last)
+	}
 	for range maxPages {
 		page, err := c.tagPage(ctx, repo, path, q)
 		if err != nil {

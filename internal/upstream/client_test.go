@@ -837,11 +837,11 @@ func TestListAllTags(t *testing.T) {
 	for i := range 250 {
 		up.AddTag(ngctest.CUDARepo, fmt.Sprintf("t%03d", i), fx.CUDA.Manifest.Digest)
 	}
-	tags, complete, err := c.ListAllTags(ctx, ngctest.CUDARepo, 0)
+	tags, complete, err := c.ListAllTags(ctx, ngctest.CUDARepo, "", 0)
 	if err != nil || !complete || len(tags) != 251 || !sort.StringsAreSorted(tags) {
 		t.Fatalf("all tags: %d complete=%v %v", len(tags), complete, err)
 	}
-	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, 2)
+	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, "", 2)
 	if err != nil || complete || len(tags) != 2*ngctest.TagPageSize {
 		t.Fatalf("bounded: %d complete=%v %v", len(tags), complete, err)
 	}
@@ -868,7 +868,7 @@ func TestListAllTags(t *testing.T) {
 		_ = json.NewEncoder(w).Encode(map[string]any{"tags": page})
 		return true
 	})
-	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, 0)
+	tags, complete, err = c.ListAllTags(ctx, ngctest.CUDARepo, "", 0)
 	if err != nil || !complete || len(tags) != 250 || elsewhere.Load() != 0 {
 		t.Fatalf("off-origin Link: %d complete=%v %v, %d requests elsewhere", len(tags), complete, err, elsewhere.Load())
 	}
