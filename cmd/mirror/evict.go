@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"log/slog"
 	"time"
 
@@ -8,20 +9,32 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/evict"
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
-// newEvictor builds the evictor that keeps the cache within
+// budget is the cache budget as the wiring uses it: the fill group asks it
+// for room, the pull-through service leases and touches, and serve seeds
+// and runs it. *evict.Evictor, or evict.Unlimited without a budget.
+type budget interface {
+	fill.Budget
+	pull.CacheTracker
+	SeedObjects([]storage.Object)
+	SetPinSource(name string, f evict.PinSource)
+	Run(ctx context.Context)
+}
+
+// newBudget builds the evictor that keeps the cache within
 // cache.max_size and cache.min_free (on the filesystem holding dataDir,
 // filesystem driver only), never evicting the images of cache.pin. The
 // caller seeds it from the start-up listing and runs it (passes every
 // cache.evict_interval and when a commit crosses the budget). It returns
-// nil when no budget is configured; a nil *evict.Evictor is a valid
-// fill.Budget and proxy.CacheTracker that does nothing. The eviction
-// metrics are registered either way. Pin sources (prefetch rules) are
-// added with SetPinSource on the result.
-func newEvictor(cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) *evict.Evictor {
+// evict.Unlimited when no budget is configured. The eviction metrics are
+// registered either way. Pin sources (prefetch rules) are added with
+// SetPinSource on the result.
+func newBudget(cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) budget {
 	log = log.With("component", "evict")
 	m := metrics.NewEviction(reg)
 	opts := evict.Options{
@@ -47,7 +60,7 @@ func newEvictor(cfg config.Config, store *storage.Store, dataDir string, reg pro
 		if len(opts.Pins) > 0 {
 			log.Info("cache.pin has no effect without cache.max_size or cache.min_free")
 		}
-		return nil
+		return evict.Unlimited{}
 	}
 	ev := evict.New(store, opts)
 	log.Info("cache budget", "max_size", opts.MaxSize, "min_free", cfg.Cache.MinFree, "pins", len(opts.Pins), "interval", opts.Interval)

@@ -36,7 +36,9 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tlsreload"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -180,10 +182,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(reg)
 	metrics.BuildInfo(reg, version, revision, runtime.Version())
-	metrics.StorageUsage(reg, store.Usage)
+	metrics.StorageUsage(reg, func(kind string) (int64, int64) { return store.Usage(storage.Kind(kind)) })
 	metrics.FilesystemUsage(reg, dataDir)
-	// Cache budget and eviction (evict.go); nil without a budget.
-	ev := newEvictor(cfg, store, dataDir, reg, log)
+	// Cache budget and eviction (evict.go); evict.Unlimited without one.
+	ev := newBudget(cfg, store, dataDir, reg, log)
 	go func() {
 		// One listing of the cache for its size and the evictor's index.
 		objs, err := store.Scan(ctx)
@@ -212,20 +214,27 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
-	trk, err := newTracked(cfg, st, stKind, rules, up, reg, log)
+	// The pull-through service: what clients, prefetch jobs and the admin
+	// API are served from.
+	svc := pull.New(up, store, fills, pull.Options{
+		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
+		UpstreamTimeout: time.Duration(cfg.Upstream.Timeout),
+		CheckLinks:      policy != nil,
+		Redirect:        cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
+		Cache:           ev, // evict.go
+		Log:             log.With("component", "pull"),
+	})
+	trk, err := newTracked(cfg, dataDir, st, stKind, rules, up, svc, store, reg, log)
 	if err != nil {
 		return err
 	}
-	h := proxy.New(up, store, fills, proxy.Options{
-		Pulls:           trk.tracker,
-		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
-		ManifestTimeout: time.Duration(cfg.Upstream.Timeout),
-		NSAliases:       cfg.Upstream.NSAliases,
-		Log:             log.With("component", "proxy"),
-		Metrics:         m,
-		Access:          policy,
-		BlobRedirect:    cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
-		Cache:           ev, // evict.go
+	pinPrefetchRules(ev, trk.sched)
+	h := proxy.New(svc, proxy.Options{
+		Pulls:     trk.tracker,
+		NSAliases: cfg.Upstream.NSAliases,
+		Log:       log.With("component", "proxy"),
+		Metrics:   m,
+		Access:    policy,
 	})
 	hc := &health.Checker{
 		StorageProbe: store.Probe,
@@ -255,14 +264,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.HandleFunc("/readyz", hc.Readyz)
 	mux.Handle("/auth/token", policy.TokenHandler())
 	mux.Handle("/", h)
+	mux.Handle(admin.Prefix+"/", trk.admin)
 	bgCtx, stopBackground := context.WithCancel(ctx)
 	defer stopBackground()
-	background, err := trk.start(bgCtx, cfg, dataDir, rules, h, store, up, log)
-	if err != nil {
-		return err
-	}
-	mux.Handle(admin.Prefix+"/", trk.admin)
-	pinPrefetchRules(ev, trk.sched)
+	background := trk.start(bgCtx, cfg.Prefetch.Enabled)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
 		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)

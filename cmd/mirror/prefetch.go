@@ -24,6 +24,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/evict"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
@@ -104,9 +105,11 @@ type tracked struct {
 	m       *metrics.Tracking
 }
 
-// newTracked builds tracking and the scheduler (started by run).
-// st and kind come from openState.
-func newTracked(cfg config.Config, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Client, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
+// newTracked builds tag tracking, the prefetch scheduler and the admin API
+// over the pull-through service (started by start). st and kind come from
+// openState.
+func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Client,
+	svc *pull.Service, cache *storage.Store, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
 	tm := metrics.NewTracking(reg)
 	repos := append([]string(nil), cfg.Tracking.Repositories...)
 	for _, r := range rules {
@@ -130,14 +133,8 @@ func newTracked(cfg config.Config, st state.Store, kind string, rules []*prefetc
 		// Not fatal: pulls never need it, and the client reconnects.
 		log.Warn("state store not reachable; tag tracking, pull history and prefetch wait for it", "store", kind, "err", err)
 	}
-	return &tracked{store: st, tracker: trk, m: tm}, nil
-}
-
-// start builds the scheduler and the admin API on the registry handler
-// (the warmer) and starts the background work; it ends with ctx.
-func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, rules []*prefetch.Rule, warm prefetch.Warmer,
-	cache *storage.Store, up *upstream.Client, log *slog.Logger) (done <-chan struct{}, err error) {
-	sched, err := prefetch.New(t.store, t.tracker, warm, prefetch.Options{
+	t := &tracked{store: st, tracker: trk, m: tm}
+	sched, err := prefetch.New(t.store, t.tracker, svc, prefetch.Options{
 		Rules:        rules,
 		PollSchedule: cfg.Tracking.Poll,
 		Auto:         cfg.Prefetch.Auto.Enabled,
@@ -160,24 +157,30 @@ func (t *tracked) start(ctx context.Context, cfg config.Config, dataDir string, 
 	} else {
 		log.Info("admin API", "prefix", admin.Prefix+"/", "token", src)
 	}
-	t.admin = admin.New(sched, t.tracker, warm, cache, admin.Options{
+	t.admin = admin.New(sched, t.tracker, svc, admin.Options{
 		Token:            token,
 		UpstreamHosts:    append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
 		PrefetchDisabled: !cfg.Prefetch.Enabled,
 		Log:              log.With("component", "admin"),
 		Metrics:          t.m,
 	})
+	return t, nil
+}
+
+// start runs tag tracking and, when prefetch is enabled, the scheduler,
+// until ctx ends.
+func (t *tracked) start(ctx context.Context, prefetchEnabled bool) (done <-chan struct{}) {
 	ch := make(chan struct{})
 	go func() {
 		defer close(ch)
 		go t.tracker.Run(ctx)
-		if cfg.Prefetch.Enabled {
-			sched.Run(ctx)
+		if prefetchEnabled {
+			t.sched.Run(ctx)
 		} else {
 			<-ctx.Done()
 		}
 	}()
-	return ch, nil
+	return ch
 }
 
 // adminToken returns the admin API token: admin.token / MIRROR_ADMIN_TOKEN
@@ -223,10 +226,7 @@ var errNoToken = errors.New("no admin token: set MIRROR_ADMIN_TOKEN or --token, 
 
 // pinPrefetchRules keeps the images of prefetch rules with pin: true out of
 // eviction (nothing to do without a budget).
-func pinPrefetchRules(ev *evict.Evictor, sched *prefetch.Scheduler) {
-	if ev == nil {
-		return
-	}
+func pinPrefetchRules(ev budget, sched *prefetch.Scheduler) {
 	ev.SetPinSource("prefetch rules", func(ctx context.Context) ([]evict.Pin, error) {
 		targets, err := sched.PinnedTargets(ctx)
 		if err != nil {

@@ -31,8 +31,8 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -56,23 +56,34 @@ type Options struct {
 	Metrics          *metrics.Tracking
 }
 
+// Puller is what the API needs of the pull-through service (*pull.Service).
+type Puller interface {
+	// Manifest resolves and caches repo's manifest for ref (tag or digest).
+	Manifest(ctx context.Context, repo, ref string) (pull.Manifest, error)
+	// CachedManifest returns manifest dgst if the cache holds it.
+	CachedManifest(ctx context.Context, dgst digest.Digest) (pull.Manifest, error)
+	// BlobCached reports whether blob dgst is in the cache.
+	BlobCached(ctx context.Context, dgst digest.Digest) bool
+	// Blob opens blob dgst of repo, fetching it on a miss.
+	Blob(ctx context.Context, repo string, dgst digest.Digest) (*pull.Blob, error)
+}
+
 // Server is the admin API handler.
 type Server struct {
 	sched   *prefetch.Scheduler
 	tracker *tracking.Tracker
 	store   state.Store
-	warm    prefetch.Warmer
-	cache   *storage.Store
+	pull    Puller
 	opts    Options
 	router  chi.Router
 }
 
 // New returns the API handler (mount it at Prefix; it routes full paths).
-func New(sched *prefetch.Scheduler, tracker *tracking.Tracker, warm prefetch.Warmer, cache *storage.Store, opts Options) *Server {
+func New(sched *prefetch.Scheduler, tracker *tracking.Tracker, puller Puller, opts Options) *Server {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sched: sched, tracker: tracker, store: tracker.Store(), warm: warm, cache: cache, opts: opts}
+	s := &Server{sched: sched, tracker: tracker, store: tracker.Store(), pull: puller, opts: opts}
 	r := chi.NewRouter()
 	r.Use(s.authenticate)
 	r.Get(Prefix+"/repositories", s.repositories)
@@ -278,7 +289,7 @@ func (v *cacheView) tag(ctx context.Context, t state.Tag) (string, []string) {
 }
 
 func (v *cacheView) compute(ctx context.Context, d digest.Digest) cachedAnswer {
-	m, err := v.s.cache.GetManifest(ctx, d)
+	m, err := v.s.pull.CachedManifest(ctx, d)
 	if err != nil {
 		return cachedAnswer{state: "no"}
 	}
@@ -311,7 +322,7 @@ func (v *cacheView) compute(ctx context.Context, d digest.Digest) cachedAnswer {
 func (v *cacheView) image(ctx context.Context, d digest.Digest) bool {
 	ok, seen := v.images[d]
 	if !seen {
-		m, err := v.s.cache.GetManifest(ctx, d)
+		m, err := v.s.pull.CachedManifest(ctx, d)
 		ok = err == nil && v.imageBlobs(ctx, m.Body)
 		v.images[d] = ok
 	}
@@ -326,7 +337,7 @@ func (v *cacheView) imageBlobs(ctx context.Context, body []byte) bool {
 	for _, r := range refs {
 		ok, seen := v.blobs[r.Digest]
 		if !seen {
-			ok = v.s.warm.BlobCached(ctx, r.Digest)
+			ok = v.s.pull.BlobCached(ctx, r.Digest)
 			v.blobs[r.Digest] = ok
 		}
 		if !ok {
@@ -392,12 +403,13 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 		// Resolve now so that an unknown image is an error here, not a
 		// failed job later; this also caches the manifest.
 		uctx, cancel := context.WithTimeout(ctx, time.Minute)
-		mt, body, _, err := s.warm.WarmManifest(uctx, repo, ref)
+		m, err := s.pull.Manifest(uctx, repo, ref)
 		cancel()
 		if err != nil {
 			upstreamFailed(w, err, "manifest")
 			return
 		}
+		mt, body := m.MediaType, m.Body
 		if len(req.Platforms) > 0 {
 			var have []string
 			if manifest.IsIndex(mt) {
@@ -511,16 +523,17 @@ func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (s
 		return "", fmt.Errorf("manifest has no config: %v", err)
 	}
 	cfg := refs[0].Digest // References lists the config first
-	if _, err := s.warm.WarmBlob(ctx, repo, cfg, nil); err != nil {
-		return "", err
-	}
-	rc, err := s.cache.OpenBlob(ctx, cfg, 0)
+	b, err := s.pull.Blob(ctx, repo, cfg)
 	if err != nil {
 		return "", err
 	}
-	defer rc.Close()
+	defer b.Close()
+	rd, err := b.Open(0, b.Size)
+	if err != nil {
+		return "", err
+	}
 	var c manifest.Platform // an image config's os, architecture, variant
-	if err := json.NewDecoder(io.LimitReader(rc, 4<<20)).Decode(&c); err != nil {
+	if err := json.NewDecoder(io.LimitReader(rd, 4<<20)).Decode(&c); err != nil {
 		return "", fmt.Errorf("image config: %w", err)
 	}
 	return c.String(), nil

@@ -31,7 +31,7 @@ func newAPI(t *testing.T) *api {
 	w := prefetchtest.New(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{{
 		Name: "dgx", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Latest: 1}, Platforms: []string{"linux/amd64"}}}})
 	w.Start(t)
-	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Proxy, w.Cache, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}}))
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Pull, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}}))
 	t.Cleanup(srv.Close)
 	return &api{t: t, w: w, srv: srv}
 }
@@ -249,7 +249,7 @@ func TestAdHocRuleBandwidth(t *testing.T) {
 // rather than queued forever.
 func TestPrefetchDisabled(t *testing.T) {
 	w := prefetchtest.New(t, prefetchtest.Options{})
-	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Proxy, w.Cache, admin.Options{Token: token, PrefetchDisabled: true}))
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Pull, admin.Options{Token: token, PrefetchDisabled: true}))
 	defer srv.Close()
 	a := &api{t: t, w: w, srv: srv}
 	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"nvidia/pytorch:17.12"}`, nil); st != http.StatusConflict || code != "UNSUPPORTED" {

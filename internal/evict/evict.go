@@ -78,12 +78,6 @@ import (
 // nothing evictable is left (everything is pinned or being served).
 var ErrFull = errors.New("evict: the cache is full and nothing can be evicted")
 
-// Kinds of cached objects, as in storage.Event.
-const (
-	KindBlob     = "blob"
-	KindManifest = "manifest"
-)
-
 // Pin names an image that eviction keeps: a tag (the manifest the cache's
 // tag record points at, whatever it is at the time of a pass) or a digest.
 type Pin struct {
@@ -169,21 +163,21 @@ type key struct {
 	d    digest.Digest
 }
 
-func kindOf(kind string) (uint8, bool) {
+func kindOf(kind storage.Kind) (uint8, bool) {
 	switch kind {
-	case KindBlob:
+	case storage.KindBlob:
 		return kBlob, true
-	case KindManifest:
+	case storage.KindManifest:
 		return kManifest, true
 	}
 	return 0, false
 }
 
-func kindName(k uint8) string {
+func kindName(k uint8) storage.Kind {
 	if k == kManifest {
-		return KindManifest
+		return storage.KindManifest
 	}
-	return KindBlob
+	return storage.KindBlob
 }
 
 type entry struct {
@@ -210,8 +204,8 @@ type shard struct {
 
 var seed = maphash.MakeSeed()
 
-// Evictor keeps a Store within its budget. Build it with New; a nil
-// *Evictor is valid and does nothing (no budget configured).
+// Evictor keeps a Store within its budget. Build it with New; a cache
+// without a budget uses Unlimited instead.
 type Evictor struct {
 	store  *storage.Store
 	opts   Options
@@ -354,9 +348,6 @@ func (e *Evictor) forget(k key) {
 // Seed adds everything the store holds to the index (SeedObjects of a new
 // listing).
 func (e *Evictor) Seed(ctx context.Context) error {
-	if e == nil {
-		return nil
-	}
 	objs, err := e.store.Objects(ctx)
 	e.SeedObjects(objs)
 	return err
@@ -366,9 +357,6 @@ func (e *Evictor) Seed(ctx context.Context) error {
 // time as last access unless the index saw a later one. Seed the index
 // before Run: passes see only what the index holds.
 func (e *Evictor) SeedObjects(objs []storage.Object) {
-	if e == nil {
-		return
-	}
 	for _, o := range objs {
 		kind, ok := kindOf(o.Kind)
 		if !ok || o.Digest.Validate() != nil {
@@ -391,19 +379,12 @@ func (e *Evictor) SeedObjects(objs []storage.Object) {
 
 // Used returns the bytes of cached content the index holds.
 func (e *Evictor) Used() int64 {
-	if e == nil {
-		return 0
-	}
 	return e.used.Load()
 }
 
-// Touch records an access to a cached object of kind ("blob" or
-// "manifest") now. It takes a read lock and an atomic store; it never
+// Touch records an access to a cached object of kind now. It takes a read lock and an atomic store; it never
 // writes to storage.
-func (e *Evictor) Touch(kind string, d digest.Digest) {
-	if e == nil {
-		return
-	}
+func (e *Evictor) Touch(kind storage.Kind, d digest.Digest) {
 	kd, ok := kindOf(kind)
 	if !ok {
 		return
@@ -430,9 +411,6 @@ func (e *Evictor) Touch(kind string, d digest.Digest) {
 // leaves it alone. It waits while a pass is removing d, and returns ctx's
 // error if ctx ends first.
 func (e *Evictor) Lease(ctx context.Context, d digest.Digest) (release func(), err error) {
-	if e == nil {
-		return func() {}, nil
-	}
 	k := key{kBlob, d}
 	sh := e.shard(d)
 	sh.mu.Lock()
@@ -511,7 +489,7 @@ func (e *Evictor) excess(extra int64) (over bool, need int64) {
 // cached content, or given back), or an error wrapping ErrFull when the
 // blob cannot be cached: the caller serves it without caching.
 func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (release func(), err error) {
-	if e == nil || !e.opts.Enabled() {
+	if !e.opts.Enabled() {
 		return func() {}, nil
 	}
 	if r := e.reserve(size); r != nil {
@@ -593,9 +571,6 @@ func (e *Evictor) refuse(d digest.Digest, size int64, passErr error) {
 // name; nil removes it). Each pass calls every source and keeps what they
 // pin; a source that fails keeps its previous answer.
 func (e *Evictor) SetPinSource(name string, f PinSource) {
-	if e == nil {
-		return
-	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if f == nil {
@@ -610,9 +585,6 @@ func (e *Evictor) SetPinSource(name string, f PinSource) {
 // Options.Interval and whenever a commit takes the cache over budget. Seed
 // the index first (Seed or SeedObjects).
 func (e *Evictor) Run(ctx context.Context) {
-	if e == nil {
-		return
-	}
 	t := time.NewTicker(e.opts.Interval)
 	defer t.Stop()
 	for {
@@ -630,7 +602,7 @@ func (e *Evictor) Run(ctx context.Context) {
 
 // Item is one object an eviction pass removed.
 type Item struct {
-	Kind   string // "blob" or "manifest"
+	Kind   storage.Kind
 	Digest digest.Digest
 	Size   int64 // bytes
 }
@@ -646,7 +618,7 @@ type Result struct {
 // reading manifests or tag records (the pass then removes nothing, since
 // it cannot tell what is pinned) or ctx's.
 func (e *Evictor) Evict(ctx context.Context) (Result, error) {
-	if e == nil || !e.opts.Enabled() {
+	if !e.opts.Enabled() {
 		return Result{}, nil
 	}
 	return e.pass(ctx, 0)
@@ -921,7 +893,7 @@ func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
 	switch {
 	case err == nil:
 		// The store's Removed event took it out of the index.
-		e.opts.Metrics.Evicted(kindName(it.k.kind), size)
+		e.opts.Metrics.Evicted(string(kindName(it.k.kind)), size)
 		e.log.Debug("evicted", "kind", kindName(it.k.kind), "digest", it.k.d, "size", size)
 		return size, true
 	case errors.Is(err, storage.ErrNotFound):
@@ -933,3 +905,27 @@ func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
 	}
 	return 0, false
 }
+
+// Unlimited is the budget of a cache without one (no cache.max_size or
+// cache.min_free): it admits every blob and has nothing to track, lease,
+// pin or evict. It offers the Evictor's methods that the fill group, the
+// pull-through service and cmd/mirror call.
+type Unlimited struct{}
+
+// Admit admits every blob.
+func (Unlimited) Admit(context.Context, digest.Digest, int64) (func(), error) { return func() {}, nil }
+
+// Touch does nothing.
+func (Unlimited) Touch(storage.Kind, digest.Digest) {}
+
+// Lease does nothing and never fails.
+func (Unlimited) Lease(context.Context, digest.Digest) (func(), error) { return func() {}, nil }
+
+// SeedObjects does nothing.
+func (Unlimited) SeedObjects([]storage.Object) {}
+
+// SetPinSource does nothing: nothing is evicted.
+func (Unlimited) SetPinSource(string, PinSource) {}
+
+// Run returns at once: there are no passes.
+func (Unlimited) Run(context.Context) {}

@@ -194,10 +194,10 @@ func TestEvictionOrder(t *testing.T) {
 		} {
 			clk.set(step.minute)
 			for _, d := range step.blobs {
-				e.Touch(evict.KindBlob, d)
+				e.Touch(storage.KindBlob, d)
 			}
 			for _, d := range step.mans {
-				e.Touch(evict.KindManifest, d)
+				e.Touch(storage.KindManifest, d)
 			}
 		}
 		release, err := e.Lease(ctx, leased)
@@ -212,7 +212,7 @@ func TestEvictionOrder(t *testing.T) {
 		}
 		var got []digest.Digest
 		for _, it := range res.Removed {
-			if it.Kind != evict.KindBlob || it.Size != bs {
+			if it.Kind != storage.KindBlob || it.Size != bs {
 				t.Errorf("removed %+v", it)
 			}
 			got = append(got, it.Digest)

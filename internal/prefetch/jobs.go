@@ -21,22 +21,21 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
 
-// Warmer is the cache's pull-through path (*proxy.Handler): what a job
+// Warmer is the cache's pull-through path (*pull.Service): what a job
 // fetches goes exactly where a client's pull would, and coalesces with it.
 type Warmer interface {
-	// WarmManifest returns repo's manifest for ref (tag or digest), from
-	// the cache or fetched and cached.
-	WarmManifest(ctx context.Context, repo, ref string) (mediaType string, body []byte, dgst digest.Digest, err error)
-	// WarmBlob caches blob dgst of repo through the fill group (joining a
+	// Manifest returns repo's manifest for ref (tag or digest), from the
+	// cache or fetched and cached.
+	Manifest(ctx context.Context, repo, ref string) (pull.Manifest, error)
+	// CacheBlob caches blob dgst of repo through the fill group (joining a
 	// fill that runs). wrap, when not nil, wraps the upstream source of a
 	// fill this call starts. fetched reports whether this call caused an
 	// upstream fetch; an already cached blob returns (false, nil).
-	WarmBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error)
-	// BlobCached reports whether dgst is in the cache.
-	BlobCached(ctx context.Context, dgst digest.Digest) bool
+	CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error)
 	// FillClients reports how many callers wait on a running fill of dgst.
 	FillClients(dgst digest.Digest) int
 }
@@ -193,10 +192,11 @@ var errNoPlatform = errors.New("no manifest for the requested platforms")
 
 func (r *runner) execute(ctx context.Context, j *job) error {
 	repo, ref, platforms := j.rec.Repository, j.rec.Reference, j.rec.Platforms
-	mt, body, _, err := r.warm.WarmManifest(ctx, repo, ref)
+	m, err := r.warm.Manifest(ctx, repo, ref)
 	if err != nil {
 		return fmt.Errorf("manifest %s:%s: %w", repo, ref, err)
 	}
+	mt, body := m.MediaType, m.Body
 	var blobs []manifest.Descriptor
 	seen := map[digest.Digest]bool{}
 	addBlobs := func(body []byte) error {
@@ -228,11 +228,11 @@ func (r *runner) execute(ctx context.Context, j *job) error {
 			if len(platforms) > 0 && !slices.ContainsFunc(platforms, func(w string) bool { return manifest.MatchPlatform(p, w) }) {
 				continue
 			}
-			_, cbody, _, err := r.warm.WarmManifest(ctx, repo, c.Digest.String())
+			cm, err := r.warm.Manifest(ctx, repo, c.Digest.String())
 			if err != nil {
 				return fmt.Errorf("manifest %s for %s: %w", c.Digest, p, err)
 			}
-			if err := addBlobs(cbody); err != nil {
+			if err := addBlobs(cm.Body); err != nil {
 				return err
 			}
 			picked++
@@ -296,7 +296,7 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 	for attempt := 0; attempt < 2 && ctx.Err() == nil; attempt++ {
 		var got atomic.Int64
 		var fetched bool
-		fetched, err = r.warm.WarmBlob(ctx, repo, d.Digest, func(src fill.Source) fill.Source {
+		fetched, err = r.warm.CacheBlob(ctx, repo, d.Digest, func(src fill.Source) fill.Source {
 			return r.counted(src, d.Digest, &got, j, lim)
 		})
 		j.bytesLive.Add(-got.Load())

@@ -488,7 +488,7 @@ func TestScheduledTask(t *testing.T) {
 	if got := testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues("task")); got < 2 {
 		t.Errorf("task ticks = %v", got)
 	}
-	if _, err := prefetch.New(w.State, w.Tracker, w.Proxy, prefetch.Options{Tasks: []prefetch.Task{{Name: "x", Schedule: "nope"}}}); err == nil {
+	if _, err := prefetch.New(w.State, w.Tracker, w.Pull, prefetch.Options{Tasks: []prefetch.Task{{Name: "x", Schedule: "nope"}}}); err == nil {
 		t.Error("a task with a bad schedule was accepted")
 	}
 }

@@ -11,214 +11,97 @@ import (
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/opencontainers/go-digest"
 
-	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
-// serveBlob answers GET and HEAD /v2/<name>/blobs/<digest>: from the cache
-// on a hit; on a miss by joining (or starting) the one fill of that digest
-// and streaming from it as bytes arrive.
+// serveBlob answers GET and HEAD /v2/<name>/blobs/<digest> from the
+// pull-through service: HEAD from what it knows of the blob (nothing is
+// fetched), GET with the bytes of the cache, of the running fill (as they
+// arrive) or of the upstream (when the cache refuses the blob).
 func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
 	ctx := r.Context() // dgst is valid and its algorithm available (digest.Parse)
-	if err := h.ensureLink(ctx, name, dgst, kindBlob); err != nil {
-		writeError(w, toAPIError(err, kindBlob))
-		return
-	}
-	if h.cache != nil && r.Method == http.MethodGet {
-		// Before the lookup: eviction then either removed the blob
-		// already (a miss) or leaves it until this response is sent.
-		release, err := h.cache.Lease(ctx, dgst)
-		if err != nil {
-			return // the client went away
-		}
-		defer release()
-	}
-	size, err := h.store.StatBlob(ctx, dgst)
-	if err == nil {
-		if n, gone := h.serveCachedBlob(w, r, dgst, size); !gone {
-			h.hit(dgst, n)
-			return
-		}
-		// Removed (gc) between the lookup and the open: a miss after all.
-		err = storage.ErrNotFound
-	}
-	if !errors.Is(err, storage.ErrNotFound) {
-		h.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
-	}
 	if r.Method == http.MethodHead {
-		size, ok := h.fills.Size(dgst) // being fetched right now
-		if !ok {
-			ctx, cancel := h.upstreamContext(ctx)
-			defer cancel()
-			if size, err = h.up.HeadBlob(ctx, name, dgst); err != nil {
-				writeError(w, toAPIError(err, kindBlob))
-				return
-			}
+		size, hit, err := h.pull.StatBlob(ctx, name, dgst)
+		if err != nil {
+			writeError(w, toAPIError(err, kindBlob))
+			return
 		}
 		// The same headers (and Range answer) as the GET would have.
-		if _, _, status, ok := h.rangeHeaders(w, r, dgst, size); ok {
+		if _, _, status, ok := rangeHeaders(w, r, dgst, size); ok {
 			w.WriteHeader(status)
 		}
-		h.metrics.CacheResult("blob", metrics.Miss, 0)
+		h.metrics.CacheResult(metrics.RouteBlob, cacheResult(hit), 0)
 		return
 	}
-
-	// A fill may find the blob cached, and gc or another process remove it
-	// before it is opened: then fetch it after all, a few times at most.
-	for attempt := 1; ; attempt++ {
-		if h.serveFill(w, r, name, dgst, attempt == 3) {
-			return
-		}
-	}
-}
-
-func (h *Handler) hit(dgst digest.Digest, n int64) {
-	if h.cache != nil {
-		h.cache.Touch("blob", dgst)
-	}
-	h.metrics.CacheResult("blob", metrics.Hit, n)
-}
-
-// serveFill answers a GET miss from the fill of dgst it joins or starts.
-// It returns false, having written nothing, when the fill found the blob
-// cached but it was gone when opened (unless last): the caller tries again.
-func (h *Handler) serveFill(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest, last bool) (done bool) {
-	ctx := r.Context()
-	f, _, err := h.fills.Join(dgst, h.blobSource(name, dgst))
-	if err != nil { // too many downloads at once: the client retries later
-		e := newAPIError(errcode.ErrorCodeUnavailable, "too many blob downloads in progress; retry shortly")
-		e.retryAfter = "5"
-		writeError(w, e)
-		return true
-	}
-	defer f.Release()
-	size, err := f.Wait(ctx)
-	switch {
-	case errors.Is(err, fill.ErrCacheFull):
-		// The budget refused it (logged and counted there).
-		h.metrics.CacheResult("blob", metrics.Miss, h.serveDirect(w, r, name, dgst))
-		return true
-	case errors.Is(err, fill.ErrSpool):
-		h.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", dgst, "err", err)
-		h.metrics.CacheResult("blob", metrics.Miss, h.serveDirect(w, r, name, dgst))
-		return true
-	case err != nil:
-		if ctx.Err() == nil {
+	b, err := h.pull.Blob(ctx, name, dgst)
+	if err != nil {
+		if ctx.Err() == nil { // else the client went away
 			writeError(w, toAPIError(err, kindBlob))
 		}
-		return true
+		return
 	}
-	if f.Cached() {
-		n, gone := h.serveCachedBlob(w, r, dgst, size)
-		if gone && !last {
-			return false
-		}
-		if gone {
-			writeError(w, newAPIError(errcode.ErrorCodeUnavailable, "the blob was removed while being served; retry"))
-			return true
-		}
-		h.hit(dgst, n)
-		return true
-	}
-	if h.verifyFirst(size) {
+	defer b.Close()
+	if !b.Hit() && h.verifyFirst(b.Size) {
 		vctx, cancel := context.WithTimeout(ctx, verifyWait)
-		err := f.Verified(vctx)
+		err := b.WaitVerified(vctx)
 		waited := vctx.Err() != nil // verifyWait passed (or the client left)
 		cancel()
 		switch {
 		case ctx.Err() != nil:
-			return true // the client went away
+			return // the client went away
 		case err != nil && !waited:
 			// Nothing sent yet: a clear error instead of a cut-off 200.
 			h.log.Warn("upstream blob failed before its response started; nothing cached", "digest", dgst, "err", err)
 			writeError(w, toAPIError(err, kindBlob))
-			return true
+			return
 		}
 		// Verified, or still arriving after verifyWait: stream it.
 	}
-	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
+	start, end, status, ok := rangeHeaders(w, r, dgst, b.Size)
 	if !ok {
-		return true
+		return
+	}
+	if u, err := b.RedirectURL(r); err == nil && u != "" {
+		// The client follows with its Range; the URL (its signature) is
+		// never logged.
+		for _, k := range []string{"Content-Length", "Content-Range", "Content-Type", "Accept-Ranges", "Etag", "Cache-Control"} {
+			w.Header().Del(k)
+		}
+		w.Header().Set("Location", u)
+		w.WriteHeader(http.StatusTemporaryRedirect)
+		h.metrics.CacheResult(metrics.RouteBlob, metrics.Hit, end-start)
+		return
+	} else if err != nil {
+		h.log.Warn("no redirect URL for a cached blob; serving it", "digest", dgst, "err", err)
+	}
+	body, err := b.Open(start, end)
+	if err != nil {
+		w.Header().Del("Content-Range")
+		if ctx.Err() == nil {
+			writeError(w, toAPIError(err, kindBlob))
+		}
+		return
 	}
 	w.WriteHeader(status)
-	// Send the headers now, not with the first body bytes: a client whose
-	// bytes are not there yet must not wait for headers (containerd gives
-	// up after 30 s without them).
-	_ = http.NewResponseController(w).Flush()
-	n, err := io.Copy(w, f.NewReader(ctx, start, end))
-	h.metrics.CacheResult("blob", metrics.Miss, n)
+	if !b.Hit() {
+		// Send the headers now, not with the first body bytes: a client
+		// whose bytes are not there yet must not wait for headers
+		// (containerd gives up after 30 s without them).
+		_ = http.NewResponseController(w).Flush()
+	}
+	n, err := io.Copy(w, body)
+	if err == nil && n != end-start {
+		err = io.ErrUnexpectedEOF
+	}
+	h.metrics.CacheResult(metrics.RouteBlob, cacheResult(b.Hit()), n)
 	if err != nil {
 		if ctx.Err() == nil {
-			h.log.Warn("aborting blob response: fill failed", "digest", dgst, "err", err)
+			h.log.Warn("aborting blob response", "digest", dgst, "err", err)
 		}
 		// Never end a short body cleanly: the client must see a broken
 		// transfer, not a truncated blob.
 		panic(http.ErrAbortHandler)
 	}
-	return true
-}
-
-// serveDirect streams a blob from the upstream to one client without
-// caching it, for when the local disk cannot take it. Like a fill, it holds
-// the blob's last byte back until size and digest are verified, and aborts
-// the connection on a mismatch.
-// It returns the body bytes sent.
-func (h *Handler) serveDirect(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) (sent int64) {
-	ctx := r.Context()
-	body, size, err := h.blobSource(name, dgst)(ctx, 0)
-	if err != nil {
-		writeError(w, toAPIError(err, kindBlob))
-		return 0
-	}
-	defer body.Close()
-	if h.verifyFirst(size) {
-		return h.serveDirectSmall(w, r, body, dgst, size)
-	}
-	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
-	if !ok {
-		return 0
-	}
-	w.WriteHeader(status)
-	hasher := dgst.Algorithm().Hash()
-	buf := make([]byte, 256<<10)
-	var off int64
-	var last []byte // the blob's last byte, once read
-	for off < size {
-		n, rerr := body.Read(buf)
-		chunk := buf[:n]
-		hasher.Write(chunk)
-		if off+int64(n) > size {
-			panic(http.ErrAbortHandler) // longer than announced
-		}
-		lo, hi := max(start, off), min(end, off+int64(n), size-1)
-		if lo < hi {
-			m, err := w.Write(chunk[lo-off : hi-off])
-			sent += int64(m)
-			if err != nil {
-				panic(http.ErrAbortHandler)
-			}
-		}
-		if off+int64(n) == size && n > 0 {
-			last = chunk[n-1:]
-		}
-		off += int64(n)
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
-			panic(http.ErrAbortHandler)
-		}
-	}
-	if off != size || digest.NewDigest(dgst.Algorithm(), hasher) != dgst {
-		h.log.Warn("upstream blob failed verification; aborting the client", "digest", dgst)
-		panic(http.ErrAbortHandler)
-	}
-	if end == size && size > 0 {
-		m, _ := w.Write(last)
-		sent += int64(m)
-	}
-	return sent
 }
 
 // verifyFirst reports whether a blob of size bytes is verified before its
@@ -227,101 +110,11 @@ func (h *Handler) verifyFirst(size int64) bool {
 	return h.opts.VerifyBeforeHeaders >= 0 && size <= h.opts.VerifyBeforeHeaders
 }
 
-// serveDirectSmall is serveDirect for a blob small enough to hold in
-// memory: it reads and verifies all of body before it answers, so that a
-// mismatch is a 502 with the OCI error body.
-func (h *Handler) serveDirectSmall(w http.ResponseWriter, r *http.Request, body io.Reader, dgst digest.Digest, size int64) (sent int64) {
-	buf, err := io.ReadAll(io.LimitReader(body, size+1))
-	if err != nil {
-		if r.Context().Err() == nil {
-			writeError(w, toAPIError(err, kindBlob))
-		}
-		return 0
+func cacheResult(hit bool) string {
+	if hit {
+		return metrics.Hit
 	}
-	if int64(len(buf)) != size || dgst.Algorithm().FromBytes(buf) != dgst {
-		h.log.Warn("upstream blob failed verification; nothing sent", "digest", dgst)
-		writeError(w, toAPIError(storage.ErrDigestMismatch, kindBlob))
-		return 0
-	}
-	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
-	if !ok {
-		return 0
-	}
-	w.WriteHeader(status)
-	n, _ := w.Write(buf[start:end])
-	return int64(n)
-}
-
-// blobSource fetches dgst from repository name for a fill; when the
-// upstream streams without Content-Length the size comes from a HEAD.
-func (h *Handler) blobSource(name string, dgst digest.Digest) func(context.Context, int64) (io.ReadCloser, int64, error) {
-	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
-		b, err := h.up.GetBlob(ctx, name, dgst, off)
-		if err != nil {
-			return nil, 0, err
-		}
-		if b.Size < 0 {
-			hctx, cancel := h.upstreamContext(ctx)
-			defer cancel()
-			size, herr := h.up.HeadBlob(hctx, name, dgst)
-			if herr != nil {
-				_ = b.Body.Close()
-				return nil, 0, herr
-			}
-			b.Size = size
-		}
-		return b.Body, b.Size, nil
-	}
-}
-
-// serveCachedBlob answers from the cache and returns the body bytes sent.
-// gone reports that the blob disappeared before it was opened (nothing was
-// written then, so the caller can treat the request as a miss).
-func (h *Handler) serveCachedBlob(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (sent int64, gone bool) {
-	start, end, status, ok := h.rangeHeaders(w, r, dgst, size)
-	if !ok {
-		return 0, false
-	}
-	if r.Method == http.MethodHead {
-		w.WriteHeader(status)
-		return 0, false
-	}
-	if h.opts.BlobRedirect {
-		if u, err := h.store.BlobURL(r, dgst); err == nil && u != "" {
-			// The client follows with its Range; the URL (its signature)
-			// is never logged.
-			for _, k := range []string{"Content-Length", "Content-Range", "Content-Type", "Accept-Ranges", "Etag", "Cache-Control"} {
-				w.Header().Del(k)
-			}
-			w.Header().Set("Location", u)
-			w.WriteHeader(http.StatusTemporaryRedirect)
-			return end - start, false
-		} else if err != nil {
-			h.log.Warn("no redirect URL for a cached blob; serving it", "digest", dgst, "err", err)
-		}
-	}
-	rc, err := h.store.OpenBlob(r.Context(), dgst, start)
-	if errors.Is(err, storage.ErrNotFound) {
-		w.Header().Del("Content-Range")
-		return 0, true
-	}
-	if err != nil {
-		writeError(w, toAPIError(err, kindBlob))
-		return 0, false
-	}
-	defer rc.Close()
-	w.WriteHeader(status)
-	// io.CopyN wraps rc in an io.LimitedReader, which net/http's sendfile
-	// path still recognises around an *os.File.
-	n, err := io.CopyN(w, rc, end-start)
-	if err != nil {
-		if r.Context().Err() == nil {
-			h.log.Warn("aborting cached blob response", "digest", dgst, "err", err)
-		}
-		h.metrics.CacheResult("blob", metrics.Hit, n)
-		panic(http.ErrAbortHandler)
-	}
-	return n, false
+	return metrics.Miss
 }
 
 func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {
@@ -340,7 +133,7 @@ func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {
 // (RFC 9110 section 14); a malformed or multi-range header is ignored and
 // the whole blob sent (RFC 9110 allows that). ok is false when the response
 // was already written.
-func (h *Handler) rangeHeaders(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (start, end int64, status int, ok bool) {
+func rangeHeaders(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (start, end int64, status int, ok bool) {
 	blobHeaders(w, dgst, size)
 	start, end, rs := parseRange(r.Header.Get("Range"), size)
 	switch rs {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -59,6 +60,12 @@ func toAPIError(err error, k kind) *apiError {
 	var te *auth.TokenError
 	var ne net.Error
 	switch {
+	case errors.Is(err, pull.ErrBusy):
+		e := newAPIError(errcode.ErrorCodeUnavailable, "too many blob downloads in progress; retry shortly")
+		e.retryAfter = "5"
+		return e
+	case errors.Is(err, pull.ErrGone):
+		return newAPIError(errcode.ErrorCodeUnavailable, "the blob was removed while being served; retry")
 	case errors.Is(err, upstream.ErrNotFound):
 		switch k {
 		case kindManifest:
@@ -122,14 +129,4 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(e.status)
 	_, _ = w.Write(body)
-}
-
-// isAuthoritative reports whether err is the upstream's own answer about the
-// content (not found, access refused), as opposed to an outage, during which
-// a stale cached tag may still be served.
-func isAuthoritative(err error) bool {
-	var te *auth.TokenError
-	return errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrUnauthorized) ||
-		errors.Is(err, upstream.ErrDenied) ||
-		(errors.As(err, &te) && te.StatusCode >= 400 && te.StatusCode < 500 && te.StatusCode != http.StatusTooManyRequests)
 }

@@ -290,13 +290,13 @@ func TestCachePurgedDuringConcurrentPulls(t *testing.T) {
 // fakeTracker records what the proxy tells a CacheTracker.
 type fakeTracker struct {
 	mu       sync.Mutex
-	touches  map[string]int // by kind
+	touches  map[storage.Kind]int
 	active   map[digest.Digest]int
 	leases   int
 	releases int
 }
 
-func (f *fakeTracker) Touch(kind string, d digest.Digest) {
+func (f *fakeTracker) Touch(kind storage.Kind, d digest.Digest) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.touches[kind]++
@@ -326,7 +326,7 @@ func (f *fakeTracker) activeLeases(d digest.Digest) int {
 // none; cache hits of blobs and manifests are touched.
 func TestProxyLeasesAndTouches(t *testing.T) {
 	t.Parallel()
-	ft := &fakeTracker{touches: map[string]int{}, active: map[digest.Digest]int{}}
+	ft := &fakeTracker{touches: map[storage.Kind]int{}, active: map[digest.Digest]int{}}
 	e := newEnv(t, envOpts{cache: ft})
 	layer := e.fx.CUDA.Layers[1]
 	var leasedDuringFetch atomic.Int64

@@ -1,6 +1,8 @@
 // Package proxy is the mirror's HTTP face: the read side of the OCI
-// Distribution v2 API (manifests, blobs, tag lists) served from the cache,
-// with pull-through to the upstream registry on a miss.
+// Distribution v2 API (manifests, blobs, tag lists). It routes, validates
+// names, references and digests, applies the access policy, parses Range,
+// sets headers and maps errors to the OCI error envelope; what is served
+// comes from the pull-through service (internal/pull).
 package proxy
 
 import (
@@ -16,45 +18,27 @@ import (
 	"github.com/go-chi/chi/v5"
 	"github.com/go-chi/chi/v5/middleware"
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
-	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
-	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
-// Options configure a Handler. Zero values take the defaults noted.
+// Options configure a Handler.
 type Options struct {
-	// TagFreshness is how long a tag → digest mapping confirmed by the
-	// upstream is served without asking again (default 5 minutes).
-	TagFreshness time.Duration
-	// ManifestTimeout bounds one upstream manifest or tag-list exchange,
-	// token included (default 30 s).
-	ManifestTimeout time.Duration
 	// NSAliases are extra values of containerd's ?ns= query that select the
 	// upstream, besides its own host (for example "nvcr.io" when the
 	// upstream URL is some other address of it).
 	NSAliases []string
 	Log       *slog.Logger
 	Metrics   *metrics.Metrics // nil records nothing
-	// BlobRedirect answers cache-hit blob GETs with a redirect to the
-	// storage's presigned URL when it offers one (S3), so that bytes flow
-	// from the store to the client. HEAD and manifests are still answered
-	// here.
-	BlobRedirect bool
-	// Cache, when set, is told of every cache hit (the access times that
-	// eviction orders by) and holds a lease on each blob while a GET
-	// serves it, so that eviction never removes what a response streams
-	// (internal/evict.Evictor).
-	Cache CacheTracker
 	// Access decides who may pull what. nil serves everything to everyone
 	// (tests); cmd/mirror always sets one, whose default opens only the
-	// public namespaces.
+	// public namespaces. With a policy, the pull service must check links
+	// (pull.Options.CheckLinks).
 	Access *access.Policy
 	// Pulls, when set, is told of every manifest served (GET or HEAD with
 	// status 200), for the pull history. It must not block.
@@ -70,11 +54,6 @@ type Options struct {
 	// after 30 s without them) and a failed check aborts the transfer.
 	// Default 4 MiB (DefaultVerifyBeforeHeaders); negative: never.
 	VerifyBeforeHeaders int64
-	// TagListMaxPages bounds the upstream pages merged for a tag list
-	// asked without n (default upstream.MaxTagPages: 100 pages, 10,000
-	// tags at nvcr.io's 100 a page). A list cut there is answered with a
-	// Link to the rest, on this mirror.
-	TagListMaxPages int
 }
 
 // DefaultVerifyBeforeHeaders is Options.VerifyBeforeHeaders' default (bytes):
@@ -87,53 +66,31 @@ const DefaultVerifyBeforeHeaders = 4 << 20
 // must arrive well before containerd's 30 s.
 const verifyWait = 10 * time.Second
 
-// CacheTracker follows cache use for eviction (internal/evict.Evictor).
-type CacheTracker interface {
-	// Touch records an access to a cached object of kind "blob" or
-	// "manifest". It must be cheap: it runs on every hit.
-	Touch(kind string, dgst digest.Digest)
-	// Lease keeps blob dgst in the cache until release is called; an
-	// error (ctx ended) means the request is abandoned.
-	Lease(ctx context.Context, dgst digest.Digest) (release func(), err error)
-}
-
 // PullRecorder receives served manifests (*tracking.Tracker).
 type PullRecorder interface {
 	Served(tracking.ManifestServed)
 }
 
-// Handler serves the registry API. Build it with New.
+// Handler serves the registry API over the pull-through service. Build it
+// with New.
 type Handler struct {
-	up        *upstream.Client
-	store     *storage.Store
-	fills     *fill.Group
-	opts      Options
-	log       *slog.Logger
-	metrics   *metrics.Metrics
-	access    *access.Policy
-	cache     CacheTracker       // nil: no eviction to tell
-	manifests singleflight.Group // one upstream manifest exchange per repo:ref
-	router    chi.Router
+	pull    *pull.Service
+	opts    Options
+	log     *slog.Logger
+	metrics *metrics.Metrics
+	access  *access.Policy
+	router  chi.Router
 }
 
-// New returns the registry API handler.
-func New(up *upstream.Client, store *storage.Store, fills *fill.Group, opts Options) *Handler {
-	if opts.TagFreshness <= 0 {
-		opts.TagFreshness = 5 * time.Minute
-	}
-	if opts.ManifestTimeout <= 0 {
-		opts.ManifestTimeout = 30 * time.Second
-	}
+// New returns the registry API handler over svc.
+func New(svc *pull.Service, opts Options) *Handler {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
-	}
-	if opts.TagListMaxPages <= 0 {
-		opts.TagListMaxPages = upstream.MaxTagPages
 	}
 	if opts.VerifyBeforeHeaders == 0 {
 		opts.VerifyBeforeHeaders = DefaultVerifyBeforeHeaders
 	}
-	h := &Handler{up: up, store: store, fills: fills, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access, cache: opts.Cache}
+	h := &Handler{pull: svc, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access}
 	r := chi.NewRouter()
 	r.Use(apiVersion, h.observe)
 	r.Get("/v2/", h.base)
@@ -352,7 +309,7 @@ func validateName(name string) *apiError {
 // the configured upstream. It is never part of a cache key.
 func (h *Handler) checkNS(r *http.Request) *apiError {
 	ns := r.URL.Query().Get("ns")
-	if ns == "" || strings.EqualFold(ns, h.up.Host()) {
+	if ns == "" || strings.EqualFold(ns, h.pull.Registry()) {
 		return nil
 	}
 	for _, a := range h.opts.NSAliases {
@@ -360,6 +317,6 @@ func (h *Handler) checkNS(r *http.Request) *apiError {
 			return nil
 		}
 	}
-	e := newAPIError(errcode.ErrorCodeNameUnknown, "this mirror serves "+h.up.Host()+", not the registry named by ns")
+	e := newAPIError(errcode.ErrorCodeNameUnknown, "this mirror serves "+h.pull.Registry()+", not the registry named by ns")
 	return e
 }

@@ -28,6 +28,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -60,12 +61,13 @@ type envOpts struct {
 	// budget, if set, puts the cache under an evict.Evictor with these
 	// options (the fill asks it for room, the proxy leases and touches).
 	budget func(fx *ngctest.Fixture) evict.Options
-	// cache, if set, is the proxy's CacheTracker (instead of the evictor).
-	cache proxy.CacheTracker
+	// cache, if set, is the pull service's CacheTracker (instead of the
+	// evictor).
+	cache pull.CacheTracker
 	// verifyBefore is proxy.Options.VerifyBeforeHeaders (0: its default);
 	// -1 puts every blob on the streaming path of a large one.
 	verifyBefore int64
-	// tagListMaxPages is proxy.Options.TagListMaxPages (0: its default).
+	// tagListMaxPages is pull.Options.TagListMaxPages (0: its default).
 	tagListMaxPages int
 }
 
@@ -118,7 +120,8 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 	}
 	fills := fill.NewGroup(store, o.fill)
-	h := proxy.New(client, store, fills, proxy.Options{TagFreshness: o.tagFreshness, NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, BlobRedirect: o.redirect, Cache: o.cache, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore, TagListMaxPages: o.tagListMaxPages})
+	svc := pull.New(client, store, fills, pull.Options{TagFreshness: o.tagFreshness, CheckLinks: o.access != nil, Redirect: o.redirect, Cache: o.cache, TagListMaxPages: o.tagListMaxPages})
+	h := proxy.New(svc, proxy.Options{NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	// Fills outlive their clients: let a commit finish before the cache

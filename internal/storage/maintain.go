@@ -28,7 +28,7 @@ const (
 
 // Damage is one cached object whose content does not match its digest.
 type Damage struct {
-	Kind    string // "blob" or "manifest"
+	Kind    Kind
 	Digest  digest.Digest
 	Path    string // driver path
 	Problem string
@@ -39,7 +39,7 @@ type Damage struct {
 type CheckProgress func(objects, totalObjects, bytes, totalBytes int64)
 
 type object struct {
-	kind string
+	kind Kind
 	path string
 	dgst digest.Digest
 	size int64
@@ -50,7 +50,7 @@ type object struct {
 // size, modification time).
 func (s *Store) objects(ctx context.Context) ([]object, error) {
 	var out []object
-	for kind, root := range map[string]string{"blob": "/blobs", "manifest": "/manifests"} {
+	for kind, root := range map[Kind]string{KindBlob: "/blobs", KindManifest: "/manifests"} {
 		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
 			if fi.IsDir() || pendingPut.MatchString(fi.Path()) {
 				return nil
@@ -123,7 +123,7 @@ func (s *Store) verify(ctx context.Context, o object) string {
 	}
 	defer rc.Close()
 	h := o.dgst.Algorithm().Hash()
-	if o.kind == "manifest" {
+	if o.kind == KindManifest {
 		raw, err := io.ReadAll(io.LimitReader(rc, 64<<20))
 		if err != nil {
 			return "unreadable: " + err.Error()
@@ -146,7 +146,7 @@ func (s *Store) repair(ctx context.Context, o object, r Repair) error {
 	var err error
 	switch r {
 	case Quarantine:
-		dst := path.Join("/_quarantine", o.kind, string(o.dgst.Algorithm()), o.dgst.Encoded()+"."+time.Now().UTC().Format("20060102T150405Z"))
+		dst := path.Join("/_quarantine", string(o.kind), string(o.dgst.Algorithm()), o.dgst.Encoded()+"."+time.Now().UTC().Format("20060102T150405Z"))
 		err = translate(s.d.Move(ctx, o.path, dst))
 	case Delete:
 		err = translate(s.d.Delete(ctx, o.path))
@@ -183,7 +183,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 	// Mark: everything a cached manifest refers to.
 	live := map[digest.Digest]bool{}
 	for _, o := range objs {
-		if o.kind != "manifest" {
+		if o.kind != KindManifest {
 			continue
 		}
 		m, err := s.GetManifest(ctx, o.dgst)
@@ -197,15 +197,15 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 	}
 	cutoff := time.Now().Add(-grace)
 	for _, o := range objs {
-		if o.kind != "blob" || live[o.dgst] || o.mod.After(cutoff) {
+		if o.kind != KindBlob || live[o.dgst] || o.mod.After(cutoff) {
 			continue
 		}
 		if !dryRun {
 			if err := s.d.Delete(ctx, o.path); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
 				return res, fmt.Errorf("storage: removing %s: %w", o.path, err)
 			}
-			s.subUsage("blob", o.size)
-			s.emit(Event{Kind: "blob", Digest: o.dgst, Size: o.size, Removed: true})
+			s.subUsage(KindBlob, o.size)
+			s.emit(Event{Kind: KindBlob, Digest: o.dgst, Size: o.size, Removed: true})
 		}
 		res.Blobs++
 		res.BlobBytes += o.size
@@ -231,7 +231,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 
 // Object is one cached blob or manifest as listed by Objects.
 type Object struct {
-	Kind    string        // "blob" or "manifest"
+	Kind    Kind
 	Digest  digest.Digest // from the path; may fail Validate for a stray file
 	Size    int64         // bytes as stored
 	ModTime time.Time     // when it was written (the driver's modification time)
@@ -254,17 +254,17 @@ func (s *Store) Objects(ctx context.Context) ([]Object, error) {
 // starts after the removal fails, so callers must not remove a blob that is
 // being served (see internal/evict's leases).
 func (s *Store) RemoveBlob(ctx context.Context, dgst digest.Digest) (int64, error) {
-	return s.remove(ctx, "blob", "blobs", dgst)
+	return s.remove(ctx, KindBlob, "blobs", dgst)
 }
 
 // RemoveManifest deletes the cached manifest dgst (tag records pointing at
 // it stay; the proxy refetches a tag whose manifest is missing) and returns
 // the bytes it held, or an error wrapping ErrNotFound.
 func (s *Store) RemoveManifest(ctx context.Context, dgst digest.Digest) (int64, error) {
-	return s.remove(ctx, "manifest", "manifests", dgst)
+	return s.remove(ctx, KindManifest, "manifests", dgst)
 }
 
-func (s *Store) remove(ctx context.Context, kind, dir string, dgst digest.Digest) (int64, error) {
+func (s *Store) remove(ctx context.Context, kind Kind, dir string, dgst digest.Digest) (int64, error) {
 	p, err := contentPath(dir, dgst)
 	if err != nil {
 		return 0, err
@@ -281,7 +281,7 @@ func (s *Store) remove(ctx context.Context, kind, dir string, dgst digest.Digest
 	return fi.Size(), nil
 }
 
-func (s *Store) subUsage(kind string, bytes int64) {
+func (s *Store) subUsage(kind Kind, bytes int64) {
 	s.usageMu.Lock()
 	defer s.usageMu.Unlock()
 	if u := s.usage[kind]; u != nil && u.Objects > 0 {

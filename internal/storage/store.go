@@ -59,13 +59,25 @@ var (
 
 const uploadsDir = "/_uploads"
 
+// Kind says what a cached object is: a blob or a manifest.
+type Kind string
+
+// Kinds of cached objects.
+const (
+	KindBlob     Kind = "blob"
+	KindManifest Kind = "manifest"
+)
+
+// Kinds lists every Kind.
+var Kinds = []Kind{KindBlob, KindManifest}
+
 // Store is the cache. It is safe for concurrent use.
 type Store struct {
 	d         driver.StorageDriver
 	localRoot string // see WithLocalRoot
 
 	usageMu sync.Mutex
-	usage   map[string]*Usage // by kind: "blob", "manifest"
+	usage   map[Kind]*Usage
 
 	notify atomic.Pointer[func(Event)] // see Notify
 
@@ -100,7 +112,7 @@ func (s *Store) rememberLink(repo string, d digest.Digest) {
 // was removed (RemoveBlob, RemoveManifest, GC). Content another process
 // adds or removes is not reported.
 type Event struct {
-	Kind    string // "blob" or "manifest"
+	Kind    Kind
 	Digest  digest.Digest
 	Size    int64 // bytes as stored (a manifest's media type line included)
 	Removed bool
@@ -132,7 +144,7 @@ type Usage struct {
 
 // New returns a Store on d.
 func New(d driver.StorageDriver, opts ...Option) *Store {
-	s := &Store{d: d, usage: map[string]*Usage{"blob": {}, "manifest": {}}}
+	s := &Store{d: d, usage: map[Kind]*Usage{KindBlob: {}, KindManifest: {}}}
 	for _, o := range opts {
 		o(s)
 	}
@@ -148,9 +160,9 @@ type Option func(*Store)
 // instead of writing every byte twice.
 func WithLocalRoot(dir string) Option { return func(s *Store) { s.localRoot = dir } }
 
-// Usage returns the bytes and objects of kind ("blob" or "manifest") that
-// this process has counted: what Scan found plus what was added since.
-func (s *Store) Usage(kind string) (bytes, objects int64) {
+// Usage returns the bytes and objects of kind that this process has
+// counted: what Scan found plus what was added since.
+func (s *Store) Usage(kind Kind) (bytes, objects int64) {
 	s.usageMu.Lock()
 	defer s.usageMu.Unlock()
 	if u := s.usage[kind]; u != nil {
@@ -159,7 +171,7 @@ func (s *Store) Usage(kind string) (bytes, objects int64) {
 	return 0, 0
 }
 
-func (s *Store) addUsage(kind string, bytes int64) {
+func (s *Store) addUsage(kind Kind, bytes int64) {
 	s.usageMu.Lock()
 	u := s.usage[kind]
 	u.Bytes += bytes
@@ -386,8 +398,8 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
 	}
 	if statErr != nil {
-		w.s.addUsage("blob", w.n)
-		w.s.emit(Event{Kind: "blob", Digest: w.want, Size: w.n})
+		w.s.addUsage(KindBlob, w.n)
+		w.s.emit(Event{Kind: KindBlob, Digest: w.want, Size: w.n})
 	}
 	return nil
 }
@@ -476,8 +488,8 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 		return translate(err)
 	}
 	if statErr != nil {
-		s.addUsage("manifest", int64(len(raw)))
-		s.emit(Event{Kind: "manifest", Digest: dgst, Size: int64(len(raw))})
+		s.addUsage(KindManifest, int64(len(raw)))
+		s.emit(Event{Kind: KindManifest, Digest: dgst, Size: int64(len(raw))})
 	}
 	return nil
 }

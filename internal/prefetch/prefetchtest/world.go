@@ -1,7 +1,7 @@
 // Package prefetchtest builds a whole mirror in process for tests of
 // tracking, prefetch and the admin API: the fake nvcr.io (internal/ngctest)
-// with its fixture, a filesystem cache, the fill group, the registry
-// handler on a loopback HTTP server, a state store (embedded bbolt or a
+// with its fixture, a filesystem cache, the fill group, the pull-through
+// service and the registry handler over it on a loopback HTTP server, a state store (embedded bbolt or a
 // real redis-server), the tracker and the scheduler.
 package prefetchtest
 
@@ -22,6 +22,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
+	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -58,6 +59,7 @@ type World struct {
 	Fx      *ngctest.Fixture
 	Cache   *storage.Store
 	Fills   *fill.Group
+	Pull    *pull.Service
 	Proxy   *proxy.Handler
 	Server  *httptest.Server
 	State   state.Store
@@ -115,7 +117,8 @@ func New(t *testing.T, o Options) *World {
 	to := o.Tracking
 	to.Metrics = w.Metrics
 	w.Tracker = tracking.New(w.State, client, to)
-	w.Proxy = proxy.New(client, w.Cache, w.Fills, proxy.Options{Pulls: w.Tracker, NSAliases: []string{"nvcr.io"}})
+	w.Pull = pull.New(client, w.Cache, w.Fills, pull.Options{})
+	w.Proxy = proxy.New(w.Pull, proxy.Options{Pulls: w.Tracker, NSAliases: []string{"nvcr.io"}})
 	w.Server = httptest.NewServer(w.Proxy)
 	t.Cleanup(w.Server.Close)
 
@@ -137,7 +140,7 @@ func New(t *testing.T, o Options) *World {
 	if po.Owner == "" {
 		po.Owner = t.Name()
 	}
-	s, err := prefetch.New(w.State, w.Tracker, w.Proxy, po)
+	s, err := prefetch.New(w.State, w.Tracker, w.Pull, po)
 	if err != nil {
 		t.Fatal(err)
 	}

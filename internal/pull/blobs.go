@@ -1,0 +1,305 @@
+package pull
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// Blob is one blob being read, from the cache, from the fill that is
+// downloading it, or (when the cache cannot take it) straight from the
+// upstream. Its size is known; pick the bytes to read with Open. A Blob
+// holds a lease on the digest (eviction leaves it alone) and, on a miss, a
+// place in the fill: Close it when done.
+type Blob struct {
+	Digest digest.Digest
+	Size   int64 // bytes
+
+	s        *Service
+	ctx      context.Context
+	repo     string
+	hit      bool          // read from the cache
+	fill     *fill.Fill    // read from a running fill
+	direct   io.ReadCloser // streamed from the upstream, not cached
+	held     []byte        // all of direct, read and verified (WaitVerified)
+	release  func()        // the lease
+	closers  []io.Closer
+	attempts int // fills joined
+}
+
+// Blob opens blob dgst of repository repo for a GET. With
+// Options.CheckLinks, a blob cached under another repository is served
+// only once the upstream confirmed (a HEAD) that repo holds it; otherwise
+// the answer is an upstream 404.
+//
+// On a miss it joins the running fill of dgst or starts one, and returns
+// once the size is known (the body streams as the fill goes). When the
+// cache refuses the blob (budget full, local disk trouble) the blob is
+// streamed from the upstream to this caller only, still verified. Errors:
+// the upstream's (see IsAuthoritative), ErrBusy (too many downloads at
+// once; retry shortly), verification errors (storage.ErrDigestMismatch,
+// storage.ErrSizeMismatch, fill.ErrUnknownSize), fill.ErrIdle, or ctx's.
+func (s *Service) Blob(ctx context.Context, repo string, dgst digest.Digest) (*Blob, error) {
+	if err := s.checkLink(ctx, repo, dgst, storage.KindBlob); err != nil {
+		return nil, err
+	}
+	// Before the lookup: eviction then either removed the blob already
+	// (a miss) or leaves it until the blob is closed.
+	release, err := s.cache.Lease(ctx, dgst)
+	if err != nil {
+		return nil, err // ctx ended
+	}
+	b := &Blob{Digest: dgst, s: s, ctx: ctx, repo: repo, release: release}
+	size, err := s.store.StatBlob(ctx, dgst)
+	if err == nil {
+		b.Size, b.hit = size, true
+		return b, nil
+	}
+	if !errors.Is(err, storage.ErrNotFound) {
+		s.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
+	}
+	if err := b.fetch(); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// StatBlob returns the size in bytes of blob dgst of repository repo, for a
+// HEAD, and whether the cache holds it: from the cache, a running fill, or
+// an upstream HEAD (nothing is fetched). Link checks and errors as for
+// Blob.
+func (s *Service) StatBlob(ctx context.Context, repo string, dgst digest.Digest) (size int64, hit bool, err error) {
+	if err := s.checkLink(ctx, repo, dgst, storage.KindBlob); err != nil {
+		return 0, false, err
+	}
+	size, err = s.store.StatBlob(ctx, dgst)
+	if err == nil {
+		s.cache.Touch(storage.KindBlob, dgst)
+		return size, true, nil
+	}
+	if !errors.Is(err, storage.ErrNotFound) {
+		s.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
+	}
+	if size, ok := s.fills.Size(dgst); ok { // being fetched right now
+		return size, false, nil
+	}
+	uctx, cancel := s.upstreamContext(ctx)
+	defer cancel()
+	size, err = s.up.HeadBlob(uctx, repo, dgst)
+	return size, false, err
+}
+
+// fetch joins (or starts) the fill of the blob and waits for its size.
+func (b *Blob) fetch() error {
+	s := b.s
+	b.attempts++
+	f, _, err := s.fills.Join(b.Digest, s.source(b.repo, b.Digest))
+	if err != nil {
+		return err // ErrBusy
+	}
+	size, err := f.Wait(b.ctx)
+	switch {
+	case errors.Is(err, fill.ErrCacheFull), errors.Is(err, fill.ErrSpool):
+		f.Release()
+		if errors.Is(err, fill.ErrSpool) {
+			s.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", b.Digest, "err", err)
+		} // a full budget was logged and counted by the evictor
+		body, size, err := s.source(b.repo, b.Digest)(b.ctx, 0)
+		if err != nil {
+			return err
+		}
+		b.direct, b.Size = body, size
+		return nil
+	case err != nil:
+		f.Release()
+		return err
+	}
+	if f.Cached() { // committed meanwhile: read it from the cache
+		f.Release()
+		b.Size, b.hit = size, true
+		return nil
+	}
+	b.fill, b.Size = f, size
+	return nil
+}
+
+// Hit reports whether the blob is read from the cache (valid after Open,
+// which can turn a hit into a miss when the blob was removed meanwhile).
+func (b *Blob) Hit() bool { return b.hit }
+
+// RedirectURL returns a URL the client can fetch the cached blob from
+// itself (a presigned URL of 20 minutes on S3), or "" when there is none:
+// Options.Redirect is off, the blob is not read from the cache, or the
+// storage offers no such URL (the filesystem). The URL is a credential:
+// never log it.
+func (b *Blob) RedirectURL(r *http.Request) (string, error) {
+	if !b.s.opts.Redirect || !b.hit {
+		return "", nil
+	}
+	u, err := b.s.store.BlobURL(r, b.Digest)
+	if err == nil && u != "" {
+		b.s.cache.Touch(storage.KindBlob, b.Digest)
+	}
+	return u, err
+}
+
+// Open returns a reader of bytes [start, end) of the blob (0 <= start <=
+// end <= Size). The reader fails rather than end early: a fill that fails,
+// or upstream content that does not verify, is a Read error, never a short
+// clean EOF, and the blob's last byte is only released once the whole blob
+// is verified. On a local disk cache the reader is a file (sendfile). Open
+// fails with ErrGone when the blob kept disappearing from the cache before
+// it could be opened, or with the error of a new fill it had to join.
+func (b *Blob) Open(start, end int64) (io.Reader, error) {
+	switch {
+	case b.held != nil:
+		return bytes.NewReader(b.held[start:end]), nil
+	case b.direct != nil:
+		return newVerifier(b.direct, b.Digest, b.Size, start, end), nil
+	case b.fill != nil:
+		return b.fill.NewReader(b.ctx, start, end), nil
+	}
+	rc, err := b.s.store.OpenBlob(b.ctx, b.Digest, start)
+	if errors.Is(err, storage.ErrNotFound) {
+		// Removed (gc, eviction elsewhere) after the lookup: a miss after
+		// all. Its size is its digest's, so the caller's headers hold.
+		b.hit = false
+		if b.attempts >= 3 {
+			return nil, ErrGone
+		}
+		if err := b.fetch(); err != nil {
+			return nil, err
+		}
+		return b.Open(start, end)
+	}
+	if err != nil {
+		return nil, err
+	}
+	b.closers = append(b.closers, rc)
+	b.s.cache.Touch(storage.KindBlob, b.Digest)
+	// An io.LimitedReader of an *os.File, which net/http still sends
+	// with sendfile(2).
+	return io.LimitReader(rc, end-start), nil
+}
+
+// WaitVerified blocks until the whole blob is in and matches its digest
+// (nil at once for a cached blob), the download failed (its error), or
+// ctx ends (ctx's error). A caller that wants to answer a small blob's
+// errors with a status rather than a cut-off body waits for it before it
+// sends anything. A blob streamed from the upstream without caching is
+// read into memory here (Size bytes: only for small blobs) and verified
+// (an error wrapping storage.ErrDigestMismatch or ErrSizeMismatch); ctx
+// does not bound that read, the Blob's own context does.
+func (b *Blob) WaitVerified(ctx context.Context) error {
+	switch {
+	case b.fill != nil:
+		return b.fill.Verified(ctx)
+	case b.direct != nil && b.held == nil:
+		buf, err := io.ReadAll(io.LimitReader(b.direct, b.Size+1))
+		if err != nil {
+			return err
+		}
+		if int64(len(buf)) != b.Size {
+			return fmt.Errorf("%w: upstream sent %d bytes, want %d", storage.ErrSizeMismatch, len(buf), b.Size)
+		}
+		if got := b.Digest.Algorithm().FromBytes(buf); got != b.Digest {
+			return fmt.Errorf("%w: upstream blob hashes to %s", storage.ErrDigestMismatch, got)
+		}
+		b.held = buf
+	}
+	return nil
+}
+
+// Close releases the lease, the fill and any open file.
+func (b *Blob) Close() {
+	for _, c := range b.closers {
+		_ = c.Close()
+	}
+	b.closers = nil
+	if b.fill != nil {
+		b.fill.Release()
+		b.fill = nil
+	}
+	if b.direct != nil {
+		_ = b.direct.Close()
+		b.direct = nil
+	}
+	if b.release != nil {
+		b.release()
+		b.release = nil
+	}
+}
+
+// source fetches dgst from repository repo for a fill; when the upstream
+// streams without Content-Length the size comes from a HEAD.
+func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
+	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
+		b, err := s.up.GetBlob(ctx, repo, dgst, off)
+		if err != nil {
+			return nil, 0, err
+		}
+		if b.Size < 0 {
+			hctx, cancel := s.upstreamContext(ctx)
+			defer cancel()
+			size, herr := s.up.HeadBlob(hctx, repo, dgst)
+			if herr != nil {
+				_ = b.Body.Close()
+				return nil, 0, herr
+			}
+			b.Size = size
+		}
+		return b.Body, b.Size, nil
+	}
+}
+
+// CacheBlob caches blob dgst of repository repo, joining a running fill of
+// it or starting one whose upstream source wrap (when not nil) wraps (a
+// prefetch's bandwidth cap and progress). It returns once the blob is
+// committed; fetched reports whether it was not cached before this call.
+// Errors: the fill's, ErrBusy, ErrNotCached (verified but the cache could
+// not keep it), or ctx's.
+func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error) {
+	if s.BlobCached(ctx, dgst) {
+		return false, nil
+	}
+	src := s.source(repo, dgst)
+	if wrap != nil {
+		src = wrap(src)
+	}
+	f, _, err := s.fills.Join(dgst, src)
+	if err != nil {
+		return false, err
+	}
+	defer f.Release()
+	if _, err := f.Wait(ctx); err != nil {
+		return false, err
+	}
+	if f.Cached() {
+		return false, nil
+	}
+	if err := f.Done(ctx); err != nil {
+		return false, err
+	}
+	if !s.BlobCached(ctx, dgst) {
+		return false, ErrNotCached
+	}
+	return true, nil
+}
+
+// BlobCached reports whether blob dgst is in the cache.
+func (s *Service) BlobCached(ctx context.Context, dgst digest.Digest) bool {
+	_, err := s.store.StatBlob(ctx, dgst)
+	return err == nil
+}
+
+// FillClients reports how many callers wait on a running fill of dgst.
+func (s *Service) FillClients(dgst digest.Digest) int { return s.fills.Clients(dgst) }

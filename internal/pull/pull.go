@@ -1,0 +1,174 @@
+// Package pull is the mirror's pull-through service, apart from HTTP: it
+// answers "give me this manifest, this blob, these tags" from the cache,
+// or from the upstream registry on a miss, and keeps the cache right while
+// doing so.
+//
+// It owns the rules of a pull-through cache:
+//
+//   - freshness: a tag confirmed by the upstream within TagFreshness is
+//     served from the cache; an older one is revalidated (HEAD, then GET
+//     when the digest moved);
+//   - stale-if-error: when the upstream is unreachable, failing (5xx) or
+//     rate limiting, a cached tag (and the cached tag list) is served;
+//   - fills: a blob miss joins the one download of that digest
+//     (internal/fill), or starts it; a blob the cache cannot take is
+//     streamed from the upstream, verified, without being cached;
+//   - leases: a blob being read is leased from eviction (CacheTracker) and
+//     every hit is reported for the LRU order;
+//   - links: with CheckLinks, content cached under one repository is
+//     served under another only once the upstream confirmed that the other
+//     holds it too (storage links).
+//
+// internal/proxy puts the OCI Distribution HTTP API on top; internal/prefetch
+// and internal/admin call the same methods, so that a prefetch and a client
+// pull of one blob make one upstream fetch.
+package pull
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
+)
+
+// Store is what the service needs of the cache (*storage.Store).
+type Store interface {
+	StatBlob(ctx context.Context, dgst digest.Digest) (int64, error)
+	OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error)
+	BlobURL(r *http.Request, dgst digest.Digest) (string, error)
+	GetManifest(ctx context.Context, dgst digest.Digest) (*storage.Manifest, error)
+	PutManifest(ctx context.Context, mediaType string, dgst digest.Digest, body []byte) error
+	GetTag(ctx context.Context, repo, tag string) (storage.TagRecord, error)
+	PutTag(ctx context.Context, repo, tag string, rec storage.TagRecord) error
+	DeleteTag(ctx context.Context, repo, tag string) error
+	ListTags(ctx context.Context, repo string) ([]string, error)
+	GetTagList(ctx context.Context, repo string) (storage.TagList, error)
+	PutTagList(ctx context.Context, repo string, tl storage.TagList) error
+	PutLinks(ctx context.Context, repo string, dgsts ...digest.Digest) error
+	HasLink(ctx context.Context, repo string, dgst digest.Digest) (bool, error)
+}
+
+// CacheTracker follows cache use for eviction (*evict.Evictor, or
+// evict.Unlimited without a budget).
+type CacheTracker interface {
+	// Touch records an access to a cached object. It must be cheap: it
+	// runs on every hit.
+	Touch(kind storage.Kind, dgst digest.Digest)
+	// Lease keeps blob dgst in the cache until release is called; an
+	// error (ctx ended) means the request is abandoned.
+	Lease(ctx context.Context, dgst digest.Digest) (release func(), err error)
+}
+
+// Options configure a Service. Zero values take the defaults noted.
+type Options struct {
+	// TagFreshness is how long a tag → digest mapping confirmed by the
+	// upstream is served without asking again (default 5 minutes).
+	TagFreshness time.Duration
+	// UpstreamTimeout bounds one upstream manifest, tag-list or blob HEAD
+	// exchange, token included (default 30 s). Blob bodies are bounded by
+	// the fill's idle timeout instead.
+	UpstreamTimeout time.Duration
+	// CheckLinks serves cached content under a repository only when it is
+	// known to belong to it (see Service.Blob). Set it whenever clients
+	// are not all allowed everything (an access policy is in force).
+	CheckLinks bool
+	// Redirect makes Blob.RedirectURL offer the storage's presigned URL
+	// of a cached blob (S3), so that bytes flow from the store to the
+	// client.
+	Redirect bool
+	// TagListMaxPages bounds the upstream pages merged for a tag list
+	// asked without n (default upstream.MaxTagPages: 100 pages, 10,000
+	// tags at nvcr.io's 100 a page). A list cut there is answered with
+	// TagPage.More, so that the rest is one request away.
+	TagListMaxPages int
+	// Cache is told of every hit and leases blobs being read (default:
+	// nothing to tell).
+	Cache CacheTracker
+	Log   *slog.Logger
+}
+
+// Service is the pull-through cache. Build it with New; it is safe for
+// concurrent use.
+type Service struct {
+	up        *upstream.Client
+	store     Store
+	fills     *fill.Group
+	opts      Options
+	log       *slog.Logger
+	cache     CacheTracker
+	manifests singleflight.Group // one upstream manifest exchange per repo:ref
+}
+
+// New returns the service over the upstream client, the cache and its fill
+// group.
+func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Service {
+	if opts.TagFreshness <= 0 {
+		opts.TagFreshness = 5 * time.Minute
+	}
+	if opts.UpstreamTimeout <= 0 {
+		opts.UpstreamTimeout = 30 * time.Second
+	}
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Cache == nil {
+		opts.Cache = noTracker{}
+	}
+	if opts.TagListMaxPages <= 0 {
+		opts.TagListMaxPages = upstream.MaxTagPages
+	}
+	return &Service{up: up, store: store, fills: fills, opts: opts, log: opts.Log, cache: opts.Cache}
+}
+
+// Registry is the host of the upstream registry the service pulls from
+// (its URL's host[:port], for example "nvcr.io").
+func (s *Service) Registry() string { return s.up.Host() }
+
+type noTracker struct{}
+
+func (noTracker) Touch(storage.Kind, digest.Digest) {}
+func (noTracker) Lease(context.Context, digest.Digest) (func(), error) {
+	return func() {}, nil
+}
+
+// upstreamContext detaches an upstream exchange from one caller's
+// cancellation (others may share it) and bounds it.
+func (s *Service) upstreamContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), s.opts.UpstreamTimeout)
+}
+
+// IsAuthoritative reports whether err is the upstream's own answer about
+// the content (not found, access refused), as opposed to an outage, during
+// which stale cached content may still be served.
+func IsAuthoritative(err error) bool {
+	var te *auth.TokenError
+	return errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrUnauthorized) ||
+		errors.Is(err, upstream.ErrDenied) ||
+		(errors.As(err, &te) && te.StatusCode >= 400 && te.StatusCode < 500 && te.StatusCode != http.StatusTooManyRequests)
+}
+
+// errNotHeld is what a link check answers for content the repository does
+// not hold: the same as for content that does not exist.
+var errNotHeld = &upstream.Error{StatusCode: http.StatusNotFound}
+
+// ErrBusy is returned by Blob when limits.max_fills downloads run already
+// and none of them is of the blob asked: retry shortly.
+var ErrBusy = fill.ErrTooManyFills
+
+// ErrGone is returned by Blob.Open when the blob was removed (gc, another
+// replica) each time it was about to be read: retry.
+var ErrGone = errors.New("pull: the blob was removed while being served")
+
+// ErrNotCached is returned by CacheBlob when the blob was fetched and
+// verified but the cache could not keep it (disk trouble, budget full).
+var ErrNotCached = errors.New("pull: blob could not be cached")
