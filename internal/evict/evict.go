@@ -204,10 +204,24 @@ type shard struct {
 
 var seed = maphash.MakeSeed()
 
+// Store is what eviction needs of the cache (*storage.Store).
+type Store interface {
+	// Notify subscribes to the cache's changes (commits, removals).
+	Notify(func(storage.Event))
+	// Objects lists every cached blob and manifest (the seed).
+	Objects(ctx context.Context) ([]storage.Object, error)
+	// GetManifest reads a manifest, for what it refers to.
+	GetManifest(ctx context.Context, dgst digest.Digest) (*storage.Manifest, error)
+	// GetTag resolves a tag pin.
+	GetTag(ctx context.Context, repo, tag string) (storage.TagRecord, error)
+	RemoveBlob(ctx context.Context, dgst digest.Digest) (int64, error)
+	RemoveManifest(ctx context.Context, dgst digest.Digest) (int64, error)
+}
+
 // Evictor keeps a Store within its budget. Build it with New; a cache
 // without a budget uses Unlimited instead.
 type Evictor struct {
-	store  *storage.Store
+	store  Store
 	opts   Options
 	log    *slog.Logger
 	shards [nShards]shard
@@ -233,7 +247,7 @@ type Evictor struct {
 // New returns an Evictor for store and subscribes it to the store's
 // changes (storage.Store.Notify). Call Run to seed it and start the
 // periodic passes.
-func New(store *storage.Store, opts Options) *Evictor {
+func New(store Store, opts Options) *Evictor {
 	if opts.LowWater <= 0 || opts.LowWater > 1 {
 		opts.LowWater = 0.9
 	}

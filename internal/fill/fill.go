@@ -92,9 +92,16 @@ type Options struct {
 	Metrics *metrics.Metrics // nil records nothing
 }
 
+// Store is what fills need of the cache (*storage.Store): whether a blob
+// is there, and an upload that verifies and commits it.
+type Store interface {
+	StatBlob(ctx context.Context, dgst digest.Digest) (int64, error)
+	CreateBlob(ctx context.Context, dgst digest.Digest, size int64) (*storage.BlobWriter, error)
+}
+
 // Group runs at most one fill per digest. It is safe for concurrent use.
 type Group struct {
-	store *storage.Store
+	store Store
 	opts  Options
 
 	mu    sync.Mutex
@@ -102,7 +109,7 @@ type Group struct {
 }
 
 // NewGroup returns a Group that commits fills to store.
-func NewGroup(store *storage.Store, opts Options) *Group {
+func NewGroup(store Store, opts Options) *Group {
 	if opts.SpoolDir == "" {
 		opts.SpoolDir = os.TempDir()
 	}
