@@ -34,7 +34,7 @@ type budget interface {
 // evict.Unlimited when no budget is configured. The eviction metrics are
 // registered either way. Pin sources (prefetch rules) are added with
 // SetPinSource on the result.
-func newBudget(cfg config.Config, store *storage.Store, dataDir string, reg prometheus.Registerer, log *slog.Logger) budget {
+func newBudget(cfg config.Config, store *storage.Store, dataDir, registry string, reg prometheus.Registerer, log *slog.Logger) budget {
 	log = log.With("component", "evict")
 	m := metrics.NewEviction(reg)
 	opts := evict.Options{
@@ -42,6 +42,7 @@ func newBudget(cfg config.Config, store *storage.Store, dataDir string, reg prom
 		MinFree:        cfg.Cache.MinFree.Bytes,
 		MinFreePercent: cfg.Cache.MinFree.Percent,
 		Interval:       time.Duration(cfg.Cache.EvictInterval),
+		Registry:       registry,
 		Log:            log,
 		Metrics:        m,
 	}

@@ -184,8 +184,26 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	metrics.BuildInfo(reg, version, revision, runtime.Version())
 	metrics.StorageUsage(reg, func(kind string) (int64, int64) { return store.Usage(storage.Kind(kind)) })
 	metrics.FilesystemUsage(reg, dataDir)
+	origin := cfg.UpstreamURL()
+	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
+	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
+	rt.OnTokenExchange = m.TokenExchange
+	up := upstream.New(origin, rt)
+	up.OnBackoffRefusal = m.BackoffRefusal
+	up.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
+	up.OnBytes = m.UpstreamReceived
+	registry := pull.RegistryName(up)
+
+	// The cache layout: a cache of an older layout is migrated, one of a
+	// newer layout refused (never misread).
+	if _, err := store.EnsureLayout(ctx, registry, log.With("component", "storage")); errors.Is(err, storage.ErrLayout) {
+		return err
+	} else if err != nil {
+		log.Error("cannot bring the cache to the current layout; tags and links cached before are not used (read-only cache?)", "err", err)
+	}
+
 	// Cache budget and eviction (evict.go); evict.Unlimited without one.
-	ev := newBudget(cfg, store, dataDir, reg, log)
+	ev := newBudget(cfg, store, dataDir, registry, reg, log)
 	go func() {
 		// One listing of the cache for its size and the evictor's index.
 		objs, err := store.Scan(ctx)
@@ -195,15 +213,6 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		ev.SeedObjects(objs)
 		ev.Run(ctx)
 	}()
-
-	origin := cfg.UpstreamURL()
-	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
-	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
-	rt.OnTokenExchange = m.TokenExchange
-	up := upstream.New(origin, rt)
-	up.OnBackoffRefusal = m.BackoffRefusal
-	up.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
-	up.OnBytes = m.UpstreamReceived
 
 	fills := fill.NewGroup(store, fill.Options{
 		SpoolDir:           spoolDir,

@@ -29,7 +29,7 @@
 //     its blobs; the manifest bytes are kept (they are small). A client
 //     pulling the image again gets the manifest from the cache and the
 //     missing blobs are fetched again on demand (a cache miss, one fill per
-//     digest); repository links (/repositories/<name>/_links) stay, so access
+//     digest); repository links (storage.LinkPath) stay, so access
 //     checks still pass. Manifests themselves are removed only when
 //     removing every evictable blob was not enough.
 //
@@ -81,6 +81,7 @@ var ErrFull = errors.New("evict: the cache is full and nothing can be evicted")
 // Pin names an image that eviction keeps: a tag (the manifest the cache's
 // tag record points at, whatever it is at the time of a pass) or a digest.
 type Pin struct {
+	Registry   string // "": Options.Registry
 	Repository string
 	Tag        string        // "" when Digest is set
 	Digest     digest.Digest // "" when Tag is set
@@ -138,9 +139,12 @@ type Options struct {
 	// (default 10 s).
 	AdmitTimeout time.Duration
 	// Pins are images always kept (from the configuration).
-	Pins    []Pin
-	Log     *slog.Logger
-	Metrics *metrics.Eviction // nil records nothing
+	Pins []Pin
+	// Registry is the upstream registry of pins that name none (the cache
+	// keys tag records by registry: storage.Repo).
+	Registry string
+	Log      *slog.Logger
+	Metrics  *metrics.Eviction // nil records nothing
 	// Now returns the time (default time.Now); tests set it.
 	Now func() time.Time
 	// FreeSpace returns the free and total bytes of the cache's filesystem
@@ -213,7 +217,7 @@ type Store interface {
 	// GetManifest reads a manifest, for what it refers to.
 	GetManifest(ctx context.Context, dgst digest.Digest) (*storage.Manifest, error)
 	// GetTag resolves a tag pin.
-	GetTag(ctx context.Context, repo, tag string) (storage.TagRecord, error)
+	GetTag(ctx context.Context, repo storage.Repo, tag string) (storage.TagRecord, error)
 	RemoveBlob(ctx context.Context, dgst digest.Digest) (int64, error)
 	RemoveManifest(ctx context.Context, dgst digest.Digest) (int64, error)
 }
@@ -858,7 +862,11 @@ func (e *Evictor) pinned(ctx context.Context, byDigest map[digest.Digest][]*item
 	for _, p := range pins {
 		d := p.Digest
 		if d == "" {
-			rec, err := e.store.GetTag(ctx, p.Repository, p.Tag)
+			reg := p.Registry
+			if reg == "" {
+				reg = e.opts.Registry
+			}
+			rec, err := e.store.GetTag(ctx, storage.Repo{Registry: reg, Name: p.Repository}, p.Tag)
 			if errors.Is(err, storage.ErrNotFound) {
 				continue // not cached: nothing to keep
 			}

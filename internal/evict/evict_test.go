@@ -141,7 +141,7 @@ func TestEvictionOrder(t *testing.T) {
 		// must watch the store from the first commit.
 		var opts evict.Options
 		opts.Now, opts.Metrics = clk.now, m
-		opts.Pins = []evict.Pin{{Repository: "lab/p", Tag: "1"}}
+		opts.Pins, opts.Registry = []evict.Pin{{Repository: "lab/p", Tag: "1"}}, "nvcr.io"
 		const bs = 1000
 
 		clk.set(1)
@@ -152,7 +152,7 @@ func TestEvictionOrder(t *testing.T) {
 		cp, lp := putBlob(t, s, bs), putBlob(t, s, bs)
 		mp := putImage(t, s, cp, lp)
 		ip := putIndex(t, s, mp)
-		if err := s.PutTag(ctx, "lab/p", "1", storage.TagRecord{Digest: ip, MediaType: "application/vnd.oci.image.index.v1+json", ConfirmedAt: clk.now()}); err != nil {
+		if err := s.PutTag(ctx, storage.Repo{Registry: "nvcr.io", Name: "lab/p"}, "1", storage.TagRecord{Digest: ip, MediaType: "application/vnd.oci.image.index.v1+json", ConfirmedAt: clk.now()}); err != nil {
 			t.Fatal(err)
 		}
 		// Image A of lab/a, then image B of lab/b sharing a layer with A.
@@ -259,12 +259,12 @@ func TestAdmitWhenFull(t *testing.T) {
 		m := metrics.NewEviction(reg)
 		c, l := putBlob(t, s, 2000), putBlob(t, s, 3000)
 		mp := putImage(t, s, c, l)
-		if err := s.PutTag(ctx, "lab/p", "1", storage.TagRecord{Digest: mp}); err != nil {
+		if err := s.PutTag(ctx, storage.Repo{Registry: "nvcr.io", Name: "lab/p"}, "1", storage.TagRecord{Digest: mp}); err != nil {
 			t.Fatal(err)
 		}
 		leased := putBlob(t, s, 4000)
 		// A budget of exactly what is cached.
-		opts := evict.Options{Metrics: m, MaxSize: usage(s), Pins: []evict.Pin{{Repository: "lab/p", Tag: "1"}}}
+		opts := evict.Options{Metrics: m, MaxSize: usage(s), Pins: []evict.Pin{{Repository: "lab/p", Tag: "1"}}, Registry: "nvcr.io"}
 		e := evict.New(s, opts)
 		if err := e.Seed(ctx); err != nil {
 			t.Fatal(err)
@@ -352,7 +352,11 @@ func TestSeedOrderAfterRestart(t *testing.T) {
 	base := time.Now().Add(-time.Hour)
 	for i, n := range []int{1, 3, 0, 2} {
 		d := blobs[i]
-		p := filepath.Join(dir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())
+		bp, err := storage.Path(storage.BlobPath{Digest: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, filepath.FromSlash(bp))
 		mt := base.Add(time.Duration(n) * time.Minute)
 		if err := os.Chtimes(p, mt, mt); err != nil {
 			t.Fatal(err)

@@ -321,14 +321,14 @@ func TestDiskFullServesFromUpstream(t *testing.T) {
 	if got := testutil.ToFloat64(m.FillNotCached); got != 1 {
 		t.Fatalf("uncached fills counted: %v", got)
 	}
-	if entries, err := e.store.Driver().List(t.Context(), "/_uploads"); err == nil && len(entries) > 0 {
+	if entries, err := e.store.Driver().List(t.Context(), mustPath(t, storage.UploadsPath{})); err == nil && len(entries) > 0 {
 		t.Fatalf("partial uploads left behind: %v", entries)
 	}
 
 	// A local cache that cannot take an upload (here: "_uploads" is a file,
 	// not a directory) streams the blob straight from the upstream.
 	local := newEnv(t, envOpts{})
-	if err := local.store.Driver().PutContent(t.Context(), "/_uploads", []byte("in the way")); err != nil {
+	if err := local.store.Driver().PutContent(t.Context(), mustPath(t, storage.UploadsPath{}), []byte("in the way")); err != nil {
 		t.Fatal(err)
 	}
 	layer = local.fx.CUDA.Layers[1]
@@ -428,7 +428,7 @@ func TestStopWithoutClients(t *testing.T) {
 type vanishingDriver struct{ driver.StorageDriver }
 
 func (d vanishingDriver) Reader(ctx context.Context, path string, offset int64) (io.ReadCloser, error) {
-	if strings.HasPrefix(path, "/blobs/") {
+	if root, _ := storage.Path(storage.ContentRoot{Kind: storage.KindBlob}); strings.HasPrefix(path, root+"/") {
 		_ = d.StorageDriver.Delete(ctx, path)
 		return nil, driver.PathNotFoundError{Path: path}
 	}
@@ -453,4 +453,14 @@ func TestBlobGoneBetweenLookupAndOpen(t *testing.T) {
 	if !bytes.Equal(r.body, layer.Body[:10]) || r.header.Get("Content-Range") != "bytes 0-9/"+itoa(len(layer.Body)) {
 		t.Fatalf("fallback: %q %q", r.body, r.header.Get("Content-Range"))
 	}
+}
+
+// mustPath is the cache's driver path of spec.
+func mustPath(t *testing.T, spec storage.PathSpec) string {
+	t.Helper()
+	p, err := storage.Path(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

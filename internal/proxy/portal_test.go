@@ -64,7 +64,7 @@ func TestCaptivePortalUpstream(t *testing.T) {
 	if _, err := e.store.GetManifest(ctx, child.Manifest.Digest); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("a manifest was cached through the portal: %v", err)
 	}
-	if _, err := e.store.GetTag(ctx, ngctest.PytorchRepo, ngctest.PytorchTag); !errors.Is(err, storage.ErrNotFound) {
+	if _, err := e.store.GetTag(ctx, e.repo(ngctest.PytorchRepo), ngctest.PytorchTag); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("a tag was recorded through the portal: %v", err)
 	}
 	// Cached before the portal: served stale, as while the upstream is down.

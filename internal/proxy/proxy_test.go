@@ -113,7 +113,9 @@ func newEnv(t *testing.T, o envOpts) *env {
 	}
 	var ev *evict.Evictor
 	if o.budget != nil {
-		ev = evict.New(store, o.budget(fx))
+		bo := o.budget(fx)
+		bo.Registry = pull.RegistryName(client) // of pins
+		ev = evict.New(store, bo)
 		o.fill.Budget = ev
 		if o.cache == nil {
 			o.cache = ev
@@ -751,4 +753,9 @@ func TestMetricsColdThenHot(t *testing.T) {
 	if got := val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")); got != 2*n {
 		t.Fatalf("blob requests %v", got)
 	}
+}
+
+// repo is the cache's key of repository name of the env's upstream.
+func (e *env) repo(name string) storage.Repo {
+	return storage.Repo{Registry: strings.ToLower(e.up.Host()), Name: name}
 }

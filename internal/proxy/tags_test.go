@@ -75,12 +75,12 @@ func TestCompleteTagList(t *testing.T) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return true
 	})
-	tl, err := e.store.GetTagList(t.Context(), ngctest.CUDARepo)
+	tl, err := e.store.GetTagList(t.Context(), e.repo(ngctest.CUDARepo))
 	if err != nil || !tl.Complete || len(tl.Tags) != len(want) {
 		t.Fatalf("cached tag list: %+v %v", tl, err)
 	}
 	tl.ConfirmedAt = time.Now().Add(-2 * time.Hour) // past the freshness
-	if err := e.store.PutTagList(t.Context(), ngctest.CUDARepo, tl); err != nil {
+	if err := e.store.PutTagList(t.Context(), e.repo(ngctest.CUDARepo), tl); err != nil {
 		t.Fatal(err)
 	}
 	if got := tagList(t, e.do(t, http.MethodGet, path)); !slices.Equal(got, want) {

@@ -121,7 +121,7 @@ func (s *Service) cacheManifest(ctx context.Context, repo string, um *upstream.M
 		for _, r := range refs {
 			links = append(links, r.Digest)
 		}
-		if err := s.store.PutLinks(ctx, repo, links...); err != nil {
+		if err := s.store.PutLinks(ctx, s.repo(repo), links...); err != nil {
 			s.log.Warn("linking manifest content failed", "repository", repo, "digest", m.Digest, "err", err)
 		}
 	}
@@ -141,7 +141,7 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 	if !s.opts.CheckLinks {
 		return nil
 	}
-	if ok, err := s.store.HasLink(ctx, repo, dgst); err == nil && ok {
+	if ok, err := s.store.HasLink(ctx, s.repo(repo), dgst); err == nil && ok {
 		return nil
 	}
 	if k == storage.KindManifest {
@@ -159,7 +159,7 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 	_, err := s.up.HeadBlob(uctx, repo, dgst)
 	switch {
 	case err == nil:
-		if lerr := s.store.PutLinks(ctx, repo, dgst); lerr != nil {
+		if lerr := s.store.PutLinks(ctx, s.repo(repo), dgst); lerr != nil {
 			s.log.Warn("recording link failed", "repository", repo, "digest", dgst, "err", lerr)
 		}
 		return nil
@@ -172,7 +172,7 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 // manifestByTag serves repo:tag (see Manifest). hit reports whether the
 // manifest bytes came from the cache.
 func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage.Manifest, bool, error) {
-	rec, recErr := s.store.GetTag(ctx, repo, tag)
+	rec, recErr := s.store.GetTag(ctx, s.repo(repo), tag)
 	var cached *storage.Manifest
 	if recErr == nil {
 		if m, err := s.store.GetManifest(ctx, rec.Digest); err == nil {
@@ -189,7 +189,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 			d, err := s.up.HeadManifest(ctx, repo, tag, nil)
 			if err == nil && d.Digest == cached.Digest {
 				rec.ConfirmedAt = time.Now()
-				if perr := s.store.PutTag(ctx, repo, tag, rec); perr != nil {
+				if perr := s.store.PutTag(ctx, s.repo(repo), tag, rec); perr != nil {
 					s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
 				}
 				return cached, nil
@@ -204,7 +204,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 		}
 		m := s.cacheManifest(ctx, repo, um)
 		nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
-		if perr := s.store.PutTag(ctx, repo, tag, nrec); perr != nil {
+		if perr := s.store.PutTag(ctx, s.repo(repo), tag, nrec); perr != nil {
 			s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
 		}
 		return m, nil
@@ -219,7 +219,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 		return cached, true, nil
 	}
 	if errors.Is(err, upstream.ErrNotFound) && recErr == nil {
-		if derr := s.store.DeleteTag(context.WithoutCancel(ctx), repo, tag); derr != nil {
+		if derr := s.store.DeleteTag(context.WithoutCancel(ctx), s.repo(repo), tag); derr != nil {
 			s.log.Warn("forgetting deleted tag failed", "repository", repo, "tag", tag, "err", derr)
 		}
 	}

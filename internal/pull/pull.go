@@ -30,6 +30,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -48,14 +49,14 @@ type Store interface {
 	BlobURL(r *http.Request, dgst digest.Digest) (string, error)
 	GetManifest(ctx context.Context, dgst digest.Digest) (*storage.Manifest, error)
 	PutManifest(ctx context.Context, mediaType string, dgst digest.Digest, body []byte) error
-	GetTag(ctx context.Context, repo, tag string) (storage.TagRecord, error)
-	PutTag(ctx context.Context, repo, tag string, rec storage.TagRecord) error
-	DeleteTag(ctx context.Context, repo, tag string) error
-	ListTags(ctx context.Context, repo string) ([]string, error)
-	GetTagList(ctx context.Context, repo string) (storage.TagList, error)
-	PutTagList(ctx context.Context, repo string, tl storage.TagList) error
-	PutLinks(ctx context.Context, repo string, dgsts ...digest.Digest) error
-	HasLink(ctx context.Context, repo string, dgst digest.Digest) (bool, error)
+	GetTag(ctx context.Context, repo storage.Repo, tag string) (storage.TagRecord, error)
+	PutTag(ctx context.Context, repo storage.Repo, tag string, rec storage.TagRecord) error
+	DeleteTag(ctx context.Context, repo storage.Repo, tag string) error
+	ListTags(ctx context.Context, repo storage.Repo) ([]string, error)
+	GetTagList(ctx context.Context, repo storage.Repo) (storage.TagList, error)
+	PutTagList(ctx context.Context, repo storage.Repo, tl storage.TagList) error
+	PutLinks(ctx context.Context, repo storage.Repo, dgsts ...digest.Digest) error
+	HasLink(ctx context.Context, repo storage.Repo, dgst digest.Digest) (bool, error)
 }
 
 // CacheTracker follows cache use for eviction (*evict.Evictor, or
@@ -103,6 +104,7 @@ type Service struct {
 	up        *upstream.Client
 	store     Store
 	fills     *fill.Group
+	registry  string
 	opts      Options
 	log       *slog.Logger
 	cache     CacheTracker
@@ -127,12 +129,21 @@ func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Ser
 	if opts.TagListMaxPages <= 0 {
 		opts.TagListMaxPages = upstream.MaxTagPages
 	}
-	return &Service{up: up, store: store, fills: fills, opts: opts, log: opts.Log, cache: opts.Cache}
+	return &Service{up: up, store: store, fills: fills, registry: RegistryName(up), opts: opts, log: opts.Log, cache: opts.Cache}
 }
 
-// Registry is the host of the upstream registry the service pulls from
-// (its URL's host[:port], for example "nvcr.io").
-func (s *Service) Registry() string { return s.up.Host() }
+// RegistryName is the name of up's registry: its URL's host[:port] in
+// lower case ("nvcr.io"). It keys tag records and links in the cache.
+func RegistryName(up *upstream.Client) string { return strings.ToLower(up.Host()) }
+
+// Registry is the name of the upstream registry the service pulls from
+// (RegistryName).
+func (s *Service) Registry() string { return s.registry }
+
+// repo is the cache's key of repository name on the upstream.
+func (s *Service) repo(name string) storage.Repo {
+	return storage.Repo{Registry: s.registry, Name: name}
+}
 
 type noTracker struct{}
 

@@ -33,7 +33,7 @@ func (s *Service) Tags(ctx context.Context, repo string, n int, last string) (Ta
 	if IsAuthoritative(err) {
 		return TagPage{}, err
 	}
-	cached, cerr := s.store.ListTags(ctx, repo)
+	cached, cerr := s.store.ListTags(ctx, s.repo(repo))
 	if cerr != nil {
 		return TagPage{}, err
 	}
@@ -76,7 +76,7 @@ func (s *Service) AllTags(ctx context.Context, repo, last string) (TagPage, erro
 // or, without one, the tags this cache holds records of; an authoritative
 // answer (404, denied) is returned as the error.
 func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagList, error) {
-	cached, cerr := s.store.GetTagList(ctx, repo)
+	cached, cerr := s.store.GetTagList(ctx, s.repo(repo))
 	if cerr == nil && time.Since(cached.ConfirmedAt) < s.opts.TagFreshness {
 		return cached, nil
 	}
@@ -97,7 +97,7 @@ func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagLis
 		if !complete {
 			s.log.Warn("tag list cut at the page bound", "repository", repo, "tags", len(tags), "pages", s.opts.TagListMaxPages)
 		}
-		if perr := s.store.PutTagList(ctx, repo, tl); perr != nil {
+		if perr := s.store.PutTagList(ctx, s.repo(repo), tl); perr != nil {
 			s.log.Warn("caching tag list failed", "repository", repo, "err", perr)
 		}
 		return tl, nil
@@ -112,7 +112,7 @@ func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagLis
 		s.log.Warn("upstream unavailable; serving cached tag list", "repository", repo, "confirmed_at", cached.ConfirmedAt, "err", err)
 		return cached, nil
 	}
-	if known, kerr := s.store.ListTags(ctx, repo); kerr == nil {
+	if known, kerr := s.store.ListTags(ctx, s.repo(repo)); kerr == nil {
 		s.log.Warn("upstream unavailable; listing cached tags", "repository", repo, "err", err)
 		return storage.TagList{Tags: known, Complete: true}, nil
 	}
@@ -131,4 +131,3 @@ func after(sorted []string, last string) []string {
 	}
 	return sorted[i:]
 }
-

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path"
 	"strings"
 	"time"
 
@@ -50,7 +49,8 @@ type object struct {
 // size, modification time).
 func (s *Store) objects(ctx context.Context) ([]object, error) {
 	var out []object
-	for kind, root := range map[Kind]string{KindBlob: "/blobs", KindManifest: "/manifests"} {
+	for _, kind := range Kinds {
+		root := mustPath(ContentRoot{kind})
 		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
 			if fi.IsDir() || pendingPut.MatchString(fi.Path()) {
 				return nil
@@ -146,7 +146,7 @@ func (s *Store) repair(ctx context.Context, o object, r Repair) error {
 	var err error
 	switch r {
 	case Quarantine:
-		dst := path.Join("/_quarantine", string(o.kind), string(o.dgst.Algorithm()), o.dgst.Encoded()+"."+time.Now().UTC().Format("20060102T150405Z"))
+		dst := mustPath(QuarantinePath{Kind: o.kind, Digest: o.dgst, At: time.Now()})
 		err = translate(s.d.Move(ctx, o.path, dst))
 	case Delete:
 		err = translate(s.d.Delete(ctx, o.path))
@@ -210,7 +210,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 		res.Blobs++
 		res.BlobBytes += o.size
 	}
-	err = s.d.Walk(ctx, uploadsDir, func(fi driver.FileInfo) error {
+	err = s.d.Walk(ctx, mustPath(UploadsPath{}), func(fi driver.FileInfo) error {
 		if fi.IsDir() || fi.ModTime().After(cutoff) {
 			return nil
 		}
@@ -254,18 +254,22 @@ func (s *Store) Objects(ctx context.Context) ([]Object, error) {
 // starts after the removal fails, so callers must not remove a blob that is
 // being served (see internal/evict's leases).
 func (s *Store) RemoveBlob(ctx context.Context, dgst digest.Digest) (int64, error) {
-	return s.remove(ctx, KindBlob, "blobs", dgst)
+	return s.remove(ctx, KindBlob, dgst)
 }
 
 // RemoveManifest deletes the cached manifest dgst (tag records pointing at
 // it stay; the proxy refetches a tag whose manifest is missing) and returns
 // the bytes it held, or an error wrapping ErrNotFound.
 func (s *Store) RemoveManifest(ctx context.Context, dgst digest.Digest) (int64, error) {
-	return s.remove(ctx, KindManifest, "manifests", dgst)
+	return s.remove(ctx, KindManifest, dgst)
 }
 
-func (s *Store) remove(ctx context.Context, kind Kind, dir string, dgst digest.Digest) (int64, error) {
-	p, err := contentPath(dir, dgst)
+func (s *Store) remove(ctx context.Context, kind Kind, dgst digest.Digest) (int64, error) {
+	spec := PathSpec(BlobPath{dgst})
+	if kind == KindManifest {
+		spec = ManifestPath{dgst}
+	}
+	p, err := Path(spec)
 	if err != nil {
 		return 0, err
 	}

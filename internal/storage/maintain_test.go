@@ -26,7 +26,11 @@ func putBlob(t *testing.T, s *storage.Store, data []byte) digest.Digest {
 }
 
 func blobPath(d digest.Digest) string {
-	return "/blobs/" + string(d.Algorithm()) + "/" + d.Encoded()[:2] + "/" + d.Encoded()
+	p, err := storage.Path(storage.BlobPath{Digest: d})
+	if err != nil {
+		panic(err)
+	}
+	return p
 }
 
 // TestCheckFindsAndRepairsDamage: a blob and a manifest whose bytes no
@@ -45,7 +49,7 @@ func TestCheckFindsAndRepairsDamage(t *testing.T) {
 		if err := s.Driver().PutContent(ctx, blobPath(bad), []byte("layer to damagE")); err != nil {
 			t.Fatal(err)
 		}
-		mpath := "/manifests/sha256/" + md.Encoded()[:2] + "/" + md.Encoded()
+		mpath := pathOf(t, storage.ManifestPath{Digest: md})
 		if err := s.Driver().PutContent(ctx, mpath, []byte("application/json\n{}")); err != nil {
 			t.Fatal(err)
 		}
@@ -66,7 +70,7 @@ func TestCheckFindsAndRepairsDamage(t *testing.T) {
 		if _, err := s.StatBlob(ctx, bad); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("quarantined blob still in the cache: %v", err)
 		}
-		if files(t, s.Driver(), "/_quarantine") == nil {
+		if files(t, s.Driver(), pathOf(t, storage.QuarantineRoot{})) == nil {
 			t.Fatal("nothing under /_quarantine")
 		}
 		if dmg, _ = s.Check(ctx, storage.Delete, nil); len(dmg) != 0 {
@@ -120,11 +124,11 @@ func TestGCRemovesUnreferencedBlobs(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, _ = w.Write([]byte("x"))
-		visible := len(files(t, s.Driver(), "/_uploads"))
+		visible := len(files(t, s.Driver(), pathOf(t, storage.UploadsPath{})))
 		if res, err = s.GC(ctx, 0, false); err != nil || res.Uploads != visible {
 			t.Fatalf("stale upload (%d visible): %+v, %v", visible, res, err)
 		}
-		if visible > 0 && len(files(t, s.Driver(), "/_uploads")) != 0 {
+		if visible > 0 && len(files(t, s.Driver(), pathOf(t, storage.UploadsPath{}))) != 0 {
 			t.Fatal("stale upload still there")
 		}
 		_ = w.Cancel(context.Background())

@@ -3,14 +3,12 @@ package storage
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"net/url"
 	"path/filepath"
 
 	"github.com/distribution/distribution/v3/registry/storage/driver/factory"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/s3-aws" // registers "s3aws"
-	"github.com/opencontainers/go-digest"
 )
 
 // S3Options configure a cache on an S3-compatible store.
@@ -67,15 +65,4 @@ func OpenS3(ctx context.Context, o S3Options) (*Store, error) {
 		return nil, fmt.Errorf("storage: opening the s3 cache: %w", err)
 	}
 	return New(d), nil
-}
-
-// BlobURL returns a URL from which a client can fetch the cached blob
-// directly (a short-lived presigned URL on S3), or "" when the driver
-// offers none (the filesystem).
-func (s *Store) BlobURL(r *http.Request, dgst digest.Digest) (string, error) {
-	p, err := contentPath("blobs", dgst)
-	if err != nil {
-		return "", err
-	}
-	return s.d.RedirectURL(r, p)
 }

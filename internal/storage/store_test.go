@@ -77,14 +77,14 @@ func files(t *testing.T, d driver.StorageDriver, root string) []string {
 // by Walk.
 func assertNoUploads(t *testing.T, s *storage.Store) {
 	t.Helper()
-	entries, err := s.Driver().List(context.Background(), "/_uploads")
+	entries, err := s.Driver().List(context.Background(), pathOf(t, storage.UploadsPath{}))
 	if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
 		t.Fatalf("listing /_uploads: %v", err)
 	}
 	if len(entries) != 0 {
 		t.Errorf("/_uploads holds %v", entries)
 	}
-	if f := files(t, s.Driver(), "/_uploads"); len(f) != 0 {
+	if f := files(t, s.Driver(), pathOf(t, storage.UploadsPath{})); len(f) != 0 {
 		t.Errorf("files left under /_uploads: %v", f)
 	}
 }
@@ -168,7 +168,7 @@ func TestBlobCommit(t *testing.T) {
 		}
 		assertNoUploads(t, s)
 		blobFiles := files(t, s.Driver(), "/")
-		if len(blobFiles) != 1 || !strings.HasPrefix(blobFiles[0], "/blobs/") || path.Base(blobFiles[0]) != dgst.Encoded() {
+		if len(blobFiles) != 1 || !strings.HasPrefix(blobFiles[0], pathOf(t, storage.ContentRoot{Kind: storage.KindBlob})+"/") || path.Base(blobFiles[0]) != dgst.Encoded() {
 			t.Errorf("storage holds %v, want one file under /blobs named %s", blobFiles, dgst.Encoded())
 		}
 
@@ -448,7 +448,7 @@ func TestGetManifestDetectsTampering(t *testing.T) {
 					t.Fatal(err)
 				}
 				stored := files(t, s.Driver(), "/")
-				if len(stored) != 1 || !strings.HasPrefix(stored[0], "/manifests/") {
+				if len(stored) != 1 || !strings.HasPrefix(stored[0], pathOf(t, storage.ContentRoot{Kind: storage.KindManifest})+"/") {
 					t.Fatalf("storage holds %v, want one file under /manifests", stored)
 				}
 				raw, err := s.Driver().GetContent(ctx, stored[0])
@@ -487,28 +487,28 @@ func TestTags(t *testing.T) {
 			}
 		}
 
-		if _, err := s.ListTags(ctx, repo); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := s.ListTags(ctx, nv(repo)); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("ListTags of an unknown repository: %v, want ErrNotFound", err)
 		}
-		if _, err := s.GetTag(ctx, repo, "latest"); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := s.GetTag(ctx, nv(repo), "latest"); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("GetTag of an unknown tag: %v, want ErrNotFound", err)
 		}
 		for _, tag := range tags {
-			if err := s.PutTag(ctx, repo, tag, recs[tag]); err != nil {
+			if err := s.PutTag(ctx, nv(repo), tag, recs[tag]); err != nil {
 				t.Fatalf("PutTag(%s): %v", tag, err)
 			}
 		}
 		// Neighbouring repositories: a prefix and a child.
 		parentRec := storage.TagRecord{Digest: digest.FromString("parent"), MediaType: "m", Size: 6, ConfirmedAt: confirmed}
-		if err := s.PutTag(ctx, "nvidia/tritonserver", "parent-only", parentRec); err != nil {
+		if err := s.PutTag(ctx, nv("nvidia/tritonserver"), "parent-only", parentRec); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.PutTag(ctx, repo+"/child", "child-only", parentRec); err != nil {
+		if err := s.PutTag(ctx, nv(repo+"/child"), "child-only", parentRec); err != nil {
 			t.Fatal(err)
 		}
 
 		for _, tag := range tags {
-			got, err := s.GetTag(ctx, repo, tag)
+			got, err := s.GetTag(ctx, nv(repo), tag)
 			if err != nil {
 				t.Fatalf("GetTag(%s): %v", tag, err)
 			}
@@ -519,20 +519,20 @@ func TestTags(t *testing.T) {
 		}
 		wantList := append([]string(nil), tags...)
 		sort.Strings(wantList)
-		list, err := s.ListTags(ctx, repo)
+		list, err := s.ListTags(ctx, nv(repo))
 		if err != nil || !reflect.DeepEqual(list, wantList) {
 			t.Fatalf("ListTags = %v, %v; want %v", list, err, wantList)
 		}
-		if list, err := s.ListTags(ctx, "nvidia/tritonserver"); err != nil || !reflect.DeepEqual(list, []string{"parent-only"}) {
+		if list, err := s.ListTags(ctx, nv("nvidia/tritonserver")); err != nil || !reflect.DeepEqual(list, []string{"parent-only"}) {
 			t.Errorf("ListTags(parent) = %v, %v", list, err)
 		}
-		if list, err := s.ListTags(ctx, repo+"/child"); err != nil || !reflect.DeepEqual(list, []string{"child-only"}) {
+		if list, err := s.ListTags(ctx, nv(repo+"/child")); err != nil || !reflect.DeepEqual(list, []string{"child-only"}) {
 			t.Errorf("ListTags(child) = %v, %v", list, err)
 		}
-		if _, err := s.ListTags(ctx, "nvidia"); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := s.ListTags(ctx, nv("nvidia")); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("ListTags(nvidia) with no tags of its own: %v, want ErrNotFound", err)
 		}
-		if _, err := s.GetTag(ctx, "nvidia/tritonserver", "latest"); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := s.GetTag(ctx, nv("nvidia/tritonserver"), "latest"); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("a tag leaked to the parent repository: %v", err)
 		}
 
@@ -540,30 +540,30 @@ func TestTags(t *testing.T) {
 		newer := recs["latest"]
 		newer.Digest = digest.FromString("newer")
 		newer.ConfirmedAt = newer.ConfirmedAt.Add(time.Hour)
-		if err := s.PutTag(ctx, repo, "latest", newer); err != nil {
+		if err := s.PutTag(ctx, nv(repo), "latest", newer); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := s.GetTag(ctx, repo, "latest"); err != nil || got.Digest != newer.Digest || !got.ConfirmedAt.Equal(newer.ConfirmedAt) {
+		if got, err := s.GetTag(ctx, nv(repo), "latest"); err != nil || got.Digest != newer.Digest || !got.ConfirmedAt.Equal(newer.ConfirmedAt) {
 			t.Errorf("GetTag after overwrite = %+v, %v; want %+v", got, err, newer)
 		}
 
 		// Delete.
-		if err := s.DeleteTag(ctx, repo, "1.0"); err != nil {
+		if err := s.DeleteTag(ctx, nv(repo), "1.0"); err != nil {
 			t.Fatalf("DeleteTag: %v", err)
 		}
-		if _, err := s.GetTag(ctx, repo, "1.0"); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := s.GetTag(ctx, nv(repo), "1.0"); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("GetTag after DeleteTag: %v, want ErrNotFound", err)
 		}
-		if got, err := s.GetTag(ctx, repo, "1.0.0"); err != nil || got.Digest != recs["1.0.0"].Digest {
+		if got, err := s.GetTag(ctx, nv(repo), "1.0.0"); err != nil || got.Digest != recs["1.0.0"].Digest {
 			t.Errorf("deleting 1.0 disturbed 1.0.0: %+v, %v", got, err)
 		}
-		list, err = s.ListTags(ctx, repo)
+		list, err = s.ListTags(ctx, nv(repo))
 		wantList = slices.DeleteFunc(wantList, func(s string) bool { return s == "1.0" })
 		if err != nil || !reflect.DeepEqual(list, wantList) {
 			t.Errorf("ListTags after DeleteTag = %v, %v; want %v", list, err, wantList)
 		}
 		for _, c := range [][2]string{{repo, "1.0"}, {repo, "never"}, {"no/such/repo", "x"}} {
-			if err := s.DeleteTag(ctx, c[0], c[1]); err != nil {
+			if err := s.DeleteTag(ctx, nv(c[0]), c[1]); err != nil {
 				t.Errorf("DeleteTag(%s:%s) of an unknown tag: %v", c[0], c[1], err)
 			}
 		}
@@ -576,10 +576,10 @@ func TestTagsDamagedAndPending(t *testing.T) {
 		ctx := context.Background()
 		const repo = "org/team/image"
 		rec := storage.TagRecord{Digest: digest.FromString("m"), MediaType: "application/json", Size: 1, ConfirmedAt: time.Unix(1, 0).UTC()}
-		if err := s.PutTag(ctx, repo, "good", rec); err != nil {
+		if err := s.PutTag(ctx, nv(repo), "good", rec); err != nil {
 			t.Fatal(err)
 		}
-		tagFiles := files(t, s.Driver(), "/repositories")
+		tagFiles := files(t, s.Driver(), pathOf(t, storage.RegistriesPath{}))
 		if len(tagFiles) != 1 {
 			t.Fatalf("tag files %v, want 1", tagFiles)
 		}
@@ -596,7 +596,7 @@ func TestTagsDamagedAndPending(t *testing.T) {
 			if err := s.Driver().PutContent(ctx, path.Join(dir, name), []byte(raw)); err != nil {
 				t.Fatal(err)
 			}
-			if got, err := s.GetTag(ctx, repo, name); !errors.Is(err, storage.ErrNotFound) {
+			if got, err := s.GetTag(ctx, nv(repo), name); !errors.Is(err, storage.ErrNotFound) {
 				t.Errorf("GetTag of damaged record %q = %+v, %v; want ErrNotFound", name, got, err)
 			}
 		}
@@ -605,7 +605,7 @@ func TestTagsDamagedAndPending(t *testing.T) {
 		if err := s.Driver().PutContent(ctx, pending, []byte("{}")); err != nil {
 			t.Fatal(err)
 		}
-		list, err := s.ListTags(ctx, repo)
+		list, err := s.ListTags(ctx, nv(repo))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -669,7 +669,20 @@ func TestLocalUploadReservesSpace(t *testing.T) {
 	if _, err := s.CreateBlob(t.Context(), digest.FromString("huge"), 1<<40); err == nil {
 		t.Skip("this disk has a TiB free: cannot provoke ENOSPC here")
 	}
-	if entries, _ := os.ReadDir(filepath.Join(dir, "_uploads")); len(entries) != 0 {
+	if entries, _ := os.ReadDir(filepath.Join(dir, filepath.FromSlash(pathOf(t, storage.UploadsPath{})))); len(entries) != 0 {
 		t.Fatalf("a refused upload left %d files", len(entries))
 	}
+}
+
+// nv is repository name on nvcr.io, the key of tag records and links.
+func nv(name string) storage.Repo { return storage.Repo{Registry: "nvcr.io", Name: name} }
+
+// pathOf is the driver path of spec.
+func pathOf(t *testing.T, spec storage.PathSpec) string {
+	t.Helper()
+	p, err := storage.Path(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
 // startContainerd starts a private containerd (no CRI) and returns its
@@ -169,7 +170,7 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 		}
 	}()
 	// Wait until the fill has written half the blob to its upload.
-	uploads := filepath.Join(dataDir, "_uploads")
+	uploads := cachePath(t, dataDir, storage.UploadsPath{})
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		entries, _ := os.ReadDir(uploads)
@@ -189,7 +190,7 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 	if entries, _ := os.ReadDir(uploads); len(entries) == 0 {
 		t.Fatal("expected the killed fill's upload on disk before the restart")
 	}
-	final := filepath.Join(dataDir, "blobs", "sha256", layer.Digest.Encoded()[:2], layer.Digest.Encoded())
+	final := cachePath(t, dataDir, storage.BlobPath{Digest: layer.Digest})
 	if _, err := os.Stat(final); err == nil {
 		t.Fatal("a half-written blob is visible at its final path")
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
 var mirrorBin string
@@ -383,4 +384,14 @@ func stopDaemon(cmd *exec.Cmd, sig os.Signal) {
 		_ = cmd.Process.Kill()
 		<-done
 	}
+}
+
+// cachePath is the file of spec in a filesystem cache in dataDir.
+func cachePath(t *testing.T, dataDir string, spec storage.PathSpec) string {
+	t.Helper()
+	p, err := storage.Path(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dataDir, filepath.FromSlash(p))
 }

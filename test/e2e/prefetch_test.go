@@ -20,6 +20,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
 // runCLI runs the mirror binary as a command-line client with env.
@@ -218,7 +219,7 @@ func TestScheduledGC(t *testing.T) {
 	}
 	orphan := []byte("a blob no manifest refers to")
 	d := digest.FromBytes(orphan)
-	p := filepath.Join(dataDir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())
+	p := cachePath(t, dataDir, storage.BlobPath{Digest: d})
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -236,7 +237,7 @@ func TestScheduledGC(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	for _, b := range fx.CUDA.Blobs() {
-		if _, err := os.Stat(filepath.Join(dataDir, "blobs", "sha256", b.Digest.Encoded()[:2], b.Digest.Encoded())); err != nil {
+		if _, err := os.Stat(cachePath(t, dataDir, storage.BlobPath{Digest: b.Digest})); err != nil {
 			t.Errorf("a pulled image's blob was collected: %v", err)
 		}
 	}

@@ -1,0 +1,295 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+)
+
+// StatBlob returns the size in bytes of the cached blob dgst, or ErrNotFound.
+func (s *Store) StatBlob(ctx context.Context, dgst digest.Digest) (int64, error) {
+	p, err := Path(BlobPath{dgst})
+	if err != nil {
+		return 0, err
+	}
+	fi, err := s.d.Stat(ctx, p)
+	if err != nil {
+		return 0, translate(err)
+	}
+	return fi.Size(), nil
+}
+
+// OpenBlob opens the cached blob dgst at byte offset, or returns ErrNotFound.
+// On the filesystem driver the reader is an *os.File, so copying it to a
+// network connection uses sendfile.
+func (s *Store) OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error) {
+	p, err := Path(BlobPath{dgst})
+	if err != nil {
+		return nil, err
+	}
+	rc, err := s.d.Reader(ctx, p, offset)
+	if err != nil {
+		return nil, translate(err)
+	}
+	return rc, nil
+}
+
+// BlobWriter writes one blob to a temporary upload path while hashing it.
+// Nothing is visible in the cache until Commit succeeds; Cancel (or a failed
+// Commit) removes the upload.
+//
+// A storage error (a full disk, say) does not stop the writer: the upload is
+// abandoned but hashing goes on, so that Commit can still say whether the
+// content was right. A cache fill can thus keep streaming to its clients
+// when the cache cannot take the blob.
+type BlobWriter struct {
+	s    *Store
+	fw   driver.FileWriter
+	path string
+	want digest.Digest
+	size int64 // expected size in bytes, -1 if unknown
+	h    hash.Hash
+	n    int64
+	werr error // first storage error; the upload is abandoned after it
+	done bool
+
+	localPath string // see LocalPath
+}
+
+// CreateBlob starts the upload of blob dgst, expected to be size bytes (-1
+// when unknown). It returns ErrUnsupportedDigest for digests whose
+// algorithm is not available.
+func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) (*BlobWriter, error) {
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnsupportedDigest, err)
+	}
+	var id [16]byte
+	if _, err := rand.Read(id[:]); err != nil {
+		return nil, err
+	}
+	p := mustPath(UploadPath{ID: hex.EncodeToString(id[:])})
+	w := &BlobWriter{s: s, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}
+	if s.localRoot != "" {
+		lp := filepath.Join(s.localRoot, filepath.FromSlash(p))
+		if err := os.MkdirAll(filepath.Dir(lp), 0o777); err != nil {
+			return nil, err
+		}
+		f, err := os.OpenFile(lp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return nil, err
+		}
+		// Reserve the blob's space now: a disk too full for it fails here,
+		// before any client is answered (it is then served straight from
+		// the upstream), not halfway through. Filesystems without
+		// fallocate(2) just skip the reservation.
+		if size > 0 {
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, size); errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
+				_ = f.Close()
+				_ = os.Remove(lp)
+				return nil, fmt.Errorf("storage: reserving %d bytes for blob %s: %w", size, dgst, err)
+			}
+		}
+		w.fw, w.localPath = &localFileWriter{f: f}, lp
+		return w, nil
+	}
+	fw, err := s.d.Writer(ctx, p, false)
+	if err != nil {
+		return nil, translate(err)
+	}
+	w.fw = fw
+	return w, nil
+}
+
+// LocalPath returns the upload's file on the local disk when the store has
+// a local root (WithLocalRoot), else "". Each Write is in that file when it
+// returns; the file is renamed by Commit and removed by Cancel, so a reader
+// should open it right away and keep its handle.
+func (w *BlobWriter) LocalPath() string { return w.localPath }
+
+// localFileWriter is a driver.FileWriter on a local file without a write
+// buffer (the filesystem driver's buffers 4 KiB), so that what Write
+// returned is readable from the file at once.
+type localFileWriter struct {
+	f    *os.File
+	size int64
+}
+
+func (l *localFileWriter) Write(p []byte) (int, error) {
+	n, err := l.f.Write(p)
+	l.size += int64(n)
+	return n, err
+}
+
+func (l *localFileWriter) Size() int64                  { return l.size }
+func (l *localFileWriter) Close() error                 { return l.f.Close() }
+func (l *localFileWriter) Commit(context.Context) error { return l.f.Sync() }
+func (l *localFileWriter) Cancel(context.Context) error { return os.Remove(l.f.Name()) }
+
+var _ driver.FileWriter = (*localFileWriter)(nil)
+
+// Write hashes p and appends it to the upload. It always accepts all of p:
+// see StorageErr for a storage failure.
+func (w *BlobWriter) Write(p []byte) (int, error) {
+	w.h.Write(p)
+	w.n += int64(len(p))
+	if w.werr == nil && !w.done {
+		if _, err := w.fw.Write(p); err != nil {
+			w.werr = err
+			w.abandon(context.Background())
+		}
+	}
+	return len(p), nil
+}
+
+// StorageErr returns the storage error that made the writer abandon its
+// upload, or nil.
+func (w *BlobWriter) StorageErr() error { return w.werr }
+
+// Size returns the bytes written so far.
+func (w *BlobWriter) Size() int64 { return w.n }
+
+// Verify checks that the bytes written so far are the expected number and
+// hash to the expected digest, without committing. It returns an error
+// wrapping ErrSizeMismatch or ErrDigestMismatch. Hashing state is kept, so
+// Commit may follow.
+func (w *BlobWriter) Verify() error {
+	if w.size >= 0 && w.n != w.size {
+		return fmt.Errorf("%w: wrote %d bytes, want %d", ErrSizeMismatch, w.n, w.size)
+	}
+	if got := digest.NewDigest(w.want.Algorithm(), w.h); got != w.want {
+		return fmt.Errorf("%w: content hashes to %s, want %s", ErrDigestMismatch, got, w.want)
+	}
+	return nil
+}
+
+// Commit checks that the expected number of bytes, hashing to the expected
+// digest, were written, then makes the blob visible at its final path. It
+// returns an error wrapping ErrSizeMismatch or ErrDigestMismatch when the
+// content is wrong, or one wrapping ErrNotCached when the content was right
+// but storage failed. The upload is removed on every error.
+func (w *BlobWriter) Commit(ctx context.Context) error {
+	if w.done {
+		return errors.New("storage: blob writer already finished")
+	}
+	if err := w.Verify(); err != nil {
+		_ = w.Cancel(ctx)
+		return err
+	}
+	if w.werr != nil {
+		return fmt.Errorf("%w: %w", ErrNotCached, w.werr)
+	}
+	final := mustPath(BlobPath{w.want}) // validated in CreateBlob
+	if err := w.fw.Commit(ctx); err != nil {
+		_ = w.Cancel(ctx)
+		return fmt.Errorf("%w: committing upload: %w", ErrNotCached, err)
+	}
+	w.done = true
+	if err := w.fw.Close(); err != nil {
+		_ = w.s.d.Delete(ctx, w.path)
+		return fmt.Errorf("%w: closing upload: %w", ErrNotCached, err)
+	}
+	_, statErr := w.s.d.Stat(ctx, final) // already there: a fill raced a commit
+	if err := w.s.d.Move(ctx, w.path, final); err != nil {
+		_ = w.s.d.Delete(ctx, w.path)
+		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
+	}
+	if statErr != nil {
+		w.s.addUsage(KindBlob, w.n)
+		w.s.emit(Event{Kind: KindBlob, Digest: w.want, Size: w.n})
+	}
+	return nil
+}
+
+func (w *BlobWriter) abandon(ctx context.Context) {
+	_ = w.fw.Cancel(ctx)
+	_ = w.fw.Close()
+	_ = w.s.d.Delete(ctx, w.path)
+}
+
+// Cancel abandons the upload and removes what was written. It is safe to
+// call after Commit or a storage error (it then does nothing more).
+func (w *BlobWriter) Cancel(ctx context.Context) error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	if w.werr == nil {
+		w.abandon(ctx)
+	}
+	return nil
+}
+
+// Manifest is a cached manifest: its exact bytes and media type.
+type Manifest struct {
+	MediaType string
+	Digest    digest.Digest
+	Body      []byte
+}
+
+// GetManifest returns the cached manifest dgst, or ErrNotFound. Its bytes are
+// verified against dgst; a damaged record is reported as ErrDigestMismatch.
+func (s *Store) GetManifest(ctx context.Context, dgst digest.Digest) (*Manifest, error) {
+	p, err := Path(ManifestPath{dgst})
+	if err != nil {
+		return nil, err
+	}
+	raw, err := s.d.GetContent(ctx, p)
+	if err != nil {
+		return nil, translate(err)
+	}
+	mt, body, ok := bytes.Cut(raw, []byte("\n"))
+	if !ok || dgst.Algorithm().FromBytes(body) != dgst { // Path validated dgst
+		return nil, fmt.Errorf("%w: cached manifest %s", ErrDigestMismatch, dgst)
+	}
+	return &Manifest{MediaType: string(mt), Digest: dgst, Body: body}, nil
+}
+
+// PutManifest caches body with mediaType under dgst, after checking that
+// body hashes to dgst (ErrDigestMismatch otherwise).
+func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.Digest, body []byte) error {
+	p, err := Path(ManifestPath{dgst})
+	if err != nil {
+		return err
+	}
+	if strings.ContainsAny(mediaType, "\r\n") {
+		return fmt.Errorf("storage: media type %q contains a line break", mediaType)
+	}
+	if dgst.Algorithm().FromBytes(body) != dgst {
+		return fmt.Errorf("%w: manifest body does not match %s", ErrDigestMismatch, dgst)
+	}
+	raw := make([]byte, 0, len(mediaType)+1+len(body))
+	raw = append(append(append(raw, mediaType...), '\n'), body...)
+	_, statErr := s.d.Stat(ctx, p)
+	if err := s.d.PutContent(ctx, p, raw); err != nil {
+		return translate(err)
+	}
+	if statErr != nil {
+		s.addUsage(KindManifest, int64(len(raw)))
+		s.emit(Event{Kind: KindManifest, Digest: dgst, Size: int64(len(raw))})
+	}
+	return nil
+}
+
+// BlobURL returns a URL from which a client can fetch the cached blob
+// directly (a short-lived presigned URL on S3), or "" when the driver
+// offers none (the filesystem).
+func (s *Store) BlobURL(r *http.Request, dgst digest.Digest) (string, error) {
+	p, err := Path(BlobPath{dgst})
+	if err != nil {
+		return "", err
+	}
+	return s.d.RedirectURL(r, p)
+}
