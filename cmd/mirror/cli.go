@@ -18,6 +18,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/admin"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
 
@@ -58,14 +59,11 @@ func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
 	return &adminClient{base: strings.TrimSuffix(server, "/"), token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: tr}}, nil
 }
 
-// apiError is an admin API error answer.
+// apiError is an admin API error answer: its status and envelope.
 type apiError struct {
-	Status  int
-	Code    string
-	Message string
+	Status int
+	ocierr.Envelope
 }
-
-func (e *apiError) Error() string { return fmt.Sprintf("%s: %s", e.Code, e.Message) }
 
 func (c *adminClient) do(method, path string, body, out any) error {
 	var rd io.Reader
@@ -88,13 +86,10 @@ func (c *adminClient) do(method, path string, body, out any) error {
 	defer resp.Body.Close()
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if resp.StatusCode >= 300 {
-		var env struct {
-			Errors []struct{ Code, Message string } `json:"errors"`
+		if env, ok := ocierr.Decode(raw); ok {
+			return &apiError{Status: resp.StatusCode, Envelope: env}
 		}
-		if json.Unmarshal(raw, &env) == nil && len(env.Errors) > 0 {
-			return &apiError{Status: resp.StatusCode, Code: env.Errors[0].Code, Message: env.Errors[0].Message}
-		}
-		return &apiError{Status: resp.StatusCode, Code: "HTTP_" + fmt.Sprint(resp.StatusCode), Message: strings.TrimSpace(string(raw))}
+		return &apiError{Status: resp.StatusCode, Envelope: ocierr.New("HTTP_"+fmt.Sprint(resp.StatusCode), strings.TrimSpace(string(raw)))}
 	}
 	return json.Unmarshal(raw, out)
 }

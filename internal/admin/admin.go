@@ -30,6 +30,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
@@ -118,9 +119,10 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 	})
 }
 
-// writeError answers {"errors":[{"code","message"}]}.
+// writeError answers the OCI error envelope {"errors":[{"code","message"}]}
+// (indented like every answer of this API).
 func writeError(w http.ResponseWriter, status int, code, msg string) {
-	writeJSON(w, status, map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+	writeJSON(w, status, ocierr.New(code, msg))
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -386,9 +388,9 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			code := "NAME_INVALID"
 			switch {
-			case errors.Is(err, errBadTag):
+			case errors.Is(err, names.ErrTagInvalid):
 				code = "TAG_INVALID"
-			case errors.Is(err, errBadDigest):
+			case errors.Is(err, names.ErrDigestInvalid):
 				code = "DIGEST_INVALID"
 			}
 			writeError(w, http.StatusBadRequest, code, err.Error())
@@ -539,45 +541,24 @@ func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (s
 	return c.String(), nil
 }
 
-var (
-	errBadTag    = errors.New("invalid tag")
-	errBadDigest = errors.New("invalid digest")
-)
-
 // ParseImage splits "repository:tag" or "repository@digest" (optionally
 // prefixed with one of hosts, such as "nvcr.io/") into repository and
-// reference. Errors wrap errBadTag or errBadDigest for a malformed
-// reference; others concern the name (another registry's host, a name
+// reference (names.ParseReference; with both, the digest). Errors wrap
+// names.ErrTagInvalid or names.ErrDigestInvalid for a malformed reference,
+// names.ErrNameInvalid for the name (another registry's host, a name
 // outside the distribution grammar).
 func ParseImage(image string, hosts []string) (repo, ref string, err error) {
-	for _, h := range hosts {
-		if rest, ok := strings.CutPrefix(image, h+"/"); ok {
-			image = rest
-			break
-		}
+	r, err := names.ParseReference(image)
+	if err != nil {
+		return "", "", err
 	}
-	name, ref := image, ""
-	if i := strings.IndexByte(image, '@'); i >= 0 {
-		name, ref = image[:i], image[i+1:]
-		if _, err := digest.Parse(ref); err != nil {
-			return "", "", fmt.Errorf("%w %q in %q: %v", errBadDigest, ref, image, err)
-		}
-	} else if i := strings.LastIndexByte(image, ':'); i > strings.LastIndexByte(image, '/') {
-		name, ref = image[:i], image[i+1:]
-		if !names.ValidTag(ref) {
-			return "", "", fmt.Errorf("%w %q in %q: tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", errBadTag, ref, image)
-		}
+	if r.Registry != "" && !slices.Contains(hosts, r.Registry) {
+		return "", "", fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)", names.ErrNameInvalid, image, r.Registry, strings.Join(hosts, ", "))
 	}
-	if first, _, ok := strings.Cut(name, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
-		return "", "", fmt.Errorf("%q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)", image, first, strings.Join(hosts, ", "))
+	if r.Ref() == "" {
+		return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", names.ErrTagInvalid, image)
 	}
-	if !names.ValidRepository(name) {
-		return "", "", fmt.Errorf("invalid repository name %q: lower-case path components separated by '/', like nvidia/pytorch", name)
-	}
-	if ref == "" {
-		return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", errBadTag, image)
-	}
-	return name, ref, nil
+	return r.Repository, r.Ref(), nil
 }
 
 func (s *Server) jobs(w http.ResponseWriter, r *http.Request) {

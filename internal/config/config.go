@@ -16,8 +16,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	"gopkg.in/yaml.v3"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
 // Config is the whole configuration. configs/mirror.yaml documents each key.
@@ -351,10 +352,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("cache.evict_interval must be positive"))
 	}
 	for _, p := range c.Cache.Pin {
-		named, err := reference.ParseNamed("nvcr.io/" + p)
-		_, tagged := named.(reference.Tagged)
-		_, digested := named.(reference.Digested)
-		if err != nil || strings.HasPrefix(p, "nvcr.io/") || (!tagged && !digested) {
+		if r, err := names.ParseReference(p); err != nil || r.Registry != "" || r.Ref() == "" {
 			errs = append(errs, fmt.Errorf("cache.pin %q: want repository:tag or repository@sha256:...", p))
 		}
 	}

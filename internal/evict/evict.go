@@ -66,11 +66,11 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -87,21 +87,20 @@ type Pin struct {
 	Digest     digest.Digest // "" when Tag is set
 }
 
-// ParsePin parses "repository:tag" or "repository@sha256:...". The
-// repository is a path on the upstream (nvidia/pytorch), without a
-// registry host.
+// ParsePin parses "repository:tag" or "repository@sha256:..."
+// (names.ParseReference; with both, the digest). The repository is a path
+// on the upstream (nvidia/pytorch), without a registry host.
 func ParsePin(s string) (Pin, error) {
-	named, err := reference.ParseNamed("nvcr.io/" + s)
-	if err != nil || strings.HasPrefix(s, "nvcr.io/") {
+	r, err := names.ParseReference(s)
+	if err != nil || r.Registry != "" {
 		return Pin{}, fmt.Errorf("evict: pin %q: want repository:tag or repository@digest", s)
 	}
-	p := Pin{Repository: reference.Path(named)}
-	if d, ok := named.(reference.Digested); ok {
-		p.Digest = d.Digest()
-	} else if t, ok := named.(reference.Tagged); ok {
-		p.Tag = t.Tag()
-	} else {
+	if r.Ref() == "" {
 		return Pin{}, fmt.Errorf("evict: pin %q names no tag or digest", s)
+	}
+	p := Pin{Repository: r.Repository, Digest: r.Digest}
+	if p.Digest == "" {
+		p.Tag = r.Tag
 	}
 	return p, nil
 }

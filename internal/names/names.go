@@ -1,12 +1,17 @@
-// Package names checks the names that requests, rules and the config
-// carry: repository names and tags (the distribution/reference grammar)
-// and platforms ("os/arch[/variant]").
+// Package names checks and parses the names that requests, rules and the
+// config carry: repository names and tags (the distribution/reference
+// grammar), image references (ParseReference) and platforms
+// ("os/arch[/variant]").
 package names
 
 import (
+	"errors"
+	"fmt"
 	"regexp"
+	"strings"
 
 	"github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
 )
 
 var (
@@ -31,3 +36,97 @@ func ValidRepository(s string) bool {
 // ValidPlatform reports whether s has the form os/arch[/variant]
 // (linux/amd64, linux/arm64/v8).
 func ValidPlatform(s string) bool { return platform.MatchString(s) }
+
+// Errors of ParseReference and ParseTagOrDigest, by the part at fault (the
+// OCI codes NAME_INVALID, TAG_INVALID, DIGEST_INVALID). Compare with
+// errors.Is.
+var (
+	ErrNameInvalid   = errors.New("invalid repository name")
+	ErrTagInvalid    = errors.New("invalid tag")
+	ErrDigestInvalid = errors.New("invalid digest")
+)
+
+// Reference is a parsed image reference,
+// [registry/]repository[:tag][@digest].
+type Reference struct {
+	// Registry is the host[:port] the reference began with, "" when it
+	// named none. As in Docker, a first path component is a registry when
+	// it contains '.' or ':' or is "localhost".
+	Registry string
+	// Repository is the path on the registry (nvidia/pytorch).
+	Repository string
+	Tag        string        // "" when absent
+	Digest     digest.Digest // "" when absent; with a tag too, the digest decides
+}
+
+// Ref returns what to ask a registry for: the digest when there is one,
+// else the tag ("" when neither).
+func (r Reference) Ref() string {
+	if r.Digest != "" {
+		return r.Digest.String()
+	}
+	return r.Tag
+}
+
+// String returns the reference as ParseReference reads it.
+func (r Reference) String() string {
+	s := r.Repository
+	if r.Registry != "" {
+		s = r.Registry + "/" + s
+	}
+	if r.Tag != "" {
+		s += ":" + r.Tag
+	}
+	if r.Digest != "" {
+		s += "@" + r.Digest.String()
+	}
+	return s
+}
+
+// ParseReference parses "[registry/]repository[:tag][@digest]", the one
+// reference syntax of the admin API, cache.pin and prefetch requests.
+// Neither tag nor digest is required (callers that need one check). Errors
+// wrap ErrNameInvalid, ErrTagInvalid or ErrDigestInvalid.
+func ParseReference(s string) (Reference, error) {
+	var r Reference
+	rest := s
+	if i := strings.IndexByte(rest, '@'); i >= 0 {
+		_, d, err := ParseTagOrDigest(rest[i+1:])
+		if err != nil || d == "" {
+			return r, fmt.Errorf("%w %q in %q", ErrDigestInvalid, rest[i+1:], s)
+		}
+		r.Digest, rest = d, rest[:i]
+	}
+	if i := strings.LastIndexByte(rest, ':'); i > strings.LastIndexByte(rest, '/') {
+		tag, _, err := ParseTagOrDigest(rest[i+1:])
+		if err != nil || tag == "" {
+			return r, fmt.Errorf("%w %q in %q: tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", ErrTagInvalid, rest[i+1:], s)
+		}
+		r.Tag, rest = tag, rest[:i]
+	}
+	if first, path, ok := strings.Cut(rest, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		r.Registry, rest = first, path
+	}
+	if !ValidRepository(rest) {
+		return r, fmt.Errorf("%w %q: lower-case path components separated by '/', like nvidia/pytorch", ErrNameInvalid, rest)
+	}
+	r.Repository = rest
+	return r, nil
+}
+
+// ParseTagOrDigest parses the reference part of a registry API path
+// (/v2/<name>/manifests/<reference>): a digest when it contains ':', else
+// a tag. Errors wrap ErrTagInvalid or ErrDigestInvalid.
+func ParseTagOrDigest(ref string) (tag string, dgst digest.Digest, err error) {
+	if strings.Contains(ref, ":") {
+		d, err := digest.Parse(ref)
+		if err != nil {
+			return "", "", fmt.Errorf("%w %q: %v", ErrDigestInvalid, ref, err)
+		}
+		return "", d, nil
+	}
+	if !ValidTag(ref) {
+		return "", "", fmt.Errorf("%w %q", ErrTagInvalid, ref)
+	}
+	return ref, "", nil
+}

@@ -1,6 +1,12 @@
 package names
 
-import "testing"
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+)
 
 func TestNames(t *testing.T) {
 	for _, c := range []struct {
@@ -24,5 +30,41 @@ func TestNames(t *testing.T) {
 		if got := c.f(c.s); got != c.want {
 			t.Errorf("%q: %v, want %v", c.s, got, c.want)
 		}
+	}
+}
+
+func TestParseReference(t *testing.T) {
+	d := digest.Digest("sha256:" + strings.Repeat("a", 64))
+	for in, want := range map[string]Reference{
+		"nvidia/pytorch:24.05-py3":         {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvcr.io/nvidia/pytorch:24.05-py3": {Registry: "nvcr.io", Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"localhost:5000/org/team/image":    {Registry: "localhost:5000", Repository: "org/team/image"},
+		"localhost/x:1":                    {Registry: "localhost", Repository: "x", Tag: "1"},
+		"nvidia/cuda@" + d.String():        {Repository: "nvidia/cuda", Digest: d},
+		"nvidia/cuda:12@" + d.String():     {Repository: "nvidia/cuda", Tag: "12", Digest: d},
+		"nvidia/k8s/dcgm-exporter":         {Repository: "nvidia/k8s/dcgm-exporter"},
+	} {
+		got, err := ParseReference(in)
+		if err != nil || got != want || got.String() != in {
+			t.Errorf("ParseReference(%q) = %+v (%s), %v; want %+v", in, got, got, err, want)
+		}
+	}
+	for in, want := range map[string]error{
+		"":                                     ErrNameInvalid,
+		"Nvidia/x:1":                           ErrNameInvalid,
+		"x:y:z":                                ErrNameInvalid,
+		"nvidia/x:-bad":                        ErrTagInvalid,
+		"nvidia/x@sha256:zz":                   ErrDigestInvalid,
+		"nvidia/x@":                            ErrDigestInvalid,
+		"nvcr.io/":                             ErrNameInvalid,
+		"nvidia//x:1":                          ErrNameInvalid,
+		"nvidia/x:" + strings.Repeat("t", 129): ErrTagInvalid,
+	} {
+		if r, err := ParseReference(in); !errors.Is(err, want) {
+			t.Errorf("ParseReference(%q) = %+v, %v; want %v", in, r, err, want)
+		}
+	}
+	if r, _ := ParseReference("nvidia/cuda:12@" + d.String()); r.Ref() != d.String() {
+		t.Errorf("Ref of tag and digest = %q, want the digest", r.Ref())
 	}
 }

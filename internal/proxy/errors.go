@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -120,13 +120,8 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	for _, k := range []string{"Docker-Content-Digest", "Etag", "Cache-Control"} {
 		h.Del(k)
 	}
-	h.Set("Content-Type", "application/json; charset=utf-8")
 	if e.retryAfter != "" {
 		h.Set("Retry-After", e.retryAfter)
 	}
-	body, _ := json.Marshal(errcode.Errors{e.code.WithMessage(e.message)})
-	body = append(body, '\n')
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	w.WriteHeader(e.status)
-	_, _ = w.Write(body)
+	ocierr.Write(w, e.status, ocierr.New(e.code.String(), e.message))
 }

@@ -4,11 +4,9 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
-	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
@@ -21,15 +19,12 @@ import (
 // Docker-Content-Digest; nvcr.io has answered 403 to manifest HEADs, so the
 // mirror does not rely on them for a cold HEAD.
 func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, ref string) {
-	if _, derr := digest.Parse(ref); derr != nil {
-		if strings.Contains(ref, ":") {
-			writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid manifest digest"))
-			return
-		}
-		if !names.ValidTag(ref) {
-			writeError(w, newAPIError(errcode.ErrorCodeTagInvalid, "invalid tag"))
-			return
-		}
+	if _, _, err := names.ParseTagOrDigest(ref); errors.Is(err, names.ErrDigestInvalid) {
+		writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid manifest digest"))
+		return
+	} else if err != nil {
+		writeError(w, newAPIError(errcode.ErrorCodeTagInvalid, "invalid tag"))
+		return
 	}
 	m, err := h.pull.Manifest(r.Context(), name, ref)
 	if err != nil {
