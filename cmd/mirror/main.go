@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/admin"
@@ -186,7 +187,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	metrics.FilesystemUsage(reg, dataDir)
 	origin := cfg.UpstreamURL()
 	creds := auth.Credentials{Username: cfg.Upstream.Username, Secret: cfg.Upstream.APIKey}
-	rt := auth.NewTransport(http.DefaultTransport, origin, creds, log.With("component", "auth"))
+	// The upstream's own transport, whose idle connections serve closes
+	// when it returns.
+	upstreamTransport := http.DefaultTransport.(*http.Transport).Clone()
+	rt := auth.NewTransport(upstreamTransport, origin, creds, log.With("component", "auth"))
 	rt.OnTokenExchange = m.TokenExchange
 	up := upstream.New(origin, rt)
 	up.OnBackoffRefusal = m.BackoffRefusal
@@ -204,15 +208,6 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 
 	// Cache budget and eviction (evict.go); evict.Unlimited without one.
 	ev := newBudget(cfg, store, dataDir, registry, reg, log)
-	go func() {
-		// One listing of the cache for its size and the evictor's index.
-		objs, err := store.Scan(ctx)
-		if err != nil && ctx.Err() == nil {
-			log.Warn("listing the cache failed; its size is undercounted and unlisted content is not evicted until the next start", "err", err)
-		}
-		ev.SeedObjects(objs)
-		ev.Run(ctx)
-	}()
 
 	fills := fill.NewGroup(store, fill.Options{
 		SpoolDir:           spoolDir,
@@ -274,9 +269,6 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.Handle("/auth/token", policy.TokenHandler())
 	mux.Handle("/", h)
 	mux.Handle(admin.Prefix+"/", trk.admin)
-	bgCtx, stopBackground := context.WithCancel(ctx)
-	defer stopBackground()
-	background := trk.start(bgCtx, cfg.Prefetch.Enabled)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
 		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)
@@ -298,27 +290,38 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 			return err
 		}
 		srv.TLSConfig = reloader.Config()
-		go reloader.Watch(ctx, 10*time.Second)
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		go func() {
-			for range hup {
-				if err := reloader.Reload(); err != nil {
-					log.Warn("SIGHUP: TLS certificate not reloaded", "err", err)
-				} else {
-					log.Info("SIGHUP: TLS certificate reloaded")
-				}
-			}
-		}()
 	}
 	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
 		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces,
 		"storage", cfg.Storage.Driver, "data_dir", dataDir)
 
-	go func() {
-		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	// The components run until ctx ends (or one fails, which stops the
+	// others); serve returns once every one of them, and every goroutine
+	// it started, has returned.
+	grace := time.Duration(cfg.Limits.ShutdownGrace)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return runHTTP(gctx, srv, ln, reloader != nil, grace, fills, log) })
+	g.Go(func() error { return runTLSReload(gctx, reloader, log) })
+	g.Go(func() error {
+		// One listing of the cache for its size and the evictor's index.
+		objs, err := store.Scan(gctx)
+		if err != nil && gctx.Err() == nil {
+			log.Warn("listing the cache failed; its size is undercounted and unlisted content is not evicted until the next start", "err", err)
+		}
+		ev.SeedObjects(objs)
+		ev.Run(gctx)
+		return nil
+	})
+	g.Go(func() error { trk.tracker.Run(gctx); return nil })
+	if cfg.Prefetch.Enabled {
+		// Jobs stop with gctx (state saved: resumed at the next start).
+		g.Go(func() error { trk.sched.Run(gctx); return nil })
+	}
+	g.Go(func() error {
+		pctx, cancel := context.WithTimeout(gctx, 15*time.Second)
 		defer cancel()
 		switch err := up.Ping(pctx); {
+		case gctx.Err() != nil: // shutting down
 		case auth.Refused(err) && creds.Secret != "":
 			log.Error("the upstream refused the NGC API key: check NGC_API_KEY (or upstream.api_key, upstream.api_key_file) "+
 				"and upstream.username ($oauthtoken); until then only cached content is served", "err", err)
@@ -328,11 +331,30 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		case err != nil:
 			log.Warn("upstream not reachable yet; cached content is still served", "err", err)
 		}
-	}()
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		// Downloads finish within the grace period; the uploads of those
+		// cut off are removed at the next start (PurgeUploads).
+		sctx, cancel := context.WithTimeout(context.Background(), grace)
+		defer cancel()
+		if err := fills.Wait(sctx); err != nil {
+			log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())
+		}
+		return nil
+	})
+	err = g.Wait()
+	upstreamTransport.CloseIdleConnections()
+	return err
+}
 
+// runHTTP serves on ln until ctx ends, then stops accepting connections and
+// lets responses finish for grace.
+func runHTTP(ctx context.Context, srv *http.Server, ln net.Listener, tls bool, grace time.Duration, fills *fill.Group, log *slog.Logger) error {
 	errc := make(chan error, 1)
 	go func() {
-		if reloader != nil {
+		if tls {
 			errc <- srv.ServeTLS(ln, "", "")
 		} else {
 			errc <- srv.Serve(ln)
@@ -343,19 +365,14 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		return err
 	case <-ctx.Done():
 	}
-	grace := time.Duration(cfg.Limits.ShutdownGrace)
 	log.Info("shutting down: finishing responses and downloads", "grace", grace, "fills_in_flight", fills.InFlight())
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		log.Warn("responses cut off at the end of the grace period", "err", err)
+		_ = srv.Close()
 	}
-	stopBackground()
-	<-background // prefetch jobs stop here (state saved: resumed at the next start)
-	if err := fills.Wait(sctx); err != nil {
-		// Their uploads are removed at the next start (PurgeUploads).
-		log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())
-	}
+	<-errc // Serve has returned
 	return nil
 }
 
@@ -369,6 +386,35 @@ func listenError(addr string, err error) error {
 		return fmt.Errorf("not allowed to listen on %s (ports below 1024 need CAP_NET_BIND_SERVICE): choose another port with MIRROR_ADDR or addr in the config (for example :5000): %w", addr, err)
 	}
 	return fmt.Errorf("cannot listen on %q (MIRROR_ADDR or addr in the config): %w", addr, err)
+}
+
+// runTLSReload reloads the certificate pair when its files change and on
+// SIGHUP, until ctx ends (nothing to do without TLS).
+func runTLSReload(ctx context.Context, reloader *tlsreload.Reloader, log *slog.Logger) error {
+	if reloader == nil {
+		return nil
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		reloader.Watch(ctx, 10*time.Second)
+	}()
+	defer func() { <-done }()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-hup:
+			if err := reloader.Reload(); err != nil {
+				log.Warn("SIGHUP: TLS certificate not reloaded", "err", err)
+			} else {
+				log.Info("SIGHUP: TLS certificate reloaded")
+			}
+		}
+	}
 }
 
 // limitBodies caps request bodies at 1 MiB: the mirror is read-only and

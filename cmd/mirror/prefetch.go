@@ -106,7 +106,7 @@ type tracked struct {
 }
 
 // newTracked builds tag tracking, the prefetch scheduler and the admin API
-// over the pull-through service (started by start). st and kind come from
+// over the pull-through service (run by serve). st and kind come from
 // openState.
 func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Client,
 	svc *pull.Service, cache *storage.Store, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
@@ -165,22 +165,6 @@ func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, 
 		Metrics:          t.m,
 	})
 	return t, nil
-}
-
-// start runs tag tracking and, when prefetch is enabled, the scheduler,
-// until ctx ends.
-func (t *tracked) start(ctx context.Context, prefetchEnabled bool) (done <-chan struct{}) {
-	ch := make(chan struct{})
-	go func() {
-		defer close(ch)
-		go t.tracker.Run(ctx)
-		if prefetchEnabled {
-			t.sched.Run(ctx)
-		} else {
-			<-ctx.Done()
-		}
-	}()
-	return ch
 }
 
 // adminToken returns the admin API token: admin.token / MIRROR_ADMIN_TOKEN
