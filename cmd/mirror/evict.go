@@ -27,14 +27,14 @@ type budget interface {
 }
 
 // newBudget builds the evictor that keeps the cache within
-// cache.max_size and cache.min_free (on the filesystem holding dataDir,
+// cache.max_size and cache.min_free (on the filesystem of the cache,
 // filesystem driver only), never evicting the images of cache.pin. The
 // caller seeds it from the start-up listing and runs it (passes every
 // cache.evict_interval and when a commit crosses the budget). It returns
 // evict.Unlimited when no budget is configured. The eviction metrics are
 // registered either way. Pin sources (prefetch rules) are added with
 // SetPinSource on the result.
-func newBudget(cfg config.Config, store *storage.Store, dataDir, registry string, reg prometheus.Registerer, log *slog.Logger) budget {
+func newBudget(cfg config.Config, store *storage.Store, registry string, reg prometheus.Registerer, log *slog.Logger) budget {
 	log = log.With("component", "evict")
 	m := metrics.NewEviction(reg)
 	opts := evict.Options{
@@ -46,9 +46,7 @@ func newBudget(cfg config.Config, store *storage.Store, dataDir, registry string
 		Log:            log,
 		Metrics:        m,
 	}
-	if cfg.Storage.Driver == "filesystem" {
-		opts.Dir = dataDir
-	}
+	opts.Dir = store.Capabilities().LocalDir // min_free's filesystem
 	for _, s := range cfg.Cache.Pin {
 		p, err := evict.ParsePin(s) // validated with the configuration
 		if err != nil {

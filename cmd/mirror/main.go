@@ -168,7 +168,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	// A filesystem cache belongs to this process alone, so all its uploads
 	// go. A bucket may be shared by replicas: there `mirror gc` removes
 	// uploads older than its grace period instead.
-	if cfg.Storage.Driver == "filesystem" {
+	if store.Capabilities().Exclusive {
 		if err := store.PurgeUploads(ctx); err != nil {
 			log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
 		}
@@ -207,7 +207,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	}
 
 	// Cache budget and eviction (evict.go); evict.Unlimited without one.
-	ev := newBudget(cfg, store, dataDir, registry, reg, log)
+	ev := newBudget(cfg, store, registry, reg, log)
 
 	fills := fill.NewGroup(store, fill.Options{
 		SpoolDir:           spoolDir,
@@ -224,7 +224,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		UpstreamTimeout: time.Duration(cfg.Upstream.Timeout),
 		CheckLinks:      policy != nil,
-		Redirect:        cfg.Storage.Driver == "s3" && cfg.Storage.S3.Redirect,
+		Redirect:        store.Capabilities().Redirect,
 		Cache:           ev, // evict.go
 		Log:             log.With("component", "pull"),
 	})

@@ -21,15 +21,12 @@ func openStore(ctx context.Context, cfg config.Config) (store *storage.Store, da
 	if dataDir, err = filepath.Abs(cfg.Storage.DataDir); err != nil {
 		return nil, "", err
 	}
-	if cfg.Storage.Driver == "s3" {
-		o := cfg.Storage.S3
-		store, err = storage.OpenS3(ctx, storage.S3Options{
-			Bucket: o.Bucket, Region: o.Region, Endpoint: o.Endpoint, PathStyle: o.PathStyle,
-			Prefix: o.Prefix, AccessKey: o.AccessKey, SecretKey: o.SecretKey, ChunkSize: o.ChunkSize,
-		})
-		return store, dataDir, err
-	}
-	store, err = storage.OpenFilesystem(dataDir)
+	o := cfg.Storage.S3
+	store, err = storage.Open(ctx, storage.Options{Driver: cfg.Storage.Driver, Dir: dataDir, S3: storage.S3Options{
+		Bucket: o.Bucket, Region: o.Region, Endpoint: o.Endpoint, PathStyle: o.PathStyle,
+		Prefix: o.Prefix, AccessKey: o.AccessKey, SecretKey: o.SecretKey, ChunkSize: o.ChunkSize,
+		Redirect: o.Redirect,
+	}})
 	return store, dataDir, err
 }
 

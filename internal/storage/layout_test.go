@@ -124,3 +124,22 @@ func TestPaths(t *testing.T) {
 		}
 	}
 }
+
+// What a cache can do comes from Open, not from the driver's name.
+func TestCapabilities(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s, err := storage.Open(context.Background(), storage.Options{Driver: "filesystem", Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := s.Capabilities(); c.LocalDir != dir || !c.Exclusive || c.Redirect {
+		t.Errorf("filesystem capabilities %+v", c)
+	}
+	if c := storage.New(inmemory.New()).Capabilities(); c != (storage.Capabilities{}) {
+		t.Errorf("bare driver capabilities %+v", c)
+	}
+	if _, err := storage.Open(context.Background(), storage.Options{Driver: "floppy"}); err == nil {
+		t.Error("an unknown driver opened")
+	}
+}

@@ -20,6 +20,47 @@ type S3Options struct {
 	AccessKey      string
 	SecretKey      string // empty with AccessKey: the standard AWS credential chain
 	ChunkSize      int64  // bytes, 0: the driver's default
+	// Redirect offers presigned URLs of cached blobs (Capabilities.Redirect).
+	Redirect bool
+}
+
+// Options name a cache to Open.
+type Options struct {
+	Driver string // "filesystem" or "s3"
+	// Dir is the cache directory of the filesystem driver.
+	Dir string
+	S3  S3Options
+}
+
+// Capabilities say what a cache's storage can do, for the code that wires
+// it (instead of comparing driver names).
+type Capabilities struct {
+	// LocalDir is the cache's directory on the local disk, "" when it is
+	// not on one (S3): the filesystem whose free space cache.min_free
+	// keeps.
+	LocalDir string
+	// Exclusive means no other process shares the cache (a local disk),
+	// so uploads found at start are left by a crash and can be removed
+	// (PurgeUploads). A bucket may be shared by replicas.
+	Exclusive bool
+	// Redirect means cache-hit blob GETs may be answered with a redirect
+	// to a presigned URL of the store (S3 with redirect on; BlobURL).
+	Redirect bool
+}
+
+// Capabilities returns what the store's driver can do, as Open set it up.
+func (s *Store) Capabilities() Capabilities { return s.caps }
+
+// Open opens the cache o names: the filesystem driver in o.Dir, or an S3
+// bucket.
+func Open(ctx context.Context, o Options) (*Store, error) {
+	switch o.Driver {
+	case "filesystem":
+		return OpenFilesystem(o.Dir)
+	case "s3":
+		return OpenS3(ctx, o.S3)
+	}
+	return nil, fmt.Errorf("storage: unknown driver %q (want filesystem or s3)", o.Driver)
 }
 
 // OpenFilesystem opens a cache in dir on the local disk (distribution's
@@ -30,7 +71,9 @@ func OpenFilesystem(dir string) (*Store, error) {
 		return nil, err
 	}
 	d := filesystem.New(filesystem.DriverParameters{RootDirectory: abs, MaxThreads: 100})
-	return New(d, WithLocalRoot(abs)), nil
+	s := New(d, WithLocalRoot(abs))
+	s.caps.Exclusive = true
+	return s, nil
 }
 
 // OpenS3 opens a cache in an S3 bucket through distribution's s3-aws driver.
@@ -64,5 +107,7 @@ func OpenS3(ctx context.Context, o S3Options) (*Store, error) {
 		// The driver's message names parameters, never the secret's value.
 		return nil, fmt.Errorf("storage: opening the s3 cache: %w", err)
 	}
-	return New(d), nil
+	s := New(d)
+	s.caps.Redirect = o.Redirect
+	return s, nil
 }

@@ -83,6 +83,7 @@ var Kinds = []Kind{KindBlob, KindManifest}
 type Store struct {
 	d         driver.StorageDriver
 	localRoot string // see WithLocalRoot
+	caps      Capabilities
 
 	usageMu sync.Mutex
 	usage   map[Kind]*Usage
@@ -147,7 +148,9 @@ type Option func(*Store)
 // dir. Blob uploads are then written unbuffered, straight to their file, so
 // that a fill can stream them to clients from that file (BlobWriter.LocalPath)
 // instead of writing every byte twice.
-func WithLocalRoot(dir string) Option { return func(s *Store) { s.localRoot = dir } }
+func WithLocalRoot(dir string) Option {
+	return func(s *Store) { s.localRoot, s.caps.LocalDir = dir, dir }
+}
 
 // Usage returns the bytes and objects of kind that this process has
 // counted: what Scan found plus what was added since.
