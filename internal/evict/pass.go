@@ -1,0 +1,274 @@
+package evict
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+)
+
+// Eviction passes: the effective access time of each object, and removal
+// in that order down to the low-water mark.
+
+// Run keeps the cache within budget until ctx ends: a pass every
+// Options.Interval and whenever a commit takes the cache over budget. Seed
+// the index first (Seed or SeedObjects).
+func (e *Evictor) Run(ctx context.Context) {
+	t := time.NewTicker(e.opts.Interval)
+	defer t.Stop()
+	for {
+		if _, err := e.Evict(ctx); err != nil && ctx.Err() == nil {
+			e.log.Warn("eviction pass failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-e.kick:
+		}
+	}
+}
+
+// Item is one object an eviction pass removed.
+type Item struct {
+	Kind   storage.Kind
+	Digest digest.Digest
+	Size   int64 // bytes
+}
+
+// Result is what a pass removed, in the order it removed it.
+type Result struct {
+	Removed []Item
+	Bytes   int64
+}
+
+// Evict runs one pass now if the cache is over budget (it does nothing
+// otherwise) and returns what it removed. Errors are storage errors
+// reading manifests or tag records (the pass then removes nothing, since
+// it cannot tell what is pinned) or ctx's.
+func (e *Evictor) Evict(ctx context.Context) (Result, error) {
+	if !e.opts.Enabled() {
+		return Result{}, nil
+	}
+	return e.pass(ctx, 0)
+}
+
+type item struct {
+	k    key
+	en   *entry
+	size int64
+	last int64
+	eff  int64
+	done bool // eff computed
+	busy bool // eff being computed (cycle guard)
+}
+
+// pass evicts down to the low-water mark when the cache plus extra bytes
+// is over budget.
+func (e *Evictor) pass(ctx context.Context, extra int64) (Result, error) {
+	var res Result
+	select {
+	case e.passSem <- struct{}{}:
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
+	defer func() { <-e.passSem }()
+	e.opts.Metrics.SetBudget(e.opts.MaxSize, e.minFree())
+	over, need := e.excess(extra)
+	if !over || need <= 0 {
+		return res, nil
+	}
+	start := time.Now()
+
+	// Snapshot the index.
+	var items []*item
+	byDigest := map[digest.Digest][]*item{}
+	for i := range e.shards {
+		sh := &e.shards[i]
+		sh.mu.RLock()
+		for k, en := range sh.m {
+			if en.present {
+				it := &item{k: k, en: en, size: en.size, last: en.last.Load()}
+				items = append(items, it)
+				byDigest[k.d] = append(byDigest[k.d], it)
+			}
+		}
+		sh.mu.RUnlock()
+	}
+	// What each cached manifest refers to (read once per manifest: they
+	// are immutable).
+	parents := map[digest.Digest][]*item{}
+	for _, it := range items {
+		if it.k.kind != kManifest {
+			continue
+		}
+		refs, err := e.refs(ctx, it.k.d, it.en)
+		if err != nil {
+			return res, err
+		}
+		for _, r := range refs {
+			parents[r] = append(parents[r], it)
+		}
+	}
+	pinned, err := e.pinned(ctx, byDigest)
+	if err != nil {
+		return res, err
+	}
+	var eff func(it *item) int64
+	eff = func(it *item) int64 {
+		if it.done || it.busy {
+			return it.eff
+		}
+		it.busy, it.eff = true, it.last
+		for _, p := range parents[it.k.d] {
+			it.eff = max(it.eff, eff(p))
+		}
+		it.busy, it.done = false, true
+		return it.eff
+	}
+	var blobs, manifests []*item
+	for _, it := range items {
+		eff(it)
+		if pinned[it.k.d] {
+			continue
+		}
+		if it.k.kind == kBlob {
+			blobs = append(blobs, it)
+		} else {
+			manifests = append(manifests, it)
+		}
+	}
+	order := func(a, b *item) int {
+		if a.eff != b.eff {
+			return compare(a.eff, b.eff)
+		}
+		return strings.Compare(string(a.k.d), string(b.k.d))
+	}
+	slices.SortFunc(blobs, order)
+	slices.SortFunc(manifests, order)
+	if extra > 0 {
+		// Room for a new blob: not worth emptying the cache for when
+		// everything evictable would not make it fit anyway. Then only
+		// what the budget itself needs goes.
+		var avail int64
+		for _, it := range append(blobs, manifests...) {
+			avail += it.size
+		}
+		if avail < need {
+			_, need = e.excess(0)
+		}
+	}
+	// Blobs first; manifests (small, and what lets an image come back
+	// without the upstream's tag lookup) only when that was not enough.
+	for _, it := range append(blobs, manifests...) {
+		if need <= 0 || ctx.Err() != nil {
+			break
+		}
+		n, removed := e.evictOne(ctx, it)
+		need -= n
+		if removed {
+			res.Removed = append(res.Removed, Item{Kind: kindName(it.k.kind), Digest: it.k.d, Size: n})
+			res.Bytes += n
+		}
+	}
+	if len(res.Removed) > 0 || need > 0 {
+		_, stillNeed := e.excess(extra)
+		e.log.Info("evicted least recently used content", "objects", len(res.Removed), "bytes", res.Bytes,
+			"used", e.used.Load(), "max_size", e.opts.MaxSize, "min_free", e.minFree(),
+			"short_by", max(stillNeed, 0), "pinned_digests", len(pinned), "duration", time.Since(start))
+	}
+	return res, ctx.Err()
+}
+
+func compare(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// refs returns the digests manifest d refers to, read once and kept.
+func (e *Evictor) refs(ctx context.Context, d digest.Digest, en *entry) ([]digest.Digest, error) {
+	if en != nil && en.refsLoaded {
+		return en.refs, nil
+	}
+	m, err := e.store.GetManifest(ctx, d)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		if en != nil {
+			e.forget(key{kManifest, d})
+		}
+		return nil, nil
+	case errors.Is(err, storage.ErrDigestMismatch), errors.Is(err, storage.ErrUnsupportedDigest):
+		// Damaged: fsck's business. Its references are unknown.
+	case err != nil:
+		return nil, fmt.Errorf("evict: reading manifest %s: %w", d, err)
+	}
+	var out []digest.Digest
+	if m != nil {
+		descs, _ := manifest.References(m.Body)
+		for _, r := range descs {
+			out = append(out, r.Digest)
+		}
+	}
+	if en != nil {
+		en.refs, en.refsLoaded = out, true
+	}
+	return out, nil
+}
+
+// evictOne removes one object unless it is leased, and returns the bytes
+// that left the index and whether this pass removed them.
+func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
+	sh := e.shard(it.k.d)
+	sh.mu.Lock()
+	en := it.en
+	if sh.m[it.k] != en || !en.present || en.leases > 0 || en.evicting != nil {
+		if sh.m[it.k] == en && en.leases > 0 {
+			en.skipped = true
+		}
+		sh.mu.Unlock()
+		return 0, false
+	}
+	ch := make(chan struct{})
+	en.evicting = ch
+	size := en.size
+	sh.mu.Unlock()
+
+	var err error
+	if it.k.kind == kBlob {
+		_, err = e.store.RemoveBlob(ctx, it.k.d)
+	} else {
+		_, err = e.store.RemoveManifest(ctx, it.k.d)
+	}
+
+	sh.mu.Lock()
+	en.evicting = nil
+	close(ch)
+	sh.dropLocked(it.k, en)
+	sh.mu.Unlock()
+	switch {
+	case err == nil:
+		// The store's Removed event took it out of the index.
+		e.opts.Metrics.Evicted(string(kindName(it.k.kind)), size)
+		e.log.Debug("evicted", "kind", kindName(it.k.kind), "digest", it.k.d, "size", size)
+		return size, true
+	case errors.Is(err, storage.ErrNotFound):
+		e.forget(it.k) // removed by someone else (gc)
+		return size, false
+	}
+	if ctx.Err() == nil {
+		e.log.Warn("evicting failed", "kind", kindName(it.k.kind), "digest", it.k.d, "err", err)
+	}
+	return 0, false
+}
