@@ -154,9 +154,11 @@ func TestReadOnlyDataDir(t *testing.T) {
 		t.Fatal("the bind mount is writable")
 	}
 
-	// Upstream gone too: everything comes from the read-only cache.
-	dead := "http://" + freeAddr(t)
-	m = startMirrorAt(t, dead, ro, "")
+	// Upstream gone too: everything comes from the read-only cache. (The
+	// same upstream URL: the cache keys tags by the upstream's host, and a
+	// mirror pointed elsewhere does not serve them.)
+	up.Close()
+	m = startMirrorAt(t, up.URL(), ro, "")
 	waitLog(t, m, "state store off")
 	if !strings.Contains(m.log.String(), "state.path") {
 		t.Errorf("the warning does not name state.path:\n%s", m.log.String())
