@@ -27,6 +27,7 @@ func TestEnsureLayoutMigratesV1(t *testing.T) {
 		for p, content := range map[string]string{
 			"/repositories/nvidia/pytorch/_tags/24.05-py3":                                  rec,
 			"/repositories/org/team/image/_tags/1.0":                                        rec,
+			"/repositories/org/team/image/_taglist":                                         `{"tags":["1.0"],"complete":true,"confirmedAt":"2025-01-02T03:04:05Z"}`,
 			"/repositories/nvidia/pytorch/_links/sha256/" + blob.Encoded():                  "",
 			"/repositories/nvidia/pytorch/_links/sha256/" + dgst.Encoded():                  "",
 			"/repositories/nvidia/pytorch/_tags/x.aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee.tmp": "cut off",
@@ -36,8 +37,8 @@ func TestEnsureLayoutMigratesV1(t *testing.T) {
 			}
 		}
 		res, err := s.EnsureLayout(ctx, "nvcr.io", nil)
-		if err != nil || res.Found != 1 || res.Migrated != 4 {
-			t.Fatalf("EnsureLayout = %+v, %v; want found 1, 4 migrated", res, err)
+		if err != nil || res.Found != 1 || res.Migrated != 5 {
+			t.Fatalf("EnsureLayout = %+v, %v; want found 1, 5 migrated", res, err)
 		}
 		pt := storage.Repo{Registry: "nvcr.io", Name: "nvidia/pytorch"}
 		got, err := s.GetTag(ctx, pt, "24.05-py3")
@@ -46,6 +47,9 @@ func TestEnsureLayoutMigratesV1(t *testing.T) {
 		}
 		if tags, err := s.ListTags(ctx, storage.Repo{Registry: "nvcr.io", Name: "org/team/image"}); err != nil || len(tags) != 1 || tags[0] != "1.0" {
 			t.Fatalf("migrated tags of org/team/image = %v, %v", tags, err)
+		}
+		if tl, err := s.GetTagList(ctx, storage.Repo{Registry: "nvcr.io", Name: "org/team/image"}); err != nil || len(tl.Tags) != 1 || !tl.Complete {
+			t.Fatalf("migrated tag list = %+v, %v", tl, err)
 		}
 		for _, l := range []digest.Digest{blob, dgst} {
 			if ok, err := s.HasLink(ctx, pt, l); err != nil || !ok {
@@ -100,6 +104,7 @@ func TestPaths(t *testing.T) {
 		storage.BlobPath{Digest: d}:                 "/blobs/sha256/" + d.Encoded()[:2] + "/" + d.Encoded(),
 		storage.ManifestPath{Digest: d}:             "/manifests/sha256/" + d.Encoded()[:2] + "/" + d.Encoded(),
 		storage.TagPath{Repo: nv, Tag: "24.05-py3"}: "/registries/nvcr.io/nvidia/pytorch/_tags/24.05-py3",
+		storage.TagListPath{Repo: nv}:               "/registries/nvcr.io/nvidia/pytorch/_taglist",
 		storage.LinkPath{Repo: nv, Digest: d}:       "/registries/nvcr.io/nvidia/pytorch/_links/sha256/" + d.Encoded(),
 		storage.LayoutPath{}:                        "/_layout",
 		storage.TagPath{Repo: storage.Repo{Registry: "127.0.0.1:5000", Name: "x"}, Tag: "1"}: "/registries/127.0.0.1_5000/x/_tags/1",
