@@ -62,6 +62,6 @@ func newBudget(cfg config.Config, store *storage.Store, registry string, reg pro
 		return evict.Unlimited{}
 	}
 	ev := evict.New(store, opts)
-	log.Info("cache budget", "max_size", opts.MaxSize, "min_free", cfg.Cache.MinFree, "pins", len(opts.Pins), "interval", opts.Interval)
+	log.Info("cache budget", "max_size", cfg.Cache.MaxSize.String(), "min_free", cfg.Cache.MinFree.String(), "pins", len(opts.Pins), "interval", opts.Interval)
 	return ev
 }

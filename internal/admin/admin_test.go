@@ -177,6 +177,7 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["nvidia/pytorch"],"tags":{"regex":"("}}}`, 400, "RULE_INVALID"},
 		{"POST", "/prefetch", `{"spec":{"repositories":[],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
 		{"POST", "/prefetch", `{"spec":{"name":"dgx","repositories":["nvidia/cuda"],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
+		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["nvidia/pytorch"],"tags":{"latest":1},"bandwidth":"ten"}}`, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `{"image":"nvidia/pytorch:17.12","rule":"dgx"}`, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `{"imag":"x"}`, 400, "BAD_REQUEST"},
 		{"POST", "/prefetch", `not json`, 400, "BAD_REQUEST"},
@@ -242,6 +243,23 @@ func TestAdHocRuleBandwidth(t *testing.T) {
 	// 64 KiB/s with a 32 KiB burst.
 	if floor := time.Duration(float64(j.BytesTotal-(32<<10)) / 65536 * float64(time.Second)); took < floor*9/10 {
 		t.Errorf("%d bytes at 64 KiB/s took %v, less than %v", j.BytesTotal, took, floor)
+	}
+}
+
+// A rule's bandwidth is a size string as in the YAML ("10MiB") or a number
+// of bytes.
+func TestAdHocRuleSizeString(t *testing.T) {
+	a := newAPI(t)
+	for bw, want := range map[string]int64{`"10MiB"`: 10 << 20, `"1.5GB"`: 1.5e9, `2097152`: 2 << 20} {
+		var resp struct{ Jobs []state.Job }
+		body := `{"spec":{"name":"sized","repositories":["nvidia/pytorch"],"tags":{"exact":["17.12"]},"platforms":["linux/arm64"],"bandwidth":` + bw + `}}`
+		if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", body, &resp); st != http.StatusAccepted || len(resp.Jobs) != 1 {
+			t.Fatalf("bandwidth %s: %d %s %+v", bw, st, code, resp)
+		}
+		a.w.WaitJob(t, resp.Jobs[0].ID, 20*time.Second)
+		if got := resp.Jobs[0].Bandwidth; got != want {
+			t.Errorf("bandwidth %s: job has %d, want %d", bw, got, want)
+		}
 	}
 }
 

@@ -242,6 +242,16 @@ func Load(path string, getenv func(string) string) (Config, error) {
 			*dst = b
 		}
 	}
+	if v := getenv("MIRROR_NS_ALIASES"); v != "" {
+		// Comma-separated, like "nvcr.io,nvcr.example.lab"; it replaces
+		// the file's list.
+		c.Upstream.NSAliases = nil
+		for _, a := range strings.Split(v, ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				c.Upstream.NSAliases = append(c.Upstream.NSAliases, a)
+			}
+		}
+	}
 	if v := getenv("MIRROR_CACHE_MAX_SIZE"); v != "" {
 		n, err := ParseSize(v)
 		if err != nil {

@@ -393,3 +393,20 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		}
 	}
 }
+
+// MIRROR_NS_ALIASES sets upstream.ns_aliases, comma-separated, replacing
+// the file's list.
+func TestNSAliasesFromEnv(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", "upstream:\n  ns_aliases: [file.example]\n")
+	got, err := Load(p, envOf(map[string]string{"MIRROR_NS_ALIASES": "nvcr.io, nvcr.lab.example ,"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"nvcr.io", "nvcr.lab.example"}; !reflect.DeepEqual(got.Upstream.NSAliases, want) {
+		t.Errorf("ns_aliases = %q, want %q", got.Upstream.NSAliases, want)
+	}
+	if got, _ := Load(p, noEnv); !reflect.DeepEqual(got.Upstream.NSAliases, []string{"file.example"}) {
+		t.Errorf("without the variable: %q", got.Upstream.NSAliases)
+	}
+}

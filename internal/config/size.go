@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -24,6 +25,48 @@ func (s *Size) UnmarshalYAML(n *yaml.Node) error {
 	}
 	*s = Size(v)
 	return nil
+}
+
+// UnmarshalJSON accepts a size as a JSON number of bytes (10485760) or a
+// string like the YAML's ("10MiB"), so that the admin API takes rules
+// written as in the configuration.
+func (s *Size) UnmarshalJSON(b []byte) error {
+	var v string
+	if string(b) == "null" {
+		return nil // like any JSON null: no change
+	}
+	if len(b) > 0 && b[0] == '"' {
+		if err := json.Unmarshal(b, &v); err != nil {
+			return err
+		}
+	} else {
+		v = string(b)
+	}
+	n, err := ParseSize(v)
+	if err != nil {
+		return err
+	}
+	*s = Size(n)
+	return nil
+}
+
+// String writes the size in the largest unit that divides it exactly:
+// "50GiB", "2TB", "1500B"; "0" for none. ParseSize reads it back.
+func (s Size) String() string {
+	n := int64(s)
+	if n == 0 {
+		return "0"
+	}
+	for _, u := range []struct {
+		name string
+		mult int64
+	}{{"PiB", 1 << 50}, {"PB", 1e15}, {"TiB", 1 << 40}, {"TB", 1e12}, {"GiB", 1 << 30}, {"GB", 1e9},
+		{"MiB", 1 << 20}, {"MB", 1e6}, {"KiB", 1 << 10}, {"KB", 1e3}} {
+		if n%u.mult == 0 {
+			return strconv.FormatInt(n/u.mult, 10) + u.name
+		}
+	}
+	return strconv.FormatInt(n, 10) + "B"
 }
 
 var sizeUnits = map[string]float64{
@@ -58,6 +101,15 @@ func ParseSize(v string) (int64, error) {
 type FreeSpace struct {
 	Bytes   int64
 	Percent float64 // 0 to 100
+}
+
+// String writes the minimum as it is configured: "10%", a size ("50GiB",
+// see Size.String) or "0" for none.
+func (f FreeSpace) String() string {
+	if f.Percent != 0 {
+		return strconv.FormatFloat(f.Percent, 'f', -1, 64) + "%"
+	}
+	return Size(f.Bytes).String()
 }
 
 // IsZero reports whether no minimum is set.

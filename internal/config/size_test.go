@@ -1,6 +1,7 @@
 package config
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -76,6 +77,42 @@ cache:
 		}
 		if _, err := Load(p, envOf(tc.env)); err == nil || !strings.Contains(err.Error(), tc.wantKey) {
 			t.Errorf("Load(%q, %v) = %v, want an error naming %q", tc.yaml, tc.env, err, tc.wantKey)
+		}
+	}
+}
+
+// The admin API takes a rule's bandwidth as the YAML does (a string with a
+// unit) or as a number of bytes; String writes what ParseSize reads back.
+func TestSizeJSONAndString(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]Size{`"10MiB"`: 10 << 20, `10485760`: 10 << 20, `"2TB"`: 2e12, `"0"`: 0, `null`: 0} {
+		var s Size
+		if err := json.Unmarshal([]byte(in), &s); err != nil || s != want {
+			t.Errorf("json %s = %d, %v; want %d", in, s, err, want)
+		}
+	}
+	for _, in := range []string{`"ten"`, `-1`, `"-1MiB"`, `true`, `{}`} {
+		var s Size
+		if err := json.Unmarshal([]byte(in), &s); err == nil {
+			t.Errorf("json %s = %d, want an error", in, s)
+		}
+	}
+	var r PrefetchRule
+	if err := json.Unmarshal([]byte(`{"name":"x","bandwidth":"200MiB"}`), &r); err != nil || r.Bandwidth != 200<<20 {
+		t.Errorf("rule bandwidth = %d, %v", r.Bandwidth, err)
+	}
+	for n, want := range map[int64]string{0: "0", 50 << 30: "50GiB", 2e12: "2TB", 1500: "1500B", 3 << 39: "1536GiB", 1e6: "1MB"} {
+		got := Size(n).String()
+		if got != want {
+			t.Errorf("Size(%d).String() = %q, want %q", n, got, want)
+		}
+		if back, err := ParseSize(got); err != nil || back != n {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", got, back, err, n)
+		}
+	}
+	for f, want := range map[FreeSpace]string{{Percent: 10}: "10%", {Percent: 2.5}: "2.5%", {Bytes: 50 << 30}: "50GiB", {}: "0"} {
+		if got := f.String(); got != want {
+			t.Errorf("%+v.String() = %q, want %q", f, got, want)
 		}
 	}
 }

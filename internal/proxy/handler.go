@@ -220,6 +220,17 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, "percent-encoded characters are not allowed in repository names"))
 		return
 	}
+	if r.URL.Path == "/v2/_catalog" {
+		// The catalog is an optional part of the registry API (distribution's
+		// "Listing Repositories"; not in the OCI distribution spec). A
+		// pull-through mirror knows only what was pulled, not the upstream's
+		// repositories, so it has none rather than a misleading partial one.
+		e := newAPIError(errcode.ErrorCodeUnsupported, "this mirror has no catalog: it pulls through from "+h.up.Host()+
+			" and cannot list its repositories; list a repository's tags with GET /v2/REPOSITORY/tags/list")
+		e.status = http.StatusNotFound
+		writeError(w, e)
+		return
+	}
 	rt, ok := parseRoute(strings.TrimPrefix(r.URL.Path, "/v2/"))
 	if !ok {
 		e := newAPIError(errcode.ErrorCodeUnsupported, "unknown registry API endpoint")

@@ -537,6 +537,24 @@ func TestTagsList(t *testing.T) {
 	}
 }
 
+// TestCatalog: /v2/_catalog says the mirror has no catalog (UNSUPPORTED,
+// and why) instead of a route error, without asking the upstream.
+func TestCatalog(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	before := len(e.up.Requests())
+	for _, path := range []string{"/v2/_catalog", "/v2/_catalog?n=10"} {
+		r := e.do(t, http.MethodGet, path)
+		if r.status != http.StatusNotFound || errorCode(t, r) != "UNSUPPORTED" || !strings.Contains(string(r.body), "no catalog") ||
+			!strings.HasPrefix(r.header.Get("Content-Type"), "application/json") {
+			t.Errorf("GET %s: %d %q %s", path, r.status, r.header.Get("Content-Type"), r.body)
+		}
+	}
+	if after := len(e.up.Requests()); after != before {
+		t.Error("/v2/_catalog reached the upstream")
+	}
+}
+
 // TestBadInput: each request gets the spec's code and status, and none
 // reaches the upstream.
 func TestBadInput(t *testing.T) {
