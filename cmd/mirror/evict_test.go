@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -26,7 +27,7 @@ func TestCacheBudgetLoggedAsSizes(t *testing.T) {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if ev := newEvictor(cfg, store, dir, prometheus.NewRegistry(), slog.New(slog.NewTextHandler(&buf, nil))); ev == nil {
+	if _, unlimited := newBudget(cfg, store, "nvcr.io", prometheus.NewRegistry(), slog.New(slog.NewTextHandler(&buf, nil))).(evict.Unlimited); unlimited {
 		t.Fatal("no evictor with a budget")
 	}
 	if got := buf.String(); !strings.Contains(got, "max_size=500GiB min_free=10%") {

@@ -239,6 +239,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Log:       log.With("component", "proxy"),
 		Metrics:   m,
 		Access:    policy,
+		AccessLog: cfg.AccessLog,
 	})
 	hc := &health.Checker{
 		StorageProbe: store.Probe,

@@ -23,18 +23,22 @@ import (
 
 // Config is the whole configuration. configs/mirror.yaml documents each key.
 type Config struct {
-	Addr     string   `yaml:"addr"`
-	LogLevel string   `yaml:"log_level"`
-	Upstream Upstream `yaml:"upstream"`
-	Storage  Storage  `yaml:"storage"`
-	Cache    Cache    `yaml:"cache"`
-	Access   Access   `yaml:"access"`
-	TLS      TLS      `yaml:"tls"`
-	Limits   Limits   `yaml:"limits"`
-	State    State    `yaml:"state"`
-	Tracking Tracking `yaml:"tracking"`
-	Prefetch Prefetch `yaml:"prefetch"`
-	Admin    Admin    `yaml:"admin"`
+	Addr     string `yaml:"addr"`
+	LogLevel string `yaml:"log_level"`
+	// AccessLog writes a line per registry request at info level (method,
+	// route kind, repository, status, bytes, duration, cache result,
+	// client); false leaves it to the debug level.
+	AccessLog bool     `yaml:"access_log"`
+	Upstream  Upstream `yaml:"upstream"`
+	Storage   Storage  `yaml:"storage"`
+	Cache     Cache    `yaml:"cache"`
+	Access    Access   `yaml:"access"`
+	TLS       TLS      `yaml:"tls"`
+	Limits    Limits   `yaml:"limits"`
+	State     State    `yaml:"state"`
+	Tracking  Tracking `yaml:"tracking"`
+	Prefetch  Prefetch `yaml:"prefetch"`
+	Admin     Admin    `yaml:"admin"`
 }
 
 // Limits protect the mirror from overload and abuse.
@@ -165,11 +169,12 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 func Default() Config {
 	st, tr, pf := defaultTracking()
 	return Config{
-		State:    st,
-		Tracking: tr,
-		Prefetch: pf,
-		Addr:     ":5000",
-		LogLevel: "info",
+		State:     st,
+		Tracking:  tr,
+		Prefetch:  pf,
+		Addr:      ":5000",
+		LogLevel:  "info",
+		AccessLog: true,
 		Upstream: Upstream{
 			URL:             "https://nvcr.io",
 			Username:        "$oauthtoken",
@@ -231,6 +236,7 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		}
 	}
 	for env, dst := range map[string]*bool{
+		"MIRROR_ACCESS_LOG":    &c.AccessLog,
 		"MIRROR_S3_PATH_STYLE": &c.Storage.S3.PathStyle,
 		"MIRROR_S3_REDIRECT":   &c.Storage.S3.Redirect,
 	} {

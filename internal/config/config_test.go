@@ -31,8 +31,9 @@ func writeFile(t *testing.T, name, content string) string {
 func TestDefaults(t *testing.T) {
 	t.Parallel()
 	want := Config{
-		Addr:     ":5000",
-		LogLevel: "info",
+		Addr:      ":5000",
+		LogLevel:  "info",
+		AccessLog: true,
 		Upstream: Upstream{
 			URL:             "https://nvcr.io",
 			Username:        "$oauthtoken",
@@ -408,5 +409,24 @@ func TestNSAliasesFromEnv(t *testing.T) {
 	}
 	if got, _ := Load(p, noEnv); !reflect.DeepEqual(got.Upstream.NSAliases, []string{"file.example"}) {
 		t.Errorf("without the variable: %q", got.Upstream.NSAliases)
+	}
+}
+
+// MIRROR_ACCESS_LOG=false turns the access log off (it is on by default
+// and in the shipped file).
+func TestAccessLogSwitch(t *testing.T) {
+	t.Parallel()
+	for env, want := range map[string]bool{"": true, "false": false, "0": false, "true": true} {
+		got, err := Load("../../configs/mirror.yaml", envOf(map[string]string{"MIRROR_ACCESS_LOG": env}))
+		if err != nil || got.AccessLog != want {
+			t.Errorf("MIRROR_ACCESS_LOG=%q: access_log %v, %v; want %v", env, got.AccessLog, err, want)
+		}
+	}
+	p := writeFile(t, "mirror.yaml", "access_log: false\n")
+	if got, err := Load(p, noEnv); err != nil || got.AccessLog {
+		t.Errorf("access_log: false in the file: %v, %v", got.AccessLog, err)
+	}
+	if _, err := Load("", envOf(map[string]string{"MIRROR_ACCESS_LOG": "off"})); err == nil || !strings.Contains(err.Error(), "MIRROR_ACCESS_LOG") {
+		t.Errorf("MIRROR_ACCESS_LOG=off: %v", err)
 	}
 }

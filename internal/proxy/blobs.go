@@ -30,7 +30,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		if _, _, status, ok := rangeHeaders(w, r, dgst, size); ok {
 			w.WriteHeader(status)
 		}
-		h.metrics.CacheResult(metrics.RouteBlob, cacheResult(hit), 0)
+		h.cacheResult(r, metrics.RouteBlob, cacheResult(hit), 0)
 		return
 	}
 	b, err := h.pull.Blob(ctx, name, dgst)
@@ -69,7 +69,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		}
 		w.Header().Set("Location", u)
 		w.WriteHeader(http.StatusTemporaryRedirect)
-		h.metrics.CacheResult(metrics.RouteBlob, metrics.Hit, end-start)
+		h.cacheResult(r, metrics.RouteBlob, metrics.Hit, end-start)
 		return
 	} else if err != nil {
 		h.log.Warn("no redirect URL for a cached blob; serving it", "digest", dgst, "err", err)
@@ -93,7 +93,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	if err == nil && n != end-start {
 		err = io.ErrUnexpectedEOF
 	}
-	h.metrics.CacheResult(metrics.RouteBlob, cacheResult(b.Hit()), n)
+	h.cacheResult(r, metrics.RouteBlob, cacheResult(b.Hit()), n)
 	if err != nil {
 		if ctx.Err() == nil {
 			h.log.Warn("aborting blob response", "digest", dgst, "err", err)

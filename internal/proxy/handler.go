@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -54,6 +55,9 @@ type Options struct {
 	// after 30 s without them) and a failed check aborts the transfer.
 	// Default 4 MiB (DefaultVerifyBeforeHeaders); negative: never.
 	VerifyBeforeHeaders int64
+	// AccessLog logs every request at info level (else at debug): see
+	// observe for its fields.
+	AccessLog bool
 }
 
 // DefaultVerifyBeforeHeaders is Options.VerifyBeforeHeaders' default (bytes):
@@ -118,10 +122,14 @@ func apiVersion(next http.Handler) http.Handler {
 	})
 }
 
-// routeInfo lets dispatch tell the observe middleware the route kind.
+// routeInfo is what the handlers tell the observe middleware (metrics and
+// the access log) about a request.
 type routeInfo struct {
 	route string
 	user  string // the authenticated client, for the pull history
+	repo  string // the repository asked for, once its name is valid
+	ref   string // its tag or digest
+	cache string // metrics.Hit or metrics.Miss for manifests and blobs
 }
 
 type routeKey struct{}
@@ -132,10 +140,27 @@ func setRoute(r *http.Request, route string) {
 	}
 }
 
+// cacheResult records a manifest or blob answer as a cache hit or miss,
+// for the metrics and the access log.
+func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64) {
+	h.metrics.CacheResult(kind, result, bytes)
+	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
+		ri.cache = result
+	}
+}
+
 // observe counts each request by route kind, method and status class, and
-// logs it at debug level: method, path with query (the registry API
-// carries no secrets there), status, bytes, duration.
+// writes the access log line "request" (at info level with
+// Options.AccessLog, else at debug): method, route kind, repository and
+// reference (tag or digest) when the path names them (else the path),
+// status, body bytes sent, duration, cache (hit or miss) for manifests and
+// blobs, and client: the authenticated user, else the client's IP address.
+// Never a query string, header, credential, token or redirect URL.
 func (h *Handler) observe(next http.Handler) http.Handler {
+	level := slog.LevelDebug
+	if h.opts.AccessLog {
+		level = slog.LevelInfo
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		ri := &routeInfo{route: metrics.RouteOther}
@@ -148,8 +173,32 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 			}
 			d := time.Since(start)
 			h.metrics.Request(ri.route, r.Method, status, d.Seconds())
-			h.log.Debug("request", "method", r.Method, "uri", r.URL.RequestURI(), "status", status,
-				"bytes", ww.BytesWritten(), "duration", d, "remote", r.RemoteAddr)
+			if !h.log.Enabled(r.Context(), level) {
+				return
+			}
+			attrs := make([]slog.Attr, 0, 10)
+			attrs = append(attrs, slog.String("method", r.Method), slog.String("route", ri.route))
+			if ri.repo != "" {
+				attrs = append(attrs, slog.String("repository", ri.repo))
+				if ri.ref != "" {
+					attrs = append(attrs, slog.String("reference", ri.ref))
+				}
+			} else {
+				attrs = append(attrs, slog.String("path", r.URL.Path))
+			}
+			attrs = append(attrs, slog.Int("status", status), slog.Int("bytes", ww.BytesWritten()), slog.Duration("duration", d))
+			if ri.cache != "" {
+				attrs = append(attrs, slog.String("cache", ri.cache))
+			}
+			client := ri.user
+			if client == "" {
+				client = r.RemoteAddr
+				if host, _, err := net.SplitHostPort(client); err == nil {
+					client = host
+				}
+			}
+			attrs = append(attrs, slog.String("client", client))
+			h.log.LogAttrs(r.Context(), level, "request", attrs...)
 		}()
 		next.ServeHTTP(ww, r)
 	})
@@ -225,7 +274,7 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 		// "Listing Repositories"; not in the OCI distribution spec). A
 		// pull-through mirror knows only what was pulled, not the upstream's
 		// repositories, so it has none rather than a misleading partial one.
-		e := newAPIError(errcode.ErrorCodeUnsupported, "this mirror has no catalog: it pulls through from "+h.up.Host()+
+		e := newAPIError(errcode.ErrorCodeUnsupported, "this mirror has no catalog: it pulls through from "+h.pull.Registry()+
 			" and cannot list its repositories; list a repository's tags with GET /v2/REPOSITORY/tags/list")
 		e.status = http.StatusNotFound
 		writeError(w, e)
@@ -241,6 +290,9 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 	if err := validateName(rt.name); err != nil {
 		writeError(w, err)
 		return
+	}
+	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
+		ri.repo, ri.ref = rt.name, rt.ref
 	}
 	if err := h.checkNS(r); err != nil {
 		writeError(w, err)

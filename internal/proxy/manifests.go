@@ -46,7 +46,7 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 		n, _ := w.Write(m.Body)
 		sent = int64(n)
 	}
-	h.metrics.CacheResult(metrics.RouteManifest, cacheResult(m.Hit), sent)
+	h.cacheResult(r, metrics.RouteManifest, cacheResult(m.Hit), sent)
 	if h.opts.Pulls != nil {
 		ev := tracking.ManifestServed{Repository: name, Reference: ref, Digest: m.Digest, MediaType: m.MediaType,
 			Client: tracking.ClientOf(r, userOf(r)), Time: time.Now()}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -69,6 +70,9 @@ type envOpts struct {
 	verifyBefore int64
 	// tagListMaxPages is pull.Options.TagListMaxPages (0: its default).
 	tagListMaxPages int
+	// log and accessLog go to proxy.Options.
+	log       *slog.Logger
+	accessLog bool
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -123,7 +127,8 @@ func newEnv(t *testing.T, o envOpts) *env {
 	}
 	fills := fill.NewGroup(store, o.fill)
 	svc := pull.New(client, store, fills, pull.Options{TagFreshness: o.tagFreshness, CheckLinks: o.access != nil, Redirect: o.redirect, Cache: o.cache, TagListMaxPages: o.tagListMaxPages})
-	h := proxy.New(svc, proxy.Options{NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore})
+	h := proxy.New(svc, proxy.Options{NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore,
+		Log: o.log, AccessLog: o.accessLog})
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	// Fills outlive their clients: let a commit finish before the cache

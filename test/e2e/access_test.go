@@ -30,11 +30,14 @@ func writeConfig(t *testing.T, yaml string) string {
 }
 
 // assertNoSecrets fails if the key, a token the upstream issued or a CDN
-// signature appears in the mirror's (debug) log.
+// signature appears in the mirror's (debug) log, access log included.
 func assertNoSecrets(t *testing.T, up *ngctest.Upstream, logs string, extra ...string) {
 	t.Helper()
 	if !strings.Contains(logs, "level=DEBUG") {
 		t.Fatal("debug logging was not on; the leak check would prove nothing")
+	}
+	if !strings.Contains(logs, "level=INFO msg=request method=") || !strings.Contains(logs, " route=manifest ") || !strings.Contains(logs, " cache=") {
+		t.Fatal("no access log lines (msg=request ... route=manifest ... cache=...); the leak check would not cover them")
 	}
 	secrets := append([]string{ngctest.APIKey, "Signature="}, up.Tokens()...)
 	secrets = append(secrets, extra...)
