@@ -11,8 +11,16 @@ export MIRROR_TEST_REQUIRE_REDIS = 1
 run: ## run the mirror with embedded defaults (anonymous nvcr.io, ./data)
 	$(GO) run ./cmd/mirror serve
 
-build:
-	CGO_ENABLED=0 $(GO) build -o bin/mirror ./cmd/mirror
+# `mirror version` and the ngc_mirror_build_info metric report these.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell test -z "$$(git status --porcelain 2>/dev/null)" || echo -dirty)
+BUILD_TIME ?= $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+BIN ?= bin/mirror
+
+build: ## a static binary in $(BIN) (bin/mirror) with version, revision and build time
+	CGO_ENABLED=0 $(GO) build -trimpath \
+		-ldflags "-X main.version=$(VERSION) -X main.revision=$(REVISION) -X main.buildTime=$(BUILD_TIME)" \
+		-o $(BIN) ./cmd/mirror
 
 test: unit fuzz e2e ## the whole suite (needs the clients from `make deps`)
 

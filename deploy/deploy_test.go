@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
 )
 
 // object is the part of a Kubernetes object the checks read.
@@ -243,7 +245,11 @@ func TestComposeFile(t *testing.T) {
 	}
 }
 
-// TestSystemdUnit checks the unit's required keys.
+// TestSystemdUnit checks the unit's required keys, and that following its
+// install steps (the sed on configs/mirror.yaml, run with the real sed)
+// puts the data directory in /etc/ngc-mirror/mirror.yaml, the file the
+// unit serves with and the operator commands read by default, rather than
+// in the unit's environment, which those commands never see.
 func TestSystemdUnit(t *testing.T) {
 	t.Parallel()
 	raw, err := os.ReadFile("systemd/ngc-mirror.service")
@@ -251,10 +257,43 @@ func TestSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	unit := string(raw)
-	for _, want := range []string{"[Unit]", "[Service]", "[Install]", "ExecStart=/usr/local/bin/ngc-mirror serve", "MIRROR_DATA_DIR=", "WantedBy=multi-user.target"} {
+	for _, want := range []string{"[Unit]", "[Service]", "[Install]", "ExecStart=/usr/local/bin/mirror serve --config " + config.DefaultPath,
+		"StateDirectory=ngc-mirror", "install -m 0755 bin/mirror /usr/local/bin/mirror", "WantedBy=multi-user.target"} {
 		if !strings.Contains(unit, want) {
 			t.Errorf("unit lacks %q", want)
 		}
+	}
+	if strings.Contains(unit, "MIRROR_DATA_DIR") {
+		t.Error("the unit sets MIRROR_DATA_DIR: mirror prefetch/tags/jobs/fsck would not find that data directory")
+	}
+	var sed string
+	for _, l := range strings.Split(unit, "\n") {
+		if s, ok := strings.CutPrefix(l, "#   sed -i "); ok {
+			sed = s
+		}
+	}
+	i := strings.LastIndexByte(sed, ' ')
+	if i < 0 || sed[i+1:] != config.DefaultPath {
+		t.Fatalf("no install step editing %s with sed: %q", config.DefaultPath, sed)
+	}
+	shipped, err := os.ReadFile("../configs/mirror.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(cfgFile, shipped, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	expr := sed[:i]
+	if out, err := exec.Command("sh", "-c", "sed -i "+expr+" "+cfgFile).CombinedOutput(); err != nil {
+		t.Fatalf("sed -i %s: %v\n%s", expr, err, out)
+	}
+	cfg, err := config.Load(cfgFile, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Storage.DataDir != "/var/lib/ngc-mirror" {
+		t.Errorf("after the install steps storage.data_dir is %q, want the unit's StateDirectory /var/lib/ngc-mirror", cfg.Storage.DataDir)
 	}
 }
 

@@ -17,7 +17,6 @@ import (
 	"github.com/schollz/progressbar/v3"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/admin"
-	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
@@ -38,7 +37,7 @@ func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 // newAdminClient reads --config / MIRROR_* like serve does, to find the
 // mirror's address and token; --server and --token override.
 func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
-	cfg, err := config.Load(cfgPath, os.Getenv)
+	cfg, err := loadConfig(cfgPath)
 	if err != nil {
 		return nil, err
 	}
@@ -53,7 +52,7 @@ func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
 	}
 	if token == "" {
 		if token = readAdminToken(cfg.Storage.DataDir); token == "" {
-			return nil, errNoToken
+			return nil, noTokenError(cfg.Storage.DataDir)
 		}
 	}
 	return &adminClient{base: strings.TrimSuffix(server, "/"), token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: tr}}, nil

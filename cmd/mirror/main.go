@@ -18,7 +18,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime"
 	"syscall"
 	"time"
 
@@ -44,25 +43,25 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
-// version and revision are set at link time:
-// go build -ldflags "-X main.version=v1.2.3 -X main.revision=$(git rev-parse HEAD)".
-var (
-	version  = "dev"
-	revision = "unknown"
-)
-
 const usage = `usage: mirror serve [--config FILE]
+       mirror version
        mirror healthcheck [--config FILE]   (GET /healthz of the local mirror)
        mirror fsck [--config FILE] [--repair report|quarantine|delete]
        mirror gc [--config FILE] [--dry-run] [--grace 1h]
        mirror prefetch IMAGE [--platform os/arch]... [--detach]   (on the running mirror)
        mirror tags REPOSITORY [--monthly] [--refresh]           (tracked tags, what is cached)
+       mirror jobs [--state STATE] | jobs --follow ID | jobs cancel ID   (prefetch jobs)
+       mirror help
 
-Environment (overrides the file): MIRROR_ADDR, MIRROR_UPSTREAM, NGC_API_KEY,
-MIRROR_UPSTREAM_USERNAME, MIRROR_DATA_DIR, MIRROR_LOG_LEVEL,
-MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE, MIRROR_TLS_CERT_FILE,
-MIRROR_TLS_KEY_FILE, MIRROR_STORAGE_DRIVER, MIRROR_S3_*, MIRROR_CACHE_MAX_SIZE,
-MIRROR_CACHE_MIN_FREE, MIRROR_REDIS_URL, MIRROR_ADMIN_TOKEN. See configs/mirror.yaml.
+Every command reads the mirror's configuration from --config FILE, else
+$MIRROR_CONFIG, else /etc/ngc-mirror/mirror.yaml when it exists, and then
+the environment, which overrides the file: MIRROR_ADDR, MIRROR_UPSTREAM,
+NGC_API_KEY, MIRROR_UPSTREAM_USERNAME, MIRROR_NS_ALIASES, MIRROR_DATA_DIR,
+MIRROR_LOG_LEVEL, MIRROR_ACCESS_LOG, MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE,
+MIRROR_TLS_CERT_FILE, MIRROR_TLS_KEY_FILE, MIRROR_STORAGE_DRIVER, MIRROR_S3_*,
+MIRROR_CACHE_MAX_SIZE, MIRROR_CACHE_MIN_FREE, MIRROR_REDIS_URL,
+MIRROR_ADMIN_TOKEN. See configs/mirror.yaml. "mirror COMMAND -h" lists a
+command's flags.
 `
 
 func main() {
@@ -78,6 +77,11 @@ func main() {
 			os.Exit(prefetchCmd(os.Args[2:]))
 		case "tags":
 			os.Exit(tagsCmd(os.Args[2:]))
+		case "version", "--version":
+			os.Exit(versionCmd(os.Stdout))
+		case "help", "-h", "-help", "--help":
+			fmt.Fprint(os.Stdout, usage)
+			os.Exit(0)
 		}
 	}
 	if len(os.Args) < 2 || os.Args[1] != "serve" {
@@ -91,7 +95,7 @@ func main() {
 	// Start-up refusals are logged like everything after them (the
 	// configured level is not known yet: info).
 	boot := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	cfg, err := config.Load(*cfgPath, os.Getenv)
+	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		boot.Error("configuration refused", "err", err)
 		os.Exit(2)
@@ -182,7 +186,8 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m := metrics.New(reg)
-	metrics.BuildInfo(reg, version, revision, runtime.Version())
+	b := currentBuild()
+	metrics.BuildInfo(reg, b.Version, b.Revision, b.Go)
 	metrics.StorageUsage(reg, func(kind string) (int64, int64) { return store.Usage(storage.Kind(kind)) })
 	metrics.FilesystemUsage(reg, dataDir)
 	origin := cfg.UpstreamURL()
@@ -292,7 +297,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		}
 		srv.TLSConfig = reloader.Config()
 	}
-	log.Info("ngc-mirror listening", "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
+	log.Info("ngc-mirror listening", "version", b.Version, "revision", b.Revision, "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
 		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces,
 		"storage", cfg.Storage.Driver, "data_dir", dataDir)
 
@@ -457,7 +462,7 @@ func healthcheck(args []string) int {
 	fs := flag.NewFlagSet("healthcheck", flag.ExitOnError)
 	cfgPath := fs.String("config", "", "YAML configuration file")
 	_ = fs.Parse(args)
-	cfg, err := config.Load(*cfgPath, os.Getenv)
+	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)
 		return 2

@@ -37,10 +37,20 @@ func loadForTool(name string, args []string, define func(*flag.FlagSet)) config.
 	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
 	define(fs)
 	_ = fs.Parse(args)
-	cfg, err := config.Load(*cfgPath, os.Getenv)
+	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
+	}
+	if cfg.Storage.Driver == "filesystem" {
+		// A wrong working directory or configuration must not check (or
+		// collect) an empty directory and call it clean.
+		dir, _ := filepath.Abs(cfg.Storage.DataDir)
+		if _, err := os.Stat(dir); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: no cache at %s (storage.data_dir): give the running mirror's configuration (--config FILE or MIRROR_CONFIG; default %s)\n",
+				name, dir, config.DefaultPath)
+			os.Exit(2)
+		}
 	}
 	return cfg
 }

@@ -206,7 +206,16 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-var errNoToken = errors.New("no admin token: set MIRROR_ADMIN_TOKEN or --token, or run on the mirror's host (it reads <data_dir>/admin-token)")
+// noTokenError says where the admin token was looked for and how to point
+// the command at the running mirror's configuration.
+func noTokenError(dataDir string) error {
+	path := filepath.Join(dataDir, "admin-token")
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	return fmt.Errorf("no admin token in %s: give the running mirror's configuration (--config FILE or MIRROR_CONFIG; default %s), "+
+		"run as a user who can read its data directory, or set MIRROR_ADMIN_TOKEN or --token", path, config.DefaultPath)
+}
 
 // pinPrefetchRules keeps the images of prefetch rules with pin: true out of
 // eviction (nothing to do without a budget).
