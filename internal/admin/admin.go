@@ -5,7 +5,7 @@
 // {"errors":[{"code","message"}]} with codes of the registry API where one
 // fits (NAME_INVALID, NAME_UNKNOWN, MANIFEST_UNKNOWN, TAG_INVALID, DENIED,
 // UNAUTHORIZED, UNAVAILABLE) and RULE_INVALID, PLATFORM_INVALID,
-// JOB_UNKNOWN, BAD_REQUEST for this API's own.
+// JOB_UNKNOWN, JOB_ENDED, BAD_REQUEST for this API's own.
 package admin
 
 import (
@@ -92,6 +92,7 @@ func New(sched *prefetch.Scheduler, tracker *tracking.Tracker, puller Puller, op
 	r.Post(Prefix+"/prefetch", s.prefetch)
 	r.Get(Prefix+"/jobs", s.jobs)
 	r.Get(Prefix+"/jobs/{id}", s.job)
+	r.Post(Prefix+"/jobs/{id}/cancel", s.cancelJob)
 	r.Get(Prefix+"/rules", s.rules)
 	r.Get(Prefix+"/pulls", s.pulls)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
@@ -568,8 +569,8 @@ func (s *Server) jobs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if st := r.URL.Query().Get("state"); st != "" {
-		if !slices.Contains([]string{state.JobQueued, state.JobRunning, state.JobDone, state.JobFailed}, st) {
-			writeError(w, http.StatusBadRequest, "BAD_REQUEST", "state: want queued, running, done or failed")
+		if !slices.Contains([]string{state.JobQueued, state.JobRunning, state.JobDone, state.JobFailed, state.JobCancelled}, st) {
+			writeError(w, http.StatusBadRequest, "BAD_REQUEST", "state: want queued, running, done, failed or cancelled")
 			return
 		}
 		jobs = slices.DeleteFunc(jobs, func(j state.Job) bool { return j.State != st })
@@ -588,6 +589,25 @@ func (s *Server) job(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, j)
+}
+
+// cancelJob answers POST /admin/v1/jobs/<id>/cancel: 200 with the job,
+// now cancelled (again 200 for a job cancelled already); 404 JOB_UNKNOWN;
+// 409 JOB_ENDED for a job that is done or failed. The replica running the
+// job stops it within a progress save (about a second).
+func (s *Server) cancelJob(w http.ResponseWriter, r *http.Request) {
+	id := chi.URLParam(r, "id")
+	j, err := s.sched.Cancel(r.Context(), id)
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		writeError(w, http.StatusNotFound, "JOB_UNKNOWN", "no job "+strconv.Quote(id))
+	case err != nil:
+		s.stateFailed(w, err)
+	case j.State != state.JobCancelled:
+		writeError(w, http.StatusConflict, "JOB_ENDED", "job "+strconv.Quote(id)+" has ended already ("+j.State+")")
+	default:
+		writeJSON(w, http.StatusOK, j)
+	}
 }
 
 // RuleInfo is one entry of GET /admin/v1/rules.

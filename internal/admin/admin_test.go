@@ -277,3 +277,59 @@ func TestPrefetchDisabled(t *testing.T) {
 		t.Errorf("queued %+v", jobs)
 	}
 }
+
+// POST jobs/<id>/cancel cancels a running job (200, then listed under
+// state=cancelled); a job that has ended gets 409 JOB_ENDED, an unknown
+// one 404 JOB_UNKNOWN.
+func TestCancelJob(t *testing.T) {
+	a := newAPI(t)
+	release := make(chan struct{})
+	defer func() {
+		close(release)
+		prefetchtest.Eventually(t, 10*time.Second, "the stopped downloads to end", func() bool { return a.w.Fills.InFlight() == 0 })
+	}()
+	a.w.Up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !a.w.Up.IsCDN(r) {
+			return false
+		}
+		select { // every blob download waits: the job stays running
+		case <-release:
+			return false
+		case <-r.Context().Done():
+			return true
+		}
+	})
+	var resp struct{ Jobs []state.Job }
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"nvidia/pytorch:17.12","platforms":["linux/arm64"]}`, &resp); st != http.StatusAccepted {
+		t.Fatalf("prefetch: %d %s", st, code)
+	}
+	id := resp.Jobs[0].ID
+	prefetchtest.Eventually(t, 15*time.Second, "the job to run", func() bool {
+		j, _ := a.w.State.Job(context.Background(), id)
+		return j.State == state.JobRunning
+	})
+	var j state.Job
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/jobs/"+id+"/cancel", "", &j); st != http.StatusOK || j.State != state.JobCancelled {
+		t.Fatalf("cancel: %d %s %+v", st, code, j)
+	}
+	if st, _ := a.call(http.MethodPost, admin.Prefix+"/jobs/"+id+"/cancel", "", &j); st != http.StatusOK || j.State != state.JobCancelled {
+		t.Errorf("second cancel: %d %+v", st, j)
+	}
+	if got := a.w.WaitJob(t, id, 10*time.Second); got.State != state.JobCancelled {
+		t.Errorf("job = %+v", got)
+	}
+	var list struct{ Jobs []state.Job }
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/jobs?state=cancelled", "", &list); st != 200 || len(list.Jobs) != 1 || list.Jobs[0].ID != id {
+		t.Errorf("jobs?state=cancelled: %d %+v", st, list)
+	}
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/jobs/nope/cancel", "", nil); st != http.StatusNotFound || code != "JOB_UNKNOWN" {
+		t.Errorf("cancel of an unknown job: %d %s", st, code)
+	}
+	done := state.Job{ID: "done-job", State: state.JobDone, Created: time.Now(), Updated: time.Now(), Finished: time.Now()}
+	if err := a.w.State.PutJob(context.Background(), done); err != nil {
+		t.Fatal(err)
+	}
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/jobs/done-job/cancel", "", nil); st != http.StatusConflict || code != "JOB_ENDED" {
+		t.Errorf("cancel of a done job: %d %s", st, code)
+	}
+}

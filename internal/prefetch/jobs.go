@@ -87,12 +87,20 @@ func (r *runner) settings(j state.Job) (concurrency int, lim *rate.Limiter) {
 	return concurrency, newLimiter(j.Bandwidth)
 }
 
+// errJobCancelled is the cause of a running job's context when the job
+// was cancelled (Scheduler.Cancel, or the state store refusing a progress
+// save with state.ErrCancelled).
+var errJobCancelled = errors.New("prefetch: job cancelled")
+
+// errFillAbandoned ends a fill that only a cancelled job wanted: for the
+// fill (and its failure metric) its last client left.
+var errFillAbandoned = fmt.Errorf("%w (the prefetch job was cancelled)", fill.ErrNoClients)
+
 // job is a running job: its record and live counters.
 type job struct {
 	mu        sync.Mutex
 	rec       state.Job
 	bytesLive atomic.Int64 // bytes of blobs in progress
-	fetched   atomic.Int32 // blobs this run fetched from the upstream
 	current   sync.Map     // digest → struct{}
 }
 
@@ -100,7 +108,9 @@ func (j *job) snapshot() state.Job {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	rec := j.rec
-	rec.BytesDone += j.bytesLive.Load()
+	live := j.bytesLive.Load()
+	rec.BytesDone += live
+	rec.BytesFetched += live
 	rec.Current = ""
 	j.current.Range(func(k, _ any) bool {
 		if rec.Current == "" || k.(string) < rec.Current {
@@ -118,14 +128,29 @@ func (j *job) snapshot() state.Job {
 // every config and layer blob of those, Concurrency at a time. Blobs
 // already cached count as done at once, so a re-run (resume after a
 // restart) only fetches what is missing.
+//
+// A job cancelled in the state store (CancelJob, from any replica) is
+// noticed at the next progress save, which the store refuses; a cancel on
+// this replica cancels ctx with errJobCancelled at once. Either way no new
+// blob is started; blobs being downloaded stop unless a client waits on
+// them (see counted), and the job ends cancelled.
 func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	j := &job{rec: rec}
 	j.rec.State = state.JobRunning
 	j.rec.Owner = r.owner
 	j.rec.Errors = nil
 	j.rec.BlobsDone, j.rec.BytesDone, j.rec.BlobsTotal, j.rec.BytesTotal = 0, 0, 0, 0
+	j.rec.BlobsFetched, j.rec.BytesFetched = 0, 0
+	j.rec.Started = time.Now().UTC()
 	j.rec.Finished = time.Time{}
-	r.save(ctx, j.snapshot())
+	save := func(rec state.Job) {
+		if errors.Is(r.save(ctx, rec), state.ErrCancelled) {
+			cancel(errJobCancelled)
+		}
+	}
+	save(j.snapshot())
 	r.m.JobStarted()
 
 	stop := make(chan struct{})
@@ -139,11 +164,14 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 			case <-stop:
 				return
 			case <-t.C:
-				r.save(ctx, j.snapshot())
+				save(j.snapshot())
 			}
 		}
 	}()
-	err := r.execute(ctx, j)
+	var err error
+	if ctx.Err() == nil {
+		err = r.execute(ctx, j)
+	}
 	close(stop)
 	<-saved
 
@@ -151,6 +179,13 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 	final.Current = ""
 	final.Finished = time.Now().UTC()
 	switch {
+	case errors.Is(context.Cause(ctx), errJobCancelled):
+		final.State = state.JobCancelled
+		r.save(ctx, final) // its progress when it stopped; the store has it cancelled already
+		r.m.JobEnded(final.State)
+		r.log.Info("prefetch job cancelled", "job", final.ID, "repository", final.Repository, "reference", final.Reference,
+			"blobs", final.BlobsDone, "blobs_total", final.BlobsTotal, "fetched_blobs", final.BlobsFetched)
+		return final
 	case ctx.Err() != nil:
 		// Shutdown or lost leadership: left running, resumed by the next
 		// scheduler.
@@ -166,24 +201,30 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 	default:
 		final.State = state.JobDone
 	}
-	r.save(ctx, final)
+	if errors.Is(r.save(ctx, final), state.ErrCancelled) {
+		final.State = state.JobCancelled // cancelled as it ended: the store keeps that
+	}
 	r.m.JobEnded(final.State)
 	level := slog.LevelInfo
-	if j.fetched.Load() == 0 && final.State == state.JobDone {
+	if final.BlobsFetched == 0 && final.State == state.JobDone {
 		level = slog.LevelDebug // everything was cached already
 	}
-	r.log.Log(ctx, level, "prefetch job ended", "job", final.ID, "fetched_blobs", j.fetched.Load(), "repository", final.Repository, "reference", final.Reference,
+	r.log.Log(ctx, level, "prefetch job ended", "job", final.ID, "fetched_blobs", final.BlobsFetched, "repository", final.Repository, "reference", final.Reference,
 		"state", final.State, "blobs", final.BlobsDone, "bytes", final.BytesDone, "errors", len(final.Errors))
 	return final
 }
 
-func (r *runner) save(ctx context.Context, j state.Job) {
+// save writes a job record. It returns state.ErrCancelled when the job
+// was cancelled in the store; other errors are counted and logged here.
+func (r *runner) save(ctx context.Context, j state.Job) error {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	if err := r.store.PutJob(sctx, j); err != nil {
+	err := r.store.PutJob(sctx, j)
+	if err != nil && !errors.Is(err, state.ErrCancelled) {
 		r.m.StateError(metrics.OpJob)
 		r.log.Debug("saving job progress failed", "job", j.ID, "err", err)
 	}
+	return err
 }
 
 // errNoPlatform is returned for an index that has none of the job's
@@ -297,7 +338,7 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 		var got atomic.Int64
 		var fetched bool
 		fetched, err = r.warm.CacheBlob(ctx, repo, d.Digest, func(src fill.Source) fill.Source {
-			return r.counted(src, d.Digest, &got, j, lim)
+			return r.counted(ctx, src, d.Digest, &got, j, lim)
 		})
 		j.bytesLive.Add(-got.Load())
 		if errors.Is(err, fill.ErrTooManyFills) && busy < maxBusyWaits {
@@ -314,7 +355,10 @@ func (r *runner) blob(ctx context.Context, j *job, repo string, d manifest.Descr
 		if err == nil {
 			done()
 			if fetched {
-				j.fetched.Add(1)
+				j.mu.Lock()
+				j.rec.BlobsFetched++
+				j.rec.BytesFetched += d.Size
+				j.mu.Unlock()
 				r.m.PrefetchBlob("fetched", d.Size)
 			} else {
 				r.m.PrefetchBlob("cached", d.Size)
@@ -337,28 +381,55 @@ const maxBusyWaits = 600
 // counted wraps a fill source: it counts bytes into the job's live
 // progress and, with a limiter, throttles while no client waits on the
 // blob.
-func (r *runner) counted(src fill.Source, dgst digest.Digest, got *atomic.Int64, j *job, lim *rate.Limiter) fill.Source {
+//
+// Once jobCtx ends with errJobCancelled, a read while no client waits on
+// the blob fails with that error, so the fill this job started stops (and
+// caches nothing) rather than downloading on for a cancelled job; a fill a
+// client shares carries on for the client.
+func (r *runner) counted(jobCtx context.Context, src fill.Source, dgst digest.Digest, got *atomic.Int64, j *job, lim *rate.Limiter) fill.Source {
 	return func(ctx context.Context, offset int64) (io.ReadCloser, int64, error) {
+		if cancelledAlone(jobCtx, func() bool { return r.warm.FillClients(dgst) <= 1 }) {
+			return nil, 0, errFillAbandoned // a resume after the cancel
+		}
 		body, size, err := src(ctx, offset)
 		if err != nil {
 			return nil, size, err
 		}
-		return &progressReader{rc: body, ctx: ctx, got: got, live: &j.bytesLive, lim: lim,
-			throttle: func() bool { return r.warm.FillClients(dgst) <= 1 }}, size, nil
+		// Throttling waits end when the job is cancelled.
+		wctx, wcancel := context.WithCancel(ctx)
+		stop := context.AfterFunc(jobCtx, func() {
+			if errors.Is(context.Cause(jobCtx), errJobCancelled) {
+				wcancel()
+			}
+		})
+		return &progressReader{rc: body, ctx: wctx, job: jobCtx, got: got, live: &j.bytesLive, lim: lim,
+			alone: func() bool { return r.warm.FillClients(dgst) <= 1 },
+			done:  func() { stop(); wcancel() }}, size, nil
 	}
 }
 
 type progressReader struct {
-	rc       io.ReadCloser
-	ctx      context.Context
-	got      *atomic.Int64
-	live     *atomic.Int64
-	lim      *rate.Limiter
-	throttle func() bool
+	rc    io.ReadCloser
+	ctx   context.Context // the fill's, ended too when the job is cancelled
+	job   context.Context // the job run's
+	got   *atomic.Int64
+	live  *atomic.Int64
+	lim   *rate.Limiter
+	alone func() bool // no client waits on the blob: throttle, and stop when cancelled
+	done  func()
+}
+
+// cancelledAlone reports whether the job was cancelled and no client waits
+// on the blob.
+func cancelledAlone(job context.Context, alone func() bool) bool {
+	return errors.Is(context.Cause(job), errJobCancelled) && alone()
 }
 
 func (p *progressReader) Read(b []byte) (int, error) {
-	if p.lim != nil && p.throttle() {
+	if cancelledAlone(p.job, p.alone) {
+		return 0, errFillAbandoned
+	}
+	if p.lim != nil && p.alone() {
 		if burst := p.lim.Burst(); len(b) > burst {
 			b = b[:burst]
 		}
@@ -367,7 +438,7 @@ func (p *progressReader) Read(b []byte) (int, error) {
 	if n > 0 {
 		p.got.Add(int64(n))
 		p.live.Add(int64(n))
-		if p.lim != nil && p.throttle() {
+		if p.lim != nil && p.alone() {
 			if werr := p.lim.WaitN(p.ctx, n); werr != nil && err == nil {
 				err = werr
 			}
@@ -376,7 +447,10 @@ func (p *progressReader) Read(b []byte) (int, error) {
 	return n, err
 }
 
-func (p *progressReader) Close() error { return p.rc.Close() }
+func (p *progressReader) Close() error {
+	p.done()
+	return p.rc.Close()
+}
 
 // newLimiter returns a limiter of bytesPerSecond (nil for 0), with a burst
 // of a tenth of a second's worth (at least 32 KiB).

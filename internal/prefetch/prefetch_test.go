@@ -50,8 +50,9 @@ func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
 	for _, b := range arm.Blobs() {
 		total += int64(len(b.Body))
 	}
-	if j.State != state.JobDone || j.BlobsTotal != len(arm.Blobs()) || j.BlobsDone != j.BlobsTotal || j.BytesTotal != total || j.BytesDone != total {
-		t.Fatalf("job = %+v (want done, %d blobs, %d bytes)", j, len(arm.Blobs()), total)
+	if j.State != state.JobDone || j.BlobsTotal != len(arm.Blobs()) || j.BlobsDone != j.BlobsTotal || j.BytesTotal != total || j.BytesDone != total ||
+		j.BlobsFetched != j.BlobsTotal || j.BytesFetched != total || j.Started.IsZero() {
+		t.Fatalf("job = %+v (want done, %d blobs, %d bytes, all fetched)", j, len(arm.Blobs()), total)
 	}
 	for _, b := range arm.Blobs() {
 		if n := w.Up.BlobFetches(b.Digest); n != 1 || !cached(w, b.Digest) {
@@ -82,8 +83,8 @@ func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
 		t.Fatalf("re-enqueue: %+v %v %v", j2, created, err)
 	}
 	j2 = w.WaitJob(t, j2.ID, 20*time.Second)
-	if j2.State != state.JobDone || j2.BytesDone != total {
-		t.Errorf("re-run = %+v", j2)
+	if j2.State != state.JobDone || j2.BytesDone != total || j2.BlobsFetched != 0 || j2.BytesFetched != 0 {
+		t.Errorf("re-run = %+v (want done, everything already cached, nothing fetched)", j2)
 	}
 	for _, r := range w.Up.CDNRequests()[before:] {
 		t.Errorf("re-run fetched a blob again: %+v", r)
@@ -490,5 +491,96 @@ func TestScheduledTask(t *testing.T) {
 	}
 	if _, err := prefetch.New(w.State, w.Tracker, w.Pull, prefetch.Options{Tasks: []prefetch.Task{{Name: "x", Schedule: "nope"}}}); err == nil {
 		t.Error("a task with a bad schedule was accepted")
+	}
+}
+
+// cancelWhileStalled starts a job for amd64 whose last blob stalls at the
+// upstream, waits until every other blob is cached and the stalled one is
+// being fetched, and cancels it with cancel. The job ends cancelled, the
+// stalled download stops once the upstream answers (nothing cached, no
+// second fetch), and no later save undoes the cancel.
+func cancelWhileStalled(t *testing.T, cancel func(w *prefetchtest.World, id string)) {
+	w := prefetchtest.New(t, prefetchtest.Options{})
+	blobs := w.Fx.Pytorch.Child("linux/amd64").Blobs()
+	last := blobs[len(blobs)-1].Digest
+	release := make(chan struct{})
+	var started atomic.Int32
+	stall(w.Up, last, release, &started)
+	w.Start(t)
+	j, _, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/amd64"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefetchtest.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
+		got, _ := w.State.Job(ctx, j.ID)
+		return got.BlobsDone == len(blobs)-1 && started.Load() > 0
+	})
+	cancel(w, j.ID)
+	got := w.WaitJob(t, j.ID, 10*time.Second)
+	if got.State != state.JobCancelled || got.BlobsDone != len(blobs)-1 || got.Finished.IsZero() {
+		t.Fatalf("cancelled job = %+v", got)
+	}
+	close(release)
+	prefetchtest.Eventually(t, 10*time.Second, "the stalled fill to stop", func() bool { return w.Fills.InFlight() == 0 })
+	if cached(w, last) {
+		t.Error("the cancelled job's download went on and cached the blob")
+	}
+	if n := w.Up.BlobFetches(last); n != 1 {
+		t.Errorf("stalled blob fetched %d times after the cancel", n)
+	}
+	time.Sleep(200 * time.Millisecond) // several save intervals: a late save must not revive it
+	if again, _ := w.State.Job(ctx, j.ID); again.State != state.JobCancelled {
+		t.Errorf("after the cancel: %+v", again)
+	}
+	if n := testutil.ToFloat64(w.Metrics.Jobs.WithLabelValues(state.JobCancelled)); n != 1 {
+		t.Errorf("jobs_total{result=cancelled} = %v", n)
+	}
+}
+
+// Cancelled on the leader itself: its context stops at once.
+func TestCancelRunningJob(t *testing.T) {
+	cancelWhileStalled(t, func(w *prefetchtest.World, id string) {
+		if j, err := w.Sched.Cancel(ctx, id); err != nil || j.State != state.JobCancelled {
+			t.Fatalf("Cancel: %+v, %v", j, err)
+		}
+	})
+}
+
+// Cancelled through the state store (another replica's admin API): the
+// leader notices when the store refuses its next progress save.
+func TestCancelRunningJobFromAnotherReplica(t *testing.T) {
+	cancelWhileStalled(t, func(w *prefetchtest.World, id string) {
+		if j, err := w.State.CancelJob(ctx, id); err != nil || j.State != state.JobCancelled {
+			t.Fatalf("CancelJob: %+v, %v", j, err)
+		}
+	})
+}
+
+// A queued job cancelled before a leader picks it up never runs; an
+// unknown one is ErrNotFound; a cancelled job is queued again on request.
+func TestCancelQueuedJob(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{})
+	target := prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}}
+	j, _, err := w.Sched.Enqueue(ctx, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := w.Sched.Cancel(ctx, j.ID); err != nil || got.State != state.JobCancelled {
+		t.Fatalf("Cancel: %+v, %v", got, err)
+	}
+	if _, err := w.Sched.Cancel(ctx, "nope"); !errors.Is(err, state.ErrNotFound) {
+		t.Errorf("Cancel of an unknown job: %v", err)
+	}
+	w.Start(t)
+	time.Sleep(300 * time.Millisecond) // the leader is elected and looks for jobs
+	if n := len(w.Up.CDNRequests()); n != 0 || w.Fills.InFlight() != 0 {
+		t.Errorf("a cancelled queued job ran: %d blob requests", n)
+	}
+	j2, created, err := w.Sched.Enqueue(ctx, target)
+	if err != nil || !created || j2.State != state.JobQueued {
+		t.Fatalf("enqueue after the cancel: %+v %v %v", j2, created, err)
+	}
+	if done := w.WaitJob(t, j2.ID, 20*time.Second); done.State != state.JobDone {
+		t.Errorf("re-enqueued job = %+v", done)
 	}
 }

@@ -73,7 +73,7 @@ type Scheduler struct {
 
 	mu     sync.Mutex
 	leader bool
-	active map[string]context.CancelFunc // jobs running here
+	active map[string]context.CancelCauseFunc // jobs running here
 	wake   chan struct{}
 }
 
@@ -116,7 +116,7 @@ func New(store state.Store, tracker *tracking.Tracker, warm Warmer, opts Options
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
 	s := &Scheduler{store: store, tracker: tracker, opts: opts, log: opts.Log, m: opts.Metrics, poll: poll, tasks: taskSchedules,
-		active: map[string]context.CancelFunc{}, wake: make(chan struct{}, 1)}
+		active: map[string]context.CancelCauseFunc{}, wake: make(chan struct{}, 1)}
 	rules := map[string]*Rule{}
 	limits := map[string]*rate.Limiter{}
 	for _, r := range opts.Rules {
@@ -239,7 +239,7 @@ func (s *Scheduler) setLeader(ctx context.Context, on bool, err error) {
 	s.mu.Lock()
 	was := s.leader
 	s.leader = on
-	var stop []context.CancelFunc
+	var stop []context.CancelCauseFunc
 	if was && !on {
 		for _, c := range s.active {
 			stop = append(stop, c) // another replica takes over (and resumes them)
@@ -247,7 +247,7 @@ func (s *Scheduler) setLeader(ctx context.Context, on bool, err error) {
 	}
 	s.mu.Unlock()
 	for _, c := range stop {
-		c()
+		c(nil)
 	}
 	s.m.SetLeader(on)
 	switch {
@@ -301,7 +301,7 @@ func (s *Scheduler) execute(ctx context.Context) {
 				s.mu.Unlock()
 				continue
 			}
-			rctx, cancel := context.WithCancel(ctx)
+			rctx, cancel := context.WithCancelCause(ctx)
 			s.active[j.ID] = cancel
 			s.mu.Unlock()
 			if j.State == state.JobRunning {
@@ -311,7 +311,7 @@ func (s *Scheduler) execute(ctx context.Context) {
 			go func() {
 				defer wg.Done()
 				s.runner.run(rctx, j)
-				cancel()
+				cancel(nil)
 				s.mu.Lock()
 				delete(s.active, j.ID)
 				s.mu.Unlock()
@@ -321,21 +321,41 @@ func (s *Scheduler) execute(ctx context.Context) {
 	}
 }
 
+// Cancel cancels job id in the state store (state.Store.CancelJob) and
+// returns it; a job that has ended is returned as it is. Whichever replica
+// runs it stops it: this one at once, another at its next progress save
+// (Options.SaveInterval). Errors: state.ErrNotFound, or the store's.
+func (s *Scheduler) Cancel(ctx context.Context, id string) (state.Job, error) {
+	j, err := s.store.CancelJob(ctx, id)
+	if err != nil || j.State != state.JobCancelled {
+		return j, err
+	}
+	s.mu.Lock()
+	stop := s.active[id]
+	s.mu.Unlock()
+	if stop != nil {
+		stop(errJobCancelled)
+	}
+	s.log.Info("prefetch job cancelled on request", "job", id, "repository", j.Repository, "reference", j.Reference, "was_running_here", stop != nil)
+	return j, nil
+}
+
 // Enqueue adds a job for t, or returns the queued or running job of the
 // same image and platforms (created false). An ended job of the same
-// target is queued again (a re-run skips what is cached).
+// target (done, failed or cancelled) is queued again (a re-run skips what
+// is cached).
 func (s *Scheduler) Enqueue(ctx context.Context, t Target) (j state.Job, created bool, err error) {
 	return s.enqueue(ctx, t, false)
 }
 
-// enqueue is Enqueue; with keepDone, a job of t that is done is returned
-// as it is instead of queued again (the automatic rule fetches a release
-// once).
+// enqueue is Enqueue; with keepDone, a job of t that is done or was
+// cancelled is returned as it is instead of queued again (the automatic
+// rule fetches a release once, and does not undo an operator's cancel).
 func (s *Scheduler) enqueue(ctx context.Context, t Target, keepDone bool) (j state.Job, created bool, err error) {
 	id := JobID(t)
 	old, err := s.store.Job(ctx, id)
 	switch {
-	case err == nil && (!old.Ended() || (keepDone && old.State == state.JobDone)):
+	case err == nil && (!old.Ended() || (keepDone && (old.State == state.JobDone || old.State == state.JobCancelled))):
 		return old, false, nil
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return state.Job{}, false, err
@@ -515,7 +535,8 @@ func (s *Scheduler) autoTargets(ctx context.Context) ([]Target, error) {
 }
 
 // RunAuto enqueues the automatic rule's targets that have no job yet (a
-// done job is not redone: the automatic rule fetches each release once).
+// done or cancelled job is not redone: the automatic rule fetches each
+// release once).
 func (s *Scheduler) RunAuto(ctx context.Context) ([]state.Job, error) {
 	targets, err := s.autoTargets(ctx)
 	if err != nil {
@@ -527,7 +548,7 @@ func (s *Scheduler) RunAuto(ctx context.Context) ([]state.Job, error) {
 		if err != nil {
 			return jobs, err
 		}
-		if !created && j.State == state.JobDone {
+		if !created && (j.State == state.JobDone || j.State == state.JobCancelled) {
 			continue
 		}
 		if created {

@@ -219,7 +219,12 @@ func (b *Bolt) RecentPulls(ctx context.Context, n int) ([]Pull, error) {
 func (b *Bolt) PutJob(ctx context.Context, j Job) error {
 	return b.db.Update(func(tx *bolt.Tx) error {
 		bk := tx.Bucket(bJobs)
-		existed := bk.Get([]byte(j.ID)) != nil
+		old := bk.Get([]byte(j.ID))
+		existed := old != nil
+		var cur Job
+		if existed && json.Unmarshal(old, &cur) == nil && !replaceable(cur.State, j.State) {
+			return ErrCancelled
+		}
 		v, _ := json.Marshal(j)
 		if err := bk.Put([]byte(j.ID), v); err != nil {
 			return err
@@ -247,6 +252,27 @@ func (b *Bolt) PutJob(ctx context.Context, j Job) error {
 		}
 		return nil
 	})
+}
+
+func (b *Bolt) CancelJob(ctx context.Context, id string) (Job, error) {
+	var j Job
+	err := b.db.Update(func(tx *bolt.Tx) error {
+		bk := tx.Bucket(bJobs)
+		v := bk.Get([]byte(id))
+		if v == nil {
+			return ErrNotFound
+		}
+		if err := json.Unmarshal(v, &j); err != nil {
+			return err
+		}
+		if j.Ended() {
+			return nil
+		}
+		j = cancelled(j, time.Now().UTC())
+		v, _ = json.Marshal(j)
+		return bk.Put([]byte(id), v)
+	})
+	return j, err
 }
 
 func (b *Bolt) Job(ctx context.Context, id string) (Job, error) {

@@ -28,6 +28,7 @@ func (o off) RecordPull(context.Context, Pull) error              { return o.err
 func (o off) Usage(context.Context, time.Time) ([]Usage, error)   { return nil, o.err }
 func (o off) RecentPulls(context.Context, int) ([]Pull, error)    { return nil, o.err }
 func (o off) PutJob(context.Context, Job) error                   { return o.err }
+func (o off) CancelJob(context.Context, string) (Job, error)      { return Job{}, o.err }
 func (o off) Job(context.Context, string) (Job, error)            { return Job{}, o.err }
 func (o off) Jobs(context.Context) ([]Job, error)                 { return nil, o.err }
 func (o off) Lock(context.Context, string, string, time.Duration) (bool, error) {

@@ -239,17 +239,71 @@ func (r *Redis) RecentPulls(ctx context.Context, n int) ([]Pull, error) {
 	return out, nil
 }
 
+// putJob writes a job unless the stored one is cancelled and the new state
+// may not replace it (replaceable), atomically. KEYS: jobs, jobs-by-time;
+// ARGV: id, JSON, new state, created (score). It returns 0 when refused.
+var putJob = redis.NewScript(`
+if ARGV[3] ~= 'queued' and ARGV[3] ~= 'cancelled' then
+  local cur = redis.call('HGET', KEYS[1], ARGV[1])
+  if cur then
+    local ok, j = pcall(cjson.decode, cur)
+    if ok and type(j) == 'table' and j.state == 'cancelled' then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1`)
+
+// swapJob replaces job ARGV[1] by ARGV[3] if it is still ARGV[2].
+var swapJob = redis.NewScript(`
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0`)
+
 func (r *Redis) PutJob(ctx context.Context, j Job) error {
 	b, _ := json.Marshal(j)
-	_, err := r.c.TxPipelined(ctx, func(p redis.Pipeliner) error {
-		p.HSet(ctx, r.k("jobs"), j.ID, b)
-		p.ZAdd(ctx, r.k("jobs-by-time"), redis.Z{Score: float64(j.Created.UnixNano()), Member: j.ID})
-		return nil
-	})
+	ok, err := putJob.Run(ctx, r.c, []string{r.k("jobs"), r.k("jobs-by-time")}, j.ID, b, j.State, float64(j.Created.UnixNano())).Int()
 	if err != nil {
 		return err
 	}
+	if ok == 0 {
+		return ErrCancelled
+	}
 	return r.trimJobs(ctx)
+}
+
+// CancelJob compares and swaps: progress saves of the running job may
+// change it between the read and the write, so it retries (a few times;
+// saves come about once a second).
+func (r *Redis) CancelJob(ctx context.Context, id string) (Job, error) {
+	for range 20 {
+		v, err := r.c.HGet(ctx, r.k("jobs"), id).Result()
+		if errors.Is(err, redis.Nil) {
+			return Job{}, ErrNotFound
+		}
+		if err != nil {
+			return Job{}, err
+		}
+		var j Job
+		if err := json.Unmarshal([]byte(v), &j); err != nil {
+			return Job{}, fmt.Errorf("state: job %s: %w", id, err)
+		}
+		if j.Ended() {
+			return j, nil
+		}
+		j = cancelled(j, time.Now().UTC())
+		b, _ := json.Marshal(j)
+		ok, err := swapJob.Run(ctx, r.c, []string{r.k("jobs")}, id, v, b).Int()
+		if err != nil {
+			return Job{}, err
+		}
+		if ok == 1 {
+			return j, nil
+		}
+	}
+	return Job{}, fmt.Errorf("state: job %s changed on every attempt to cancel it", id)
 }
 
 // trimJobs forgets the oldest ended jobs beyond MaxJobs.

@@ -17,6 +17,11 @@ import (
 // ErrNotFound is returned when a job does not exist.
 var ErrNotFound = errors.New("state: not found")
 
+// ErrCancelled is returned by PutJob for a job that was cancelled: the
+// write is refused so that a runner which has not yet noticed the cancel
+// cannot bring the job back to life.
+var ErrCancelled = errors.New("state: job cancelled")
+
 // Tag is what the mirror knows of one upstream tag.
 type Tag struct {
 	Repository string    `json:"repository"`
@@ -62,6 +67,9 @@ const (
 	JobRunning = "running"
 	JobDone    = "done"
 	JobFailed  = "failed"
+	// JobCancelled: stopped by CancelJob (mirror jobs cancel); the leader
+	// running it stops at its next progress save.
+	JobCancelled = "cancelled"
 )
 
 // Job is one prefetch: an image (repository and tag or digest) for some
@@ -78,19 +86,27 @@ type Job struct {
 	Bandwidth   int64     `json:"bandwidth,omitempty"`
 	State       string    `json:"state"`
 	Created     time.Time `json:"created"`
+	Started     time.Time `json:"started,omitzero"` // when its last run began
 	Updated     time.Time `json:"updated"`
 	Finished    time.Time `json:"finished,omitzero"`
 	BlobsTotal  int       `json:"blobs_total"`
 	BlobsDone   int       `json:"blobs_done"`
-	BytesTotal  int64     `json:"bytes_total"`       // bytes of the selected blobs
-	BytesDone   int64     `json:"bytes_done"`        // of which cached (already or fetched by this job)
-	Current     string    `json:"current,omitempty"` // digest of a blob being fetched now
-	Errors      []string  `json:"errors,omitempty"`
-	Owner       string    `json:"owner,omitempty"` // replica that ran it last
+	BytesTotal  int64     `json:"bytes_total"` // bytes of the selected blobs
+	BytesDone   int64     `json:"bytes_done"`  // of which cached (already or fetched by this job)
+	// BlobsFetched and BytesFetched count what this run fetched from the
+	// upstream (bytes of blobs in progress included); the rest of
+	// BlobsDone and BytesDone was cached already.
+	BlobsFetched int      `json:"blobs_fetched"`
+	BytesFetched int64    `json:"bytes_fetched"`
+	Current      string   `json:"current,omitempty"` // digest of a blob being fetched now
+	Errors       []string `json:"errors,omitempty"`
+	Owner        string   `json:"owner,omitempty"` // replica that ran it last
 }
 
-// Ended reports whether the job has ended (done or failed).
-func (j Job) Ended() bool { return j.State == JobDone || j.State == JobFailed }
+// Ended reports whether the job has ended (done, failed or cancelled).
+func (j Job) Ended() bool {
+	return j.State == JobDone || j.State == JobFailed || j.State == JobCancelled
+}
 
 // MaxJobs is how many jobs a store keeps; beyond it the oldest ended jobs
 // are forgotten.
@@ -118,8 +134,15 @@ type Store interface {
 	// RecentPulls returns up to n pulls, newest first.
 	RecentPulls(ctx context.Context, n int) ([]Pull, error)
 
-	// PutJob creates or replaces a job.
+	// PutJob creates or replaces a job. A cancelled job is replaced only
+	// by a queued one (enqueued again) or a cancelled one (its final
+	// progress); any other write returns ErrCancelled and changes nothing.
 	PutJob(ctx context.Context, j Job) error
+	// CancelJob marks a queued or running job cancelled (Finished and
+	// Updated now, no Current blob) and returns it as stored. A job that
+	// has ended already is returned unchanged (its State says so). It
+	// returns ErrNotFound for an unknown id.
+	CancelJob(ctx context.Context, id string) (Job, error)
 	// Job returns job id, or ErrNotFound.
 	Job(ctx context.Context, id string) (Job, error)
 	// Jobs returns every kept job, newest first.
@@ -139,4 +162,16 @@ type Store interface {
 	// Ping checks the backend.
 	Ping(ctx context.Context) error
 	Close() error
+}
+
+// cancelled returns j marked cancelled at now (see Store.CancelJob).
+func cancelled(j Job, now time.Time) Job {
+	j.State, j.Current, j.Finished, j.Updated = JobCancelled, "", now, now
+	return j
+}
+
+// replaceable reports whether PutJob may write next over a stored job in
+// state cur (see Store.PutJob).
+func replaceable(cur, next string) bool {
+	return cur != JobCancelled || next == JobQueued || next == JobCancelled
 }

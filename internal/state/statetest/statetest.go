@@ -22,6 +22,7 @@ func Run(t *testing.T, open func(t *testing.T) state.Store, shared func(t *testi
 	t.Run("Tags", func(t *testing.T) { testTags(t, open(t)) })
 	t.Run("Pulls", func(t *testing.T) { testPulls(t, open(t)) })
 	t.Run("Jobs", func(t *testing.T) { testJobs(t, open(t)) })
+	t.Run("CancelJob", func(t *testing.T) { a, b := shared(t); testCancelJob(t, a, b) })
 	t.Run("Lock", func(t *testing.T) { a, b := shared(t); testLock(t, a, b) })
 	t.Run("Claim", func(t *testing.T) { a, b := shared(t); testClaim(t, a, b) })
 }
@@ -272,4 +273,95 @@ func contend(a, b state.Store, try func(st state.Store, i int) bool) int {
 	}
 	wg.Wait()
 	return int(wins.Load())
+}
+
+// testCancelJob: a queued or running job is cancelled for good (through
+// another replica's handle too): progress writes of its runner are
+// refused, a final cancelled write and a new enqueue are not; an ended
+// job is left as it is; an unknown one is ErrNotFound.
+func testCancelJob(t *testing.T, a, b state.Store) {
+	if _, err := a.CancelJob(ctx, "nope"); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("cancel of an unknown job: %v", err)
+	}
+	t0 := time.Now().UTC()
+	run := state.Job{ID: "c1", Repository: "nvidia/pytorch", Reference: "24.05-py3", State: state.JobRunning, Created: t0, Updated: t0,
+		BlobsTotal: 4, BlobsDone: 1, BytesTotal: 400, BytesDone: 100, Current: "sha256:aa"}
+	if err := a.PutJob(ctx, run); err != nil {
+		t.Fatal(err)
+	}
+	got, err := b.CancelJob(ctx, "c1")
+	if err != nil || got.State != state.JobCancelled || got.Finished.IsZero() || got.Current != "" || got.BytesDone != 100 || !got.Ended() {
+		t.Fatalf("cancel of a running job: %+v, %v", got, err)
+	}
+	// The runner's next progress save (and its final "done") are refused.
+	run.BytesDone, run.BlobsDone = 200, 2
+	if err := a.PutJob(ctx, run); !errors.Is(err, state.ErrCancelled) {
+		t.Errorf("progress write over a cancelled job: %v, want ErrCancelled", err)
+	}
+	run.State = state.JobDone
+	if err := a.PutJob(ctx, run); !errors.Is(err, state.ErrCancelled) {
+		t.Errorf("done over a cancelled job: %v, want ErrCancelled", err)
+	}
+	if j, _ := a.Job(ctx, "c1"); j.State != state.JobCancelled || j.BytesDone != 100 {
+		t.Errorf("after refused writes: %+v", j)
+	}
+	// Its final progress, still cancelled, is kept.
+	final := got
+	final.BytesDone = 150
+	if err := a.PutJob(ctx, final); err != nil {
+		t.Errorf("final cancelled write: %v", err)
+	}
+	// Cancelling again changes nothing.
+	if again, err := a.CancelJob(ctx, "c1"); err != nil || again.State != state.JobCancelled || again.BytesDone != 150 {
+		t.Errorf("second cancel: %+v, %v", again, err)
+	}
+	// Enqueued again, it runs again.
+	requeued := state.Job{ID: "c1", Repository: "nvidia/pytorch", Reference: "24.05-py3", State: state.JobQueued, Created: t0, Updated: time.Now().UTC()}
+	if err := b.PutJob(ctx, requeued); err != nil {
+		t.Fatalf("enqueue of a cancelled job: %v", err)
+	}
+	requeued.State = state.JobRunning
+	if err := a.PutJob(ctx, requeued); err != nil {
+		t.Errorf("running after a new enqueue: %v", err)
+	}
+	// A queued job is cancelled as well; an ended one is left alone.
+	q := state.Job{ID: "c2", State: state.JobQueued, Created: t0, Updated: t0}
+	done := state.Job{ID: "c3", State: state.JobDone, Created: t0, Updated: t0, Finished: t0}
+	for _, j := range []state.Job{q, done} {
+		if err := a.PutJob(ctx, j); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if j, err := a.CancelJob(ctx, "c2"); err != nil || j.State != state.JobCancelled {
+		t.Errorf("cancel of a queued job: %+v, %v", j, err)
+	}
+	if j, err := a.CancelJob(ctx, "c3"); err != nil || j.State != state.JobDone || !j.Finished.Equal(t0) {
+		t.Errorf("cancel of a done job: %+v, %v", j, err)
+	}
+	// Cancels racing with the runner's saves: every cancel wins.
+	for i := range 20 {
+		id := fmt.Sprintf("race-%d", i)
+		r := state.Job{ID: id, State: state.JobRunning, Created: t0, Updated: t0}
+		if err := a.PutJob(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := range 50 {
+				r.BytesDone = int64(n)
+				if err := a.PutJob(ctx, r); errors.Is(err, state.ErrCancelled) {
+					return
+				}
+			}
+		}()
+		if _, err := b.CancelJob(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		if j, _ := a.Job(ctx, id); j.State != state.JobCancelled {
+			t.Fatalf("%s: a racing progress save undid the cancel: %+v", id, j)
+		}
+	}
 }
