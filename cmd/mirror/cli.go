@@ -142,39 +142,22 @@ func prefetchCmd(args []string) int {
 }
 
 // follow polls a job and shows its progress until it ends: a live bar on
-// a terminal, else (a log file, CI) a plain line every 10 seconds.
+// a terminal, else (a log file, CI) a plain line every 10 seconds. It
+// returns the exit code: 0 done, 1 failed, cancelled or the mirror lost.
 func follow(c *adminClient, j state.Job) int {
-	start := time.Now()
 	fi, _ := os.Stderr.Stat()
 	tty := fi != nil && fi.Mode()&os.ModeCharDevice != 0
 	var bar *progressbar.ProgressBar
-	if tty {
-		bar = progressbar.NewOptions64(-1,
-			progressbar.OptionSetWriter(os.Stderr),
-			progressbar.OptionShowBytes(true),
-			progressbar.OptionSetPredictTime(true),
-			progressbar.OptionSetWidth(30),
-			progressbar.OptionThrottle(200*time.Millisecond),
-			progressbar.OptionSetDescription(j.Repository+":"+j.Reference),
-			progressbar.OptionSetRenderBlankState(true),
-		)
+	if tty && !j.Ended() {
+		bar = newBar(os.Stderr, jobImage(j))
 	}
 	failures := 0
 	lastLine := time.Time{}
 	for {
-		cur := ""
-		if j.Current != "" {
-			cur = " " + shortDigest(j.Current)
-		}
-		desc := fmt.Sprintf("%s [%s %d/%d blobs]%s", j.Repository+":"+j.Reference, j.State, j.BlobsDone, j.BlobsTotal, cur)
 		if bar != nil {
-			if j.BytesTotal > 0 {
-				bar.ChangeMax64(j.BytesTotal)
-				_ = bar.Set64(j.BytesDone)
-			}
-			bar.Describe(desc)
-		} else if time.Since(lastLine) >= 10*time.Second || j.Ended() {
-			fmt.Fprintf(os.Stderr, "%s %d of %d bytes\n", desc, j.BytesDone, j.BytesTotal)
+			showProgress(bar, j)
+		} else if !j.Ended() && time.Since(lastLine) >= 10*time.Second {
+			fmt.Fprintf(os.Stderr, "%s %d of %d bytes\n", progressText(j), j.BytesDone, j.BytesTotal)
 			lastLine = time.Now()
 		}
 		if j.Ended() {
@@ -197,16 +180,101 @@ func follow(c *adminClient, j state.Job) int {
 		_ = bar.Finish()
 		fmt.Fprintln(os.Stderr)
 	}
-	took := time.Since(start).Round(100 * time.Millisecond)
-	if j.State == state.JobFailed {
-		fmt.Fprintf(os.Stderr, "prefetch %s:%s failed after %s (%d/%d blobs):\n", j.Repository, j.Reference, took, j.BlobsDone, j.BlobsTotal)
+	return report(os.Stdout, os.Stderr, j)
+}
+
+// jobImage names a job's image: "nvidia/pytorch:24.05-py3".
+func jobImage(j state.Job) string {
+	if strings.Contains(j.Reference, ":") { // a digest
+		return j.Repository + "@" + j.Reference
+	}
+	return j.Repository + ":" + j.Reference
+}
+
+// progressText is a job's state line: image, state, blobs and the blob
+// being fetched.
+func progressText(j state.Job) string {
+	cur := ""
+	if j.Current != "" {
+		cur = " " + shortDigest(j.Current)
+	}
+	return fmt.Sprintf("%s [%s %d/%d blobs]%s", jobImage(j), j.State, j.BlobsDone, j.BlobsTotal, cur)
+}
+
+// newBar is the progress bar of a job on a terminal. It clears to the end
+// of the line at each redraw (ANSI), so a shorter description after a
+// longer one leaves no stale characters behind.
+func newBar(w io.Writer, desc string) *progressbar.ProgressBar {
+	return progressbar.NewOptions64(-1,
+		progressbar.OptionSetWriter(w),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionSetPredictTime(true),
+		progressbar.OptionSetWidth(30),
+		progressbar.OptionThrottle(200*time.Millisecond),
+		progressbar.OptionSetDescription(desc),
+		progressbar.OptionSetRenderBlankState(true),
+		progressbar.OptionUseANSICodes(true),
+	)
+}
+
+// showProgress sets the bar to the bytes the job fetches from the upstream
+// (of the bytes not cached before it), so that its rate and ETA are those
+// of the download: blobs found in the cache already do not count as
+// bytes fetched at some rate.
+func showProgress(bar *progressbar.ProgressBar, j state.Job) {
+	cachedBefore := j.BytesDone - j.BytesFetched
+	if toFetch := j.BytesTotal - cachedBefore; j.BytesTotal > 0 && toFetch > 0 {
+		bar.ChangeMax64(toFetch)
+		_ = bar.Set64(j.BytesFetched)
+	}
+	bar.Describe(progressText(j))
+}
+
+// report prints how a job ended and returns the exit code: 0 done, 1
+// failed or cancelled. A done job that fetched nothing says "already
+// cached"; otherwise the summary gives what was fetched, at what rate.
+func report(stdout, stderr io.Writer, j state.Job) int {
+	took := j.Finished.Sub(j.Started)
+	if j.Started.IsZero() || j.Finished.IsZero() || took < 0 {
+		took = 0
+	}
+	took = took.Round(100 * time.Millisecond)
+	switch j.State {
+	case state.JobFailed:
+		fmt.Fprintf(stderr, "prefetch %s failed after %s (%d/%d blobs), job %s:\n", jobImage(j), took, j.BlobsDone, j.BlobsTotal, j.ID)
 		for _, e := range j.Errors {
-			fmt.Fprintln(os.Stderr, "  ", e)
+			fmt.Fprintln(stderr, "  ", e)
 		}
 		return 1
+	case state.JobCancelled:
+		fmt.Fprintf(stderr, "prefetch %s cancelled (%d/%d blobs cached), job %s\n", jobImage(j), j.BlobsDone, j.BlobsTotal, j.ID)
+		return 1
 	}
-	fmt.Printf("prefetched %s:%s: %d blobs, %d bytes, job %s, %s\n", j.Repository, j.Reference, j.BlobsTotal, j.BytesTotal, j.ID, took)
+	if j.BlobsFetched == 0 {
+		fmt.Fprintf(stdout, "%s: already cached (%d blobs, %s), job %s\n", jobImage(j), j.BlobsTotal, humanBytes(j.BytesTotal), j.ID)
+		return 0
+	}
+	rate := ""
+	if took > 0 {
+		rate = ", " + humanBytes(int64(float64(j.BytesFetched)/took.Seconds())) + "/s"
+	}
+	fmt.Fprintf(stdout, "prefetched %s: %d blobs (%d fetched, %d already cached), %s fetched in %s%s, job %s\n",
+		jobImage(j), j.BlobsTotal, j.BlobsFetched, j.BlobsDone-j.BlobsFetched, humanBytes(j.BytesFetched), took, rate, j.ID)
 	return 0
+}
+
+// humanBytes writes n bytes with a binary unit: "512 B", "1.5 MiB".
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 func shortDigest(d string) string {
@@ -303,4 +371,74 @@ func dash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// jobsCmd lists, follows and cancels prefetch jobs on the running mirror:
+//
+//	mirror jobs [--state queued|running|done|failed|cancelled]
+//	mirror jobs --follow ID     (progress until it ends; exit as prefetch)
+//	mirror jobs cancel ID       (exit 0 cancelled, 1 ended already, 2 unknown)
+func jobsCmd(args []string) int {
+	fs := flag.NewFlagSet("jobs", flag.ExitOnError)
+	cfgPath := fs.String("config", "", "YAML configuration file of the mirror")
+	server := fs.String("server", "", "mirror URL (default: from the config's addr)")
+	token := fs.String("token", "", "admin token (default: MIRROR_ADMIN_TOKEN, admin.token, or <data_dir>/admin-token)")
+	st := fs.String("state", "", "only jobs in this state: queued, running, done, failed or cancelled")
+	followID := fs.String("follow", "", "show the progress of job `ID` until it ends")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: mirror jobs [--state STATE] | mirror jobs --follow ID | mirror jobs cancel ID")
+		fs.PrintDefaults()
+	}
+	_ = fs.Parse(reorder(fs, args))
+	cancel := fs.NArg() == 2 && fs.Arg(0) == "cancel"
+	if (fs.NArg() != 0 && !cancel) || (*followID != "" && (cancel || *st != "")) {
+		fs.Usage()
+		return 2
+	}
+	c, err := newAdminClient(*cfgPath, *server, *token)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "jobs:", err)
+		return 2
+	}
+	switch {
+	case cancel:
+		var j state.Job
+		if err := c.do(http.MethodPost, admin.Prefix+"/jobs/"+url.PathEscape(fs.Arg(1))+"/cancel", nil, &j); err != nil {
+			fmt.Fprintln(os.Stderr, "jobs cancel:", err)
+			var ae *apiError
+			if errors.As(err, &ae) && ae.Code == "JOB_ENDED" {
+				return 1
+			}
+			return exitCode(err)
+		}
+		fmt.Printf("cancelled job %s (%s, %d/%d blobs cached)\n", j.ID, jobImage(j), j.BlobsDone, j.BlobsTotal)
+		return 0
+	case *followID != "":
+		var j state.Job
+		if err := c.do(http.MethodGet, admin.Prefix+"/jobs/"+url.PathEscape(*followID), nil, &j); err != nil {
+			fmt.Fprintln(os.Stderr, "jobs:", err)
+			return exitCode(err)
+		}
+		return follow(c, j)
+	}
+	q := ""
+	if *st != "" {
+		q = "?" + url.Values{"state": {*st}}.Encode()
+	}
+	var resp struct {
+		Jobs []state.Job `json:"jobs"`
+	}
+	if err := c.do(http.MethodGet, admin.Prefix+"/jobs"+q, nil, &resp); err != nil {
+		fmt.Fprintln(os.Stderr, "jobs:", err)
+		return exitCode(err)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATE\tIMAGE\tPLATFORMS\tRULE\tBLOBS\tBYTES\tFETCHED\tUPDATED")
+	for _, j := range resp.Jobs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d/%d\t%s/%s\t%s\t%s\n", j.ID, j.State, jobImage(j), dash(strings.Join(j.Platforms, ",")),
+			dash(j.Rule), j.BlobsDone, j.BlobsTotal, humanBytes(j.BytesDone), humanBytes(j.BytesTotal), humanBytes(j.BytesFetched),
+			j.Updated.Local().Format(time.DateTime))
+	}
+	_ = tw.Flush()
+	return 0
 }

@@ -77,6 +77,8 @@ func main() {
 			os.Exit(prefetchCmd(os.Args[2:]))
 		case "tags":
 			os.Exit(tagsCmd(os.Args[2:]))
+		case "jobs":
+			os.Exit(jobsCmd(os.Args[2:]))
 		case "version", "--version":
 			os.Exit(versionCmd(os.Stdout))
 		case "help", "-h", "-help", "--help":

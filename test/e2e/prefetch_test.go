@@ -93,6 +93,13 @@ func TestPrefetchCLIThenOffline(t *testing.T) {
 		}
 	}
 
+	// Again: everything is cached, and the CLI says so instead of a rate.
+	out, code = runCLI(t, env, "prefetch", "nvidia/pytorch:24.05-py3", "--platform", "linux/amd64")
+	if code != 0 || !strings.Contains(out, "nvidia/pytorch:24.05-py3: already cached") || strings.Contains(out, "/s") {
+		t.Errorf("second mirror prefetch: exit %d\n%s", code, out)
+	}
+	testJobsCLI(t, up, env)
+
 	up.Close()
 	tmp := t.TempDir()
 	pull := func(arch string) (string, error) {
@@ -108,6 +115,80 @@ func TestPrefetchCLIThenOffline(t *testing.T) {
 	}
 	token, _ := os.ReadFile(filepath.Join(dataDir, "admin-token"))
 	assertNoSecrets(t, up, m.log.String(), strings.TrimSpace(string(token)))
+}
+
+// testJobsCLI: `mirror jobs` lists jobs, `jobs cancel` stops a running
+// one (its downloads stalled at the upstream), `jobs --follow` reports how
+// it ended; cancelling an ended or unknown job says so.
+func testJobsCLI(t *testing.T, up *ngctest.Upstream, env []string) {
+	t.Helper()
+	if _, err := up.AddRelease(ngctest.PytorchRepo, "24.06-py3", 256<<10); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !up.IsCDN(r) {
+			return false
+		}
+		select { // every blob download waits: the job stays running
+		case <-release:
+			return false
+		case <-r.Context().Done():
+			return true
+		}
+	})
+	defer func() { close(release); up.SetFault(nil) }()
+	out, code := runCLI(t, env, "prefetch", "nvidia/pytorch:24.06-py3", "--detach")
+	id := strings.TrimSpace(out)
+	if code != 0 || len(id) != 16 {
+		t.Fatalf("mirror prefetch --detach: exit %d\n%s", code, out)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, code = runCLI(t, env, "jobs", "--state", "running")
+		if f := jobRow(out, id); code == 0 && len(f) > 2 && f[1] == "running" && f[2] == "nvidia/pytorch:24.06-py3" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("mirror jobs --state running never listed %s: exit %d\n%s", id, code, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if out, code = runCLI(t, env, "jobs", "cancel", id); code != 0 || !strings.Contains(out, "cancelled job "+id) {
+		t.Fatalf("mirror jobs cancel: exit %d\n%s", code, out)
+	}
+	if out, code = runCLI(t, env, "jobs", "--follow", id); code != 1 || !strings.Contains(out, "cancelled") {
+		t.Errorf("mirror jobs --follow of the cancelled job: exit %d\n%s", code, out)
+	}
+	out, code = runCLI(t, env, "jobs")
+	if f := jobRow(out, id); code != 0 || !strings.HasPrefix(out, "ID ") || len(f) < 2 || f[1] != "cancelled" || !strings.Contains(out, "nvidia/pytorch:24.05-py3") {
+		t.Errorf("mirror jobs: exit %d\n%s", code, out)
+	}
+	var doneID string
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[1] == "done" {
+			doneID = f[0]
+		}
+	}
+	if out, code = runCLI(t, env, "jobs", "cancel", doneID); code != 1 || !strings.Contains(out, "JOB_ENDED") {
+		t.Errorf("mirror jobs cancel of a done job %q: exit %d\n%s", doneID, code, out)
+	}
+	if out, code = runCLI(t, env, "jobs", "cancel", "nope"); code != 2 || !strings.Contains(out, "JOB_UNKNOWN") {
+		t.Errorf("mirror jobs cancel nope: exit %d\n%s", code, out)
+	}
+	if out, code = runCLI(t, env, "jobs", "--follow", doneID); code != 0 || !strings.Contains(out, "already cached") {
+		t.Errorf("mirror jobs --follow of the done job: exit %d\n%s", code, out)
+	}
+}
+
+// jobRow returns the fields of job id's row in `mirror jobs` output.
+func jobRow(out, id string) []string {
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == id {
+			return f
+		}
+	}
+	return nil
 }
 
 // scrape returns the value of one sample line of the mirror's /metrics.
