@@ -87,10 +87,14 @@ func loadManifests(t *testing.T) map[string]object {
 func TestKubernetesManifests(t *testing.T) {
 	t.Parallel()
 	objs := loadManifests(t)
-	for _, k := range []string{"Namespace", "ConfigMap", "Secret", "StatefulSet", "Service", "ServiceMonitor", "DaemonSet", "Kustomization"} {
+	for _, k := range []string{"Namespace", "StatefulSet", "Service", "ServiceMonitor", "DaemonSet", "Kustomization"} {
 		if objs[k] == nil {
 			t.Fatalf("no %s", k)
 		}
+	}
+	// Re-applying must never overwrite the real API key: no Secret here.
+	if objs["Secret"] != nil {
+		t.Error("a Secret is part of the manifests: kubectl apply -k would overwrite the real key")
 	}
 	// Every kustomization resource exists.
 	for _, r := range objs["Kustomization"].list("resources") {
@@ -142,23 +146,50 @@ func TestKubernetesManifests(t *testing.T) {
 			t.Errorf("volume mount %q has no volume", name)
 		}
 	}
-	if volumes["config"].str("configMap", "name") != objs["ConfigMap"].str("metadata", "name") {
-		t.Error("config volume does not name the ConfigMap")
+	// The ConfigMap comes from the generator (a content hash in its name,
+	// so a changed configuration rolls the pod).
+	kust := objs["Kustomization"]
+	var gen object
+	for _, g := range kust.list("configMapGenerator") {
+		if o := object(g.(map[string]any)); o.str("name") == volumes["config"].str("configMap", "name") {
+			gen = o
+		}
 	}
-	if volumes["api-key"].str("secret", "secretName") != objs["Secret"].str("metadata", "name") {
-		t.Error("api-key volume does not name the Secret")
+	if gen == nil {
+		t.Fatalf("config volume names ConfigMap %q, which no configMapGenerator makes", volumes["config"].str("configMap", "name"))
 	}
-	if _, ok := objs["Secret"].get("stringData").(map[string]any)["api-key"]; !ok {
-		t.Error("the Secret has no api-key entry")
+	if opts, _ := gen.get("options").(map[string]any); opts["disableNameSuffixHash"] == true {
+		t.Error("the ConfigMap generator disables the hash suffix: a changed configuration would not roll the pod")
 	}
-	// The ConfigMap is a valid mirror config pointing at the secret mount.
-	cfg := objs["ConfigMap"].str("data", "mirror.yaml")
-	var mc map[string]any
-	if err := yaml.Unmarshal([]byte(cfg), &mc); err != nil {
-		t.Fatalf("ConfigMap mirror.yaml: %v", err)
+	// The secret is made by hand with the command the kustomization
+	// documents; the volume names that secret and key.
+	secret := volumes["api-key"].str("secret", "secretName")
+	raw, err := os.ReadFile("kubernetes/kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if !strings.Contains(cfg, "/etc/ngc-mirror/secret/api-key") {
-		t.Error("mirror config does not read the mounted API key")
+	if want := "create secret generic " + secret + " --from-literal=api-key="; !strings.Contains(string(raw), want) {
+		t.Errorf("kustomization.yaml does not document %q", want)
+	}
+	// The configuration file is a valid mirror configuration that reads the
+	// mounted API key and keeps the cache on the volume.
+	// (Decoded and validated as config.Load does, without reading the key
+	// file, which exists only in the pod.)
+	rawCfg, err := os.ReadFile("kubernetes/config/mirror.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cdec := yaml.NewDecoder(bytes.NewReader(rawCfg))
+	cdec.KnownFields(true)
+	if err := cdec.Decode(&cfg); err != nil {
+		t.Fatalf("kubernetes/config/mirror.yaml: %v", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("kubernetes/config/mirror.yaml: %v", err)
+	}
+	if cfg.Upstream.APIKeyFile != "/etc/ngc-mirror/secret/api-key" || cfg.Storage.DataDir != "/data" {
+		t.Errorf("kubernetes/config/mirror.yaml: api_key_file %q, data_dir %q", cfg.Upstream.APIKeyFile, cfg.Storage.DataDir)
 	}
 	// Service selects the pods and exposes the named port; the
 	// ServiceMonitor scrapes that port.
@@ -202,6 +233,78 @@ func TestKubernetesManifests(t *testing.T) {
 func toString(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
+}
+
+// TestKustomizeBuild renders deploy/kubernetes with the real kustomize
+// (kubectl kustomize, offline) and checks what a cluster would get: no
+// Secret, a pinned image, the generated ConfigMap (hash-suffixed name)
+// mounted as a directory without subPath, and the mirror pointed at the
+// file in it for serve and for commands run in the pod.
+func TestKustomizeBuild(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("kubectl"); err != nil {
+		t.Fatal("kubectl is not installed: run .ci/install.sh")
+	}
+	out, err := exec.Command("kubectl", "kustomize", "kubernetes").Output()
+	if err != nil {
+		t.Fatalf("kubectl kustomize: %v", err)
+	}
+	objs := map[string]object{}
+	dec := yaml.NewDecoder(bytes.NewReader(out))
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		objs[object(m).str("kind")] = object(m)
+	}
+	if objs["Secret"] != nil {
+		t.Error("the kustomization renders a Secret: re-applying would overwrite the real key")
+	}
+	cm, sts := objs["ConfigMap"], objs["StatefulSet"]
+	if cm == nil || sts == nil {
+		t.Fatalf("rendered no ConfigMap or StatefulSet:\n%s", out)
+	}
+	cmName := cm.str("metadata", "name")
+	if !strings.HasPrefix(cmName, "ngc-mirror-config-") {
+		t.Errorf("ConfigMap %q has no content hash suffix", cmName)
+	}
+	c := object(sts.list("spec", "template", "spec", "containers")[0].(map[string]any))
+	img := c.str("image")
+	name, tag, ok := strings.Cut(img[strings.LastIndexByte(img, '/')+1:], ":")
+	if !ok || tag == "" || tag == "latest" || name == "" {
+		t.Errorf("image %q: want a pinned tag, not latest", img)
+	}
+	var cfgPath string
+	for _, e := range c.list("env") {
+		if o := object(e.(map[string]any)); o.str("name") == "MIRROR_CONFIG" {
+			cfgPath = o.str("value")
+		}
+	}
+	var mountPath string
+	for _, m := range c.list("volumeMounts") {
+		o := object(m.(map[string]any))
+		if o.str("name") != "config" {
+			continue
+		}
+		if o.str("subPath") != "" {
+			t.Error("the configuration is mounted with subPath: ConfigMap updates never reach the pod")
+		}
+		mountPath = o.str("mountPath")
+	}
+	if cfgPath == "" || filepath.Dir(cfgPath) != mountPath {
+		t.Errorf("MIRROR_CONFIG %q is not a file in the config mount %q", cfgPath, mountPath)
+	}
+	if _, ok := cm.get("data").(map[string]any)[filepath.Base(cfgPath)]; !ok {
+		t.Errorf("the ConfigMap has no %s", filepath.Base(cfgPath))
+	}
+	for _, v := range sts.list("spec", "template", "spec", "volumes") {
+		if o := object(v.(map[string]any)); o.str("name") == "config" && o.str("configMap", "name") != cmName {
+			t.Errorf("config volume names %q, not the generated %q (no rollout on change)", o.str("configMap", "name"), cmName)
+		}
+	}
 }
 
 // TestComposeFile validates docker-compose.yml with Debian's docker-compose
