@@ -3,22 +3,41 @@ package main
 import (
 	"bytes"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
 
+// lockedBuffer is a bytes.Buffer the bar's own goroutine may write to.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // A redraw with a shorter description clears the rest of the line, so no
 // characters of the longer one are left on screen.
 func TestBarClearsToEndOfLine(t *testing.T) {
-	var buf bytes.Buffer
+	var buf lockedBuffer
 	bar := newBar(&buf, "x")
 	j := state.Job{Repository: "nvidia/pytorch", Reference: "24.05-py3", State: state.JobRunning, BlobsTotal: 12, BlobsDone: 3,
 		BytesTotal: 1000, BytesDone: 300, BytesFetched: 300, Current: "sha256:" + strings.Repeat("a", 64)}
 	showProgress(bar, j)
 	_ = bar.RenderBlank()
-	long := buf.Len()
+	long := len(buf.String())
 	j.Current, j.BlobsDone, j.BytesDone, j.BytesFetched = "", 12, 1000, 1000
 	time.Sleep(250 * time.Millisecond) // past the bar's redraw throttle
 	showProgress(bar, j)
