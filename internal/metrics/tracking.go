@@ -56,7 +56,7 @@ func NewTracking(reg prometheus.Registerer) *Tracking {
 		}, []string{"kind"}),
 		Jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_prefetch_jobs_total",
-			Help: "Prefetch jobs this replica finished, by result.",
+			Help: "Prefetch jobs this replica finished, by result (done, failed, cancelled).",
 		}, []string{"result"}),
 		JobsRunning: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ngc_mirror_prefetch_jobs_running",
@@ -147,7 +147,7 @@ func (t *Tracking) Tick(kind string) {
 }
 
 // JobStarted and JobEnded track running jobs; JobEnded counts the result
-// ("done" or "failed").
+// ("done", "failed" or "cancelled").
 func (t *Tracking) JobStarted() {
 	if t != nil {
 		t.JobsRunning.Inc()
