@@ -64,7 +64,7 @@ func TestAccessLog(t *testing.T) {
 	mustOK(t, e.doAs(t, "alice", "alice-pw", http.MethodGet, priv), 200)
 	mustOK(t, e.doAs(t, "alice", "alice-pw", http.MethodGet, priv), 200)
 	mustOK(t, e.doAs(t, "alice", "alice-pw", http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/blobs/"+layer.Digest.String()), 200)
-	if r := e.doAs(t, "", "", http.MethodGet, priv+"?ns=nvcr.io"); r.status != 401 {
+	if r := e.doAs(t, "", "", http.MethodGet, priv+"?ns=nvcr.io&x-token=query-secret"); r.status != 401 {
 		t.Fatalf("anonymous: %d", r.status)
 	}
 	if r := e.doAs(t, "alice", "wrong", http.MethodGet, "/v2/_catalog"); r.status != 404 {
@@ -79,7 +79,7 @@ func TestAccessLog(t *testing.T) {
 		{"level=INFO", "method=GET", "route=manifest", "repository=" + ngctest.PrivateRepo, "reference=" + ngctest.PrivateTag, "status=200", "cache=miss", "client=alice", "duration="},
 		{"route=manifest", "status=200", "cache=hit", "client=alice"},
 		{"route=blob", "reference=" + layer.Digest.String(), "status=200", "bytes=" + itoa(len(layer.Body)), "cache=miss", "client=alice"},
-		{"repository=" + ngctest.PrivateRepo, "status=401", "client=127.0.0.1"},
+		{"repository=" + ngctest.PrivateRepo, "status=401", "ns=nvcr.io", "client=127.0.0.1"},
 		{"route=other", "path=/v2/_catalog", "status=404", "client=127.0.0.1"},
 	} {
 		for _, w := range want {
@@ -89,7 +89,7 @@ func TestAccessLog(t *testing.T) {
 		}
 	}
 	all := logs.String()
-	secrets := append([]string{ngctest.APIKey, "alice-pw", "wrong", base64.StdEncoding.EncodeToString([]byte("alice:alice-pw")), "ns=nvcr.io"}, e.up.Tokens()...)
+	secrets := append([]string{ngctest.APIKey, "alice-pw", "wrong", base64.StdEncoding.EncodeToString([]byte("alice:alice-pw")), "query-secret"}, e.up.Tokens()...)
 	for _, s := range secrets {
 		if strings.Contains(all, s) {
 			t.Errorf("the log holds %.8q…", s)

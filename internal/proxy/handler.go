@@ -154,8 +154,9 @@ func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64)
 // Options.AccessLog, else at debug): method, route kind, repository and
 // reference (tag or digest) when the path names them (else the path),
 // status, body bytes sent, duration, cache (hit or miss) for manifests and
-// blobs, and client: the authenticated user, else the client's IP address.
-// Never a query string, header, credential, token or redirect URL.
+// blobs, ns (containerd's ?ns= registry name) when given, and client: the
+// authenticated user, else the client's IP address. Never the rest of the
+// query, a header, credential, token or redirect URL.
 func (h *Handler) observe(next http.Handler) http.Handler {
 	level := slog.LevelDebug
 	if h.opts.AccessLog {
@@ -189,6 +190,9 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 			attrs = append(attrs, slog.Int("status", status), slog.Int("bytes", ww.BytesWritten()), slog.Duration("duration", d))
 			if ri.cache != "" {
 				attrs = append(attrs, slog.String("cache", ri.cache))
+			}
+			if ns := r.URL.Query().Get("ns"); ns != "" {
+				attrs = append(attrs, slog.String("ns", ns)) // containerd's mirror query: a registry name
 			}
 			client := ri.user
 			if client == "" {
