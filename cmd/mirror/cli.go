@@ -406,7 +406,7 @@ func jobsCmd(args []string) int {
 		if err := c.do(http.MethodPost, admin.Prefix+"/jobs/"+url.PathEscape(fs.Arg(1))+"/cancel", nil, &j); err != nil {
 			fmt.Fprintln(os.Stderr, "jobs cancel:", err)
 			var ae *apiError
-			if errors.As(err, &ae) && ae.Code == "JOB_ENDED" {
+			if errors.As(err, &ae) && len(ae.Errors) > 0 && ae.Errors[0].Code == "JOB_ENDED" {
 				return 1
 			}
 			return exitCode(err)
