@@ -400,3 +400,100 @@ func TestParsePin(t *testing.T) {
 		}
 	}
 }
+
+// lateRemover is a store whose blob removal, once its caller gives up
+// (the context ends), still happens later: an S3 DELETE that the server
+// carries out after the client hung up. The late removal waits for
+// leased, so that it lands while a lease is held.
+type lateRemover struct {
+	*storage.Store
+	entered, proceed, leased chan struct{}
+	scheduled                atomic.Bool
+	late                     chan error
+}
+
+func (l *lateRemover) RemoveBlob(ctx context.Context, d digest.Digest) (int64, error) {
+	close(l.entered)
+	<-l.proceed
+	if err := ctx.Err(); err != nil {
+		l.scheduled.Store(true)
+		go func() {
+			select {
+			case <-l.leased:
+			case <-time.After(10 * time.Second):
+			}
+			_, err := l.Store.RemoveBlob(context.Background(), d)
+			l.late <- err
+		}()
+		return 0, err
+	}
+	return l.Store.RemoveBlob(ctx, d)
+}
+
+// TestLeaseNotUndercutByAbandonedRemoval: an eviction pass that gives up
+// while removing a blob (an admission's timeout) must not let a lease be
+// granted while that removal can still land: a client would stat the blob,
+// answer 200 and then find it gone (issue 16: "status 200, 0 bytes" on S3).
+// The removal finishes, whatever the pass's context, before a waiting
+// lease is granted.
+func TestLeaseNotUndercutByAbandonedRemoval(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := t.Context()
+		d := putBlob(t, s, 1000)
+		ls := &lateRemover{Store: s, entered: make(chan struct{}), proceed: make(chan struct{}),
+			leased: make(chan struct{}), late: make(chan error, 1)}
+		e := evict.New(ls, evict.Options{MaxSize: 1}) // over budget: a pass evicts d
+		if err := e.Seed(ctx); err != nil {
+			t.Fatal(err)
+		}
+		pctx, cancel := context.WithCancel(ctx)
+		passDone := make(chan struct{})
+		go func() {
+			defer close(passDone)
+			_, _ = e.Evict(pctx)
+		}()
+		select {
+		case <-ls.entered:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the pass never removed the blob")
+		}
+		granted := make(chan func(), 1)
+		go func() {
+			rel, err := e.Lease(ctx, d)
+			if err != nil {
+				t.Errorf("lease: %v", err)
+				rel = func() {}
+			}
+			granted <- rel
+		}()
+		cancel() // the pass gives up mid-removal
+		close(ls.proceed)
+		var release func()
+		select {
+		case release = <-granted:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the lease was never granted")
+		}
+		defer release()
+		// As a client does with its lease: look the blob up, and if it is
+		// there, read it.
+		_, statErr := s.StatBlob(ctx, d)
+		close(ls.leased)
+		select {
+		case <-passDone:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the pass never ended")
+		}
+		if ls.scheduled.Load() {
+			<-ls.late
+		}
+		if statErr != nil {
+			return // a miss: the client fetches it again
+		}
+		rc, err := s.OpenBlob(ctx, d, 0)
+		if err != nil {
+			t.Fatalf("blob found under a lease, then removed before it was read: %v", err)
+		}
+		_ = rc.Close()
+	})
+}

@@ -229,6 +229,9 @@ func (e *Evictor) refs(ctx context.Context, d digest.Digest, en *entry) ([]diges
 
 // evictOne removes one object unless it is leased, and returns the bytes
 // that left the index and whether this pass removed them.
+// removeTimeout bounds one removal of an evicted object (a DELETE on S3).
+const removeTimeout = time.Minute
+
 func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
 	sh := e.shard(it.k.d)
 	sh.mu.Lock()
@@ -245,12 +248,21 @@ func (e *Evictor) evictOne(ctx context.Context, it *item) (int64, bool) {
 	size := en.size
 	sh.mu.Unlock()
 
+	// The removal runs to its end whatever the pass's context (an
+	// admission gives up after Options.AdmitTimeout): a request abandoned
+	// half way may still be carried out by the store (an S3 DELETE the
+	// server completes after the client hung up), and leases wait on
+	// evicting only until it is cleared below. Clearing it while the
+	// removal can still land would let a lease be granted on a blob that
+	// then disappears under the response.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), removeTimeout)
 	var err error
 	if it.k.kind == kBlob {
-		_, err = e.store.RemoveBlob(ctx, it.k.d)
+		_, err = e.store.RemoveBlob(rctx, it.k.d)
 	} else {
-		_, err = e.store.RemoveManifest(ctx, it.k.d)
+		_, err = e.store.RemoveManifest(rctx, it.k.d)
 	}
+	cancel()
 
 	sh.mu.Lock()
 	en.evicting = nil
