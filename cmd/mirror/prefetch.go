@@ -159,7 +159,7 @@ func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, 
 	}
 	t.admin = admin.New(sched, t.tracker, svc, admin.Options{
 		Token:            token,
-		UpstreamHosts:    append([]string{"nvcr.io", up.Host()}, cfg.Upstream.NSAliases...),
+		UpstreamHosts:    cfg.UpstreamHosts(),
 		PrefetchDisabled: !cfg.Prefetch.Enabled,
 		Log:              log.With("component", "admin"),
 		Metrics:          t.m,

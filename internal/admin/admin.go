@@ -544,20 +544,15 @@ func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (s
 
 // ParseImage splits "repository:tag" or "repository@digest" (optionally
 // prefixed with one of hosts, such as "nvcr.io/") into repository and
-// reference (names.ParseReference; with both, the digest). Errors wrap
-// names.ErrTagInvalid or names.ErrDigestInvalid for a malformed reference,
-// names.ErrNameInvalid for the name (another registry's host, a name
-// outside the distribution grammar).
+// reference (the digest when both are given), with names.ParseImage: the
+// syntax of cache.pin too. Errors wrap names.ErrTagInvalid or
+// names.ErrDigestInvalid for a malformed or missing reference, else
+// names.ErrNameInvalid (another registry's host, a name outside the
+// distribution grammar).
 func ParseImage(image string, hosts []string) (repo, ref string, err error) {
-	r, err := names.ParseReference(image)
+	r, err := names.ParseImage(image, hosts)
 	if err != nil {
 		return "", "", err
-	}
-	if r.Registry != "" && !slices.Contains(hosts, r.Registry) {
-		return "", "", fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)", names.ErrNameInvalid, image, r.Registry, strings.Join(hosts, ", "))
-	}
-	if r.Ref() == "" {
-		return "", "", fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag", names.ErrTagInvalid, image)
 	}
 	return r.Repository, r.Ref(), nil
 }

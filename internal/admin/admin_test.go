@@ -333,3 +333,21 @@ func TestCancelJob(t *testing.T) {
 		t.Errorf("cancel of a done job: %d %s", st, code)
 	}
 }
+
+// The admin API's images and cache.pin are one syntax: each string is
+// accepted by both or refused by both.
+func TestImageSyntaxIsThePinSyntax(t *testing.T) {
+	cfg := config.Default()
+	for _, in := range []string{
+		"nvidia/pytorch:24.05-py3", "nvcr.io/nvidia/pytorch:24.05-py3", "nvcr.io/nvidia/cuda@sha256:" + strings.Repeat("b", 64),
+		"nvidia/cuda:12.4@sha256:" + strings.Repeat("b", 64), "docker.io/library/redis:7", "nvidia/pytorch", "nvcr.io/nvidia/pytorch",
+		"Nvidia/pytorch:1", "nvidia/pytorch:-1", "nvidia/pytorch@sha256:zz",
+	} {
+		_, _, aerr := admin.ParseImage(in, cfg.UpstreamHosts())
+		c := cfg
+		c.Cache.Pin = []string{in}
+		if cerr := c.Validate(); (aerr == nil) != (cerr == nil) {
+			t.Errorf("%q: admin API %v, cache.pin %v", in, aerr, cerr)
+		}
+	}
+}

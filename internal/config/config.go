@@ -368,8 +368,8 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("cache.evict_interval must be positive"))
 	}
 	for _, p := range c.Cache.Pin {
-		if r, err := names.ParseReference(p); err != nil || r.Registry != "" || r.Ref() == "" {
-			errs = append(errs, fmt.Errorf("cache.pin %q: want repository:tag or repository@sha256:...", p))
+		if _, err := names.ParseImage(p, c.UpstreamHosts()); err != nil {
+			errs = append(errs, fmt.Errorf("cache.pin %q: want [nvcr.io/]repository:tag or [nvcr.io/]repository@sha256:... (%v)", p, err))
 		}
 	}
 	errs = append(errs, c.validateTracking()...)
@@ -392,4 +392,15 @@ func (c Config) Level() (slog.Level, error) {
 func (c Config) UpstreamURL() *url.URL {
 	u, _ := url.Parse(strings.TrimSuffix(c.Upstream.URL, "/"))
 	return u
+}
+
+// UpstreamHosts returns the registry hosts an image name may start with
+// (cache.pin, the admin API's "image"): nvcr.io, the upstream's host and
+// upstream.ns_aliases. Valid after Validate.
+func (c Config) UpstreamHosts() []string {
+	hosts := []string{"nvcr.io"}
+	if u, err := url.Parse(strings.TrimSuffix(c.Upstream.URL, "/")); err == nil && u.Host != "" {
+		hosts = append(hosts, u.Host)
+	}
+	return append(hosts, c.Upstream.NSAliases...)
 }

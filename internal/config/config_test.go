@@ -430,3 +430,30 @@ func TestAccessLogSwitch(t *testing.T) {
 		t.Errorf("MIRROR_ACCESS_LOG=off: %v", err)
 	}
 }
+
+// cache.pin takes the image syntax of the admin API (names.ParseImage):
+// with or without the upstream's host in front.
+func TestPinSyntax(t *testing.T) {
+	t.Parallel()
+	d := "@sha256:" + strings.Repeat("a", 64)
+	for pin, ok := range map[string]bool{
+		"nvidia/pytorch:24.05-py3":             true,
+		"nvcr.io/nvidia/pytorch:24.05-py3":     true,
+		"127.0.0.1:40123/nvidia/pytorch:17.12": true,
+		"nvcr.io/nvidia/cuda" + d:              true,
+		"nvidia/cuda:12.4" + d:                 true,
+		"docker.io/library/redis:7":            false,
+		"nvidia/pytorch":                       false,
+		"nvcr.io/nvidia/pytorch":               false,
+		"Nvidia/pytorch:1":                     false,
+	} {
+		c := Default()
+		c.Upstream.URL = "http://127.0.0.1:40123"
+		c.Cache.Pin = []string{pin}
+		if err := c.Validate(); (err == nil) != ok {
+			t.Errorf("cache.pin %q: Validate() = %v, want ok %v", pin, err, ok)
+		} else if err != nil && !strings.Contains(err.Error(), "cache.pin") {
+			t.Errorf("cache.pin %q: error %q does not name the key", pin, err)
+		}
+	}
+}

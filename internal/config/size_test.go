@@ -67,7 +67,7 @@ cache:
 		{"", map[string]string{"MIRROR_CACHE_MIN_FREE": "-3%"}, "MIRROR_CACHE_MIN_FREE"},
 		{"cache:\n  evict_interval: 0s\n", nil, "cache.evict_interval"},
 		{"cache:\n  pin: [nvidia/pytorch]\n", nil, "cache.pin"},
-		{"cache:\n  pin: [\"nvcr.io/nvidia/pytorch:1\"]\n", nil, "cache.pin"},
+		{"cache:\n  pin: [\"docker.io/nvidia/pytorch:1\"]\n", nil, "cache.pin"},
 		{"cache:\n  pin: [\"Nvidia/pytorch:1\"]\n", nil, "cache.pin"},
 		{"storage:\n  driver: s3\n  s3: {bucket: b, region: r}\ncache:\n  min_free: 10GiB\n", nil, "cache.min_free"},
 	} {

@@ -383,19 +383,25 @@ func TestSeedOrderAfterRestart(t *testing.T) {
 func TestParsePin(t *testing.T) {
 	t.Parallel()
 	d := "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	hosts := []string{"nvcr.io"}
 	for in, want := range map[string]evict.Pin{
-		"nvidia/pytorch:24.05-py3": {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
-		"nvidia/k8s/dcgm:1":        {Repository: "nvidia/k8s/dcgm", Tag: "1"},
-		"nvidia/cuda@" + d:         {Repository: "nvidia/cuda", Digest: digest.Digest(d)},
-		"org/team/image:latest":    {Repository: "org/team/image", Tag: "latest"},
+		"nvidia/pytorch:24.05-py3":         {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvidia/k8s/dcgm:1":                {Repository: "nvidia/k8s/dcgm", Tag: "1"},
+		"nvidia/cuda@" + d:                 {Repository: "nvidia/cuda", Digest: digest.Digest(d)},
+		"org/team/image:latest":            {Repository: "org/team/image", Tag: "latest"},
+		"nvcr.io/nvidia/pytorch:24.05-py3": {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvidia/cuda:12@" + d:              {Repository: "nvidia/cuda", Digest: digest.Digest(d)},
 	} {
-		got, err := evict.ParsePin(in)
-		if err != nil || got != want || got.String() != in {
-			t.Errorf("ParsePin(%q) = %+v (%s), %v; want %+v", in, got, got, err, want)
+		got, err := evict.ParsePin(in, hosts)
+		if err != nil || got != want {
+			t.Errorf("ParsePin(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+		if again, err := evict.ParsePin(got.String(), hosts); err != nil || again != got {
+			t.Errorf("ParsePin(%q) = %+v, %v; want %+v", got.String(), again, err, got)
 		}
 	}
-	for _, in := range []string{"nvidia/pytorch", "nvcr.io/nvidia/pytorch:1", "Nvidia/x:1", "x:y:z", ""} {
-		if p, err := evict.ParsePin(in); err == nil {
+	for _, in := range []string{"nvidia/pytorch", "docker.io/nvidia/pytorch:1", "Nvidia/x:1", "x:y:z", ""} {
+		if p, err := evict.ParsePin(in, hosts); err == nil {
 			t.Errorf("ParsePin(%q) = %+v, want an error", in, p)
 		}
 	}

@@ -23,22 +23,21 @@ type Pin struct {
 	Digest     digest.Digest // "" when Tag is set
 }
 
-// ParsePin parses "repository:tag" or "repository@sha256:..."
-// (names.ParseReference; with both, the digest). The repository is a path
-// on the upstream (nvidia/pytorch), without a registry host.
-func ParsePin(s string) (Pin, error) {
-	r, err := names.ParseReference(s)
-	if err != nil || r.Registry != "" {
-		return Pin{}, fmt.Errorf("evict: pin %q: want repository:tag or repository@digest", s)
+// ParsePin parses a cache.pin entry with names.ParseImage (the syntax of
+// the admin API's images): [host/]repository:tag or
+// [host/]repository@sha256:..., where host is one of hosts (nvcr.io, the
+// upstream's host, upstream.ns_aliases). The pin's Registry is ""
+// (Options.Registry). A digest wins over a tag given with it. Errors wrap
+// names.ErrNameInvalid, names.ErrTagInvalid or names.ErrDigestInvalid.
+func ParsePin(s string, hosts []string) (Pin, error) {
+	r, err := names.ParseImage(s, hosts)
+	if err != nil {
+		return Pin{}, fmt.Errorf("evict: pin: %w", err)
 	}
-	if r.Ref() == "" {
-		return Pin{}, fmt.Errorf("evict: pin %q names no tag or digest", s)
+	if r.Digest != "" {
+		return Pin{Repository: r.Repository, Digest: r.Digest}, nil
 	}
-	p := Pin{Repository: r.Repository, Digest: r.Digest}
-	if p.Digest == "" {
-		p.Tag = r.Tag
-	}
-	return p, nil
+	return Pin{Repository: r.Repository, Tag: r.Tag}, nil
 }
 
 // String returns the pin as ParsePin reads it.

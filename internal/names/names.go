@@ -1,6 +1,7 @@
 // Package names checks and parses the names that requests, rules and the
 // config carry: repository names and tags (the distribution/reference
-// grammar), image references (ParseReference) and platforms
+// grammar), image references (ParseReference; ParseImage for images of
+// the upstream) and platforms
 // ("os/arch[/variant]").
 package names
 
@@ -17,6 +18,7 @@ import (
 var (
 	tag      = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
 	platform = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
+	domain   = regexp.MustCompile(`^` + reference.DomainRegexp.String() + `$`)
 )
 
 // ValidTag reports whether s is a whole tag: [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.
@@ -85,8 +87,9 @@ func (r Reference) String() string {
 
 // ParseReference parses "[registry/]repository[:tag][@digest]", the one
 // reference syntax of the admin API, cache.pin and prefetch requests.
-// Neither tag nor digest is required (callers that need one check). Errors
-// wrap ErrNameInvalid, ErrTagInvalid or ErrDigestInvalid.
+// Neither tag nor digest is required (callers that need one check; see
+// ParseImage). A registry must be a host[:port] of the distribution/reference
+// grammar. Errors wrap ErrNameInvalid, ErrTagInvalid or ErrDigestInvalid.
 func ParseReference(s string) (Reference, error) {
 	var r Reference
 	rest := s
@@ -105,12 +108,45 @@ func ParseReference(s string) (Reference, error) {
 		r.Tag, rest = tag, rest[:i]
 	}
 	if first, path, ok := strings.Cut(rest, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		if !domain.MatchString(first) {
+			return r, fmt.Errorf("%w: %q: registry host %q", ErrNameInvalid, s, first)
+		}
 		r.Registry, rest = first, path
 	}
 	if !ValidRepository(rest) {
 		return r, fmt.Errorf("%w %q: lower-case path components separated by '/', like nvidia/pytorch", ErrNameInvalid, rest)
 	}
 	r.Repository = rest
+	return r, nil
+}
+
+// ParseImage parses an image of the upstream, the syntax of cache.pin and
+// the admin API's "image": ParseReference, then a registry, when given,
+// must be one of hosts (nvcr.io, the upstream's host, upstream.ns_aliases;
+// compared without case, as DNS names are), and a tag or a digest must be
+// given. The Registry of the result is "" (the mirror serves one
+// upstream). Errors wrap ErrNameInvalid (a registry not in hosts, a bad
+// name), ErrTagInvalid (no tag or digest, or a bad tag) or
+// ErrDigestInvalid.
+func ParseImage(s string, hosts []string) (Reference, error) {
+	r, err := ParseReference(s)
+	if err != nil {
+		return Reference{}, err
+	}
+	if r.Registry != "" {
+		known := false
+		for _, h := range hosts {
+			known = known || strings.EqualFold(h, r.Registry)
+		}
+		if !known {
+			return Reference{}, fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)",
+				ErrNameInvalid, s, r.Registry, strings.Join(hosts, ", "))
+		}
+		r.Registry = ""
+	}
+	if r.Ref() == "" {
+		return Reference{}, fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag or repository@sha256:...", ErrTagInvalid, s)
+	}
 	return r, nil
 }
 

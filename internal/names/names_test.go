@@ -36,13 +36,18 @@ func TestNames(t *testing.T) {
 func TestParseReference(t *testing.T) {
 	d := digest.Digest("sha256:" + strings.Repeat("a", 64))
 	for in, want := range map[string]Reference{
-		"nvidia/pytorch:24.05-py3":         {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
-		"nvcr.io/nvidia/pytorch:24.05-py3": {Registry: "nvcr.io", Repository: "nvidia/pytorch", Tag: "24.05-py3"},
-		"localhost:5000/org/team/image":    {Registry: "localhost:5000", Repository: "org/team/image"},
-		"localhost/x:1":                    {Registry: "localhost", Repository: "x", Tag: "1"},
-		"nvidia/cuda@" + d.String():        {Repository: "nvidia/cuda", Digest: d},
-		"nvidia/cuda:12@" + d.String():     {Repository: "nvidia/cuda", Tag: "12", Digest: d},
-		"nvidia/k8s/dcgm-exporter":         {Repository: "nvidia/k8s/dcgm-exporter"},
+		"nvidia/pytorch":                           {Repository: "nvidia/pytorch"},
+		"nvidia/pytorch:24.05-py3":                 {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvcr.io/nvidia/pytorch:24.05-py3":         {Registry: "nvcr.io", Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"localhost:5000/org/team/image":            {Registry: "localhost:5000", Repository: "org/team/image"},
+		"localhost/x:1":                            {Registry: "localhost", Repository: "x", Tag: "1"},
+		"localhost:5000/nvidia/cuda@" + d.String(): {Registry: "localhost:5000", Repository: "nvidia/cuda", Digest: d},
+		"nvidia/cuda@" + d.String():                {Repository: "nvidia/cuda", Digest: d},
+		"nvidia/cuda:12@" + d.String():             {Repository: "nvidia/cuda", Tag: "12", Digest: d},
+		"nvidia/cuda:12.4@" + d.String():           {Repository: "nvidia/cuda", Tag: "12.4", Digest: d},
+		"nvidia/k8s/dcgm-exporter":                 {Repository: "nvidia/k8s/dcgm-exporter"},
+		"org/team/image":                           {Repository: "org/team/image"},
+		"127.0.0.1:40123/org/team/image:1.0":       {Registry: "127.0.0.1:40123", Repository: "org/team/image", Tag: "1.0"},
 	} {
 		got, err := ParseReference(in)
 		if err != nil || got != want || got.String() != in {
@@ -54,11 +59,14 @@ func TestParseReference(t *testing.T) {
 		"Nvidia/x:1":                           ErrNameInvalid,
 		"x:y:z":                                ErrNameInvalid,
 		"nvidia/x:-bad":                        ErrTagInvalid,
+		"nvidia/x:":                            ErrTagInvalid,
 		"nvidia/x@sha256:zz":                   ErrDigestInvalid,
 		"nvidia/x@":                            ErrDigestInvalid,
 		"nvcr.io/":                             ErrNameInvalid,
 		"nvidia//x:1":                          ErrNameInvalid,
 		"nvidia/x:" + strings.Repeat("t", 129): ErrTagInvalid,
+		"nvidia/pytorch:1:2":                   ErrNameInvalid,
+		"bad_host.io/nvidia/x:1":               ErrNameInvalid,
 	} {
 		if r, err := ParseReference(in); !errors.Is(err, want) {
 			t.Errorf("ParseReference(%q) = %+v, %v; want %v", in, r, err, want)
@@ -66,5 +74,29 @@ func TestParseReference(t *testing.T) {
 	}
 	if r, _ := ParseReference("nvidia/cuda:12@" + d.String()); r.Ref() != d.String() {
 		t.Errorf("Ref of tag and digest = %q, want the digest", r.Ref())
+	}
+}
+
+func TestParseImage(t *testing.T) {
+	hosts := []string{"nvcr.io", "127.0.0.1:40123"}
+	for in, want := range map[string]Reference{
+		"nvidia/pytorch:24.05-py3":         {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"nvcr.io/nvidia/pytorch:24.05-py3": {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"NVCR.IO/nvidia/pytorch:24.05-py3": {Repository: "nvidia/pytorch", Tag: "24.05-py3"},
+		"127.0.0.1:40123/nvidia/cuda:12":   {Repository: "nvidia/cuda", Tag: "12"},
+	} {
+		if got, err := ParseImage(in, hosts); err != nil || got != want {
+			t.Errorf("ParseImage(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for in, want := range map[string]error{
+		"nvidia/pytorch":             ErrTagInvalid,
+		"nvcr.io/nvidia/pytorch":     ErrTagInvalid,
+		"docker.io/library/redis:7":  ErrNameInvalid,
+		"localhost/nvidia/pytorch:1": ErrNameInvalid,
+	} {
+		if r, err := ParseImage(in, hosts); !errors.Is(err, want) {
+			t.Errorf("ParseImage(%q) = %+v, %v; want %v", in, r, err, want)
+		}
 	}
 }
