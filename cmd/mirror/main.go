@@ -321,10 +321,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		return nil
 	})
 	g.Go(func() error { trk.tracker.Run(gctx); return nil })
-	if cfg.Prefetch.Enabled {
-		// Jobs stop with gctx (state saved: resumed at the next start).
-		g.Go(func() error { trk.sched.Run(gctx); return nil })
-	}
+	// Tag polls and scheduled gc run whether or not prefetch is enabled;
+	// jobs and rule ticks need it (prefetch.Options.NoPrefetch). Jobs stop
+	// with gctx (state saved: resumed at the next start).
+	g.Go(func() error { trk.sched.Run(gctx); return nil })
 	g.Go(func() error {
 		pctx, cancel := context.WithTimeout(gctx, 15*time.Second)
 		defer cancel()

@@ -141,6 +141,7 @@ func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, 
 		AutoWindow:   time.Duration(cfg.Prefetch.Auto.Window),
 		MaxJobs:      cfg.Prefetch.MaxJobs,
 		Tasks:        gcTask(cfg, cache, log),
+		NoPrefetch:   !cfg.Prefetch.Enabled,
 		Log:          log.With("component", "prefetch"),
 		Metrics:      t.m,
 	})

@@ -33,7 +33,8 @@ type Tracking struct {
 
 // Prefetch configures pre-warming.
 type Prefetch struct {
-	// Enabled runs the scheduler (ticks and jobs) in this process.
+	// Enabled runs prefetch rules, the automatic rule and jobs in this
+	// process. Tag polls and scheduled gc (cache.gc_schedule) run either way.
 	Enabled bool `yaml:"enabled"`
 	// MaxJobs bounds jobs running at once.
 	MaxJobs int            `yaml:"max_jobs"`

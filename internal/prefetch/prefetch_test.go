@@ -586,3 +586,41 @@ func TestCancelQueuedJob(t *testing.T) {
 		t.Errorf("re-enqueued job = %+v", done)
 	}
 }
+
+// With NoPrefetch (prefetch.enabled: false) tag polls and tasks still run
+// on their schedules; rule ticks, the automatic rule and jobs do not. Such
+// a replica leads under a lock of its own: a replica sharing Redis with
+// prefetch enabled leads at the same time and runs the jobs.
+func TestNoPrefetchRunsPollsAndTasks(t *testing.T) {
+	srv := redistest.Start(t)
+	var runs atomic.Int32
+	rule := []prefetch.RuleSpec{{Name: "every-second", Repositories: []string{ngctest.PytorchRepo},
+		Tags: config.TagSelect{Exact: []string{ngctest.PytorchTag}}, Platforms: []string{"linux/arm64"}, Schedule: "@every 1s"}}
+	dir := t.TempDir()
+	w := prefetchtest.New(t, prefetchtest.Options{Redis: srv, CacheDir: dir, Rules: rule,
+		Tracking: tracking.Options{Repositories: []string{ngctest.PytorchRepo}},
+		Prefetch: prefetch.Options{Owner: "tasks-only", NoPrefetch: true, Auto: true, PollSchedule: "@every 1s",
+			Tasks: []prefetch.Task{{Name: "gc", Schedule: "@every 1s", Run: func(context.Context) { runs.Add(1) }}}}})
+	w.Start(t)
+	polls := func() float64 { return testutil.ToFloat64(w.Metrics.TagPolls.WithLabelValues("success")) }
+	prefetchtest.Eventually(t, 15*time.Second, "two task runs and a tag poll", func() bool { return runs.Load() >= 2 && polls() >= 1 })
+	j, _, err := w.Sched.Enqueue(t.Context(), prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A replica with prefetch enabled leads too, and runs the job.
+	p := prefetchtest.New(t, prefetchtest.Options{Redis: srv, CacheDir: dir, Upstream: w.Up, Fixture: w.Fx,
+		Prefetch: prefetch.Options{Owner: "prefetch", PollSchedule: "@yearly"}})
+	p.Start(t)
+	if got := p.WaitJob(t, j.ID, 20*time.Second); got.State != state.JobDone || got.Owner != "prefetch" {
+		t.Errorf("job = %+v, want done by the replica with prefetch enabled", got)
+	}
+	if !w.Sched.Leader() || !p.Sched.Leader() {
+		t.Errorf("leaders: tasks-only %v, prefetch %v; want both", w.Sched.Leader(), p.Sched.Leader())
+	}
+	for _, kind := range []string{"rule", "auto"} {
+		if n := testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues(kind)); n != 0 {
+			t.Errorf("%s ticks with prefetch disabled: %v", kind, n)
+		}
+	}
+}

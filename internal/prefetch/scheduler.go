@@ -45,6 +45,12 @@ type Options struct {
 	// Tasks are other scheduled work run by the leader, once per tick
 	// across replicas (the cache's garbage collection).
 	Tasks []Task
+	// NoPrefetch runs only tag polls and Tasks (prefetch.enabled: false):
+	// no rule ticks, no automatic rule, no jobs. Such a scheduler elects
+	// its leader with a lock of its own ("scheduler-tasks"), so that it
+	// never keeps a replica with prefetch enabled from leading and running
+	// jobs; each tick still runs once across replicas (its claim).
+	NoPrefetch bool
 	// SaveInterval is how often a running job's progress is saved (default 1 s).
 	SaveInterval time.Duration
 	Log          *slog.Logger
@@ -138,15 +144,27 @@ func (s *Scheduler) Leader() bool {
 	return s.leader
 }
 
+// lockName is the scheduler lock's name in the state store.
+func (s *Scheduler) lockName() string {
+	if s.opts.NoPrefetch {
+		return "scheduler-tasks"
+	}
+	return "scheduler"
+}
+
 // Run elects, ticks and executes jobs until ctx ends, then releases the
-// lock. Store outages pause it (not leader while the lock cannot be
-// renewed); it resumes when the store answers.
+// lock (with Options.NoPrefetch: tag polls and tasks only). Store outages
+// pause it (not leader while the lock cannot be renewed); it resumes when
+// the store answers.
 func (s *Scheduler) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Add(2)
+	wg.Add(1)
 	go func() { defer wg.Done(); s.elect(ctx) }()
-	go func() { defer wg.Done(); s.execute(ctx) }()
+	if !s.opts.NoPrefetch {
+		wg.Add(1)
+		go func() { defer wg.Done(); s.execute(ctx) }()
+	}
 	type sched struct {
 		kind, name string
 		s          cron.Schedule
@@ -154,7 +172,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 	}
 	scheds := []sched{{"poll", "poll", s.poll, s.pollTick}}
 	for _, r := range s.opts.Rules {
-		if r.schedule != nil {
+		if r.schedule != nil && !s.opts.NoPrefetch {
 			scheds = append(scheds, sched{"rule", r.Name, r.schedule, func(ctx context.Context, _ time.Time) { s.ruleTick(ctx, r) }})
 		}
 	}
@@ -209,7 +227,7 @@ func (s *Scheduler) elect(ctx context.Context) {
 	failing := false
 	for {
 		lctx, cancel := context.WithTimeout(ctx, s.opts.LockTTL/3)
-		ok, err := s.store.Lock(lctx, "scheduler", s.opts.Owner, s.opts.LockTTL)
+		ok, err := s.store.Lock(lctx, s.lockName(), s.opts.Owner, s.opts.LockTTL)
 		cancel()
 		switch {
 		case err != nil && ctx.Err() == nil:
@@ -226,7 +244,7 @@ func (s *Scheduler) elect(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			uctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			_ = s.store.Unlock(uctx, "scheduler", s.opts.Owner)
+			_ = s.store.Unlock(uctx, s.lockName(), s.opts.Owner)
 			cancel()
 			s.setLeader(ctx, false, nil)
 			return
@@ -252,7 +270,11 @@ func (s *Scheduler) setLeader(ctx context.Context, on bool, err error) {
 	s.m.SetLeader(on)
 	switch {
 	case on && !was:
-		s.log.Info("scheduler: this replica leads (runs ticks and prefetch jobs)", "owner", s.opts.Owner)
+		if s.opts.NoPrefetch {
+			s.log.Info("scheduler: this replica leads (runs tag polls and scheduled tasks; prefetch is disabled)", "owner", s.opts.Owner)
+		} else {
+			s.log.Info("scheduler: this replica leads (runs ticks and prefetch jobs)", "owner", s.opts.Owner)
+		}
 		s.Wake()
 	case was && !on && ctx.Err() == nil:
 		s.log.Warn("scheduler: lost the lock; pausing", "owner", s.opts.Owner, "err", err)
@@ -464,7 +486,7 @@ func (s *Scheduler) pollTick(ctx context.Context, _ time.Time) {
 		}
 		return
 	}
-	if s.opts.Auto {
+	if s.opts.Auto && !s.opts.NoPrefetch {
 		s.m.Tick("auto")
 		if _, err := s.RunAuto(ctx); err != nil {
 			s.m.StateError(metrics.OpSchedule)

@@ -326,3 +326,31 @@ func TestScheduledGC(t *testing.T) {
 		t.Error("no scheduled gc in the log")
 	}
 }
+
+// TestTasksWithoutPrefetch: with prefetch.enabled false the mirror still
+// polls tags and runs scheduled gc on their schedules (prefetch jobs are
+// what needs prefetch enabled).
+func TestTasksWithoutPrefetch(t *testing.T) {
+	up, _ := newUpstream(t)
+	cfg := writeConfig(t, `
+cache:
+  gc_schedule: "@every 1s"
+tracking:
+  repositories: [nvidia/pytorch]
+  poll: "@every 1s"
+prefetch:
+  enabled: false
+`)
+	m := startMirrorWithConfig(t, up.URL(), cfg)
+	const tasks, polls = `ngc_mirror_scheduler_ticks_total{kind="task"}`, `ngc_mirror_tag_polls_total{result="success"}`
+	deadline := time.Now().Add(30 * time.Second)
+	for scrape(t, m, tasks) < 1 || scrape(t, m, polls) < 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no scheduled gc or tag poll with prefetch disabled: %v task ticks, %v polls", scrape(t, m, tasks), scrape(t, m, polls))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.Contains(m.log.String(), "scheduled gc") {
+		t.Error("no scheduled gc in the log")
+	}
+}
