@@ -2,10 +2,14 @@ package proxy_test
 
 import (
 	"bytes"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/evict"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 )
 
 // TestS3Cache runs the pull-through, coalescing and Range behaviour with
@@ -91,5 +95,50 @@ func TestS3Redirect(t *testing.T) {
 	mustOK(t, r, 200)
 	if r.header.Get("Content-Length") != itoa(len(layer.Body)) || r.header.Get("Docker-Content-Digest") != layer.Digest.String() {
 		t.Fatalf("HEAD: %v", r.header)
+	}
+}
+
+// TestS3RedirectOutlivesEviction: a blob a client was just redirected to
+// stays in the bucket until the presigned URL expires, even when eviction
+// wants the room before the client's GET reaches the store.
+func TestS3RedirectOutlivesEviction(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{s3: true, redirect: true, budget: func(fx *ngctest.Fixture) evict.Options {
+		// Room for one of the two layers, not both.
+		return evict.Options{MaxSize: sizeOf(fx.CUDA.Layers[0], fx.CUDA.Layers[1]) - 1}
+	}})
+	a, b := e.fx.CUDA.Layers[1], e.fx.CUDA.Layers[0]
+	pathA := "/v2/nvidia/cuda/blobs/" + a.Digest.String()
+	mustServe(t, e, pathA, a.Body) // a miss: cached
+	assertCached(t, e, a.Digest, "the fill")
+
+	noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noFollow.Get(e.mirror.URL + pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	loc := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusTemporaryRedirect || loc == "" {
+		t.Fatalf("hit: %d, Location set %v", resp.StatusCode, loc != "")
+	}
+	// Before the client follows: another blob takes the cache over its
+	// budget, and a is the least recently used.
+	mustServe(t, e, "/v2/nvidia/cuda/blobs/"+b.Digest.String(), b.Body)
+	waitFills(t, e)
+	if _, err := e.evictor.Evict(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := http.Get(loc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(got.Body)
+	got.Body.Close()
+	if err != nil || got.StatusCode != http.StatusOK || !bytes.Equal(body, a.Body) {
+		t.Fatalf("the presigned URL after eviction: %d, %d bytes (want %d), %v", got.StatusCode, len(body), len(a.Body), err)
+	}
+	if _, err := e.store.StatBlob(t.Context(), a.Digest); err != nil {
+		t.Errorf("the redirected blob was evicted: %v", err)
 	}
 }

@@ -137,19 +137,30 @@ func (b *Blob) fetch() error {
 func (b *Blob) Hit() bool { return b.hit }
 
 // RedirectURL returns a URL the client can fetch the cached blob from
-// itself (a presigned URL of 20 minutes on S3), or "" when there is none:
-// Options.Redirect is off, the blob is not read from the cache, or the
-// storage offers no such URL (the filesystem). The URL is a credential:
-// never log it.
+// itself (a presigned URL on S3, valid for storage.RedirectLifetime), or ""
+// when there is none: Options.Redirect is off, the blob is not read from
+// the cache, the storage offers no such URL (the filesystem), or
+// maxRedirectHolds blobs are held for redirects already. With a URL, the
+// Blob's eviction lease passes to the service, which keeps it until the
+// URL expires: the client's GET to the store comes after this response,
+// and eviction must not remove the blob in between. The URL is a
+// credential: never log it.
 func (b *Blob) RedirectURL(r *http.Request) (string, error) {
 	if !b.s.opts.Redirect || !b.hit {
 		return "", nil
 	}
 	u, err := b.s.store.BlobURL(r, b.Digest)
-	if err == nil && u != "" {
-		b.s.cache.Touch(storage.KindBlob, b.Digest)
+	if err != nil || u == "" {
+		return u, err
 	}
-	return u, err
+	if b.release != nil {
+		if !b.s.redirects.keep(b.Digest, b.release) {
+			return "", nil // too many held: serve it
+		}
+		b.release = nil
+	}
+	b.s.cache.Touch(storage.KindBlob, b.Digest)
+	return u, nil
 }
 
 // Open returns a reader of bytes [start, end) of the blob (0 <= start <=

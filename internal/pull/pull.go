@@ -109,6 +109,7 @@ type Service struct {
 	log       *slog.Logger
 	cache     CacheTracker
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
+	redirects *redirectHolds     // leases kept for presigned URLs handed out
 }
 
 // New returns the service over the upstream client, the cache and its fill
@@ -129,7 +130,8 @@ func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Ser
 	if opts.TagListMaxPages <= 0 {
 		opts.TagListMaxPages = upstream.MaxTagPages
 	}
-	return &Service{up: up, store: store, fills: fills, registry: RegistryName(up), opts: opts, log: opts.Log, cache: opts.Cache}
+	return &Service{up: up, store: store, fills: fills, registry: RegistryName(up), opts: opts, log: opts.Log, cache: opts.Cache,
+		redirects: newRedirectHolds()}
 }
 
 // RegistryName is the name of up's registry: its URL's host[:port] in

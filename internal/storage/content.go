@@ -284,8 +284,8 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 }
 
 // BlobURL returns a URL from which a client can fetch the cached blob
-// directly (a short-lived presigned URL on S3), or "" when the driver
-// offers none (the filesystem).
+// directly (a presigned URL on S3, valid for RedirectLifetime), or "" when
+// the driver offers none (the filesystem).
 func (s *Store) BlobURL(r *http.Request, dgst digest.Digest) (string, error) {
 	p, err := Path(BlobPath{dgst})
 	if err != nil {

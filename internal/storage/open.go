@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"time"
 
 	"github.com/distribution/distribution/v3/registry/storage/driver/factory"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
@@ -111,3 +112,8 @@ func OpenS3(ctx context.Context, o S3Options) (*Store, error) {
 	s.caps.Redirect = o.Redirect
 	return s, nil
 }
+
+// RedirectLifetime is how long a URL from BlobURL is valid: distribution's
+// s3-aws driver presigns its redirect URLs for 20 minutes
+// (driver.RedirectURL).
+const RedirectLifetime = 20 * time.Minute
