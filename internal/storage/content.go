@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/opencontainers/go-digest"
@@ -67,6 +69,60 @@ type BlobWriter struct {
 	done bool
 
 	localPath string // see LocalPath
+
+	marker  string    // path of the upload's heartbeat marker (UploadMarkerPath)
+	endOnce sync.Once // ends the heartbeat and removes the marker
+	stop    func()    // stops the heartbeat and waits for it
+}
+
+// An upload is live while the fill writing it runs: the writer creates
+// its marker (UploadMarkerPath, "<upload>.live") before the upload and
+// rewrites it every UploadHeartbeat until the upload is committed or
+// removed. GC (in this process or in another one, `mirror gc`) never
+// removes an upload whose marker was written within UploadLiveFor,
+// whatever its grace period; a fill that died (a crash, kill -9) stops its
+// heartbeat and its upload is then collected like any other. Marker times
+// are the store's (the S3 server's clock for a bucket); clocks of gc's
+// host and the store must agree within UploadLiveFor minus
+// UploadHeartbeat.
+const (
+	UploadHeartbeat = time.Minute
+	UploadLiveFor   = 5 * time.Minute
+)
+
+// live writes the upload's marker and starts its heartbeat.
+func (w *BlobWriter) live(ctx context.Context) error {
+	if err := w.s.d.PutContent(ctx, w.marker, nil); err != nil {
+		return translate(err)
+	}
+	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(UploadHeartbeat)
+		defer t.Stop()
+		for {
+			select {
+			case <-bctx.Done():
+				return
+			case <-t.C:
+				_ = w.s.d.PutContent(bctx, w.marker, nil) // a missed beat is made up by the next
+			}
+		}
+	}()
+	w.stop = func() { cancel(); <-done }
+	return nil
+}
+
+// endLive stops the heartbeat and removes the marker, once the upload is
+// committed or gone.
+func (w *BlobWriter) endLive(ctx context.Context) {
+	w.endOnce.Do(func() {
+		if w.stop != nil {
+			w.stop()
+		}
+		_ = w.s.d.Delete(context.WithoutCancel(ctx), w.marker)
+	})
 }
 
 // CreateBlob starts the upload of blob dgst, expected to be size bytes (-1
@@ -80,8 +136,19 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 	if _, err := rand.Read(id[:]); err != nil {
 		return nil, err
 	}
-	p := mustPath(UploadPath{ID: hex.EncodeToString(id[:])})
-	w := &BlobWriter{s: s, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash()}
+	uid := hex.EncodeToString(id[:])
+	p := mustPath(UploadPath{ID: uid})
+	w := &BlobWriter{s: s, path: p, want: dgst, size: size, h: dgst.Algorithm().Hash(), marker: mustPath(UploadMarkerPath{ID: uid})}
+	// The marker before the upload: gc never sees the upload unmarked.
+	if err := w.live(ctx); err != nil {
+		return nil, err
+	}
+	created := false
+	defer func() {
+		if !created {
+			w.endLive(ctx)
+		}
+	}()
 	if s.localRoot != "" {
 		lp := filepath.Join(s.localRoot, filepath.FromSlash(p))
 		if err := os.MkdirAll(filepath.Dir(lp), 0o777); err != nil {
@@ -103,6 +170,7 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 			}
 		}
 		w.fw, w.localPath = &localFileWriter{f: f}, lp
+		created = true
 		return w, nil
 	}
 	fw, err := s.d.Writer(ctx, p, false)
@@ -110,6 +178,7 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 		return nil, translate(err)
 	}
 	w.fw = fw
+	created = true
 	return w, nil
 }
 
@@ -184,6 +253,7 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 	if w.done {
 		return errors.New("storage: blob writer already finished")
 	}
+	defer w.endLive(ctx) // after the upload is in place or removed
 	if err := w.Verify(); err != nil {
 		_ = w.Cancel(ctx)
 		return err
@@ -217,6 +287,7 @@ func (w *BlobWriter) abandon(ctx context.Context) {
 	_ = w.fw.Cancel(ctx)
 	_ = w.fw.Close()
 	_ = w.s.d.Delete(ctx, w.path)
+	w.endLive(ctx)
 }
 
 // Cancel abandons the upload and removes what was written. It is safe to

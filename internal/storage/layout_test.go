@@ -108,8 +108,9 @@ func TestPaths(t *testing.T) {
 		storage.LinkPath{Repo: nv, Digest: d}:       "/registries/nvcr.io/nvidia/pytorch/_links/sha256/" + d.Encoded(),
 		storage.LayoutPath{}:                        "/_layout",
 		storage.TagPath{Repo: storage.Repo{Registry: "127.0.0.1:5000", Name: "x"}, Tag: "1"}: "/registries/127.0.0.1_5000/x/_tags/1",
-		storage.HealthPath{}:  "/_health/probe",
-		storage.UploadsPath{}: "/_uploads",
+		storage.HealthPath{}:                     "/_health/probe",
+		storage.UploadsPath{}:                    "/_uploads",
+		storage.UploadMarkerPath{ID: "0123abcd"}: "/_uploads/0123abcd.live",
 		storage.QuarantinePath{Kind: storage.KindBlob, Digest: d, At: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)}: "/_quarantine/blob/sha256/" + d.Encoded() + ".20250102T030405Z",
 	} {
 		if got, err := storage.Path(spec); err != nil || got != want {

@@ -160,6 +160,18 @@ func (s *Store) repair(ctx context.Context, o object, r Repair) error {
 	return err
 }
 
+// uploadLive reports whether the fill writing upload p still runs: its
+// marker was written within UploadLiveFor (see UploadHeartbeat). An error
+// reading the marker other than its absence counts as live: gc never
+// guesses a running fill dead.
+func (s *Store) uploadLive(ctx context.Context, p string) bool {
+	fi, err := s.d.Stat(ctx, p+liveSuffix)
+	if errors.As(err, new(driver.PathNotFoundError)) {
+		return false
+	}
+	return err != nil || time.Since(fi.ModTime()) <= UploadLiveFor
+}
+
 // GCResult is what GC removed (or would remove, in a dry run).
 type GCResult struct {
 	Blobs       int
@@ -169,10 +181,12 @@ type GCResult struct {
 }
 
 // GC removes blobs that no cached manifest refers to, and uploads left by
-// interrupted fills. It is safe while the mirror serves: a blob or upload
-// younger than grace is kept (a fill may have just committed a blob whose
-// manifest has not been asked for yet, or still be writing an upload), and
-// a client already streaming a removed blob keeps its open file on a local
+// interrupted fills. It is safe while the mirror serves, from this or
+// another process: a blob younger than grace is kept (a fill may have just
+// committed a blob whose manifest has not been asked for yet), an upload
+// whose fill still runs (its heartbeat marker, see UploadHeartbeat) is
+// never removed, even with a grace of 0, nor one younger than grace, and a
+// client already streaming a removed blob keeps its open file on a local
 // disk. With dryRun nothing is removed.
 func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCResult, error) {
 	var res GCResult
@@ -211,8 +225,21 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 		res.BlobBytes += o.size
 	}
 	err = s.d.Walk(ctx, mustPath(UploadsPath{}), func(fi driver.FileInfo) error {
-		if fi.IsDir() || fi.ModTime().After(cutoff) {
+		if fi.IsDir() || fi.ModTime().After(cutoff) || pendingPut.MatchString(fi.Path()) {
 			return nil
+		}
+		if strings.HasSuffix(fi.Path(), liveSuffix) {
+			// The marker of a fill that stopped beating (it died): it
+			// goes, and its upload with it (here or below).
+			if !dryRun && time.Since(fi.ModTime()) > UploadLiveFor {
+				if err := s.d.Delete(ctx, fi.Path()); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
+					return err
+				}
+			}
+			return nil
+		}
+		if s.uploadLive(ctx, fi.Path()) {
+			return nil // a running fill's: never touched, whatever the grace
 		}
 		if !dryRun {
 			if err := s.d.Delete(ctx, fi.Path()); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {

@@ -1,11 +1,16 @@
 package storage_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -116,23 +121,109 @@ func TestGCRemovesUnreferencedBlobs(t *testing.T) {
 		if _, err := s.StatBlob(ctx, kept); err != nil {
 			t.Fatalf("referenced blob removed: %v", err)
 		}
-		// A stale upload goes too, where the store shows it (S3 keeps an
-		// unfinished multipart upload out of the bucket's listing: a bucket
-		// lifecycle rule aborts those).
-		w, err := s.CreateBlob(ctx, digest.FromString("x"), 1)
+		// A stale upload goes too: one a fill that died left behind (no
+		// heartbeat marker).
+		if err := s.Driver().PutContent(ctx, "/_uploads/0123456789abcdef0123456789abcdef", []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if res, err = s.GC(ctx, 0, false); err != nil || res.Uploads != 1 {
+			t.Fatalf("stale upload: %+v, %v", res, err)
+		}
+		if f := files(t, s.Driver(), pathOf(t, storage.UploadsPath{})); len(f) != 0 {
+			t.Fatalf("stale upload still there: %v", f)
+		}
+	})
+}
+
+// hookDriver runs beforeMove before each Move: the moment a fill's upload
+// is complete in the store and about to become the blob.
+type hookDriver struct {
+	driver.StorageDriver
+	beforeMove func()
+}
+
+func (d hookDriver) Move(ctx context.Context, from, to string) error {
+	d.beforeMove()
+	return d.StorageDriver.Move(ctx, from, to)
+}
+
+// TestGCNeverTouchesARunningFill: gc from another process (another Store
+// on the same storage), even with a grace of 0, leaves the upload of a
+// fill that is still writing, and the one complete in the store but not
+// moved into place yet (the moment an S3 upload is visible); both fills
+// then commit. A fill that died (its marker no longer beats) is collected.
+func TestGCNeverTouchesARunningFill(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := t.Context()
+		other := storage.New(s.Driver()) // `mirror gc`: shares nothing with s but the storage
+		gc := func(when string) {
+			t.Helper()
+			if res, err := other.GC(ctx, 0, false); err != nil || res.Uploads != 0 {
+				t.Errorf("gc %s: %+v, %v; want no upload removed", when, res, err)
+			}
+		}
+		data := bytes.Repeat([]byte("layer bytes "), 10_000)
+		d := digest.FromBytes(data)
+		w, err := s.CreateBlob(ctx, d, int64(len(data)))
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, _ = w.Write([]byte("x"))
-		visible := len(files(t, s.Driver(), pathOf(t, storage.UploadsPath{})))
-		if res, err = s.GC(ctx, 0, false); err != nil || res.Uploads != visible {
-			t.Fatalf("stale upload (%d visible): %+v, %v", visible, res, err)
+		_, _ = w.Write(data[:len(data)/2])
+		gc("while the fill writes")
+		_, _ = w.Write(data[len(data)/2:])
+		if err := w.Commit(ctx); err != nil {
+			t.Fatalf("commit after gc: %v", err)
 		}
-		if visible > 0 && len(files(t, s.Driver(), pathOf(t, storage.UploadsPath{}))) != 0 {
-			t.Fatal("stale upload still there")
+		if _, err := s.StatBlob(ctx, d); err != nil {
+			t.Fatalf("blob not cached: %v", err)
 		}
-		_ = w.Cancel(context.Background())
+
+		data2 := bytes.Repeat([]byte("another layer "), 10_000)
+		d2 := digest.FromBytes(data2)
+		hooked := storage.New(hookDriver{s.Driver(), func() { gc("between the upload's completion and its move") }})
+		w2, err := hooked.CreateBlob(ctx, d2, int64(len(data2)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = w2.Write(data2)
+		if err := w2.Commit(ctx); err != nil {
+			t.Fatalf("commit after gc: %v", err)
+		}
+		if _, err := s.StatBlob(ctx, d2); err != nil {
+			t.Fatalf("blob not cached: %v", err)
+		}
+		assertNoUploads(t, s)
 	})
+}
+
+// A marker that stopped beating (the fill died) goes, with its upload.
+func TestGCCollectsADeadFillsUpload(t *testing.T) {
+	dir := t.TempDir()
+	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	ctx := t.Context()
+	w, err := s.CreateBlob(ctx, digest.FromString("x"), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = w.Write([]byte("x"))
+	// The process died UploadLiveFor ago: its files stopped changing.
+	entries, _ := os.ReadDir(filepath.Join(dir, "_uploads"))
+	old := time.Now().Add(-storage.UploadLiveFor - time.Minute)
+	for _, e := range entries {
+		if err := os.Chtimes(filepath.Join(dir, "_uploads", e.Name()), old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(entries) != 2 {
+		t.Fatalf("uploads dir holds %d entries, want the upload and its marker", len(entries))
+	}
+	if res, err := s.GC(ctx, time.Minute, false); err != nil || res.Uploads != 1 {
+		t.Fatalf("gc: %+v, %v; want the dead fill's upload removed", res, err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(dir, "_uploads")); len(left) != 0 {
+		t.Fatalf("left after gc: %v", left)
+	}
+	_ = w.Cancel(ctx)
 }
 
 // TestCheckSkipsContentRemovedMeanwhile: fsck runs while the mirror serves;

@@ -62,6 +62,14 @@ type UploadsPath struct{}
 // UploadPath is one blob being written, by a random ID.
 type UploadPath struct{ ID string }
 
+// UploadMarkerPath is the heartbeat marker of upload ID, "<upload>.live"
+// next to it: rewritten while the fill writing the upload runs, so that
+// GC never removes a running fill's upload (UploadHeartbeat).
+type UploadMarkerPath struct{ ID string }
+
+// liveSuffix ends an UploadMarkerPath.
+const liveSuffix = ".live"
+
 // QuarantinePath is where fsck --repair quarantine moves damaged content
 // of Kind, stamped with the time At (the digest from the file name may be
 // invalid: that is damage too).
@@ -96,6 +104,7 @@ func (LinkPath) pathSpec()           {}
 func (TagListPath) pathSpec()        {}
 func (UploadsPath) pathSpec()        {}
 func (UploadPath) pathSpec()         {}
+func (UploadMarkerPath) pathSpec()   {}
 func (QuarantinePath) pathSpec()     {}
 func (HealthPath) pathSpec()         {}
 func (QuarantineRoot) pathSpec()     {}
@@ -208,6 +217,12 @@ func Path(spec PathSpec) (string, error) {
 			return "", fmt.Errorf("storage: invalid upload ID %q", s.ID)
 		}
 		return "/_uploads/" + s.ID, nil
+	case UploadMarkerPath:
+		p, err := Path(UploadPath(s))
+		if err != nil {
+			return "", err
+		}
+		return p + liveSuffix, nil
 	case QuarantinePath:
 		if _, err := contentDir(s.Kind); err != nil {
 			return "", err

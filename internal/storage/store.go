@@ -15,6 +15,7 @@
 //	/registries/<registry>/<name>/_links/<alg>/<hex>
 //	                                               empty: <name> on <registry> holds that digest
 //	/_uploads/<random>                             blob bytes being written
+//	/_uploads/<random>.live                        heartbeat of the fill writing it (UploadHeartbeat)
 //	/_quarantine/<kind>/<alg>/<hex>.<time>         damaged content moved by fsck --repair quarantine
 //	/_health/probe                                 written and removed by the readiness probe
 //
