@@ -106,6 +106,40 @@ type Group struct {
 
 	mu    sync.Mutex
 	fills map[digest.Digest]*Fill
+	// commits counts the fills committed; recent holds the digests of the
+	// last len(recent) of them (commit number i at recent[i%len]), so
+	// JoinMissed can tell whether dgst was committed since a lookup.
+	commits uint64
+	recent  [64]digest.Digest
+}
+
+// Seq returns the number of fills committed so far: take it before a
+// cache lookup that misses, and pass it to JoinMissed.
+func (g *Group) Seq() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.commits
+}
+
+// committedSince reports whether a fill of dgst may have committed after
+// Seq returned seq. g.mu is held.
+func (g *Group) committedSince(dgst digest.Digest, seq uint64) bool {
+	if g.commits-seq > uint64(len(g.recent)) {
+		return true // too many since: the ring no longer tells
+	}
+	for i := seq; i < g.commits; i++ {
+		if g.recent[i%uint64(len(g.recent))] == dgst {
+			return true
+		}
+	}
+	return false
+}
+
+func (g *Group) committed(dgst digest.Digest) {
+	g.mu.Lock()
+	g.recent[g.commits%uint64(len(g.recent))] = dgst
+	g.commits++
+	g.mu.Unlock()
 }
 
 // NewGroup returns a Group that commits fills to store.
@@ -162,6 +196,22 @@ func (g *Group) Size(dgst digest.Digest) (int64, bool) {
 // reports whether this call started the fill. err is ErrTooManyFills when
 // a new fill would exceed Options.MaxFills.
 func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool, err error) {
+	return g.join(dgst, src, true)
+}
+
+// JoinMissed is Join for a caller whose cache lookup of dgst, started
+// after Seq returned seq, found it not cached (storage.ErrNotFound). A new
+// fill then skips its own lookup (one existence check, a HEAD on S3,
+// fewer) unless a fill of dgst committed since seq, in which case it looks
+// again as Join does.
+func (g *Group) JoinMissed(dgst digest.Digest, seq uint64, src Source) (f *Fill, started bool, err error) {
+	g.mu.Lock()
+	check := g.committedSince(dgst, seq)
+	g.mu.Unlock()
+	return g.join(dgst, src, check)
+}
+
+func (g *Group) join(dgst digest.Digest, src Source, check bool) (f *Fill, started bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if f := g.fills[dgst]; f != nil {
@@ -180,6 +230,7 @@ func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool, err
 		wake:   make(chan struct{}),
 		refs:   2, // the runner and the caller
 		cancel: cancel,
+		check:  check,
 	}
 	g.fills[dgst] = f
 	g.opts.Metrics.FillStarted()
@@ -208,16 +259,20 @@ type Fill struct {
 	dgst  digest.Digest
 	ready chan struct{} // closed when size is known or the fill failed
 
+	check bool // look the blob up before fetching it (see JoinMissed)
+
 	// Set before ready is closed, read-only after.
 	size   int64
 	cached bool // the blob was already cached: read it from the store
 	spool  *os.File
+	known  bool // the blob is not cached: see storage.BlobWriter.KnownNew
 
 	mu       sync.Mutex
 	written  int64         // bytes in the spool, readable
 	err      error         // why the fill failed, once it has
 	verified bool          // every byte is in and matches the digest: release the last one
 	done     bool          // ended well (committed, or verified but refused by the cache)
+	inCache  bool          // committed by this fill
 	wake     chan struct{} // closed and replaced whenever the state changes
 	refs     int           // guarded by g.mu
 	cancel   context.CancelCauseFunc
@@ -290,6 +345,14 @@ func (f *Fill) Verified(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// Committed reports whether the fill put the blob in the cache (or found it
+// there: Cached). Valid after Done returned nil.
+func (f *Fill) Committed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.inCache || f.cached
 }
 
 // Release drops the caller's reference; the spool file closes with the last.
@@ -486,13 +549,22 @@ func (f *Fill) run(ctx context.Context, src Source) {
 	idle := time.AfterFunc(f.g.opts.IdleTimeout, func() { f.cancel(ErrIdle) })
 	defer idle.Stop()
 
-	if size, err := f.g.store.StatBlob(ctx, f.dgst); err == nil {
-		// Committed between the caller's cache check and this fill.
-		f.size, f.cached = size, true
-		f.finish(nil)
-		f.g.opts.Metrics.FillEnded("")
-		return
+	// The blob is known not to be cached (no other fill of it runs here)
+	// when the caller's lookup missed and nothing committed it since, or
+	// when this lookup misses: the commit then needs no existence check.
+	known := !f.check
+	if f.check {
+		size, err := f.g.store.StatBlob(ctx, f.dgst)
+		if err == nil {
+			// Committed between the caller's cache check and this fill.
+			f.size, f.cached = size, true
+			f.finish(nil)
+			f.g.opts.Metrics.FillEnded("")
+			return
+		}
+		known = errors.Is(err, storage.ErrNotFound)
 	}
+	f.known = known
 
 	err := f.fetch(ctx, src, idle, readyOnce, log)
 	if errors.Is(err, ErrCacheFull) {
@@ -570,6 +642,9 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 		return fmt.Errorf("%w: creating the cache upload: %w", ErrSpool, err)
 	}
 	defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
+	if f.known {
+		w.KnownNew()
+	}
 	// On a local cache the upload itself is the spool: clients read the
 	// file the cache is writing, and every byte is written once. Elsewhere
 	// (S3) an anonymous local file is the spool.
@@ -657,7 +732,14 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	close(f.wake)
 	f.wake = make(chan struct{})
 	f.mu.Unlock()
-	return w.Commit(context.WithoutCancel(ctx))
+	if err := w.Commit(context.WithoutCancel(ctx)); err != nil {
+		return err
+	}
+	f.g.committed(f.dgst)
+	f.mu.Lock()
+	f.inCache = true
+	f.mu.Unlock()
+	return nil
 }
 
 // Clients returns how many callers hold the running fill of dgst (0 when

@@ -1009,3 +1009,54 @@ func TestEmptyClaimNeverEndsCleanly(t *testing.T) {
 		t.Fatal("WriteTo ended cleanly too")
 	}
 }
+
+// JoinMissed trusts the caller's lookup (no second one) unless a fill of
+// that digest committed since the lookup began: then it looks again and
+// finds the blob, rather than fetching it twice.
+func TestJoinMissedLooksAgainAfterACommit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, Options{}, nil)
+	data, dgst := randomBlob(t, 3000)
+	var calls atomic.Int32
+	src := func(context.Context, int64) (io.ReadCloser, int64, error) {
+		calls.Add(1)
+		return io.NopCloser(bytes.NewReader(data)), int64(len(data)), nil
+	}
+	seq := e.g.Seq() // a lookup starts, and misses
+	f, _ := mustJoin(t, e.g, dgst, src)
+	if err := done(t, f); err != nil {
+		t.Fatal(err)
+	}
+	f.Release()
+	if !f.Committed() {
+		t.Fatal("Committed() false after a commit")
+	}
+	// The lookup's caller joins after that fill committed and left.
+	f2, started, err := e.g.JoinMissed(dgst, seq, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f2.Release()
+	if waitSize(t, f2); !started || !f2.Cached() || calls.Load() != 1 {
+		t.Fatalf("JoinMissed after a commit since the lookup: started %v, cached %v, %d upstream fetches; want a new fill that finds the blob", started, f2.Cached(), calls.Load())
+	}
+	// Other digests committed since do not make it look again.
+	data3, d3 := randomBlob(t, 100)
+	seq = e.g.Seq()
+	f3, _ := mustJoin(t, e.g, d3, func(context.Context, int64) (io.ReadCloser, int64, error) {
+		return io.NopCloser(bytes.NewReader(data3)), int64(len(data3)), nil
+	})
+	_ = done(t, f3)
+	f3.Release()
+	data4, d4 := randomBlob(t, 100)
+	f4, _, err := e.g.JoinMissed(d4, seq, func(context.Context, int64) (io.ReadCloser, int64, error) {
+		return io.NopCloser(bytes.NewReader(data4)), int64(len(data4)), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f4.Release()
+	if err := done(t, f4); err != nil || f4.Cached() || !f4.Committed() {
+		t.Fatalf("JoinMissed of a missing blob: %v, cached %v, committed %v", err, f4.Cached(), f4.Committed())
+	}
+}

@@ -51,11 +51,14 @@ type envOpts struct {
 	tagFreshness time.Duration
 	layerSize    int64
 	fill         fill.Options // SpoolDir and IdleTimeout get test defaults
-	// wrap, if set, wraps the cache's storage driver (fault injection).
-	wrap    func(driver.StorageDriver) driver.StorageDriver
-	metrics *metrics.Metrics
-	access  *access.Policy
-	pulls   proxy.PullRecorder
+	// wrap, if set, wraps the cache's storage driver (fault injection),
+	// on S3 too. On the filesystem the store then has no local root
+	// unless keepLocal (for wrappers that keep paths and bytes as they are).
+	wrap      func(driver.StorageDriver) driver.StorageDriver
+	keepLocal bool
+	metrics   *metrics.Metrics
+	access    *access.Policy
+	pulls     proxy.PullRecorder
 	// s3 puts the cache on a real S3 server (versitygw); redirect turns on
 	// presigned redirects for cache hits.
 	s3, redirect bool
@@ -89,16 +92,20 @@ func newEnv(t *testing.T, o envOpts) *env {
 	dir := t.TempDir()
 	var d driver.StorageDriver = filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50})
 	var sopts []storage.Option
+	if o.wrap == nil || o.keepLocal {
+		sopts = append(sopts, storage.WithLocalRoot(dir)) // as cmd/mirror runs it
+	}
 	if o.wrap != nil {
 		d = o.wrap(d)
-	} else {
-		sopts = append(sopts, storage.WithLocalRoot(dir)) // as cmd/mirror runs it
 	}
 	store := storage.New(d, sopts...)
 	if o.s3 {
 		var err error
 		if store, err = storage.OpenS3(t.Context(), s3test.Start(t)); err != nil {
 			t.Fatal(err)
+		}
+		if o.wrap != nil {
+			store = storage.New(o.wrap(store.Driver()))
 		}
 	}
 	origin, _ := url.Parse(up.URL())

@@ -26,13 +26,16 @@ type Blob struct {
 	s        *Service
 	ctx      context.Context
 	repo     string
-	hit      bool          // read from the cache
-	fill     *fill.Fill    // read from a running fill
-	direct   io.ReadCloser // streamed from the upstream, not cached
-	held     []byte        // all of direct, read and verified (WaitVerified)
-	release  func()        // the lease
+	hit      bool                // read from the cache
+	fill     *fill.Fill          // read from a running fill
+	direct   io.ReadCloser       // streamed from the upstream, not cached
+	held     []byte              // all of direct, read and verified (WaitVerified)
+	cached   *storage.CachedBlob // the cache's blob on a hit (nil: look it up in Open)
+	release  func()              // the lease
 	closers  []io.Closer
-	attempts int // fills joined
+	attempts int    // fills joined
+	missed   bool   // the first lookup found the blob not cached
+	seq      uint64 // fills committed before that lookup (fill.Group.JoinMissed)
 }
 
 // Blob opens blob dgst of repository repo for a GET. With
@@ -58,12 +61,17 @@ func (s *Service) Blob(ctx context.Context, repo string, dgst digest.Digest) (*B
 		return nil, err // ctx ended
 	}
 	b := &Blob{Digest: dgst, s: s, ctx: ctx, repo: repo, release: release}
-	size, err := s.store.StatBlob(ctx, dgst)
+	b.seq = s.fills.Seq() // before the lookup: see fill.Group.JoinMissed
+	// On a local disk the lookup opens the blob (its size from the open
+	// file: gc or eviction after it cannot turn the hit into a miss); on S3
+	// it is one HEAD, and a redirect needs no more.
+	cb, err := s.store.LookupBlob(ctx, dgst)
 	if err == nil {
-		b.Size, b.hit = size, true
+		b.cached, b.Size, b.hit = cb, cb.Size, true
 		return b, nil
 	}
-	if !errors.Is(err, storage.ErrNotFound) {
+	b.missed = errors.Is(err, storage.ErrNotFound) // what JoinMissed trusts
+	if !b.missed {
 		s.log.Warn("blob cache lookup failed; treating as a miss", "digest", dgst, "err", err)
 	}
 	if err := b.fetch(); err != nil {
@@ -102,7 +110,15 @@ func (s *Service) StatBlob(ctx context.Context, repo string, dgst digest.Digest)
 func (b *Blob) fetch() error {
 	s := b.s
 	b.attempts++
-	f, _, err := s.fills.Join(b.Digest, s.source(b.repo, b.Digest))
+	var f *fill.Fill
+	var err error
+	if b.missed && b.attempts == 1 {
+		// The lookup missed: a new fill skips its own existence check
+		// unless a fill of the digest committed since. A retry looks again.
+		f, _, err = s.fills.JoinMissed(b.Digest, b.seq, s.source(b.repo, b.Digest))
+	} else {
+		f, _, err = s.fills.Join(b.Digest, s.source(b.repo, b.Digest))
+	}
 	if err != nil {
 		return err // ErrBusy
 	}
@@ -179,10 +195,21 @@ func (b *Blob) Open(start, end int64) (io.Reader, error) {
 	case b.fill != nil:
 		return b.fill.NewReader(b.ctx, start, end), nil
 	}
-	rc, err := b.s.store.OpenBlob(b.ctx, b.Digest, start)
+	cb := b.cached
+	b.cached = nil
+	var err error
+	if cb == nil { // the fill found the blob committed: look it up now
+		cb, err = b.s.store.LookupBlob(b.ctx, b.Digest)
+	}
+	var rd io.Reader
+	if err == nil {
+		b.closers = append(b.closers, cb)
+		rd, err = cb.Reader(b.ctx, start)
+	}
 	if errors.Is(err, storage.ErrNotFound) {
-		// Removed (gc, eviction elsewhere) after the lookup: a miss after
-		// all. Its size is its digest's, so the caller's headers hold.
+		// Removed (gc, eviction elsewhere) after the lookup (on S3, or
+		// before a fill's commit was looked up): a miss after all. Its
+		// size is its digest's, so the caller's headers hold.
 		b.hit = false
 		if b.attempts >= 3 {
 			return nil, ErrGone
@@ -195,11 +222,10 @@ func (b *Blob) Open(start, end int64) (io.Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.closers = append(b.closers, rc)
 	b.s.cache.Touch(storage.KindBlob, b.Digest)
 	// An io.LimitedReader of an *os.File, which net/http still sends
 	// with sendfile(2).
-	return io.LimitReader(rc, end-start), nil
+	return io.LimitReader(rd, end-start), nil
 }
 
 // WaitVerified blocks until the whole blob is in and matches its digest
@@ -232,6 +258,10 @@ func (b *Blob) WaitVerified(ctx context.Context) error {
 
 // Close releases the lease, the fill and any open file.
 func (b *Blob) Close() {
+	if b.cached != nil {
+		_ = b.cached.Close()
+		b.cached = nil
+	}
 	for _, c := range b.closers {
 		_ = c.Close()
 	}
@@ -279,14 +309,21 @@ func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
 // Errors: the fill's, ErrBusy, ErrNotCached (verified but the cache could
 // not keep it), or ctx's.
 func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error) {
-	if s.BlobCached(ctx, dgst) {
+	seq := s.fills.Seq() // before the lookup: see fill.Group.JoinMissed
+	_, lerr := s.store.StatBlob(ctx, dgst)
+	if lerr == nil {
 		return false, nil
 	}
 	src := s.source(repo, dgst)
 	if wrap != nil {
 		src = wrap(src)
 	}
-	f, _, err := s.fills.Join(dgst, src)
+	var f *fill.Fill
+	if errors.Is(lerr, storage.ErrNotFound) {
+		f, _, err = s.fills.JoinMissed(dgst, seq, src)
+	} else {
+		f, _, err = s.fills.Join(dgst, src)
+	}
 	if err != nil {
 		return false, err
 	}
@@ -300,7 +337,7 @@ func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest
 	if err := f.Done(ctx); err != nil {
 		return false, err
 	}
-	if !s.BlobCached(ctx, dgst) {
+	if !f.Committed() {
 		return false, ErrNotCached
 	}
 	return true, nil

@@ -27,7 +27,6 @@ package pull
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -45,7 +44,7 @@ import (
 // Store is what the service needs of the cache (*storage.Store).
 type Store interface {
 	StatBlob(ctx context.Context, dgst digest.Digest) (int64, error)
-	OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) (io.ReadCloser, error)
+	LookupBlob(ctx context.Context, dgst digest.Digest) (*storage.CachedBlob, error)
 	BlobURL(r *http.Request, dgst digest.Digest) (string, error)
 	GetManifest(ctx context.Context, dgst digest.Digest) (*storage.Manifest, error)
 	PutManifest(ctx context.Context, mediaType string, dgst digest.Digest, body []byte) error

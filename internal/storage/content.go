@@ -49,6 +49,83 @@ func (s *Store) OpenBlob(ctx context.Context, dgst digest.Digest, offset int64) 
 	return rc, nil
 }
 
+// CachedBlob is a cached blob found by LookupBlob. Close it when done.
+type CachedBlob struct {
+	Size int64 // bytes
+
+	s    *Store
+	path string        // driver path
+	f    *os.File      // the open file on a local disk
+	rc   io.ReadCloser // what Reader opened through the driver
+}
+
+// LookupBlob finds the cached blob dgst, or returns ErrNotFound. On a local
+// disk (WithLocalRoot) it opens the file and takes the size from the open
+// file: one open and one fstat, and a removal (gc, eviction) after the
+// lookup no longer matters. Elsewhere it stats the blob (one HEAD on S3)
+// and opens nothing: a redirect needs no read.
+func (s *Store) LookupBlob(ctx context.Context, dgst digest.Digest) (*CachedBlob, error) {
+	p, err := Path(BlobPath{dgst})
+	if err != nil {
+		return nil, err
+	}
+	b := &CachedBlob{s: s, path: p}
+	if s.localRoot != "" {
+		f, err := os.Open(filepath.Join(s.localRoot, filepath.FromSlash(p)))
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, p)
+		}
+		if err != nil {
+			return nil, err
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			_ = f.Close()
+			return nil, err
+		}
+		b.f, b.Size = f, fi.Size()
+		return b, nil
+	}
+	fi, err := s.d.Stat(ctx, p)
+	if err != nil {
+		return nil, translate(err)
+	}
+	b.Size = fi.Size()
+	return b, nil
+}
+
+// Reader returns the blob's bytes from offset on. On a local disk it is
+// the file LookupBlob opened (an *os.File, so that copying it to a network
+// connection uses sendfile); elsewhere a read through the driver, which
+// returns ErrNotFound when the blob was removed since the lookup. Call it
+// once; Close ends it.
+func (b *CachedBlob) Reader(ctx context.Context, offset int64) (io.Reader, error) {
+	if b.f != nil {
+		if _, err := b.f.Seek(offset, io.SeekStart); err != nil {
+			return nil, err
+		}
+		return b.f, nil
+	}
+	rc, err := b.s.d.Reader(ctx, b.path, offset)
+	if err != nil {
+		return nil, translate(err)
+	}
+	b.rc = rc
+	return rc, nil
+}
+
+// Close releases what LookupBlob and Reader opened.
+func (b *CachedBlob) Close() error {
+	var err error
+	if b.f != nil {
+		err = b.f.Close()
+	}
+	if b.rc != nil {
+		err = errors.Join(err, b.rc.Close())
+	}
+	return err
+}
+
 // BlobWriter writes one blob to a temporary upload path while hashing it.
 // Nothing is visible in the cache until Commit succeeds; Cancel (or a failed
 // Commit) removes the upload.
@@ -70,6 +147,7 @@ type BlobWriter struct {
 
 	localPath string // see LocalPath
 
+	known   bool      // see KnownNew
 	marker  string    // path of the upload's heartbeat marker (UploadMarkerPath)
 	endOnce sync.Once // ends the heartbeat and removes the marker
 	stop    func()    // stops the heartbeat and waits for it
@@ -182,6 +260,14 @@ func (s *Store) CreateBlob(ctx context.Context, dgst digest.Digest, size int64) 
 	return w, nil
 }
 
+// KnownNew says that the blob is not cached and that no other writer of it
+// runs in this process (the caller looked it up and found it missing, and
+// holds the one fill of the digest): Commit then counts it as new without
+// checking its final path first (a HEAD on S3). A writer in another
+// process sharing the storage may still commit the same blob; that is
+// harmless (the same bytes), and Usage is this process's view anyway.
+func (w *BlobWriter) KnownNew() { w.known = true }
+
 // LocalPath returns the upload's file on the local disk when the store has
 // a local root (WithLocalRoot), else "". Each Write is in that file when it
 // returns; the file is renamed by Commit and removed by Cancel, so a reader
@@ -271,7 +357,10 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 		_ = w.s.d.Delete(ctx, w.path)
 		return fmt.Errorf("%w: closing upload: %w", ErrNotCached, err)
 	}
-	_, statErr := w.s.d.Stat(ctx, final) // already there: a fill raced a commit
+	var statErr error = ErrNotFound
+	if !w.known {
+		_, statErr = w.s.d.Stat(ctx, final) // already there: a fill raced a commit
+	}
 	if err := w.s.d.Move(ctx, w.path, final); err != nil {
 		_ = w.s.d.Delete(ctx, w.path)
 		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
