@@ -17,6 +17,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch/prefetchtest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 const token = "test-admin-token"
@@ -286,7 +287,7 @@ func TestCancelJob(t *testing.T) {
 	release := make(chan struct{})
 	defer func() {
 		close(release)
-		prefetchtest.Eventually(t, 10*time.Second, "the stopped downloads to end", func() bool { return a.w.Fills.InFlight() == 0 })
+		testsupport.Eventually(t, 10*time.Second, "the stopped downloads to end", func() bool { return a.w.Fills.InFlight() == 0 })
 	}()
 	a.w.Up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
 		if !a.w.Up.IsCDN(r) {
@@ -304,7 +305,7 @@ func TestCancelJob(t *testing.T) {
 		t.Fatalf("prefetch: %d %s", st, code)
 	}
 	id := resp.Jobs[0].ID
-	prefetchtest.Eventually(t, 15*time.Second, "the job to run", func() bool {
+	testsupport.Eventually(t, 15*time.Second, "the job to run", func() bool {
 		j, _ := a.w.State.Job(context.Background(), id)
 		return j.State == state.JobRunning
 	})

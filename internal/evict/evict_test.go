@@ -20,31 +20,13 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/evict"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
-// forEachDriver runs fn as a parallel subtest on a fresh Store on the
-// local filesystem (as cmd/mirror opens it) and on a real S3 server.
+// forEachDriver runs fn on the local filesystem (as cmd/mirror opens it)
+// and on a real S3 server.
 func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
-	t.Helper()
-	for name, open := range map[string]func(t *testing.T) *storage.Store{
-		"filesystem": func(t *testing.T) *storage.Store {
-			dir := t.TempDir()
-			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
-		},
-		"s3": func(t *testing.T) *storage.Store {
-			s, err := storage.OpenS3(t.Context(), s3test.Start(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s
-		},
-	} {
-		t.Run(name, func(t *testing.T) {
-			t.Parallel()
-			fn(t, open(t))
-		})
-	}
+	testsupport.ForEachDriver(t, fn, testsupport.FilesystemLocal.Named("filesystem"), testsupport.S3)
 }
 
 // clock is a settable time for Options.Now.

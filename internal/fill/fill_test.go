@@ -17,6 +17,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // bound is the longest any single wait in these tests may take.
@@ -64,13 +65,8 @@ func newEnv(t *testing.T, opts Options, move func(ctx context.Context, src, dst 
 // waitIdle waits until no fill runs.
 func (e *testEnv) waitIdle(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(bound)
-	for e.g.InFlight() != 0 {
-		if time.Now().After(deadline) {
-			t.Errorf("%d fills still running after %v", e.g.InFlight(), bound)
-			return
-		}
-		time.Sleep(2 * time.Millisecond)
+	if !testsupport.Until(bound, 2*time.Millisecond, func() bool { return e.g.InFlight() == 0 }) {
+		t.Errorf("%d fills still running after %v", e.g.InFlight(), bound)
 	}
 }
 
@@ -979,10 +975,7 @@ func TestReleaseAfterVerifyStillCommits(t *testing.T) {
 	}
 	f.Release() // the only client leaves during the commit
 	gateOnce.Do(func() { close(gate) })
-	deadline := time.Now().Add(bound)
-	for g.InFlight() > 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	testsupport.Until(bound, 5*time.Millisecond, func() bool { return g.InFlight() == 0 })
 	if size, err := store.StatBlob(t.Context(), dgst); err != nil || size != int64(len(data)) {
 		t.Fatalf("verified blob not cached after its client left: %d, %v", size, err)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch/prefetchtest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 )
 
@@ -228,7 +229,7 @@ func TestAutoRuleFollowsPullHistory(t *testing.T) {
 	}
 	w.Start(t)
 	pullAs(t, w, repo, "24.04-py3", old.Child("linux/amd64"))
-	prefetchtest.Eventually(t, 10*time.Second, "the first poll", func() bool {
+	testsupport.Eventually(t, 10*time.Second, "the first poll", func() bool {
 		tags, _ := w.State.Tags(ctx, repo)
 		return len(tags) == 3
 	})
@@ -244,7 +245,7 @@ func TestAutoRuleFollowsPullHistory(t *testing.T) {
 		t.Fatal(err)
 	}
 	var job state.Job
-	prefetchtest.Eventually(t, 15*time.Second, "an automatic job for 24.05-py3", func() bool {
+	testsupport.Eventually(t, 15*time.Second, "an automatic job for 24.05-py3", func() bool {
 		jobs, _ := w.State.Jobs(ctx)
 		for _, j := range jobs {
 			if j.Ended() {
@@ -320,7 +321,7 @@ func TestJobResumesAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	prefetchtest.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
+	testsupport.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
 		got, _ := a.State.Job(ctx, j.ID)
 		return got.BlobsDone == len(blobs)-1 && started.Load() > 0
 	})
@@ -362,7 +363,7 @@ func TestTwoReplicasRunEachTickOnce(t *testing.T) {
 	ticks := func(w *prefetchtest.World) float64 {
 		return testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues("rule"))
 	}
-	prefetchtest.Eventually(t, 15*time.Second, "four ticks", func() bool { return ticks(a)+ticks(b) >= 4 })
+	testsupport.Eventually(t, 15*time.Second, "four ticks", func() bool { return ticks(a)+ticks(b) >= 4 })
 	if a.Sched.Leader() == b.Sched.Leader() {
 		t.Fatalf("leaders: a %v, b %v; want exactly one", a.Sched.Leader(), b.Sched.Leader())
 	}
@@ -374,7 +375,7 @@ func TestTwoReplicasRunEachTickOnce(t *testing.T) {
 		t.Errorf("the follower ran %v ticks", ticks(other))
 	}
 	stopLeader()
-	prefetchtest.Eventually(t, 10*time.Second, "the other replica to take over and tick", func() bool {
+	testsupport.Eventually(t, 10*time.Second, "the other replica to take over and tick", func() bool {
 		return other.Sched.Leader() && ticks(other) >= 2
 	})
 	// Every tick that ran claimed its own key: none ran twice.
@@ -464,7 +465,7 @@ func TestJobWaitsForAFillSlot(t *testing.T) {
 			resp.Body.Close()
 		}
 	}()
-	prefetchtest.Eventually(t, 10*time.Second, "the client's fill", func() bool { return started.Load() > 0 })
+	testsupport.Eventually(t, 10*time.Second, "the client's fill", func() bool { return started.Load() > 0 })
 	j, _, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
 	if err != nil {
 		t.Fatal(err)
@@ -485,7 +486,7 @@ func TestScheduledTask(t *testing.T) {
 	w := prefetchtest.New(t, prefetchtest.Options{Prefetch: prefetch.Options{PollSchedule: "@yearly",
 		Tasks: []prefetch.Task{{Name: "gc", Schedule: "@every 1s", Run: func(context.Context) { runs.Add(1) }}}}})
 	w.Start(t)
-	prefetchtest.Eventually(t, 10*time.Second, "two task runs", func() bool { return runs.Load() >= 2 })
+	testsupport.Eventually(t, 10*time.Second, "two task runs", func() bool { return runs.Load() >= 2 })
 	if got := testutil.ToFloat64(w.Metrics.Ticks.WithLabelValues("task")); got < 2 {
 		t.Errorf("task ticks = %v", got)
 	}
@@ -511,7 +512,7 @@ func cancelWhileStalled(t *testing.T, cancel func(w *prefetchtest.World, id stri
 	if err != nil {
 		t.Fatal(err)
 	}
-	prefetchtest.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
+	testsupport.Eventually(t, 15*time.Second, "all but the stalled blob cached", func() bool {
 		got, _ := w.State.Job(ctx, j.ID)
 		return got.BlobsDone == len(blobs)-1 && started.Load() > 0
 	})
@@ -522,11 +523,11 @@ func cancelWhileStalled(t *testing.T, cancel func(w *prefetchtest.World, id stri
 	}
 	// The runner has stopped (on another replica, at its next progress
 	// save): only then does the upstream answer.
-	prefetchtest.Eventually(t, 10*time.Second, "the runner to end the job", func() bool {
+	testsupport.Eventually(t, 10*time.Second, "the runner to end the job", func() bool {
 		return testutil.ToFloat64(w.Metrics.Jobs.WithLabelValues(state.JobCancelled)) == 1
 	})
 	close(release)
-	prefetchtest.Eventually(t, 10*time.Second, "the stalled fill to stop", func() bool { return w.Fills.InFlight() == 0 })
+	testsupport.Eventually(t, 10*time.Second, "the stalled fill to stop", func() bool { return w.Fills.InFlight() == 0 })
 	if cached(w, last) {
 		t.Error("the cancelled job's download went on and cached the blob")
 	}
@@ -603,7 +604,7 @@ func TestNoPrefetchRunsPollsAndTasks(t *testing.T) {
 			Tasks: []prefetch.Task{{Name: "gc", Schedule: "@every 1s", Run: func(context.Context) { runs.Add(1) }}}}})
 	w.Start(t)
 	polls := func() float64 { return testutil.ToFloat64(w.Metrics.TagPolls.WithLabelValues("success")) }
-	prefetchtest.Eventually(t, 15*time.Second, "two task runs and a tag poll", func() bool { return runs.Load() >= 2 && polls() >= 1 })
+	testsupport.Eventually(t, 15*time.Second, "two task runs and a tag poll", func() bool { return runs.Load() >= 2 && polls() >= 1 })
 	j, _, err := w.Sched.Enqueue(t.Context(), prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
 	if err != nil {
 		t.Fatal(err)

@@ -23,6 +23,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // breakAfter answers a CDN request that has no Range with the blob's full
@@ -39,12 +40,8 @@ func breakAfter(w http.ResponseWriter, body []byte, n int) {
 // byte once the content is verified, and the commit follows.
 func waitFills(t *testing.T, e *env) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.fills.InFlight() > 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("fills still running after 5 s")
-		}
-		time.Sleep(5 * time.Millisecond)
+	if !testsupport.Until(5*time.Second, 5*time.Millisecond, func() bool { return e.fills.InFlight() == 0 }) {
+		t.Fatal("fills still running after 5 s")
 	}
 }
 

@@ -31,7 +31,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -101,7 +101,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 	store := storage.New(d, sopts...)
 	if o.s3 {
 		var err error
-		if store, err = storage.OpenS3(t.Context(), s3test.Start(t)); err != nil {
+		if store, err = storage.OpenS3(t.Context(), testsupport.StartS3(t)); err != nil {
 			t.Fatal(err)
 		}
 		if o.wrap != nil {
@@ -397,10 +397,9 @@ func TestConcurrentColdBlobOneFetch(t *testing.T) {
 			}
 		}()
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for e.up.Count("registry", http.MethodGet, "/v2/nvidia/pytorch/blobs/"+layer.Digest.String()) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	testsupport.Until(10*time.Second, 5*time.Millisecond, func() bool {
+		return e.up.Count("registry", http.MethodGet, "/v2/nvidia/pytorch/blobs/"+layer.Digest.String()) > 0
+	})
 	time.Sleep(100 * time.Millisecond) // let the other clients join the fill
 	close(release)
 	wg.Wait()
@@ -436,18 +435,16 @@ func TestClientDisconnectFillCompletes(t *testing.T) {
 	_, _ = io.ReadFull(resp.Body, make([]byte, 1024))
 	cancel()
 	resp.Body.Close()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if size, err := e.store.StatBlob(t.Context(), layer.Digest); err == nil {
-			if size != int64(len(layer.Body)) {
-				t.Fatalf("cached size %d, want %d", size, len(layer.Body))
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("blob never committed after the client left")
-		}
-		time.Sleep(20 * time.Millisecond)
+	var size int64
+	if !testsupport.Until(20*time.Second, 20*time.Millisecond, func() bool {
+		var err error
+		size, err = e.store.StatBlob(t.Context(), layer.Digest)
+		return err == nil
+	}) {
+		t.Fatal("blob never committed after the client left")
+	}
+	if size != int64(len(layer.Body)) {
+		t.Fatalf("cached size %d, want %d", size, len(layer.Body))
 	}
 	e.up.Close()
 	mustServe(t, e, "/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String(), layer.Body)
@@ -742,13 +739,11 @@ func TestMetricsColdThenHot(t *testing.T) {
 	// request counter is recorded last (by the middleware), so wait for it.
 	settled := func(rounds float64) {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")) < rounds*n ||
-			val(m.Requests.WithLabelValues(metrics.RouteManifest, "GET", "2xx")) < rounds {
-			if time.Now().After(deadline) {
-				t.Fatal("request metrics never settled")
-			}
-			time.Sleep(5 * time.Millisecond)
+		if !testsupport.Until(5*time.Second, 5*time.Millisecond, func() bool {
+			return val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")) >= rounds*n &&
+				val(m.Requests.WithLabelValues(metrics.RouteManifest, "GET", "2xx")) >= rounds
+		}) {
+			t.Fatal("request metrics never settled")
 		}
 	}
 	pull()

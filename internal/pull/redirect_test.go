@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // Holds are one per digest (a second redirect extends the first and gives
@@ -27,12 +29,8 @@ func TestRedirectHolds(t *testing.T) {
 	if released[3].Load() != 0 {
 		t.Fatal("a refused keep called release: it is the caller's")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for released[0].Load() == 0 || released[2].Load() == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("holds did not end")
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !testsupport.Until(10*time.Second, 10*time.Millisecond, func() bool { return released[0].Load() > 0 && released[2].Load() > 0 }) {
+		t.Fatal("holds did not end")
 	}
 	h.mu.Lock()
 	n := len(h.m)

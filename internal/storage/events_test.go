@@ -9,6 +9,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestEventsAndRemoval: the store reports new content once (not a second
@@ -16,7 +17,7 @@ import (
 // GC; Usage goes down with them; Objects lists what is cached; removing
 // content that is not there is ErrNotFound.
 func TestEventsAndRemoval(t *testing.T) {
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := t.Context()
 		var mu sync.Mutex
 		var evs []storage.Event

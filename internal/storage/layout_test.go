@@ -10,6 +10,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // A cache of layout 1 (tag records and links under /repositories/<name>,
@@ -18,7 +19,7 @@ import (
 // the registry it served; a second start finds layout 2 and moves nothing.
 func TestEnsureLayoutMigratesV1(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		d := s.Driver()
 		dgst := digest.FromString("a manifest")

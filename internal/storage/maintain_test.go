@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 func putBlob(t *testing.T, s *storage.Store, data []byte) digest.Digest {
@@ -42,7 +43,7 @@ func blobPath(d digest.Digest) string {
 // longer match their digests are reported; quarantine moves them out of the
 // cache, delete removes them, report-only leaves them; sound ones pass.
 func TestCheckFindsAndRepairsDamage(t *testing.T) {
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := t.Context()
 		good := putBlob(t, s, []byte("sound layer"))
 		bad := putBlob(t, s, []byte("layer to damage"))
@@ -90,7 +91,7 @@ func TestCheckFindsAndRepairsDamage(t *testing.T) {
 // TestGCRemovesUnreferencedBlobs: blobs no manifest refers to are removed
 // once older than the grace period, referenced and young ones are kept.
 func TestGCRemovesUnreferencedBlobs(t *testing.T) {
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := t.Context()
 		kept := putBlob(t, s, []byte("referenced layer"))
 		orphan := putBlob(t, s, []byte("orphan layer"))
@@ -153,7 +154,7 @@ func (d hookDriver) Move(ctx context.Context, from, to string) error {
 // moved into place yet (the moment an S3 upload is visible); both fills
 // then commit. A fill that died (its marker no longer beats) is collected.
 func TestGCNeverTouchesARunningFill(t *testing.T) {
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := t.Context()
 		other := storage.New(s.Driver()) // `mirror gc`: shares nothing with s but the storage
 		gc := func(when string) {
@@ -229,7 +230,7 @@ func TestGCCollectsADeadFillsUpload(t *testing.T) {
 // TestCheckSkipsContentRemovedMeanwhile: fsck runs while the mirror serves;
 // a blob that gc or eviction removes after fsck listed it is not damage.
 func TestCheckSkipsContentRemovedMeanwhile(t *testing.T) {
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := t.Context()
 		var all []digest.Digest
 		for i := range 4 {

@@ -19,42 +19,11 @@ import (
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
-	"github.com/distribution/distribution/v3/registry/storage/driver/inmemory"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
-
-// forEachDriver runs fn as a parallel subtest on a fresh Store per driver.
-func forEachDriver(t *testing.T, fn func(t *testing.T, s *storage.Store)) {
-	t.Helper()
-	for _, d := range []struct {
-		name string
-		new  func(t *testing.T) *storage.Store
-	}{
-		{"filesystem", func(t *testing.T) *storage.Store {
-			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: t.TempDir(), MaxThreads: 10}))
-		}},
-		{"filesystem-local-uploads", func(t *testing.T) *storage.Store {
-			dir := t.TempDir()
-			return storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
-		}},
-		{"inmemory", func(*testing.T) *storage.Store { return storage.New(inmemory.New()) }},
-		{"s3", func(t *testing.T) *storage.Store {
-			s, err := storage.OpenS3(t.Context(), s3test.Start(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s
-		}},
-	} {
-		t.Run(d.name, func(t *testing.T) {
-			t.Parallel()
-			fn(t, d.new(t))
-		})
-	}
-}
 
 // files lists every file (not directory) under root, sorted.
 func files(t *testing.T, d driver.StorageDriver, root string) []string {
@@ -143,7 +112,7 @@ func readBlob(t *testing.T, s *storage.Store, dgst digest.Digest, offset int64) 
 
 func TestBlobCommit(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		data := randomBytes(1, 100_000)
 		dgst := digest.FromBytes(data)
@@ -197,7 +166,7 @@ func TestBlobCommit(t *testing.T) {
 
 func TestBlobEmpty(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		w := writeBlob(t, s, digest.FromBytes(nil), 0, nil)
 		if err := w.Commit(ctx); err != nil {
@@ -214,7 +183,7 @@ func TestBlobEmpty(t *testing.T) {
 
 func TestOpenBlobAtOffset(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		data := randomBytes(2, 10_000)
 		dgst := digest.FromBytes(data)
@@ -231,7 +200,7 @@ func TestOpenBlobAtOffset(t *testing.T) {
 
 func TestBlobNotFoundAndBadDigests(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		missing := digest.FromString("not cached")
 		if _, err := s.StatBlob(ctx, missing); !errors.Is(err, storage.ErrNotFound) {
@@ -284,7 +253,7 @@ func TestBlobCommitRejectsWrongContent(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			forEachDriver(t, func(t *testing.T, s *storage.Store) {
+			testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 				ctx := context.Background()
 				w := writeBlob(t, s, tc.dgst, tc.size, data)
 				err := w.Commit(ctx)
@@ -311,7 +280,7 @@ func TestBlobCommitRejectsWrongContent(t *testing.T) {
 
 func TestBlobCancel(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		data := randomBytes(4, 30_000)
 		dgst := digest.FromBytes(data)
@@ -344,7 +313,7 @@ const ociManifest = `{
 
 func TestManifestRoundTrip(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		cases := []struct {
 			mediaType string
@@ -390,7 +359,7 @@ func TestManifestRoundTrip(t *testing.T) {
 
 func TestPutManifestRefusesBadInput(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		body := []byte(ociManifest)
 		dgst := digest.FromBytes(body)
@@ -441,7 +410,7 @@ func TestGetManifestDetectsTampering(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			forEachDriver(t, func(t *testing.T, s *storage.Store) {
+			testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 				ctx := context.Background()
 				dgst := digest.FromBytes(body)
 				if err := s.PutManifest(ctx, mt, dgst, body); err != nil {
@@ -471,7 +440,7 @@ func TestGetManifestDetectsTampering(t *testing.T) {
 
 func TestTags(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		const repo = "nvidia/tritonserver/base" // three levels
 		confirmed := time.Date(2025, 2, 3, 4, 5, 6, 789_000_000, time.UTC)
@@ -572,7 +541,7 @@ func TestTags(t *testing.T) {
 
 func TestTagsDamagedAndPending(t *testing.T) {
 	t.Parallel()
-	forEachDriver(t, func(t *testing.T, s *storage.Store) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
 		ctx := context.Background()
 		const repo = "org/team/image"
 		rec := storage.TagRecord{Digest: digest.FromString("m"), MediaType: "application/json", Size: 1, ConfirmedAt: time.Unix(1, 0).UTC()}

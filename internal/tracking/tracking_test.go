@@ -16,6 +16,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch/prefetchtest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 )
 
@@ -170,7 +171,7 @@ func TestPullHistoryLearnsPlatforms(t *testing.T) {
 			{Repository: repo, Tag: "18.01-py3", Platform: "linux/amd64", Count: 1},
 		}
 		var got []state.Usage
-		prefetchtest.Eventually(t, 5*time.Second, "pulls recorded", func() bool {
+		testsupport.Eventually(t, 5*time.Second, "pulls recorded", func() bool {
 			got, _ = w.State.Usage(context.Background(), time.Now().Add(-time.Hour))
 			return len(got) == len(want)
 		})
@@ -202,7 +203,7 @@ func TestRedisOutageWhilePulling(t *testing.T) {
 	repo := ngctest.PytorchRepo
 	ctx := context.Background()
 	get(t, w, http.MethodGet, "/v2/"+repo+"/manifests/17.12")
-	prefetchtest.Eventually(t, 5*time.Second, "first pull recorded", func() bool {
+	testsupport.Eventually(t, 5*time.Second, "first pull recorded", func() bool {
 		u, _ := w.State.Usage(ctx, time.Time{})
 		return len(u) == 1
 	})
@@ -212,7 +213,7 @@ func TestRedisOutageWhilePulling(t *testing.T) {
 		get(t, w, http.MethodGet, "/v2/"+repo+"/manifests/18.01-py3")
 		get(t, w, http.MethodGet, "/v2/"+repo+"/blobs/"+w.Fx.Pytorch.Child("linux/amd64").Config.Digest.String())
 	}
-	prefetchtest.Eventually(t, 10*time.Second, "dropped pulls counted", func() bool {
+	testsupport.Eventually(t, 10*time.Second, "dropped pulls counted", func() bool {
 		return testutil.ToFloat64(w.Metrics.PullsDropped) >= 1
 	})
 	if _, err := w.Tracker.Poll(ctx, repo); !errors.Is(err, tracking.ErrState) {
@@ -220,7 +221,7 @@ func TestRedisOutageWhilePulling(t *testing.T) {
 	}
 
 	srv.Restart(t) // an empty server: like a Redis that lost its data
-	prefetchtest.Eventually(t, 10*time.Second, "pull history resumed", func() bool {
+	testsupport.Eventually(t, 10*time.Second, "pull history resumed", func() bool {
 		get(t, w, http.MethodGet, "/v2/"+repo+"/manifests/17.12")
 		u, _ := w.State.Usage(ctx, time.Time{})
 		return len(u) >= 1

@@ -18,6 +18,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // startContainerd starts a private containerd (no CRI) and returns its
@@ -42,22 +43,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 	log := &syncBuffer{}
 	cmd := exec.Command("containerd", "--config", cfg)
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
+	t.Cleanup(func() { _ = os.RemoveAll(dir) }) // after the daemon stopped
+	if _, err := testsupport.Start(t, cmd, syscall.SIGTERM); err != nil {
 		t.Fatalf("CONTAINERD DID NOT START: %v", err)
 	}
-	t.Cleanup(func() {
-		stopDaemon(cmd, syscall.SIGTERM)
-		_ = os.RemoveAll(dir)
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if out, err := exec.Command("ctr", "-a", sock, "version").CombinedOutput(); err == nil {
-			return sock
-		} else if time.Now().After(deadline) {
-			t.Fatalf("CONTAINERD DID NOT START within 30 s: %v\n%s\n%s", err, out, log.String())
-		}
-		time.Sleep(100 * time.Millisecond)
+	var out []byte
+	if !testsupport.Until(30*time.Second, 100*time.Millisecond, func() bool {
+		out, err = exec.Command("ctr", "-a", sock, "version").CombinedOutput()
+		return err == nil
+	}) {
+		t.Fatalf("CONTAINERD DID NOT START within 30 s: %v\n%s\n%s", err, out, log.String())
 	}
+	return sock
 }
 
 // TestConcurrentClientsOneFetchPerBlob: skopeo, crane and containerd (through
@@ -171,16 +168,11 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 	}()
 	// Wait until the fill has written half the blob to its upload.
 	uploads := cachePath(t, dataDir, storage.UploadsPath{})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	if !testsupport.Until(20*time.Second, 20*time.Millisecond, func() bool {
 		entries, _ := os.ReadDir(uploads)
-		if len(entries) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the fill never started writing")
-		}
-		time.Sleep(20 * time.Millisecond)
+		return len(entries) > 0
+	}) {
+		t.Fatal("the fill never started writing")
 	}
 	time.Sleep(200 * time.Millisecond)
 	if err := m.cmd.Process.Signal(syscall.SIGKILL); err != nil {
@@ -238,19 +230,15 @@ func TestKilledFillLeavesNothing(t *testing.T) {
 // clients get a blob's last byte once it is verified, the commit follows.
 func waitNoFills(t *testing.T, m *mirror) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	if !testsupport.Until(10*time.Second, 20*time.Millisecond, func() bool {
 		resp, err := http.Get("http://" + m.addr + "/metrics")
-		if err == nil {
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if strings.Contains(string(body), "\nngc_mirror_fills_in_flight 0\n") {
-				return
-			}
+		if err != nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("fills still in flight after 10 s")
-		}
-		time.Sleep(20 * time.Millisecond)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return strings.Contains(string(body), "\nngc_mirror_fills_in_flight 0\n")
+	}) {
+		t.Fatal("fills still in flight after 10 s")
 	}
 }

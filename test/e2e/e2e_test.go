@@ -11,7 +11,6 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,6 +24,7 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 var mirrorBin string
@@ -78,16 +78,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
+func freeAddr(t *testing.T) string { t.Helper(); return testsupport.FreeAddr(t) }
 
 // startMirror runs the mirror binary against upstream with extra env.
 func startMirror(t *testing.T, upstreamURL string, env ...string) *mirror {
@@ -137,20 +128,18 @@ func startMirrorAt(t *testing.T, upstreamURL, dataDir, config string, env ...str
 			scheme = "https://"
 		}
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := probe.Get(scheme + m.addr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return m
-			}
+	var err error
+	if !testsupport.Until(15*time.Second, 50*time.Millisecond, func() bool {
+		var resp *http.Response
+		if resp, err = probe.Get(scheme + m.addr + "/healthz"); err != nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("mirror did not start: %v\n%s", err, m.log.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}) {
+		t.Fatalf("mirror did not start: %v\n%s", err, m.log.String())
 	}
+	return m
 }
 
 func newUpstream(t *testing.T) (*ngctest.Upstream, *ngctest.Fixture) {
@@ -354,36 +343,21 @@ func startDockerd(t *testing.T) string {
 		"-H", "unix://"+sock,
 	)
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("DOCKER DAEMON DID NOT START: %v", err)
-	}
-	t.Cleanup(func() {
-		stopDaemon(cmd, os.Interrupt)
+	t.Cleanup(func() { // after the daemon stopped (cleanups run last-registered first)
 		_ = exec.Command("umount", "-R", filepath.Join(dir, "data")).Run()
 		_ = os.RemoveAll(dir)
 	})
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if out, err := exec.Command("docker", "-H", "unix://"+sock, "version").CombinedOutput(); err == nil {
-			return sock
-		} else if time.Now().After(deadline) {
-			t.Fatalf("DOCKER DAEMON DID NOT START within 60 s: %v\n%s\ndaemon log:\n%s", err, out, log.String())
-		}
-		time.Sleep(200 * time.Millisecond)
+	if _, err := testsupport.Start(t, cmd, os.Interrupt); err != nil {
+		t.Fatalf("DOCKER DAEMON DID NOT START: %v", err)
 	}
-}
-
-// stopDaemon signals a daemon and waits up to 15 s for it, then kills it.
-func stopDaemon(cmd *exec.Cmd, sig os.Signal) {
-	_ = cmd.Process.Signal(sig)
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(15 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
+	var out []byte
+	if !testsupport.Until(60*time.Second, 200*time.Millisecond, func() bool {
+		out, err = exec.Command("docker", "-H", "unix://"+sock, "version").CombinedOutput()
+		return err == nil
+	}) {
+		t.Fatalf("DOCKER DAEMON DID NOT START within 60 s: %v\n%s\ndaemon log:\n%s", err, out, log.String())
 	}
+	return sock
 }
 
 // cachePath is the file of spec in a filesystem cache in dataDir.

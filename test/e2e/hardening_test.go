@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestHugeHeadersAndRateLimit: the binary refuses headers over its limit
@@ -141,17 +142,14 @@ func TestTLSReloadAndHTTP2(t *testing.T) {
 	if err := m.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		resp, err := client(dirB).Get("https://" + m.addr + "/v2/")
-		if err == nil {
+	if !testsupport.Until(10*time.Second, 100*time.Millisecond, func() bool {
+		var resp *http.Response
+		if resp, err = client(dirB).Get("https://" + m.addr + "/v2/"); err == nil {
 			resp.Body.Close()
-			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the new certificate is not served: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
+		return err == nil
+	}) {
+		t.Fatalf("the new certificate is not served: %v", err)
 	}
 	// The connection opened before the reload still works.
 	resp, err = oldClient.Get("https://" + m.addr + "/healthz")

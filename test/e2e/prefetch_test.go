@@ -21,6 +21,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // runCLI runs the mirror binary as a command-line client with env.
@@ -233,12 +234,8 @@ prefetch:
 	a := startMirrorWithConfig(t, up.URL(), cfg, "MIRROR_REDIS_URL="+srv.URL)
 	b := startMirrorWithConfig(t, up.URL(), cfg, "MIRROR_REDIS_URL="+srv.URL)
 	const ticks, leader = `ngc_mirror_scheduler_ticks_total{kind="rule"}`, "ngc_mirror_scheduler_leader"
-	deadline := time.Now().Add(30 * time.Second)
-	for scrape(t, a, ticks)+scrape(t, b, ticks) < 4 {
-		if time.Now().After(deadline) {
-			t.Fatal("no ticks")
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(30*time.Second, 200*time.Millisecond, func() bool { return scrape(t, a, ticks)+scrape(t, b, ticks) >= 4 }) {
+		t.Fatal("no ticks")
 	}
 	if la, lb := scrape(t, a, leader), scrape(t, b, leader); la+lb != 1 {
 		t.Fatalf("leader gauges %v and %v; want exactly one leader", la, lb)
@@ -252,10 +249,7 @@ prefetch:
 	}
 	// The job the ticks queue (one image) ran once: arm64 blobs fetched once.
 	for _, bl := range fx.Pytorch.Child("linux/arm64").Blobs() {
-		deadline := time.Now().Add(20 * time.Second)
-		for up.BlobFetches(bl.Digest) == 0 && time.Now().Before(deadline) {
-			time.Sleep(100 * time.Millisecond)
-		}
+		testsupport.Until(20*time.Second, 100*time.Millisecond, func() bool { return up.BlobFetches(bl.Digest) > 0 })
 		if n := up.BlobFetches(bl.Digest); n != 1 {
 			t.Errorf("blob %s fetched %d times", bl.Digest, n)
 		}
@@ -263,12 +257,8 @@ prefetch:
 
 	ledTicks := scrape(t, lead, ticks)
 	_ = lead.cmd.Process.Kill() // kill -9: the lock is not released, it expires
-	deadline = time.Now().Add(40 * time.Second)
-	for scrape(t, other, leader) != 1 || scrape(t, other, ticks) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the surviving mirror did not take over\n%s", other.log.String())
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(40*time.Second, 200*time.Millisecond, func() bool { return scrape(t, other, leader) == 1 && scrape(t, other, ticks) >= 2 }) {
+		t.Fatalf("the surviving mirror did not take over\n%s", other.log.String())
 	}
 	opt, err := redis.ParseURL(srv.URL)
 	if err != nil {
@@ -307,15 +297,11 @@ func TestScheduledGC(t *testing.T) {
 	if err := os.WriteFile(p, orphan, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(p); os.IsNotExist(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the orphan blob is still there\n%s", m.log.String())
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(20*time.Second, 200*time.Millisecond, func() bool {
+		_, err := os.Stat(p)
+		return os.IsNotExist(err)
+	}) {
+		t.Fatalf("the orphan blob is still there\n%s", m.log.String())
 	}
 	for _, b := range fx.CUDA.Blobs() {
 		if _, err := os.Stat(cachePath(t, dataDir, storage.BlobPath{Digest: b.Digest})); err != nil {
@@ -343,12 +329,8 @@ prefetch:
 `)
 	m := startMirrorWithConfig(t, up.URL(), cfg)
 	const tasks, polls = `ngc_mirror_scheduler_ticks_total{kind="task"}`, `ngc_mirror_tag_polls_total{result="success"}`
-	deadline := time.Now().Add(30 * time.Second)
-	for scrape(t, m, tasks) < 1 || scrape(t, m, polls) < 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("no scheduled gc or tag poll with prefetch disabled: %v task ticks, %v polls", scrape(t, m, tasks), scrape(t, m, polls))
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(30*time.Second, 200*time.Millisecond, func() bool { return scrape(t, m, tasks) >= 1 && scrape(t, m, polls) >= 1 }) {
+		t.Fatalf("no scheduled gc or tag poll with prefetch disabled: %v task ticks, %v polls", scrape(t, m, tasks), scrape(t, m, polls))
 	}
 	if !strings.Contains(m.log.String(), "scheduled gc") {
 		t.Error("no scheduled gc in the log")

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // startPrometheus runs a real Prometheus on loopback scraping target every
@@ -49,31 +51,26 @@ scrape_configs:
 		"--web.listen-address="+addr,
 	)
 	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("PROMETHEUS DID NOT START: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+	t.Cleanup(func() { // after prometheus stopped
 		if t.Failed() {
 			t.Logf("prometheus log:\n%s", log.String())
 		}
 	})
-	base := "http://" + addr
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(base + "/-/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return base
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("prometheus not ready: %v\n%s", err, log.String())
-		}
-		time.Sleep(100 * time.Millisecond)
+	if _, err := testsupport.Start(t, cmd, os.Kill); err != nil {
+		t.Fatalf("PROMETHEUS DID NOT START: %v", err)
 	}
+	base := "http://" + addr
+	if !testsupport.Until(30*time.Second, 100*time.Millisecond, func() bool {
+		resp, rerr := http.Get(base + "/-/ready")
+		if err = rerr; err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}) {
+		t.Fatalf("prometheus not ready: %v\n%s", err, log.String())
+	}
+	return base
 }
 
 type promResult struct {
@@ -132,12 +129,8 @@ func TestDashboardAndAlertsOnRealPrometheus(t *testing.T) {
 	prom := startPrometheus(t, m.addr)
 
 	// A first scrape before any pull, so that rates start from zero.
-	deadline := time.Now().Add(30 * time.Second)
-	for scalar(t, promQuery(t, prom, `up{job="ngc-mirror"}`)) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("prometheus never scraped the mirror")
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(30*time.Second, 200*time.Millisecond, func() bool { return scalar(t, promQuery(t, prom, `up{job="ngc-mirror"}`)) == 1 }) {
+		t.Fatal("prometheus never scraped the mirror")
 	}
 	im := fx.Pytorch.Child("linux/amd64")
 	var bodyBytes int64
@@ -166,12 +159,10 @@ func TestDashboardAndAlertsOnRealPrometheus(t *testing.T) {
 	pull()            // hot: all hits
 
 	// Wait until Prometheus has scraped the final counters.
-	deadline = time.Now().Add(30 * time.Second)
-	for scalar(t, promQuery(t, prom, `sum(ngc_mirror_served_bytes_total{source="cache"})`)) != float64(bodyBytes) {
-		if time.Now().After(deadline) {
-			t.Fatalf("prometheus never saw %d cache bytes", bodyBytes)
-		}
-		time.Sleep(200 * time.Millisecond)
+	if !testsupport.Until(30*time.Second, 200*time.Millisecond, func() bool {
+		return scalar(t, promQuery(t, prom, `sum(ngc_mirror_served_bytes_total{source="cache"})`)) == float64(bodyBytes)
+	}) {
+		t.Fatalf("prometheus never saw %d cache bytes", bodyBytes)
 	}
 
 	raw, err := os.ReadFile("../../deploy/grafana/ngc-mirror.json")

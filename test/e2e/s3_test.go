@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage/s3test"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestS3CacheWithRedirect: the mirror binary keeps its cache in a real S3
@@ -17,7 +17,7 @@ import (
 // identical, and the signed URLs never reach the log.
 func TestS3CacheWithRedirect(t *testing.T) {
 	need(t, "skopeo")
-	o := s3test.Start(t)
+	o := testsupport.StartS3(t)
 	up, _ := newUpstream(t)
 	cfg := writeConfig(t, `storage:
   driver: s3

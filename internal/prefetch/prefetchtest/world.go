@@ -26,6 +26,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -93,6 +94,14 @@ func New(t *testing.T, o Options) *World {
 	origin, _ := url.Parse(w.Up.URL())
 	client := upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
 	w.Fills = fill.NewGroup(w.Cache, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second, MaxFills: o.MaxFills})
+	// Fills outlive their clients (a stopped world's too): let a commit
+	// finish before a test's cache directory is removed (cleanups run
+	// last-registered first).
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = w.Fills.Wait(ctx)
+	})
 
 	if o.Redis != nil {
 		r, err := state.OpenRedis(o.Redis.URL, state.RedisOptions{Timeout: 300 * time.Millisecond})
@@ -174,27 +183,13 @@ func (w *World) Start(t *testing.T) (stop func()) {
 // WaitJob polls job id until it ends or timeout passes, and returns it.
 func (w *World) WaitJob(t *testing.T, id string, timeout time.Duration) state.Job {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		j, err := w.State.Job(context.Background(), id)
-		if err == nil && j.Ended() {
-			return j
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("job %s did not end within %v: %+v (err %v)", id, timeout, j, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	var j state.Job
+	var err error
+	if !testsupport.Until(timeout, 20*time.Millisecond, func() bool {
+		j, err = w.State.Job(context.Background(), id)
+		return err == nil && j.Ended()
+	}) {
+		t.Fatalf("job %s did not end within %v: %+v (err %v)", id, timeout, j, err)
 	}
-}
-
-// Eventually polls cond every 20 ms until it holds or timeout passes.
-func Eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return j
 }

@@ -10,18 +10,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // Server is a running redis-server.
 type Server struct {
 	URL  string
 	Addr string
-	cmd  *exec.Cmd
+	p    *testsupport.Process
 	dir  string
-	port int
+	port string
 }
 
 // Start starts a server that is stopped when t ends. Each call gets its
@@ -38,39 +39,32 @@ func Start(t testing.TB) *Server {
 		}
 		t.Skip("redis-server not installed; set MIRROR_TEST_REQUIRE_REDIS=1 to fail instead")
 	}
-	s := &Server{dir: t.TempDir()}
-	s.port = freePort(t)
-	s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port))
+	s := &Server{dir: t.TempDir(), Addr: testsupport.FreeAddr(t)}
+	_, s.port, _ = net.SplitHostPort(s.Addr)
 	s.URL = "redis://" + s.Addr + "/0"
 	s.start(t, bin)
 	t.Cleanup(s.Stop)
 	return s
 }
 
-func freePort(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 func (s *Server) start(t testing.TB, bin string) {
 	t.Helper()
-	s.cmd = exec.Command(bin, "--bind", "127.0.0.1", "--port", strconv.Itoa(s.port),
+	cmd := exec.Command(bin, "--bind", "127.0.0.1", "--port", s.port,
 		"--save", "", "--appendonly", "no", "--dir", s.dir, "--protected-mode", "yes",
 		"--logfile", filepath.Join(s.dir, "redis.log"))
-	if err := s.cmd.Start(); err != nil {
+	p, err := testsupport.Start(t, cmd, os.Kill)
+	if err != nil {
 		t.Fatalf("starting redis-server: %v", err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.DialTimeout("tcp", s.Addr, 100*time.Millisecond); err == nil {
+	s.p = p
+	if testsupport.Until(10*time.Second, 20*time.Millisecond, func() bool {
+		c, err := net.DialTimeout("tcp", s.Addr, 100*time.Millisecond)
+		if err == nil {
 			c.Close()
-			return
 		}
-		time.Sleep(20 * time.Millisecond)
+		return err == nil
+	}) {
+		return
 	}
 	log, _ := os.ReadFile(filepath.Join(s.dir, "redis.log"))
 	t.Fatalf("redis-server did not listen on %s: %s", s.Addr, log)
@@ -78,18 +72,17 @@ func (s *Server) start(t testing.TB, bin string) {
 
 // Stop kills the server (its data is gone: nothing is saved).
 func (s *Server) Stop() {
-	if s.cmd == nil || s.cmd.Process == nil {
+	if s.p == nil {
 		return
 	}
-	_ = s.cmd.Process.Kill()
-	_, _ = s.cmd.Process.Wait()
-	s.cmd = nil
+	s.p.Kill()
+	s.p = nil
 }
 
 // Restart starts the server again on the same port after Stop.
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()
-	if s.cmd != nil {
+	if s.p != nil {
 		t.Fatal("redistest: Restart while running")
 	}
 	bin, err := exec.LookPath("redis-server")
