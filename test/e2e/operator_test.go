@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // readyz returns the mirror's /readyz status and JSON report.
@@ -35,11 +36,8 @@ func readyz(t *testing.T, m *mirror) (int, map[string]string) {
 // waitLog waits (bounded) until the mirror's log contains s.
 func waitLog(t *testing.T, m *mirror, s string) {
 	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(m.log.String(), s); {
-		if time.Now().After(deadline) {
-			t.Fatalf("the mirror's log never said %q:\n%s", s, m.log.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !testsupport.Until(20*time.Second, 50*time.Millisecond, func() bool { return strings.Contains(m.log.String(), s) }) {
+		t.Fatalf("the mirror's log never said %q:\n%s", s, m.log.String())
 	}
 }
 

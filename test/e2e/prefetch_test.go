@@ -144,16 +144,12 @@ func testJobsCLI(t *testing.T, up *ngctest.Upstream, env []string) {
 	if code != 0 || len(id) != 16 {
 		t.Fatalf("mirror prefetch --detach: exit %d\n%s", code, out)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	if !testsupport.Until(30*time.Second, 200*time.Millisecond, func() bool {
 		out, code = runCLI(t, env, "jobs", "--state", "running")
-		if f := jobRow(out, id); code == 0 && len(f) > 2 && f[1] == "running" && f[2] == "nvidia/pytorch:24.06-py3" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("mirror jobs --state running never listed %s: exit %d\n%s", id, code, out)
-		}
-		time.Sleep(200 * time.Millisecond)
+		f := jobRow(out, id)
+		return code == 0 && len(f) > 2 && f[1] == "running" && f[2] == "nvidia/pytorch:24.06-py3"
+	}) {
+		t.Fatalf("mirror jobs --state running never listed %s: exit %d\n%s", id, code, out)
 	}
 	if out, code = runCLI(t, env, "jobs", "cancel", id); code != 0 || !strings.Contains(out, "cancelled job "+id) {
 		t.Fatalf("mirror jobs cancel: exit %d\n%s", code, out)
