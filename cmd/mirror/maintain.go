@@ -37,6 +37,12 @@ func loadForTool(name string, args []string, define func(*flag.FlagSet)) config.
 	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
 	define(fs)
 	_ = fs.Parse(args)
+	if fs.NArg() > 0 {
+		// A stray word would otherwise end flag parsing silently: "mirror
+		// gc now --dry-run" must not collect for real.
+		fmt.Fprintf(os.Stderr, "%s: unexpected argument %q (it takes only flags; see mirror %s -h)\n", name, fs.Arg(0), name)
+		os.Exit(2)
+	}
 	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -9,8 +9,8 @@ import (
 
 // RejectDotSegments answers 400 NAME_INVALID, in the OCI error envelope,
 // to any request whose path has a "." or ".." segment, written plainly or
-// percent-encoded ("%2e%2e", "%2E."), and passes every other request to
-// next. Wrap the whole server with it (registry API, admin API, token
+// percent-encoded ("%2e%2e", "%2E."), or an empty segment ("//"), and
+// passes every other request to next. Wrap the whole server with it (registry API, admin API, token
 // endpoint): net/http's ServeMux otherwise cleans such a path and redirects
 // to the result before any route sees it, so that
 // /v2/nvidia/../pytorch/manifests/x would be answered with a redirect to
@@ -24,6 +24,12 @@ func RejectDotSegments(next http.Handler) http.Handler {
 		if hasDotSegment(r.URL.Path) {
 			w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `a path segment "." or ".." is not allowed in a repository name`))
+			return
+		}
+		if strings.Contains(r.URL.Path, "//") {
+			// ServeMux would redirect to the cleaned path, an HTML answer.
+			w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `an empty path segment ("//") is not allowed in a repository name`))
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -62,6 +62,9 @@ func TestRejectDotSegments(t *testing.T) {
 		"/admin/v1/%2e%2e/tags",
 		"/auth/token/..",
 		"/metrics/..",
+		"/v2/nvidia//pytorch/tags/list", // empty segments: the mux would redirect too
+		"//v2/",
+		"/v2//nvidia/pytorch/manifests/x",
 		"http://" + addr + "/v2/nvidia/../pytorch/manifests/x", // absolute form
 	} {
 		resp, body := rawGet(t, addr, target)

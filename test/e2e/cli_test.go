@@ -76,6 +76,13 @@ func TestOperatorCommandsFindTheMirror(t *testing.T) {
 	if out, code := cli(env, "fsck"); code != 0 || !strings.Contains(out, dataDir+": clean") {
 		t.Errorf("mirror fsck with MIRROR_CONFIG: exit %d\n%s", code, out)
 	}
+	// A stray word must not end flag parsing silently: "gc now --dry-run"
+	// would otherwise collect for real.
+	for _, args := range [][]string{{"gc", "now", "--dry-run"}, {"gc", "dry-run"}, {"fsck", "extra"}} {
+		if out, code := cli(env, args...); code != 2 || !strings.Contains(out, "unexpected argument") {
+			t.Errorf("mirror %s: exit %d, want 2 and a usage error\n%s", strings.Join(args, " "), code, out)
+		}
+	}
 	if out, code := cli(env, "healthcheck"); code != 0 {
 		t.Errorf("mirror healthcheck with MIRROR_CONFIG: exit %d\n%s", code, out)
 	}
