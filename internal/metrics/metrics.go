@@ -240,8 +240,14 @@ func (m *Metrics) CacheResult(kind, result string, bytes int64) {
 	m.ServedBytes.WithLabelValues(src).Add(float64(bytes))
 }
 
+// StatusNotRegistry, passed as UpstreamRequest's status, records an
+// answer that was not a registry's (an HTML page from a captive portal or
+// proxy, whatever its HTTP status): result "not_registry".
+const StatusNotRegistry = -2
+
 // UpstreamRequest records one upstream exchange. status is the HTTP status,
-// or 0 for a transport error, or -1 for a request held back by a backoff.
+// or 0 for a transport error, -1 for a request held back by a backoff, or
+// StatusNotRegistry.
 func (m *Metrics) UpstreamRequest(kind string, status int, seconds float64) {
 	if m == nil {
 		return
@@ -250,6 +256,8 @@ func (m *Metrics) UpstreamRequest(kind string, status int, seconds float64) {
 	switch {
 	case status == -1:
 		result = "backoff"
+	case status == StatusNotRegistry:
+		result = "not_registry"
 	case status == 429:
 		result = "429"
 		m.UpstreamLimited.Inc()

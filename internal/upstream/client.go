@@ -73,7 +73,8 @@ type Client struct {
 	OnBackoffRefusal func()
 	// OnRequest, if set, is called after each exchange with the kind of
 	// request ("manifest", "blob", "tags", "ping"), the final HTTP status
-	// (0 for a transport error, -1 when held back by a backoff) and the time
+	// (0 for a transport error, -1 when held back by a backoff,
+	// StatusNotRegistry for an HTML answer) and the time
 	// to response headers.
 	OnRequest func(kind string, status int, d time.Duration)
 	// OnBytes, if set, is called with the number of body bytes read from
@@ -142,14 +143,15 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		var te *auth.TokenError
-		if errors.As(err, &te) {
-			c.observe(kind, te.StatusCode, time.Since(start))
-		} else {
-			c.observe(kind, 0, time.Since(start))
-		}
-		if errors.Is(err, auth.ErrTokenNotJSON) {
+		switch {
+		case errors.Is(err, auth.ErrTokenNotJSON):
 			// The token realm answered with a page, not a token.
+			c.observe(kind, StatusNotRegistry, time.Since(start))
 			return nil, fmt.Errorf("%w: %w", ErrNotRegistry, scrub(err))
+		case errors.As(err, &te):
+			c.observe(kind, te.StatusCode, time.Since(start))
+		default:
+			c.observe(kind, 0, time.Since(start))
 		}
 		if errors.As(err, &te) && te.StatusCode == http.StatusTooManyRequests {
 			// The token realm rate limits: report it as the registry would.
@@ -158,6 +160,13 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 			return nil, ue
 		}
 		return nil, scrub(err)
+	}
+	if kind != "ping" && isHTML(resp.Header.Get("Content-Type")) {
+		// No manifest, blob (also after the CDN redirect) or tag list is
+		// ever HTML: this is a portal's or proxy's page.
+		c.observe(kind, StatusNotRegistry, time.Since(start))
+		drainClose(resp.Body)
+		return nil, fmt.Errorf("%w: %s %s answered %d with Content-Type %s", ErrNotRegistry, method, path, resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	c.observe(kind, resp.StatusCode, time.Since(start))
 	if c.OnBytes != nil {
@@ -169,12 +178,6 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, hdr 
 			c.backOff(ue)
 		}
 		return nil, err
-	}
-	if kind != "ping" && isHTML(resp.Header.Get("Content-Type")) {
-		// No manifest, blob (also after the CDN redirect) or tag list is
-		// ever HTML: this is a portal's or proxy's page.
-		drainClose(resp.Body)
-		return nil, fmt.Errorf("%w: %s %s answered %d with Content-Type %s", ErrNotRegistry, method, path, resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
 	return resp, nil
 }

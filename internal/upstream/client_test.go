@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -20,6 +21,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 )
 
@@ -793,6 +795,13 @@ func TestCaptivePortal(t *testing.T) {
 	if err := c.Ping(ctx); err != nil {
 		t.Fatalf("ping of the real fake: %v", err)
 	}
+	var mu sync.Mutex
+	results := map[string][]int{}
+	c.OnRequest = func(kind string, status int, _ time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		results[kind] = append(results[kind], status)
+	}
 	up.SetFault(ngctest.CaptivePortal)
 	layer := fx.CUDA.Layers[0]
 	for name, call := range map[string]func() error{
@@ -807,11 +816,28 @@ func TestCaptivePortal(t *testing.T) {
 			t.Errorf("%s through a captive portal: %v, want ErrNotRegistry", name, err)
 		}
 	}
+	// The exchanges are recorded as not a registry's, not as 2xx: the
+	// upstream-failing alert counts them.
+	mu.Lock()
+	for _, kind := range []string{"manifest", "blob", "tags"} {
+		if !slices.Contains(results[kind], metrics.StatusNotRegistry) || slices.Contains(results[kind], http.StatusOK) {
+			t.Errorf("%s exchanges through a captive portal recorded as %v, want StatusNotRegistry", kind, results[kind])
+		}
+	}
+	mu.Unlock()
+	if StatusNotRegistry != metrics.StatusNotRegistry {
+		t.Fatal("upstream.StatusNotRegistry and metrics.StatusNotRegistry differ")
+	}
 	// Only the CDN answers HTML: the blob is refused after the redirect.
 	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool { return up.IsCDN(r) && ngctest.CaptivePortal(w, r) })
 	if _, err := c.GetBlob(ctx, ngctest.CUDARepo, layer.Digest, 0); !errors.Is(err, ErrNotRegistry) {
 		t.Errorf("HTML from the CDN: %v, want ErrNotRegistry", err)
 	}
+	mu.Lock()
+	if b := results["blob"]; len(b) == 0 || b[len(b)-1] != StatusNotRegistry {
+		t.Errorf("a 200 HTML page from the CDN recorded as %v, want StatusNotRegistry last", b)
+	}
+	mu.Unlock()
 	// A JSON 200 without the API version header on /v2/.
 	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != "/v2/" {

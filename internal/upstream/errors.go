@@ -109,3 +109,8 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 	}
 	return 0
 }
+
+// StatusNotRegistry is the status Client.OnRequest receives for an answer
+// that was not a registry's (an HTML page, whatever its HTTP status; see
+// ErrNotRegistry). It equals metrics.StatusNotRegistry.
+const StatusNotRegistry = -2
