@@ -90,6 +90,7 @@ func TestPrivateOrgDefaultsAndHtpasswd(t *testing.T) {
 	if out, err := skopeoCopy(t, m.addr+"/"+ngctest.PytorchRepo+":"+ngctest.PytorchTag, t.TempDir()); err != nil {
 		t.Fatalf("public image, anonymous: %v\n%s", err, out)
 	}
+	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, def.log.String()+m.log.String(), "alice-pw", "bob-pw")
 }
 
@@ -150,6 +151,7 @@ func TestTokenModeWithCraneAndDocker(t *testing.T) {
 	if err != nil || strings.TrimSpace(id) != fx.Private.Config.Digest.String() {
 		t.Fatalf("image ID %q (%v), want %s", id, err, fx.Private.Config.Digest)
 	}
+	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, m.log.String(), "alice-pw")
 }
 
@@ -170,6 +172,7 @@ func TestPassthroughMode(t *testing.T) {
 	if out, err := skopeoCopy(t, priv, t.TempDir()); err == nil {
 		t.Fatalf("anonymous pull accepted:\n%s", out)
 	}
+	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, m.log.String(), "nvapi-not-a-key")
 }
 
@@ -325,6 +328,7 @@ func TestDockerAnonymousPublicPullEveryMode(t *testing.T) {
 			if out, err := dk("image", "rm", priv); err != nil {
 				t.Fatalf("docker image rm: %v\n%s", err, out)
 			}
+			waitLog(t, m, " route=manifest ") // access log lines follow the responses
 			assertNoSecrets(t, up, m.log.String(), "alice-pw")
 		})
 	}

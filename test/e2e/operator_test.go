@@ -101,6 +101,7 @@ func TestStartupErrorsNameTheFix(t *testing.T) {
 	if resp.StatusCode != http.StatusForbidden || !strings.Contains(string(body), "refused the mirror's credentials") {
 		t.Errorf("a pull with a wrong key: %d %s", resp.StatusCode, body)
 	}
+	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, m.log.String(), "nvapi-wrong-key")
 
 	// A second mirror on the same data directory: another process holds

@@ -115,6 +115,7 @@ func TestPrefetchCLIThenOffline(t *testing.T) {
 		t.Errorf("offline pull of arm64 succeeded, but it was never fetched\n%s", out)
 	}
 	token, _ := os.ReadFile(filepath.Join(dataDir, "admin-token"))
+	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, m.log.String(), strings.TrimSpace(string(token)))
 }
 

@@ -41,6 +41,7 @@ func TestS3CacheWithRedirect(t *testing.T) {
 		t.Fatalf("hot pull through redirects: %v\n%s", err, out)
 	}
 	sameTree(t, cold, hot)
+	waitLog(t, m, "status=307") // access log lines follow the responses
 	logs := m.log.String()
 	if !strings.Contains(logs, "status=307") {
 		t.Fatal("no blob GET was redirected on the hot pull")
