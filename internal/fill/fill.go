@@ -302,11 +302,18 @@ func (f *Fill) Cached() bool { return f.cached }
 // the blob was committed, or was verified and served but the cache refused
 // it (counted by the metrics); otherwise why the fill failed.
 func (f *Fill) Done(ctx context.Context) error {
+	// The cached path ends with finish(nil) too.
+	return f.await(ctx, func() bool { return f.done })
+}
+
+// await blocks until reached (called with f.mu held) is true (nil), the
+// fill failed before that (its error), or ctx ends (ctx's error).
+func (f *Fill) await(ctx context.Context, reached func() bool) error {
 	for {
 		f.mu.Lock()
-		done, err, wake := f.done, f.err, f.wake
+		ok, err, wake := reached(), f.err, f.wake
 		f.mu.Unlock()
-		if done { // the cached path ends with finish(nil) too
+		if ok {
 			return nil
 		}
 		if err != nil {
@@ -329,22 +336,7 @@ func (f *Fill) Verified(ctx context.Context) error {
 	if f.cached {
 		return nil
 	}
-	for {
-		f.mu.Lock()
-		verified, err, wake := f.verified, f.err, f.wake
-		f.mu.Unlock()
-		if verified {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		select {
-		case <-wake:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
+	return f.await(ctx, func() bool { return f.verified })
 }
 
 // Committed reports whether the fill put the blob in the cache (or found it
