@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"reflect"
@@ -631,12 +632,20 @@ func TestLocalUploadReadableWhileWritten(t *testing.T) {
 // TestLocalUploadReservesSpace: on a local root, an upload larger than the
 // free space fails at CreateBlob (so the mirror can serve it directly),
 // not halfway through.
+//
+// The cache is a 1 MiB tmpfs of the test's own: reserving a TiB on the
+// machine's disk filled it for a moment (ext4 allocates before it gives
+// up), and tests running beside it failed with ENOSPC.
 func TestLocalUploadReservesSpace(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs to provoke ENOSPC (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
 	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
-	if _, err := s.CreateBlob(t.Context(), digest.FromString("huge"), 1<<40); err == nil {
-		t.Skip("this disk has a TiB free: cannot provoke ENOSPC here")
+	if _, err := s.CreateBlob(t.Context(), digest.FromString("huge"), 1<<30); err == nil {
+		t.Fatal("an upload of 1 GiB into a 1 MiB filesystem was accepted")
 	}
 	if entries, _ := os.ReadDir(filepath.Join(dir, filepath.FromSlash(pathOf(t, storage.UploadsPath{})))); len(entries) != 0 {
 		t.Fatalf("a refused upload left %d files", len(entries))
