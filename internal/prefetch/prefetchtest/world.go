@@ -164,8 +164,15 @@ func (w *World) Start(t *testing.T) (stop func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		go w.Tracker.Run(ctx)
+		// Both return when ctx ends; stop waits for both, so nothing they
+		// write (the bbolt file in the test's TempDir) outlives the test.
+		tracker := make(chan struct{})
+		go func() {
+			defer close(tracker)
+			w.Tracker.Run(ctx)
+		}()
 		w.Sched.Run(ctx)
+		<-tracker
 	}()
 	var once bool
 	stop = func() {
