@@ -175,3 +175,40 @@ func TestHtpasswdRefusesNonBcrypt(t *testing.T) {
 		t.Fatalf("bcrypt file refused: %v", err)
 	}
 }
+
+// TestTokenEndpointErrors: the token endpoint's refusals are OCI error
+// envelopes like every other error of the mirror: a POST (the OAuth2 form
+// flow, not offered) gets 405 with Allow: GET, wrong credentials 401 with a
+// Basic challenge; neither echoes the credentials sent.
+func TestTokenEndpointErrors(t *testing.T) {
+	t.Parallel()
+	p, err := access.New(access.Config{Mode: access.ModeHtpasswd, HtpasswdFile: ngctest.WriteHtpasswd(t, "alice", "alice-pw")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		method, pass string
+		status       int
+		code, header string
+	}{
+		{http.MethodPost, "alice-pw", http.StatusMethodNotAllowed, "UNSUPPORTED", "Allow"},
+		{http.MethodGet, "wrong-secret-pw", http.StatusUnauthorized, "UNAUTHORIZED", "WWW-Authenticate"},
+	} {
+		req := httptest.NewRequest(tc.method, "http://mirror/auth/token?service=ngc-mirror", strings.NewReader("grant_type=password"))
+		req.SetBasicAuth("alice", tc.pass)
+		rec := httptest.NewRecorder()
+		p.TokenHandler().ServeHTTP(rec, req)
+		var env struct {
+			Errors []struct{ Code string } `json:"errors"`
+		}
+		if rec.Code != tc.status || json.Unmarshal(rec.Body.Bytes(), &env) != nil || len(env.Errors) != 1 || env.Errors[0].Code != tc.code {
+			t.Fatalf("%s: %d %q, want %d with %s", tc.method, rec.Code, rec.Body.String(), tc.status, tc.code)
+		}
+		if !strings.HasPrefix(rec.Header().Get("Content-Type"), "application/json") || rec.Header().Get(tc.header) == "" {
+			t.Fatalf("%s: headers %v", tc.method, rec.Header())
+		}
+		if strings.Contains(rec.Body.String(), tc.pass) {
+			t.Fatalf("%s: the body echoes the password", tc.method)
+		}
+	}
+}

@@ -14,6 +14,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 )
 
 // tokenIssuer makes and checks the mirror's own bearer tokens:
@@ -147,7 +149,7 @@ func (p *Policy) TokenHandler() http.Handler {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			// The OAuth2 POST form flow is not offered; Docker falls back to GET.
 			w.Header().Set("Allow", "GET")
-			http.Error(w, "use GET", http.StatusMethodNotAllowed)
+			ocierr.Write(w, http.StatusMethodNotAllowed, ocierr.New("UNSUPPORTED", "the token endpoint answers GET (the OAuth2 POST form flow is not offered)"))
 			return
 		}
 		user, key := "", ""
@@ -155,9 +157,7 @@ func (p *Policy) TokenHandler() http.Handler {
 			id, err := p.login(r)
 			if err != nil {
 				w.Header().Set("WWW-Authenticate", `Basic realm="ngc-mirror"`)
-				w.Header().Set("Content-Type", "application/json")
-				w.WriteHeader(http.StatusUnauthorized)
-				_, _ = w.Write([]byte(`{"errors":[{"code":"UNAUTHORIZED","message":"invalid credentials"}]}` + "\n"))
+				ocierr.Write(w, http.StatusUnauthorized, ocierr.New("UNAUTHORIZED", "invalid credentials"))
 				return
 			}
 			user, key = id.User, id.key
