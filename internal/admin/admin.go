@@ -612,7 +612,7 @@ type RuleInfo struct {
 }
 
 func (s *Server) rules(w http.ResponseWriter, r *http.Request) {
-	var out []RuleInfo
+	out := []RuleInfo{} // "rules": [] when none are configured, not null
 	for _, ru := range s.sched.Rules() {
 		out = append(out, RuleInfo{RuleSpec: ru.RuleSpec, Next: ru.Next(time.Now())})
 	}

@@ -29,8 +29,12 @@ type api struct {
 }
 
 func newAPI(t *testing.T) *api {
-	w := prefetchtest.New(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{{
+	return newAPIWith(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{{
 		Name: "dgx", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Latest: 1}, Platforms: []string{"linux/amd64"}}}})
+}
+
+func newAPIWith(t *testing.T, o prefetchtest.Options) *api {
+	w := prefetchtest.New(t, o)
 	w.Start(t)
 	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Pull, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}}))
 	t.Cleanup(srv.Close)
@@ -147,6 +151,16 @@ func TestPrefetchAndListJobs(t *testing.T) {
 	}
 	if st, _ := a.call(http.MethodGet, admin.Prefix+"/rules", "", &rules); st != 200 || len(rules.Rules) != 1 || !rules.Leader {
 		t.Errorf("rules: %d %+v", st, rules)
+	}
+}
+
+// TestNoRulesIsAnEmptyList: without rules, GET rules answers "rules": []
+// (a list a script can iterate), not null.
+func TestNoRulesIsAnEmptyList(t *testing.T) {
+	a := newAPIWith(t, prefetchtest.Options{})
+	var rules map[string]json.RawMessage
+	if st, _ := a.call(http.MethodGet, admin.Prefix+"/rules", "", &rules); st != 200 || string(rules["rules"]) != "[]" {
+		t.Fatalf("rules: %d %s", st, rules["rules"])
 	}
 }
 
