@@ -48,7 +48,7 @@ func newBudget(cfg config.Config, store *storage.Store, registry string, reg pro
 	}
 	opts.Dir = store.Capabilities().LocalDir // min_free's filesystem
 	for _, s := range cfg.Cache.Pin {
-		p, err := evict.ParsePin(s, cfg.UpstreamHosts()) // validated with the configuration
+		p, err := evict.ParsePin(s, cfg.UpstreamHosts(), cfg.UpstreamNames()...) // validated with the configuration
 		if err != nil {
 			log.Warn("ignoring cache.pin entry", "err", err)
 			continue

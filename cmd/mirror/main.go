@@ -34,6 +34,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/health"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/prefetch"
 	"github.com/ngc-mirror/ngc-mirror/internal/proxy"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
@@ -56,7 +57,8 @@ const usage = `usage: mirror serve [--config FILE]
 Every command reads the mirror's configuration from --config FILE, else
 $MIRROR_CONFIG, else /etc/ngc-mirror/mirror.yaml when it exists, and then
 the environment, which overrides the file: MIRROR_ADDR, MIRROR_UPSTREAM,
-NGC_API_KEY, MIRROR_UPSTREAM_USERNAME, MIRROR_NS_ALIASES, MIRROR_DATA_DIR,
+NGC_API_KEY, MIRROR_UPSTREAM_USERNAME, MIRROR_NS_ALIASES,
+MIRROR_UPSTREAMS_<NAME>_PASSWORD, MIRROR_DATA_DIR,
 MIRROR_LOG_LEVEL, MIRROR_ACCESS_LOG, MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE,
 MIRROR_TLS_CERT_FILE, MIRROR_TLS_KEY_FILE, MIRROR_STORAGE_DRIVER, MIRROR_S3_*,
 MIRROR_CACHE_MAX_SIZE, MIRROR_CACHE_MIN_FREE, MIRROR_REDIS_URL,
@@ -128,18 +130,32 @@ func main() {
 
 // newPolicy builds the client access policy. In pass-through mode a
 // client's key is checked with its own upstream client and token exchange.
+// A further upstream without credentials is public: its registry name is a
+// public namespace (it serves the mirror only what it serves anyone); one
+// with credentials needs access.rules (or its name in
+// access.public_namespaces), and in pass-through mode is refused, as
+// clients' keys are NGC keys.
 func newPolicy(cfg config.Config) (*access.Policy, error) {
 	origin := cfg.UpstreamURL()
+	public := append([]string(nil), cfg.Access.PublicNamespaces...)
+	for _, name := range cfg.UpstreamNames() {
+		if u := cfg.Upstreams[name]; u.Username == "" && u.Password == "" {
+			public = append(public, name)
+		}
+	}
 	return access.New(access.Config{
 		Mode:                cfg.Access.Mode,
 		HtpasswdFile:        cfg.Access.HtpasswdFile,
-		PublicNamespaces:    cfg.Access.PublicNamespaces,
+		PublicNamespaces:    public,
 		Groups:              cfg.Access.Groups,
 		Rules:               accessRules(cfg.Access.Rules),
 		TokenKeyFile:        cfg.Access.TokenKeyFile,
 		TokenLifetime:       time.Duration(cfg.Access.TokenLifetime),
 		PassthroughCacheTTL: time.Duration(cfg.Access.PassthroughTTL),
 	}, func(ctx context.Context, key, repo string) (bool, error) {
+		if reg, _ := names.SplitQualified(repo); reg != "" {
+			return false, nil // a further upstream's repository: an NGC key says nothing about it
+		}
 		ct := auth.NewTransport(http.DefaultTransport, origin, auth.Credentials{Username: auth.DefaultUsername, Secret: key}, nil)
 		return upstream.New(origin, ct).CanPull(ctx, repo)
 	})
@@ -198,12 +214,18 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	// when it returns.
 	upstreamTransport := http.DefaultTransport.(*http.Transport).Clone()
 	rt := auth.NewTransport(upstreamTransport, origin, creds, log.With("component", "auth"))
-	rt.OnTokenExchange = m.TokenExchange
 	up := upstream.New(origin, rt)
-	up.OnBackoffRefusal = m.BackoffRefusal
-	up.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
-	up.OnBytes = m.UpstreamReceived
 	registry := pull.RegistryName(up)
+	instrument(up, rt, m)
+	ups, extraTransports, err := newUpstreams(cfg, up, m, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, t := range extraTransports {
+			t.CloseIdleConnections()
+		}
+	}()
 
 	// The cache layout: a cache of an older layout is migrated, one of a
 	// newer layout refused (never misread).
@@ -227,7 +249,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	})
 	// The pull-through service: what clients, prefetch jobs and the admin
 	// API are served from.
-	svc := pull.New(up, store, fills, pull.Options{
+	svc := pull.NewSet(ups, store, fills, pull.Options{
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		UpstreamTimeout: time.Duration(cfg.Upstream.Timeout),
 		CheckLinks:      policy != nil,
@@ -235,7 +257,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Cache:           ev, // evict.go
 		Log:             log.With("component", "pull"),
 	})
-	trk, err := newTracked(cfg, dataDir, st, stKind, rules, up, svc, store, reg, log)
+	trk, err := newTracked(cfg, dataDir, st, stKind, rules, ups, svc, store, reg, log)
 	if err != nil {
 		return err
 	}
@@ -486,6 +508,43 @@ func healthcheck(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// instrument reports an upstream client's exchanges, bytes, back-off
+// refusals and token exchanges to m.
+func instrument(c *upstream.Client, rt *auth.Transport, m *metrics.Metrics) {
+	rt.OnTokenExchange = m.TokenExchange
+	c.OnBackoffRefusal = m.BackoffRefusal
+	c.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
+	c.OnBytes = m.UpstreamReceived
+}
+
+// newUpstreams returns the set of upstreams: def, the default (nvcr.io),
+// and cfg.Upstreams, each with a client over an auth.Transport and an
+// http.Transport of its own (returned, for closing their idle
+// connections), so that tokens and a 429 back-off stay per upstream.
+func newUpstreams(cfg config.Config, def *upstream.Client, m *metrics.Metrics, log *slog.Logger) (*upstream.Set, []*http.Transport, error) {
+	var others []*upstream.Registry
+	var transports []*http.Transport
+	for _, name := range cfg.UpstreamNames() {
+		u := cfg.Upstreams[name]
+		origin := cfg.ExtraUpstreamURL(name)
+		creds := auth.Credentials{Username: u.Username, Secret: u.Password}
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		rt := auth.NewTransport(tr, origin, creds, log.With("component", "auth", "upstream", name))
+		c := upstream.New(origin, rt)
+		instrument(c, rt, m)
+		transports = append(transports, tr)
+		others = append(others, &upstream.Registry{Name: name, Client: c, TagFreshness: time.Duration(u.TagFreshness),
+			Repositories: u.Repositories, RootHosts: u.RootHosts})
+		log.Info("upstream", "registry", name, "url", origin.String(), "credentials", creds,
+			"repositories", u.Repositories, "root_hosts", u.RootHosts)
+	}
+	set, err := upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def}, cfg.Upstream.NSAliases, others...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("config: %w", err)
+	}
+	return set, transports, nil
 }
 
 func accessRules(in []config.AccessRule) []access.Rule {

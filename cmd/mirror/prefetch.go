@@ -108,7 +108,7 @@ type tracked struct {
 // newTracked builds tag tracking, the prefetch scheduler and the admin API
 // over the pull-through service (run by serve). st and kind come from
 // openState.
-func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Client,
+func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, rules []*prefetch.Rule, up *upstream.Set,
 	svc *pull.Service, cache *storage.Store, reg prometheus.Registerer, log *slog.Logger) (*tracked, error) {
 	tm := metrics.NewTracking(reg)
 	repos := append([]string(nil), cfg.Tracking.Repositories...)
@@ -161,6 +161,7 @@ func newTracked(cfg config.Config, dataDir string, st state.Store, kind string, 
 	t.admin = admin.New(sched, t.tracker, svc, admin.Options{
 		Token:            token,
 		UpstreamHosts:    cfg.UpstreamHosts(),
+		Upstreams:        cfg.UpstreamNames(),
 		PrefetchDisabled: !cfg.Prefetch.Enabled,
 		Log:              log.With("component", "admin"),
 		Metrics:          t.m,

@@ -26,6 +26,8 @@ import (
 	_ "github.com/distribution/distribution/v3/registry/auth/htpasswd" // registers "htpasswd"
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
 // Modes of client authentication.
@@ -369,33 +371,10 @@ func (p *Policy) ruleAllows(r Rule, user, repository string) bool {
 }
 
 // MatchRepository matches a repository name against a pattern in which "*"
-// matches within one path component and "**" any number of components.
+// matches within one path component and "**" any number of components
+// (names.MatchRepository).
 func MatchRepository(pattern, repository string) bool {
-	return matchParts(strings.Split(pattern, "/"), strings.Split(repository, "/"))
-}
-
-func matchParts(pat, name []string) bool {
-	for len(pat) > 0 {
-		if pat[0] == "**" {
-			if len(pat) == 1 {
-				return len(name) > 0
-			}
-			for i := 0; i <= len(name); i++ {
-				if matchParts(pat[1:], name[i:]) {
-					return true
-				}
-			}
-			return false
-		}
-		if len(name) == 0 {
-			return false
-		}
-		if ok, err := path.Match(pat[0], name[0]); err != nil || !ok {
-			return false
-		}
-		pat, name = pat[1:], name[1:]
-	}
-	return len(name) == 0
+	return names.MatchRepository(pattern, repository)
 }
 
 func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) error {

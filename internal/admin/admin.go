@@ -49,6 +49,9 @@ type Options struct {
 	// UpstreamHosts are registry hosts a client may put in front of an
 	// image name ("nvcr.io/nvidia/pytorch:24.05-py3"); they are dropped.
 	UpstreamHosts []string
+	// Upstreams are the further upstreams' registry names: an image that
+	// begins with one keeps it (docker.io/library/python:3.12).
+	Upstreams []string
 	// PrefetchDisabled refuses POST prefetch: no scheduler runs jobs in
 	// this process (prefetch.enabled: false) and, with the embedded store,
 	// none ever would.
@@ -385,7 +388,7 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 	var jobs []state.Job
 	switch {
 	case req.Image != "":
-		repo, ref, err := ParseImage(req.Image, s.opts.UpstreamHosts)
+		repo, ref, err := ParseImage(req.Image, s.opts.UpstreamHosts, s.opts.Upstreams...)
 		if err != nil {
 			code := "NAME_INVALID"
 			switch {
@@ -543,14 +546,15 @@ func (s *Server) imagePlatform(ctx context.Context, repo string, body []byte) (s
 }
 
 // ParseImage splits "repository:tag" or "repository@digest" (optionally
-// prefixed with one of hosts, such as "nvcr.io/") into repository and
+// prefixed with one of hosts, such as "nvcr.io/", or of others, the further
+// upstreams' names, kept in the qualified repository name) into repository and
 // reference (the digest when both are given), with names.ParseImage: the
 // syntax of cache.pin too. Errors wrap names.ErrTagInvalid or
 // names.ErrDigestInvalid for a malformed or missing reference, else
 // names.ErrNameInvalid (another registry's host, a name outside the
 // distribution grammar).
-func ParseImage(image string, hosts []string) (repo, ref string, err error) {
-	r, err := names.ParseImage(image, hosts)
+func ParseImage(image string, hosts []string, others ...string) (repo, ref string, err error) {
+	r, err := names.ParseImage(image, hosts, others...)
 	if err != nil {
 		return "", "", err
 	}

@@ -30,15 +30,18 @@ type Config struct {
 	// client); false leaves it to the debug level.
 	AccessLog bool     `yaml:"access_log"`
 	Upstream  Upstream `yaml:"upstream"`
-	Storage   Storage  `yaml:"storage"`
-	Cache     Cache    `yaml:"cache"`
-	Access    Access   `yaml:"access"`
-	TLS       TLS      `yaml:"tls"`
-	Limits    Limits   `yaml:"limits"`
-	State     State    `yaml:"state"`
-	Tracking  Tracking `yaml:"tracking"`
-	Prefetch  Prefetch `yaml:"prefetch"`
-	Admin     Admin    `yaml:"admin"`
+	// Upstreams are further registries beside Upstream (the default,
+	// nvcr.io), keyed by registry name (docker.io, ghcr.io).
+	Upstreams map[string]ExtraUpstream `yaml:"upstreams"`
+	Storage   Storage                  `yaml:"storage"`
+	Cache     Cache                    `yaml:"cache"`
+	Access    Access                   `yaml:"access"`
+	TLS       TLS                      `yaml:"tls"`
+	Limits    Limits                   `yaml:"limits"`
+	State     State                    `yaml:"state"`
+	Tracking  Tracking                 `yaml:"tracking"`
+	Prefetch  Prefetch                 `yaml:"prefetch"`
+	Admin     Admin                    `yaml:"admin"`
 }
 
 // Limits protect the mirror from overload and abuse.
@@ -279,6 +282,9 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		}
 		c.Admin.Token = strings.TrimSpace(string(raw))
 	}
+	if err := c.loadUpstreams(getenv); err != nil {
+		return c, err
+	}
 	if c.Upstream.APIKey == "" && c.Upstream.APIKeyFile != "" {
 		raw, err := os.ReadFile(c.Upstream.APIKeyFile)
 		if err != nil {
@@ -367,9 +373,10 @@ func (c Config) Validate() error {
 	if c.Cache.EvictInterval <= 0 {
 		errs = append(errs, errors.New("cache.evict_interval must be positive"))
 	}
+	errs = append(errs, c.validateUpstreams()...)
 	for _, p := range c.Cache.Pin {
-		if _, err := names.ParseImage(p, c.UpstreamHosts()); err != nil {
-			errs = append(errs, fmt.Errorf("cache.pin %q: want [nvcr.io/]repository:tag or [nvcr.io/]repository@sha256:... (%v)", p, err))
+		if _, err := names.ParseImage(p, c.UpstreamHosts(), c.UpstreamNames()...); err != nil {
+			errs = append(errs, fmt.Errorf("cache.pin %q: want [REGISTRY/]repository:tag or [REGISTRY/]repository@sha256:..., REGISTRY nvcr.io or a key of upstreams (%v)", p, err))
 		}
 	}
 	errs = append(errs, c.validateTracking()...)

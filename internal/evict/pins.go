@@ -17,7 +17,10 @@ import (
 // Pin names an image that eviction keeps: a tag (the manifest the cache's
 // tag record points at, whatever it is at the time of a pass) or a digest.
 type Pin struct {
-	Registry   string // "": Options.Registry
+	Registry string // "": the registry a qualified Repository names, else Options.Registry
+	// Repository is the path on Registry, or, with Registry "", a
+	// qualified name (names.QualifiedName: docker.io/library/python on a
+	// further upstream, a bare path on the default one).
 	Repository string
 	Tag        string        // "" when Digest is set
 	Digest     digest.Digest // "" when Tag is set
@@ -26,11 +29,13 @@ type Pin struct {
 // ParsePin parses a cache.pin entry with names.ParseImage (the syntax of
 // the admin API's images): [host/]repository:tag or
 // [host/]repository@sha256:..., where host is one of hosts (nvcr.io, the
-// upstream's host, upstream.ns_aliases). The pin's Registry is ""
-// (Options.Registry). A digest wins over a tag given with it. Errors wrap
-// names.ErrNameInvalid, names.ErrTagInvalid or names.ErrDigestInvalid.
-func ParsePin(s string, hosts []string) (Pin, error) {
-	r, err := names.ParseImage(s, hosts)
+// upstream's host, upstream.ns_aliases) or of others (further upstreams'
+// registry names: docker.io/library/python:3.12). The pin's Registry is ""
+// and its Repository the qualified name. A digest wins over a tag given
+// with it. Errors wrap names.ErrNameInvalid, names.ErrTagInvalid or
+// names.ErrDigestInvalid.
+func ParsePin(s string, hosts []string, others ...string) (Pin, error) {
+	r, err := names.ParseImage(s, hosts, others...)
 	if err != nil {
 		return Pin{}, fmt.Errorf("evict: pin: %w", err)
 	}
@@ -119,11 +124,13 @@ func (e *Evictor) pinned(ctx context.Context, byDigest map[digest.Digest][]*item
 	for _, p := range pins {
 		d := p.Digest
 		if d == "" {
-			reg := p.Registry
+			reg, name := p.Registry, p.Repository
 			if reg == "" {
-				reg = e.opts.Registry
+				if reg, name = names.SplitQualified(p.Repository); reg == "" {
+					reg = e.opts.Registry
+				}
 			}
-			rec, err := e.store.GetTag(ctx, storage.Repo{Registry: reg, Name: p.Repository}, p.Tag)
+			rec, err := e.store.GetTag(ctx, storage.Repo{Registry: reg, Name: name}, p.Tag)
 			if errors.Is(err, storage.ErrNotFound) {
 				continue // not cached: nothing to keep
 			}

@@ -8,6 +8,7 @@ package names
 import (
 	"errors"
 	"fmt"
+	"path"
 	"regexp"
 	"strings"
 
@@ -107,7 +108,7 @@ func ParseReference(s string) (Reference, error) {
 		}
 		r.Tag, rest = tag, rest[:i]
 	}
-	if first, path, ok := strings.Cut(rest, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+	if first, path, ok := strings.Cut(rest, "/"); ok && LooksLikeRegistry(first) {
 		if !domain.MatchString(first) {
 			return r, fmt.Errorf("%w: %q: registry host %q", ErrNameInvalid, s, first)
 		}
@@ -120,27 +121,40 @@ func ParseReference(s string) (Reference, error) {
 	return r, nil
 }
 
-// ParseImage parses an image of the upstream, the syntax of cache.pin and
-// the admin API's "image": ParseReference, then a registry, when given,
-// must be one of hosts (nvcr.io, the upstream's host, upstream.ns_aliases;
-// compared without case, as DNS names are), and a tag or a digest must be
-// given. The Registry of the result is "" (the mirror serves one
-// upstream). Errors wrap ErrNameInvalid (a registry not in hosts, a bad
-// name), ErrTagInvalid (no tag or digest, or a bad tag) or
-// ErrDigestInvalid.
-func ParseImage(s string, hosts []string) (Reference, error) {
+// ParseImage parses an image of the mirror's upstreams, the syntax of
+// cache.pin, prefetch and the admin API's "image": ParseReference, then a
+// registry, when given, must be one of hosts (the default upstream's names:
+// nvcr.io, its URL's host, upstream.ns_aliases; dropped from the result) or
+// of others (the registry names of the further upstreams, kept as the
+// repository's first component: QualifiedName), compared without case, as
+// DNS names are; and a tag or a digest must be given. The Registry of the
+// result is always "". Errors wrap ErrNameInvalid (a registry not
+// configured, a bad name), ErrTagInvalid (no tag or digest, or a bad tag)
+// or ErrDigestInvalid.
+func ParseImage(s string, hosts []string, others ...string) (Reference, error) {
 	r, err := ParseReference(s)
 	if err != nil {
 		return Reference{}, err
 	}
 	if r.Registry != "" {
-		known := false
+		known, other := false, ""
 		for _, h := range hosts {
 			known = known || strings.EqualFold(h, r.Registry)
 		}
-		if !known {
+		for _, o := range others {
+			if strings.EqualFold(o, r.Registry) {
+				other = strings.ToLower(o)
+			}
+		}
+		switch {
+		case other != "":
+			r.Repository = QualifiedName(other, r.Repository)
+			if !ValidRepository(r.Repository) {
+				return Reference{}, fmt.Errorf("%w %q: the name is too long", ErrNameInvalid, s)
+			}
+		case !known:
 			return Reference{}, fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)",
-				ErrNameInvalid, s, r.Registry, strings.Join(hosts, ", "))
+				ErrNameInvalid, s, r.Registry, strings.Join(append(append([]string(nil), hosts...), others...), ", "))
 		}
 		r.Registry = ""
 	}
@@ -148,6 +162,45 @@ func ParseImage(s string, hosts []string) (Reference, error) {
 		return Reference{}, fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag or repository@sha256:...", ErrTagInvalid, s)
 	}
 	return r, nil
+}
+
+// DockerHub is Docker Hub's registry name. Its official images are
+// library/NAME, which clients write as NAME (docker.io/ubuntu): see
+// QualifiedName.
+const DockerHub = "docker.io"
+
+// LooksLikeRegistry reports whether the first component of a name is a
+// registry host, by Docker's rule (distribution/reference's
+// splitDockerDomain): it contains '.' or ':' or is "localhost". Such a
+// component never begins a name of the default upstream.
+func LooksLikeRegistry(component string) bool {
+	return strings.ContainsAny(component, ".:") || component == "localhost"
+}
+
+// QualifiedName is the mirror's one name of repository path on the
+// registry named registry, as the cache's state, the pull history, access
+// rules, pins and prefetch rules know it: the path itself for the default
+// upstream (registry ""; nvidia/pytorch), else registry/path
+// (ghcr.io/org/img). On docker.io a one-component path is an official
+// image and gets "library/" (docker.io/library/ubuntu).
+func QualifiedName(registry, path string) string {
+	if registry == "" {
+		return path
+	}
+	if registry == DockerHub && !strings.Contains(path, "/") {
+		path = "library/" + path
+	}
+	return registry + "/" + path
+}
+
+// SplitQualified is QualifiedName's inverse: the registry of a qualified
+// name when its first component LooksLikeRegistry ("" for the default
+// upstream) and the repository path on that registry.
+func SplitQualified(name string) (registry, path string) {
+	if first, rest, ok := strings.Cut(name, "/"); ok && LooksLikeRegistry(first) {
+		return first, rest
+	}
+	return "", name
 }
 
 // ParseTagOrDigest parses the reference part of a registry API path
@@ -165,4 +218,34 @@ func ParseTagOrDigest(ref string) (tag string, dgst digest.Digest, err error) {
 		return "", "", fmt.Errorf("%w %q", ErrTagInvalid, ref)
 	}
 	return ref, "", nil
+}
+
+// MatchRepository matches a repository name against a pattern in which "*"
+// matches within one path component and "**" any number of components.
+func MatchRepository(pattern, repository string) bool {
+	return matchParts(strings.Split(pattern, "/"), strings.Split(repository, "/"))
+}
+
+func matchParts(pat, name []string) bool {
+	for len(pat) > 0 {
+		if pat[0] == "**" {
+			if len(pat) == 1 {
+				return len(name) > 0
+			}
+			for i := 0; i <= len(name); i++ {
+				if matchParts(pat[1:], name[i:]) {
+					return true
+				}
+			}
+			return false
+		}
+		if len(name) == 0 {
+			return false
+		}
+		if ok, err := path.Match(pat[0], name[0]); err != nil || !ok {
+			return false
+		}
+		pat, name = pat[1:], name[1:]
+	}
+	return len(name) == 0
 }

@@ -100,3 +100,42 @@ func TestParseImage(t *testing.T) {
 		}
 	}
 }
+
+// TestQualifiedNames: the default upstream's repositories keep their
+// paths, a further upstream's get its registry in front (docker.io's
+// official images library/), and SplitQualified undoes it.
+func TestQualifiedNames(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ reg, path, want string }{
+		{"", "nvidia/pytorch", "nvidia/pytorch"},
+		{"docker.io", "ubuntu", "docker.io/library/ubuntu"},
+		{"docker.io", "library/ubuntu", "docker.io/library/ubuntu"},
+		{"docker.io", "bitnami/redis", "docker.io/bitnami/redis"},
+		{"ghcr.io", "img", "ghcr.io/img"},
+	} {
+		got := QualifiedName(c.reg, c.path)
+		if got != c.want {
+			t.Errorf("QualifiedName(%q, %q) = %q, want %q", c.reg, c.path, got, c.want)
+		}
+		if reg, p := SplitQualified(got); reg != c.reg || (p != c.path && p != "library/"+c.path) {
+			t.Errorf("SplitQualified(%q) = %q, %q", got, reg, p)
+		}
+	}
+	hosts := []string{"nvcr.io"}
+	for in, want := range map[string]string{
+		"docker.io/library/python:3.12": "docker.io/library/python",
+		"docker.io/python:3.12":         "docker.io/library/python",
+		"DOCKER.IO/python:3.12":         "docker.io/library/python",
+		"ghcr.io/org/img:1":             "ghcr.io/org/img",
+		"nvcr.io/nvidia/pytorch:1":      "nvidia/pytorch",
+		"nvidia/pytorch:1":              "nvidia/pytorch",
+	} {
+		r, err := ParseImage(in, hosts, "docker.io", "ghcr.io")
+		if err != nil || r.Repository != want || r.Registry != "" {
+			t.Errorf("ParseImage(%q) = %+v, %v; want repository %q", in, r, err, want)
+		}
+	}
+	if _, err := ParseImage("quay.io/org/img:1", hosts, "docker.io"); !errors.Is(err, ErrNameInvalid) {
+		t.Errorf("an unconfigured registry: %v", err)
+	}
+}

@@ -49,6 +49,7 @@ const (
 //	upstream 429                      → TOOMANYREQUESTS 429 with the upstream's Retry-After
 //	upstream 5xx, bad content, network → UNAVAILABLE 502 (503 if the upstream said 503, 504 on timeouts)
 //	an HTML page instead of content    → UNAVAILABLE 502 (a captive portal or proxy on the uplink)
+//	no configured upstream serves it  → NAME_UNKNOWN 404 (upstream.ErrNameUnknown)
 //	anything else                     → UNKNOWN 500
 func toAPIError(err error, k kind) *apiError {
 	var ae *apiError
@@ -66,6 +67,8 @@ func toAPIError(err error, k kind) *apiError {
 		return e
 	case errors.Is(err, pull.ErrGone):
 		return newAPIError(errcode.ErrorCodeUnavailable, "the blob was removed while being served; retry")
+	case errors.Is(err, upstream.ErrNameUnknown):
+		return newAPIError(errcode.ErrorCodeNameUnknown, "no upstream of this mirror serves this repository")
 	case errors.Is(err, upstream.ErrNotFound):
 		switch k {
 		case kindManifest:

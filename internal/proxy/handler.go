@@ -26,13 +26,15 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
+	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
 // Options configure a Handler.
 type Options struct {
 	// NSAliases are extra values of containerd's ?ns= query that select the
-	// upstream, besides its own host (for example "nvcr.io" when the
-	// upstream URL is some other address of it).
+	// default upstream, besides its names in the pull service's
+	// upstream.Set (for example "nvcr.io" when the upstream URL is some
+	// other address of it).
 	NSAliases []string
 	Log       *slog.Logger
 	Metrics   *metrics.Metrics // nil records nothing
@@ -295,29 +297,32 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
-		ri.repo, ri.ref = rt.name, rt.ref
-	}
-	if err := h.checkNS(r); err != nil {
-		writeError(w, err)
+	// The upstream and the name the cache, the access rules and the pull
+	// history know the repository by (upstream.Set.Route).
+	repo, err := h.pull.Upstreams().Route(h.ns(r), r.Host, rt.name)
+	if err != nil {
+		writeError(w, newAPIError(errcode.ErrorCodeNameUnknown, strings.TrimPrefix(err.Error(), upstream.ErrNameUnknown.Error()+": ")))
 		return
 	}
-	if h.access != nil && !h.authorize(w, r, rt.name) {
+	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
+		ri.repo, ri.ref = repo, rt.ref
+	}
+	if h.access != nil && !h.authorize(w, r, repo) {
 		return
 	}
 	setRoute(r, map[kind]string{kindManifest: metrics.RouteManifest, kindBlob: metrics.RouteBlob, kindTags: metrics.RouteTags}[rt.kind])
 	switch rt.kind {
 	case kindManifest:
-		h.serveManifest(w, r, rt.name, rt.ref)
+		h.serveManifest(w, r, repo, rt.ref)
 	case kindBlob:
 		dgst, err := digest.Parse(rt.ref)
 		if err != nil {
 			writeError(w, newAPIError(errcode.ErrorCodeDigestInvalid, "invalid blob digest"))
 			return
 		}
-		h.serveBlob(w, r, rt.name, dgst)
+		h.serveBlob(w, r, repo, dgst)
 	case kindTags:
-		h.serveTags(w, r, rt.name)
+		h.serveTags(w, r, rt.name, repo)
 	}
 }
 
@@ -372,18 +377,15 @@ func validateName(name string) *apiError {
 	return nil
 }
 
-// checkNS enforces containerd's mirror query ?ns=<registry>: it must name
-// the configured upstream. It is never part of a cache key.
-func (h *Handler) checkNS(r *http.Request) *apiError {
+// ns returns containerd's mirror query ?ns=<registry> ("" when absent),
+// an Options.NSAliases entry read as the default upstream's name. It
+// selects the upstream and is never part of a cache key.
+func (h *Handler) ns(r *http.Request) string {
 	ns := r.URL.Query().Get("ns")
-	if ns == "" || strings.EqualFold(ns, h.pull.Registry()) {
-		return nil
-	}
 	for _, a := range h.opts.NSAliases {
 		if strings.EqualFold(ns, a) {
-			return nil
+			return h.pull.Registry()
 		}
 	}
-	e := newAPIError(errcode.ErrorCodeNameUnknown, "this mirror serves "+h.pull.Registry()+", not the registry named by ns")
-	return e
+	return ns
 }

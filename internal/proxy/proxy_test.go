@@ -36,8 +36,12 @@ import (
 )
 
 type env struct {
-	up     *ngctest.Upstream
-	fx     *ngctest.Fixture
+	up *ngctest.Upstream
+	fx *ngctest.Fixture
+	// up2 and fx2 are the second upstream (envOpts.second) and its
+	// fixture; nil without one.
+	up2    *ngctest.Upstream
+	fx2    *ngctest.Fixture
 	mirror *httptest.Server
 	store  *storage.Store
 	fills  *fill.Group
@@ -76,6 +80,11 @@ type envOpts struct {
 	// log and accessLog go to proxy.Options.
 	log       *slog.Logger
 	accessLog bool
+	// second, when set, is the registry name of a second upstream (another
+	// ngctest instance with a fixture of its own, env.up2) beside the
+	// default; second2 configures it (its allow-list, freshness).
+	second  string
+	second2 upstream.Registry
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -133,7 +142,30 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 	}
 	fills := fill.NewGroup(store, o.fill)
-	svc := pull.New(client, store, fills, pull.Options{TagFreshness: o.tagFreshness, CheckLinks: o.access != nil, Redirect: o.redirect, Cache: o.cache, TagListMaxPages: o.tagListMaxPages})
+	ups := upstream.Single(client)
+	var up2 *ngctest.Upstream
+	var fx2 *ngctest.Fixture
+	if o.second != "" {
+		up2 = ngctest.New(o.upstream)
+		t.Cleanup(up2.Close)
+		if fx2, err = up2.Populate(o.layerSize); err != nil {
+			t.Fatal(err)
+		}
+		origin2, _ := url.Parse(up2.URL())
+		rt2 := auth.NewTransport(nil, origin2, auth.Credentials{Secret: o.key}, nil)
+		client2 := upstream.New(origin2, rt2)
+		if o.metrics != nil {
+			rt2.OnTokenExchange = o.metrics.TokenExchange
+			client2.OnRequest = func(kind string, status int, d time.Duration) { o.metrics.UpstreamRequest(kind, status, d.Seconds()) }
+			client2.OnBytes = o.metrics.UpstreamReceived
+		}
+		r2 := o.second2
+		r2.Name, r2.Client = o.second, client2
+		if ups, err = upstream.NewSet(ups.Default(), nil, &r2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	svc := pull.NewSet(ups, store, fills, pull.Options{TagFreshness: o.tagFreshness, CheckLinks: o.access != nil, Redirect: o.redirect, Cache: o.cache, TagListMaxPages: o.tagListMaxPages})
 	h := proxy.New(svc, proxy.Options{NSAliases: []string{"nvcr.io"}, Metrics: o.metrics, Access: o.access, Pulls: o.pulls, VerifyBeforeHeaders: o.verifyBefore,
 		Log: o.log, AccessLog: o.accessLog})
 	srv := httptest.NewServer(h)
@@ -145,7 +177,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		defer cancel()
 		_ = fills.Wait(ctx)
 	})
-	return &env{up: up, fx: fx, mirror: srv, store: store, fills: fills, evictor: ev}
+	return &env{up: up, fx: fx, up2: up2, fx2: fx2, mirror: srv, store: store, fills: fills, evictor: ev}
 }
 
 type result struct {

@@ -21,9 +21,9 @@ const maxTagPage = 10000
 // pull.Service.Tags); without n the complete list (pull.Service.AllTags),
 // the spec's "all tags", which nvcr.io would cut at its first page of 100.
 // A next page is announced with a Link header that points at this mirror,
-// never at the upstream. A next page is announced with a
-// Link header that points at this mirror, never at the upstream.
-func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name string) {
+// never at the upstream. name is the repository as the request named it
+// (the answer's name and Link), repo its qualified name (upstream.Set.Route).
+func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name, repo string) {
 	q := r.URL.Query()
 	n := 0
 	if v := q.Get("n"); v != "" {
@@ -43,9 +43,9 @@ func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name string)
 	var page pull.TagPage
 	var err error
 	if n == 0 {
-		page, err = h.pull.AllTags(r.Context(), name, last)
+		page, err = h.pull.AllTags(r.Context(), repo, last)
 	} else {
-		page, err = h.pull.Tags(r.Context(), name, n, last)
+		page, err = h.pull.Tags(r.Context(), repo, n, last)
 	}
 	if err != nil {
 		if errors.Is(err, r.Context().Err()) && r.Context().Err() != nil {
@@ -54,16 +54,20 @@ func (h *Handler) serveTags(w http.ResponseWriter, r *http.Request, name string)
 		writeError(w, toAPIError(err, kindTags))
 		return
 	}
-	writeTagList(w, name, page.Tags, nextLink(name, page.Tags, page.More, n))
+	writeTagList(w, name, page.Tags, nextLink(name, page.Tags, page.More, n, q.Get("ns")))
 }
 
 // nextLink is the Link header announcing the page after tags, on this
-// mirror ("" when there is none).
-func nextLink(name string, tags []string, more bool, n int) string {
+// mirror ("" when there is none). It keeps the request's ns, which selects
+// the upstream.
+func nextLink(name string, tags []string, more bool, n int, ns string) string {
 	if !more || len(tags) == 0 {
 		return ""
 	}
 	next := url.Values{"last": {tags[len(tags)-1]}}
+	if ns != "" {
+		next.Set("ns", ns)
+	}
 	if n > 0 {
 		next.Set("n", strconv.Itoa(n))
 	}

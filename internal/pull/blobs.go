@@ -51,6 +51,9 @@ type Blob struct {
 // once; retry shortly), verification errors (storage.ErrDigestMismatch,
 // storage.ErrSizeMismatch, fill.ErrUnknownSize), fill.ErrIdle, or ctx's.
 func (s *Service) Blob(ctx context.Context, repo string, dgst digest.Digest) (*Blob, error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return nil, err
+	}
 	if err := s.checkLink(ctx, repo, dgst, storage.KindBlob); err != nil {
 		return nil, err
 	}
@@ -86,6 +89,9 @@ func (s *Service) Blob(ctx context.Context, repo string, dgst digest.Digest) (*B
 // an upstream HEAD (nothing is fetched). Link checks and errors as for
 // Blob.
 func (s *Service) StatBlob(ctx context.Context, repo string, dgst digest.Digest) (size int64, hit bool, err error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return 0, false, err
+	}
 	if err := s.checkLink(ctx, repo, dgst, storage.KindBlob); err != nil {
 		return 0, false, err
 	}
@@ -102,7 +108,7 @@ func (s *Service) StatBlob(ctx context.Context, repo string, dgst digest.Digest)
 	}
 	uctx, cancel := s.upstreamContext(ctx)
 	defer cancel()
-	size, err = s.up.HeadBlob(uctx, repo, dgst)
+	size, err = s.client(repo).HeadBlob(uctx, s.path(repo), dgst)
 	return size, false, err
 }
 
@@ -284,14 +290,14 @@ func (b *Blob) Close() {
 // streams without Content-Length the size comes from a HEAD.
 func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
 	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
-		b, err := s.up.GetBlob(ctx, repo, dgst, off)
+		b, err := s.client(repo).GetBlob(ctx, s.path(repo), dgst, off)
 		if err != nil {
 			return nil, 0, err
 		}
 		if b.Size < 0 {
 			hctx, cancel := s.upstreamContext(ctx)
 			defer cancel()
-			size, herr := s.up.HeadBlob(hctx, repo, dgst)
+			size, herr := s.client(repo).HeadBlob(hctx, s.path(repo), dgst)
 			if herr != nil {
 				_ = b.Body.Close()
 				return nil, 0, herr
@@ -309,6 +315,9 @@ func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
 // Errors: the fill's, ErrBusy, ErrNotCached (verified but the cache could
 // not keep it), or ctx's.
 func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return false, err
+	}
 	seq := s.fills.Seq() // before the lookup: see fill.Group.JoinMissed
 	_, lerr := s.store.StatBlob(ctx, dgst)
 	if lerr == nil {

@@ -40,6 +40,9 @@ var ErrInvalidReference = errors.New("pull: invalid reference: want a tag or a d
 // network errors; see IsAuthoritative), ErrInvalidReference, or ctx's.
 // Every manifest returned is reported to Options.Cache as accessed.
 func (s *Service) Manifest(ctx context.Context, repo, ref string) (Manifest, error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return Manifest{}, err
+	}
 	var m *storage.Manifest
 	var hit bool
 	var err error
@@ -92,7 +95,7 @@ func (s *Service) fetchManifest(ctx context.Context, repo string, dgst digest.Di
 	v, err, _ := s.manifests.Do(repo+"@"+dgst.String(), func() (any, error) {
 		ctx, cancel := s.upstreamContext(ctx)
 		defer cancel()
-		um, err := s.up.GetManifest(ctx, repo, dgst.String(), nil)
+		um, err := s.client(repo).GetManifest(ctx, s.path(repo), dgst.String(), nil)
 		if err != nil {
 			return nil, err
 		}
@@ -156,7 +159,7 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 	}
 	uctx, cancel := s.upstreamContext(ctx)
 	defer cancel()
-	_, err := s.up.HeadBlob(uctx, repo, dgst)
+	_, err := s.client(repo).HeadBlob(uctx, s.path(repo), dgst)
 	switch {
 	case err == nil:
 		if lerr := s.store.PutLinks(ctx, s.repo(repo), dgst); lerr != nil {
@@ -177,7 +180,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 	if recErr == nil {
 		if m, err := s.store.GetManifest(ctx, rec.Digest); err == nil {
 			cached = m
-			if time.Since(rec.ConfirmedAt) < s.opts.TagFreshness {
+			if time.Since(rec.ConfirmedAt) < s.freshness(repo) {
 				return cached, true, nil
 			}
 		}
@@ -186,7 +189,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 		ctx, cancel := s.upstreamContext(ctx)
 		defer cancel()
 		if cached != nil {
-			d, err := s.up.HeadManifest(ctx, repo, tag, nil)
+			d, err := s.client(repo).HeadManifest(ctx, s.path(repo), tag, nil)
 			if err == nil && d.Digest == cached.Digest {
 				rec.ConfirmedAt = time.Now()
 				if perr := s.store.PutTag(ctx, s.repo(repo), tag, rec); perr != nil {
@@ -198,7 +201,7 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 				return nil, err // GET would fail the same way
 			}
 		}
-		um, err := s.up.GetManifest(ctx, repo, tag, nil)
+		um, err := s.client(repo).GetManifest(ctx, s.path(repo), tag, nil)
 		if err != nil {
 			return nil, err
 		}

@@ -100,10 +100,9 @@ type Options struct {
 // Service is the pull-through cache. Build it with New; it is safe for
 // concurrent use.
 type Service struct {
-	up        *upstream.Client
+	ups       *upstream.Set
 	store     Store
 	fills     *fill.Group
-	registry  string
 	opts      Options
 	log       *slog.Logger
 	cache     CacheTracker
@@ -111,9 +110,22 @@ type Service struct {
 	redirects *redirectHolds     // leases kept for presigned URLs handed out
 }
 
-// New returns the service over the upstream client, the cache and its fill
-// group.
+// New returns the service over one upstream client (the default upstream,
+// named by its host), the cache and its fill group.
 func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Service {
+	return NewSet(upstream.Single(up), store, fills, opts)
+}
+
+// NewSet returns the service over the upstreams ups, the cache and its fill
+// group. Every method takes repositories by their qualified names
+// (names.QualifiedName: nvidia/pytorch on the default upstream,
+// docker.io/library/ubuntu on another); a name no upstream serves is
+// answered with an error wrapping upstream.ErrNameUnknown before any
+// cache or upstream request. Blobs and manifests are shared by digest;
+// tag records, tag lists and links are kept per upstream
+// (storage.Repo.Registry). Each upstream's TagFreshness overrides
+// Options.TagFreshness.
+func NewSet(ups *upstream.Set, store Store, fills *fill.Group, opts Options) *Service {
 	if opts.TagFreshness <= 0 {
 		opts.TagFreshness = 5 * time.Minute
 	}
@@ -129,7 +141,7 @@ func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Ser
 	if opts.TagListMaxPages <= 0 {
 		opts.TagListMaxPages = upstream.MaxTagPages
 	}
-	return &Service{up: up, store: store, fills: fills, registry: RegistryName(up), opts: opts, log: opts.Log, cache: opts.Cache,
+	return &Service{ups: ups, store: store, fills: fills, opts: opts, log: opts.Log, cache: opts.Cache,
 		redirects: newRedirectHolds()}
 }
 
@@ -137,13 +149,49 @@ func New(up *upstream.Client, store Store, fills *fill.Group, opts Options) *Ser
 // lower case ("nvcr.io"). It keys tag records and links in the cache.
 func RegistryName(up *upstream.Client) string { return strings.ToLower(up.Host()) }
 
-// Registry is the name of the upstream registry the service pulls from
-// (RegistryName).
-func (s *Service) Registry() string { return s.registry }
+// Registry is the name of the default upstream registry (RegistryName of
+// its client).
+func (s *Service) Registry() string { return s.ups.Default().Name }
 
-// repo is the cache's key of repository name on the upstream.
+// Upstreams returns the set of upstreams the service pulls from.
+func (s *Service) Upstreams() *upstream.Set { return s.ups }
+
+// at returns the upstream of qualified name repo and the path on it. Every
+// exported method has checked repo with Split first; a name that would fail
+// resolves to the default upstream's registry never reached.
+func (s *Service) at(repo string) (*upstream.Registry, string) {
+	r, path, err := s.ups.Split(repo)
+	if err != nil {
+		return s.ups.Default(), repo
+	}
+	return r, path
+}
+
+// client returns the upstream client of qualified name repo.
+func (s *Service) client(repo string) *upstream.Client {
+	r, _ := s.at(repo)
+	return r.Client
+}
+
+// path returns qualified name repo's path on its upstream.
+func (s *Service) path(repo string) string {
+	_, p := s.at(repo)
+	return p
+}
+
+// freshness returns the tag freshness of repo's upstream.
+func (s *Service) freshness(repo string) time.Duration {
+	if r, _ := s.at(repo); r.TagFreshness > 0 {
+		return r.TagFreshness
+	}
+	return s.opts.TagFreshness
+}
+
+// repo is the cache's key of the repository with qualified name name: its
+// upstream's registry name and its path there.
 func (s *Service) repo(name string) storage.Repo {
-	return storage.Repo{Registry: s.registry, Name: name}
+	r, p := s.at(name)
+	return storage.Repo{Registry: r.Name, Name: p}
 }
 
 type noTracker struct{}
@@ -164,7 +212,7 @@ func (s *Service) upstreamContext(ctx context.Context) (context.Context, context
 // which stale cached content may still be served.
 func IsAuthoritative(err error) bool {
 	var te *auth.TokenError
-	return errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrUnauthorized) ||
+	return errors.Is(err, upstream.ErrNotFound) || errors.Is(err, upstream.ErrUnauthorized) || errors.Is(err, upstream.ErrNameUnknown) ||
 		errors.Is(err, upstream.ErrDenied) ||
 		(errors.As(err, &te) && te.StatusCode >= 400 && te.StatusCode < 500 && te.StatusCode != http.StatusTooManyRequests)
 }

@@ -20,9 +20,12 @@ type TagPage struct {
 // tags this cache has recorded. Errors are the upstream's (see
 // IsAuthoritative) when the cache has no tags of repo.
 func (s *Service) Tags(ctx context.Context, repo string, n int, last string) (TagPage, error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return TagPage{}, err
+	}
 	uctx, cancel := s.upstreamContext(ctx)
 	defer cancel()
-	page, err := s.up.ListTags(uctx, repo, n, last)
+	page, err := s.client(repo).ListTags(uctx, s.path(repo), n, last)
 	if err == nil {
 		p := TagPage{Tags: page.Tags, More: page.More}
 		if len(p.Tags) > n { // an upstream that ignores n
@@ -51,6 +54,9 @@ func (s *Service) Tags(ctx context.Context, repo string, n int, last string) (Ta
 // Options.TagListMaxPages: asking again after its last tag lists the next
 // upstream pages from there (uncached).
 func (s *Service) AllTags(ctx context.Context, repo, last string) (TagPage, error) {
+	if _, _, err := s.ups.Split(repo); err != nil {
+		return TagPage{}, err
+	}
 	tl, err := s.completeTags(ctx, repo)
 	if err != nil {
 		return TagPage{}, err
@@ -61,7 +67,7 @@ func (s *Service) AllTags(ctx context.Context, repo, last string) (TagPage, erro
 		// the next-page link): the next pages from the upstream.
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*s.opts.UpstreamTimeout)
 		defer cancel()
-		if tags, tl.Complete, err = s.up.ListAllTags(uctx, repo, last, s.opts.TagListMaxPages); err != nil {
+		if tags, tl.Complete, err = s.client(repo).ListAllTags(uctx, s.path(repo), last, s.opts.TagListMaxPages); err != nil {
 			return TagPage{}, err
 		}
 	}
@@ -77,7 +83,7 @@ func (s *Service) AllTags(ctx context.Context, repo, last string) (TagPage, erro
 // answer (404, denied) is returned as the error.
 func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagList, error) {
 	cached, cerr := s.store.GetTagList(ctx, s.repo(repo))
-	if cerr == nil && time.Since(cached.ConfirmedAt) < s.opts.TagFreshness {
+	if cerr == nil && time.Since(cached.ConfirmedAt) < s.freshness(repo) {
 		return cached, nil
 	}
 	// The key cannot collide with a manifest's (no name has a space).
@@ -86,7 +92,7 @@ func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagLis
 		// one manifest exchange's bound.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*s.opts.UpstreamTimeout)
 		defer cancel()
-		tags, complete, err := s.up.ListAllTags(ctx, repo, "", s.opts.TagListMaxPages)
+		tags, complete, err := s.client(repo).ListAllTags(ctx, s.path(repo), "", s.opts.TagListMaxPages)
 		if err != nil {
 			return nil, err
 		}

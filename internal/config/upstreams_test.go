@@ -1,0 +1,93 @@
+package config
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestUpstreamsFromYAML: further upstreams keyed by registry name, their
+// passwords from the environment or a file, the names sorted.
+func TestUpstreamsFromYAML(t *testing.T) {
+	t.Parallel()
+	pw := writeFile(t, "ghcr.token", "  ghp_fromfile\n")
+	p := writeFile(t, "mirror.yaml", `
+upstreams:
+  docker.io:
+    url: https://registry-1.docker.io
+    username: labuser
+    password: in-file
+    tag_freshness: 10m
+    repositories: [library/*]
+    root_hosts: [hub.mirror.lab]
+  ghcr.io:
+    url: https://ghcr.io
+    username: bot
+    password_file: `+pw+`
+  registry.k8s.io: {url: "https://registry.k8s.io/"}
+cache:
+  pin: [docker.io/library/python:3.12, docker.io/ubuntu:24.04, registry.k8s.io/pause:3.10]
+`)
+	c, err := Load(p, envOf(map[string]string{"MIRROR_UPSTREAMS_DOCKER_IO_PASSWORD": "from-env"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(c.UpstreamNames(), ","); got != "docker.io,ghcr.io,registry.k8s.io" {
+		t.Errorf("UpstreamNames = %s", got)
+	}
+	d := c.Upstreams["docker.io"]
+	if d.Password != "from-env" || d.Username != "labuser" || time.Duration(d.TagFreshness) != 10*time.Minute ||
+		d.Repositories[0] != "library/*" || d.RootHosts[0] != "hub.mirror.lab" {
+		t.Errorf("docker.io = %+v", d)
+	}
+	if g := c.Upstreams["ghcr.io"]; g.Password != "ghp_fromfile" {
+		t.Errorf("ghcr.io password from file = %q", g.Password)
+	}
+	if u := c.ExtraUpstreamURL("registry.k8s.io"); u.String() != "https://registry.k8s.io" {
+		t.Errorf("ExtraUpstreamURL = %s", u)
+	}
+	if got := PasswordEnv("registry.k8s-x.io"); got != "MIRROR_UPSTREAMS_REGISTRY_K8S_X_IO_PASSWORD" {
+		t.Errorf("PasswordEnv = %s", got)
+	}
+}
+
+// TestUpstreamsRefused: each mistake names its key, and no message holds a
+// password or a URL's user info.
+func TestUpstreamsRefused(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, yaml, want string }{
+		{"no url", "upstreams:\n  docker.io: {username: x}\n", "upstreams.docker.io.url is required"},
+		{"ftp", "upstreams:\n  docker.io: {url: ftp://registry-1.docker.io}\n", "upstreams.docker.io.url: scheme"},
+		{"path", "upstreams:\n  docker.io: {url: https://registry-1.docker.io/v2/}\n", "upstreams.docker.io.url for host"},
+		{"query", "upstreams:\n  docker.io: {url: 'https://registry-1.docker.io?t=1'}\n", "no path or query"},
+		{"userinfo", "upstreams:\n  docker.io: {url: 'https://bob:s3cr3t@registry-1.docker.io'}\n", "not the URL"},
+		{"name without dot", "upstreams:\n  dockerhub: {url: https://registry-1.docker.io}\n", "upstreams.dockerhub: the key is a registry name"},
+		{"name with port", "upstreams:\n  'reg.lab:5000': {url: https://reg.lab:5000}\n", "the key is a registry name"},
+		{"name with scheme", "upstreams:\n  'https://ghcr.io': {url: https://ghcr.io}\n", "the key is a registry name"},
+		{"upper-case name", "upstreams:\n  GHCR.io: {url: https://ghcr.io}\n", "the key is a registry name"},
+		{"localhost", "upstreams:\n  localhost: {url: http://127.0.0.1:5001}\n", "the key is a registry name"},
+		{"the default", "upstreams:\n  nvcr.io: {url: https://nvcr.io}\n", "is the default upstream"},
+		{"the default's host", "upstream: {url: 'http://fake.lab:8080'}\nupstreams:\n  fake.lab: {url: https://x.io}\n", "is the default upstream"},
+		{"an ns alias", "upstream: {ns_aliases: [nvcr.lab]}\nupstreams:\n  nvcr.lab: {url: https://x.io}\n", "is the default upstream"},
+		{"password without user", "upstreams:\n  ghcr.io: {url: https://ghcr.io, password: s3cr3t}\n", "a password needs a username"},
+		{"negative freshness", "upstreams:\n  ghcr.io: {url: https://ghcr.io, tag_freshness: -1s}\n", "upstreams.ghcr.io.tag_freshness"},
+		{"bad pattern", "upstreams:\n  ghcr.io: {url: https://ghcr.io, repositories: ['org/[']}\n", "upstreams.ghcr.io.repositories"},
+		{"pattern with the registry", "upstreams:\n  ghcr.io: {url: https://ghcr.io, repositories: ['ghcr.io/org/*']}\n", "without its name"},
+		{"root host with port", "upstreams:\n  docker.io: {url: https://r.io, root_hosts: ['hub.lab:5000']}\n", "upstreams.docker.io.root_hosts"},
+		{"root host twice", "upstreams:\n  docker.io: {url: https://r.io, root_hosts: [hub.lab]}\n  ghcr.io: {url: https://ghcr.io, root_hosts: [hub.lab]}\n", "a root host of upstreams.docker.io too"},
+		{"unknown key", "upstreams:\n  docker.io: {url: https://r.io, passwd: x}\n", "upstreams.docker.io.passwd"},
+		{"pin of an unconfigured registry", "cache: {pin: ['quay.io/org/img:1']}\n", "cache.pin"},
+		{"password file missing", "upstreams:\n  ghcr.io: {url: https://ghcr.io, username: u, password_file: /nonexistent/x}\n", "upstreams.ghcr.io.password_file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := Load(writeFile(t, "mirror.yaml", tc.yaml), noEnv)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Load = %v, want an error with %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "s3cr3t") || strings.Contains(err.Error(), "bob") {
+				t.Fatalf("error shows a secret: %v", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,118 @@
+package upstream
+
+import (
+	"errors"
+	"net/url"
+	"testing"
+)
+
+func testSet(t *testing.T) *Set {
+	t.Helper()
+	c := func(host string) *Client { return New(&url.URL{Scheme: "https", Host: host}, nil) }
+	s, err := NewSet(&Registry{Name: "nvcr.io", Client: c("nvcr.io")}, []string{"nvcr.lab"},
+		&Registry{Name: "docker.io", Client: c("registry-1.docker.io"), RootHosts: []string{"hub.mirror.lab"}},
+		&Registry{Name: "GHCR.io", Client: c("ghcr.io"), Repositories: []string{"org/*", "tools/**"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestSetRoute: the routing rules of the registry API, in order: ?ns=, a
+// registry prefix, a root host, the default; docker.io's library/ prefix;
+// an unknown registry, a path that begins with a host and a path outside an
+// allow-list are ErrNameUnknown.
+func TestSetRoute(t *testing.T) {
+	t.Parallel()
+	s := testSet(t)
+	for _, c := range []struct {
+		ns, host, name string
+		want           string // "" : ErrNameUnknown
+	}{
+		{"", "mirror.lab:5000", "nvidia/pytorch", "nvidia/pytorch"},
+		{"", "mirror.lab", "nvidia/k8s/dcgm-exporter", "nvidia/k8s/dcgm-exporter"},
+		{"nvcr.io", "mirror.lab", "nvidia/pytorch", "nvidia/pytorch"},
+		{"NVCR.IO", "mirror.lab", "nvidia/pytorch", "nvidia/pytorch"},
+		{"nvcr.lab", "mirror.lab", "nvidia/pytorch", "nvidia/pytorch"}, // an ns alias of the default
+		{"docker.io", "mirror.lab", "library/ubuntu", "docker.io/library/ubuntu"},
+		{"docker.io", "mirror.lab", "ubuntu", "docker.io/library/ubuntu"},
+		{"ghcr.io", "mirror.lab", "org/img", "ghcr.io/org/img"},
+		{"ghcr.io", "mirror.lab", "tools/a/b", "ghcr.io/tools/a/b"},
+		{"ghcr.io", "mirror.lab", "other/img", ""}, // outside the allow-list
+		{"quay.io", "mirror.lab", "org/img", ""},   // not configured
+		{"docker.io", "mirror.lab", "ghcr.io/org/img", ""},
+		{"nvcr.io", "mirror.lab", "docker.io/library/ubuntu", ""},
+		{"", "mirror.lab", "docker.io/library/ubuntu", "docker.io/library/ubuntu"},
+		{"", "mirror.lab", "docker.io/ubuntu", "docker.io/library/ubuntu"},
+		{"", "mirror.lab", "ghcr.io/org/img", "ghcr.io/org/img"},
+		{"", "mirror.lab", "nvcr.io/nvidia/pytorch", "nvidia/pytorch"}, // the default's name as a prefix
+		{"", "mirror.lab", "quay.io/org/img", ""},
+		{"", "mirror.lab", "localhost/org/img", ""},
+		{"", "mirror.lab", "docker.io/docker.io/library/x", ""},
+		{"", "mirror.lab", "docker.io/nvcr.io/nvidia/pytorch", ""},
+		{"", "hub.mirror.lab:5000", "library/ubuntu", "docker.io/library/ubuntu"}, // registry-mirrors
+		{"", "HUB.mirror.lab", "ubuntu", "docker.io/library/ubuntu"},
+		{"", "hub.mirror.lab", "ghcr.io/org/img", "ghcr.io/org/img"}, // a prefix wins over the root host
+		{"", "hub.mirror.lab", "nvcr.io/nvidia/pytorch", "nvidia/pytorch"},
+		{"", "[::1]:5000", "nvidia/pytorch", "nvidia/pytorch"},
+	} {
+		got, err := s.Route(c.ns, c.host, c.name)
+		switch {
+		case c.want == "" && !errors.Is(err, ErrNameUnknown):
+			t.Errorf("Route(%q, %q, %q) = %q, %v; want ErrNameUnknown", c.ns, c.host, c.name, got, err)
+		case c.want != "" && (err != nil || got != c.want):
+			t.Errorf("Route(%q, %q, %q) = %q, %v; want %q", c.ns, c.host, c.name, got, err, c.want)
+		}
+	}
+}
+
+// TestSetSplit: a qualified name resolves to its upstream and path; the
+// default's names are not written in qualified names.
+func TestSetSplit(t *testing.T) {
+	t.Parallel()
+	s := testSet(t)
+	for _, c := range []struct{ name, reg, path string }{
+		{"nvidia/pytorch", "nvcr.io", "nvidia/pytorch"},
+		{"docker.io/library/ubuntu", "docker.io", "library/ubuntu"},
+		{"ghcr.io/org/img", "ghcr.io", "org/img"},
+		{"ghcr.io/nope/img", "", ""},
+		{"nvcr.io/nvidia/pytorch", "", ""},
+		{"quay.io/a/b", "", ""},
+	} {
+		r, p, err := s.Split(c.name)
+		if c.reg == "" {
+			if !errors.Is(err, ErrNameUnknown) {
+				t.Errorf("Split(%q) = %v, %q, %v; want ErrNameUnknown", c.name, r, p, err)
+			}
+			continue
+		}
+		if err != nil || r.Name != c.reg || p != c.path {
+			t.Errorf("Split(%q) = %v, %q, %v; want %s %s", c.name, r, p, err, c.reg, c.path)
+		}
+	}
+	if got := s.Qualify(s.Get("docker.io"), "python"); got != "docker.io/library/python" {
+		t.Errorf("Qualify = %q", got)
+	}
+	if len(s.All()) != 3 || s.All()[0] != s.Default() {
+		t.Errorf("All = %v", s.All())
+	}
+}
+
+// TestNewSetRefuses: a further upstream named like the default, twice, or
+// not like a registry.
+func TestNewSetRefuses(t *testing.T) {
+	t.Parallel()
+	c := New(&url.URL{Scheme: "https", Host: "x.io"}, nil)
+	def := func() *Registry { return &Registry{Name: "nvcr.io", Client: c} }
+	for _, others := range [][]*Registry{
+		{{Name: "nvcr.io", Client: c}},
+		{{Name: "nvcr.lab", Client: c}},
+		{{Name: "a.io", Client: c}, {Name: "A.io", Client: c}},
+		{{Name: "noregistry", Client: c}},
+		{{Name: "a.io:5000", Client: c}},
+	} {
+		if _, err := NewSet(def(), []string{"nvcr.lab"}, others...); err == nil {
+			t.Errorf("NewSet(%v) succeeded", others[0].Name)
+		}
+	}
+}
