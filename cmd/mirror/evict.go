@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"log/slog"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -12,6 +14,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -34,7 +37,13 @@ type budget interface {
 // evict.Unlimited when no budget is configured. The eviction metrics are
 // registered either way. Pin sources (prefetch rules) are added with
 // SetPinSource on the result.
-func newBudget(cfg config.Config, store *storage.Store, registry string, reg prometheus.Registerer, log *slog.Logger) budget {
+//
+// With the cache on S3 and the state in Redis (st is *state.Redis), the
+// budget is shared with every replica on the same bucket and Redis (see
+// evict's "Shared budget"): one budget for the bucket, evicted by one
+// leader. It needs no cluster settings (cluster.advertise): Redis carries
+// everything.
+func newBudget(cfg config.Config, store *storage.Store, st state.Store, registry string, reg prometheus.Registerer, log *slog.Logger) budget {
 	log = log.With("component", "evict")
 	m := metrics.NewEviction(reg)
 	opts := evict.Options{
@@ -61,7 +70,22 @@ func newBudget(cfg config.Config, store *storage.Store, registry string, reg pro
 		}
 		return evict.Unlimited{}
 	}
+	if r, ok := st.(*state.Redis); ok && cfg.Storage.Driver == "s3" {
+		opts.Shared, opts.Scope = r, budgetScope(cfg.Storage.S3)
+	}
 	ev := evict.New(store, opts)
-	log.Info("cache budget", "max_size", cfg.Cache.MaxSize.String(), "min_free", cfg.Cache.MinFree.String(), "pins", len(opts.Pins), "interval", opts.Interval)
+	log.Info("cache budget", "max_size", cfg.Cache.MaxSize.String(), "min_free", cfg.Cache.MinFree.String(), "pins", len(opts.Pins), "interval", opts.Interval,
+		"shared", opts.Shared != nil)
 	return ev
+}
+
+// budgetScope names a bucket for the shared budget's keys in Redis:
+// endpoint host, bucket and prefix, so that mirrors on different buckets
+// sharing one Redis keep budgets of their own.
+func budgetScope(s3 config.S3) string {
+	host := "aws"
+	if u, err := url.Parse(s3.Endpoint); err == nil && u.Host != "" {
+		host = u.Host
+	}
+	return host + "/" + s3.Bucket + "/" + strings.Trim(s3.Prefix, "/")
 }

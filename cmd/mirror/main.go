@@ -236,7 +236,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	}
 
 	// Cache budget and eviction (evict.go); evict.Unlimited without one.
-	ev := newBudget(cfg, store, registry, reg, log)
+	ev := newBudget(cfg, store, st, registry, reg, log)
 
 	fills := fill.NewGroup(store, fill.Options{
 		SpoolDir:           spoolDir,

@@ -29,7 +29,7 @@ func (e *Evictor) minFree() int64 {
 // and how many bytes a pass must free to reach the low-water mark.
 func (e *Evictor) excess(extra int64) (over bool, need int64) {
 	e.mu.Lock()
-	used := e.used.Load() + e.reserved + extra
+	used := e.used.Load() + e.reserved + e.othersReserved() + extra
 	e.mu.Unlock()
 	if max := e.opts.MaxSize; max > 0 {
 		if used > max {
@@ -68,6 +68,18 @@ func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (relea
 		e.refuse(d, size, nil) // would never fit: evict nothing for it
 		return nil, fmt.Errorf("%w: blob %s of %d bytes is larger than the budget", ErrFull, d, size)
 	}
+	if e.sh != nil && !e.sh.leader.Load() {
+		// Only the leader evicts: ask it for room and wait.
+		r, err := e.admitShared(ctx, size)
+		if r != nil {
+			return r, nil
+		}
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		e.refuse(d, size, err)
+		return nil, fmt.Errorf("%w (blob %s, %d bytes)", ErrFull, d, size)
+	}
 	var perr error
 	g := e.gen.Load()
 	ran, freed := false, false
@@ -91,12 +103,21 @@ func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (relea
 	return nil, fmt.Errorf("%w (blob %s, %d bytes)", ErrFull, d, size)
 }
 
+// othersReserved returns the bytes other replicas on a shared budget
+// admitted and have not committed yet.
+func (e *Evictor) othersReserved() int64 {
+	if e.sh == nil {
+		return 0
+	}
+	return e.sh.others.Load()
+}
+
 // reserve counts size bytes as on their way into the cache if they fit,
 // and returns the function giving them back; nil when they do not fit.
 func (e *Evictor) reserve(size int64) func() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if max := e.opts.MaxSize; max > 0 && e.used.Load()+e.reserved+size > max {
+	if max := e.opts.MaxSize; max > 0 && e.used.Load()+e.reserved+e.othersReserved()+size > max {
 		return nil
 	}
 	if mf := e.minFree(); mf > 0 {

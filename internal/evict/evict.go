@@ -48,9 +48,41 @@
 // Admit refuses the blob with ErrFull: the fill then serves it straight
 // from the upstream without caching it (internal/fill, internal/proxy).
 //
-// The index is this process's view. Content another process adds to a
-// shared bucket is not counted until the next start; content it removes is
-// forgotten when eviction finds it gone.
+// Without Options.Shared the index is this process's view. Content
+// another process adds to a shared bucket is not counted until the next
+// start; content it removes is forgotten when eviction finds it gone.
+//
+// # Shared budget
+//
+// Replicas whose caches are one bucket and that share Redis
+// (Options.Shared, *state.Redis; cmd/mirror turns it on for storage.driver
+// s3 with state.redis_url) keep one budget for the bucket:
+//
+//   - Every replica's index holds the whole bucket: seeded from a listing
+//     at start, then kept current by the changes the others publish
+//     (commits, removals and access times; state.BudgetBus). A replica
+//     publishes in batches, every SyncInterval (2 s), never on a request:
+//     Touch only marks the entry. Bytes other replicas admitted for fills
+//     still running count against the budget too.
+//   - One replica, the holder of the "budget:<scope>" lock in the state
+//     store, runs the passes for all. The others never evict: when a blob
+//     does not fit, Admit asks the leader for a pass and waits for the
+//     room (AdmitTimeout), and refuses at once while the leader's last
+//     pass found nothing to evict.
+//   - A pass never removes a blob another replica is serving. The leader
+//     first dooms a batch of candidates in Redis; at its next exchange
+//     every live replica stops granting leases on the doomed blobs it is
+//     not serving (a new request waits until the batch is done, then
+//     misses) and reports those it is serving. Once every live replica
+//     has answered, the leader removes the rest. A blob being filled is
+//     not in the cache yet, so it cannot be removed.
+//
+// Pins are the leader's (cache.pin and its prefetch rules): give every
+// replica the same configuration. While Redis is unreachable, nothing is
+// evicted (a leader cannot learn what the others serve), a replica's
+// changes wait to be published, and a replica that cannot answer is not
+// waited for once its presence expires (3 × SyncInterval): its clients
+// reading a blob the leader then removes are cut off (never wrong bytes).
 package evict
 
 import (
@@ -104,6 +136,21 @@ type Options struct {
 	// FreeSpace returns the free and total bytes of the cache's filesystem
 	// (default: statfs(2) of Dir).
 	FreeSpace func() (free, total int64, err error)
+
+	// Shared makes this budget one with the other replicas whose caches
+	// are the same bucket (see "Shared budget"); nil: this process's
+	// alone. Scope names the bucket (and prefix) on Shared; Owner this
+	// replica (default host-pid-random).
+	Shared Shared
+	Scope  string
+	Owner  string
+	// SyncInterval is how often a shared budget exchanges changes,
+	// access times and presence (default 2 s): other replicas count a
+	// commit, and see a use, within about that long.
+	SyncInterval time.Duration
+	// LockTTL is the expiry of the shared budget's leader lock (default
+	// 15 s): a leader that dies is replaced within it.
+	LockTTL time.Duration
 }
 
 // Enabled reports whether o sets a budget at all.
@@ -149,6 +196,8 @@ type Evictor struct {
 
 	passSem chan struct{} // one pass at a time
 	kick    chan struct{}
+
+	sh *sharing // nil: a budget of this process alone
 }
 
 // New returns an Evictor for store and subscribes it to the store's
@@ -191,6 +240,9 @@ func New(store Store, opts Options) *Evictor {
 	}
 	for i := range e.shards {
 		e.shards[i].m = map[key]*entry{}
+	}
+	if opts.Shared != nil {
+		e.sh = newSharing(opts)
 	}
 	e.fruitless.Store(^uint64(0))
 	e.opts.Metrics.SetBudget(opts.MaxSize, e.minFree())

@@ -8,6 +8,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -50,6 +51,8 @@ type entry struct {
 	leases   int           // responses streaming it now
 	skipped  bool          // a pass left it alone for its leases: their end can make room
 	evicting chan struct{} // non-nil while a pass removes it; closed after
+	blocked  chan struct{} // non-nil while another replica's pass may remove it (shared budget)
+	dirty    atomic.Bool   // used since the last exchange (shared budget)
 
 	// Guarded by Evictor.passSem (read and written by passes only).
 	refs       []digest.Digest
@@ -81,7 +84,7 @@ func (sh *shard) getLocked(k key) *entry {
 
 // dropLocked removes an entry nothing refers to any more. sh.mu is held.
 func (sh *shard) dropLocked(k key, en *entry) {
-	if !en.present && en.leases == 0 && en.evicting == nil && sh.m[k] == en {
+	if !en.present && en.leases == 0 && en.evicting == nil && en.blocked == nil && sh.m[k] == en {
 		delete(sh.m, k)
 	}
 }
@@ -94,6 +97,13 @@ func (e *Evictor) observe(ev storage.Event) {
 	}
 	k := key{kind, ev.Digest}
 	e.gen.Add(1)
+	if e.sh != nil {
+		c := state.BudgetChange{Op: state.BudgetAdded, Kind: kindByte(kind), Digest: string(ev.Digest), Size: ev.Size, Time: e.now()}
+		if ev.Removed {
+			c.Op = state.BudgetRemoved
+		}
+		e.sh.enqueue(c)
+	}
 	if ev.Removed {
 		e.forget(k)
 		return
@@ -186,8 +196,12 @@ func (e *Evictor) Touch(kind storage.Kind, d digest.Digest) {
 	sh.mu.RUnlock()
 	if en == nil { // not indexed yet (Seed still running): remember the time
 		sh.mu.Lock()
-		sh.getLocked(k).last.Store(now)
+		en = sh.getLocked(k)
+		en.last.Store(now)
 		sh.mu.Unlock()
+	}
+	if e.sh != nil {
+		e.sh.touched(k, en) // published at the next exchange, not now
 	}
 }
 
@@ -201,8 +215,11 @@ func (e *Evictor) Lease(ctx context.Context, d digest.Digest) (release func(), e
 	sh := e.shard(d)
 	sh.mu.Lock()
 	en := sh.getLocked(k)
-	for en.evicting != nil {
+	for en.evicting != nil || en.blocked != nil {
 		ch := en.evicting
+		if ch == nil {
+			ch = en.blocked // another replica is about to remove it
+		}
 		sh.mu.Unlock()
 		select {
 		case <-ch:

@@ -21,6 +21,11 @@ import (
 // Options.Interval and whenever a commit takes the cache over budget. Seed
 // the index first (Seed or SeedObjects).
 func (e *Evictor) Run(ctx context.Context) {
+	if e.sh != nil {
+		done := make(chan struct{})
+		go func() { defer close(done); e.runShared(ctx) }()
+		defer func() { <-done }()
+	}
 	t := time.NewTicker(e.opts.Interval)
 	defer t.Stop()
 	for {
@@ -81,6 +86,9 @@ func (e *Evictor) pass(ctx context.Context, extra int64) (Result, error) {
 	}
 	defer func() { <-e.passSem }()
 	e.opts.Metrics.SetBudget(e.opts.MaxSize, e.minFree())
+	if e.sh != nil && !e.sh.leader.Load() {
+		return res, nil // the shared budget's leader evicts
+	}
 	over, need := e.excess(extra)
 	if !over || need <= 0 {
 		return res, nil
@@ -167,15 +175,24 @@ func (e *Evictor) pass(ctx context.Context, extra int64) (Result, error) {
 	}
 	// Blobs first; manifests (small, and what lets an image come back
 	// without the upstream's tag lookup) only when that was not enough.
-	for _, it := range append(blobs, manifests...) {
-		if need <= 0 || ctx.Err() != nil {
-			break
+	if e.sh != nil {
+		var serr error
+		need, serr = e.removeShared(ctx, append(blobs, manifests...), need, &res)
+		e.setFull(ctx, need > 0 && len(res.Removed) == 0 && serr == nil)
+		if serr != nil && ctx.Err() == nil {
+			return res, fmt.Errorf("evict: shared budget: %w", serr)
 		}
-		n, removed := e.evictOne(ctx, it)
-		need -= n
-		if removed {
-			res.Removed = append(res.Removed, Item{Kind: kindName(it.k.kind), Digest: it.k.d, Size: n})
-			res.Bytes += n
+	} else {
+		for _, it := range append(blobs, manifests...) {
+			if need <= 0 || ctx.Err() != nil {
+				break
+			}
+			n, removed := e.evictOne(ctx, it)
+			need -= n
+			if removed {
+				res.Removed = append(res.Removed, Item{Kind: kindName(it.k.kind), Digest: it.k.d, Size: n})
+				res.Bytes += n
+			}
 		}
 	}
 	if len(res.Removed) > 0 || need > 0 {

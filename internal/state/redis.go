@@ -29,6 +29,9 @@ import (
 //	jobs-by-time       zset  id → created (unix nanoseconds)
 //	lock:<name>        string owner, with an expiry
 //	claim:<key>        string, with an expiry
+//	budget:<scope>:*   the shared cache budget (budget.go): log (stream of
+//	                   changes), replicas (zset owner → expiry), presence
+//	                   (hash owner → JSON), doomed (set), gen, kick, full
 type Redis struct {
 	c      *redis.Client
 	prefix string
