@@ -70,13 +70,22 @@ func newBudget(cfg config.Config, store *storage.Store, st state.Store, registry
 		}
 		return evict.Unlimited{}
 	}
-	if r, ok := st.(*state.Redis); ok && cfg.Storage.Driver == "s3" {
+	if r, ok := sharedState(cfg, st); ok {
 		opts.Shared, opts.Scope = r, budgetScope(cfg.Storage.S3)
 	}
 	ev := evict.New(store, opts)
 	log.Info("cache budget", "max_size", cfg.Cache.MaxSize.String(), "min_free", cfg.Cache.MinFree.String(), "pins", len(opts.Pins), "interval", opts.Interval,
 		"shared", opts.Shared != nil)
 	return ev
+}
+
+// sharedState returns the Redis state store when replicas may share this
+// cache with others: the cache on S3 (one bucket for all) and the state in
+// Redis. Then the budget is one (evict's shared budget) and a manifest is
+// fetched once across them (pull.Options.Leases).
+func sharedState(cfg config.Config, st state.Store) (*state.Redis, bool) {
+	r, ok := st.(*state.Redis)
+	return r, ok && cfg.Storage.Driver == "s3"
 }
 
 // budgetScope names a bucket for the shared budget's keys in Redis:

@@ -248,8 +248,15 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Metrics:            m,
 	})
 	// The pull-through service: what clients, prefetch jobs and the admin
-	// API are served from.
+	// API are served from. Replicas on one bucket sharing Redis fetch a
+	// manifest once between them (manifest leases, as the budget: evict.go).
+	var leases pull.Leases
+	if r, ok := sharedState(cfg, st); ok {
+		leases = r
+	}
 	svc := pull.NewSet(ups, store, fills, pull.Options{
+		Leases:          leases,
+		LeaseScope:      budgetScope(cfg.Storage.S3),
 		TagFreshness:    time.Duration(cfg.Cache.TagFreshness),
 		UpstreamTimeout: time.Duration(cfg.Upstream.Timeout),
 		CheckLinks:      policy != nil,

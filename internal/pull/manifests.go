@@ -85,26 +85,33 @@ func (s *Service) manifestByDigest(ctx context.Context, repo string, dgst digest
 	if !errors.Is(err, storage.ErrNotFound) {
 		s.log.Warn("cached manifest unreadable; refetching", "digest", dgst, "err", err)
 	}
-	m, err = s.fetchManifest(ctx, repo, dgst)
-	return m, false, err
+	return s.fetchManifest(ctx, repo, dgst)
 }
 
 // fetchManifest gets manifest dgst of repository repo from the upstream
-// (one exchange however many ask at once) and caches and links it.
-func (s *Service) fetchManifest(ctx context.Context, repo string, dgst digest.Digest) (*storage.Manifest, error) {
-	v, err, _ := s.manifests.Do(repo+"@"+dgst.String(), func() (any, error) {
-		ctx, cancel := s.upstreamContext(ctx)
-		defer cancel()
-		um, err := s.client(repo).GetManifest(ctx, s.path(repo), dgst.String(), nil)
-		if err != nil {
-			return nil, err
-		}
-		return s.cacheManifest(ctx, repo, um), nil
+// (one exchange however many ask at once, across replicas sharing the
+// cache with Options.Leases) and caches and links it. fromCache reports
+// that another replica fetched it and this one read it from the cache.
+func (s *Service) fetchManifest(ctx context.Context, repo string, dgst digest.Digest) (m *storage.Manifest, fromCache bool, err error) {
+	key := repo + "@" + dgst.String()
+	v, err, _ := s.manifests.Do(key, func() (any, error) {
+		ready := func(ctx context.Context) (*storage.Manifest, bool) { return s.cachedDigest(ctx, repo, dgst) }
+		m, waited, err := s.once(ctx, s.repo(repo).String()+"@"+dgst.String(), ready, func() (*storage.Manifest, error) {
+			ctx, cancel := s.upstreamContext(ctx)
+			defer cancel()
+			um, err := s.client(repo).GetManifest(ctx, s.path(repo), dgst.String(), nil)
+			if err != nil {
+				return nil, err
+			}
+			return s.cacheManifest(ctx, repo, um), nil
+		})
+		return fetched{m, waited}, err
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return v.(*storage.Manifest), nil
+	r := v.(fetched)
+	return r.m, r.fromCache, nil
 }
 
 // cacheManifest stores a verified manifest that the upstream served for
@@ -151,7 +158,7 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 		// A GET, not a HEAD: nvcr.io has refused manifest HEADs (403),
 		// and caching the manifest under repo links what it refers to as
 		// well, so its blobs need no HEAD each.
-		_, err := s.fetchManifest(ctx, repo, dgst)
+		_, _, err := s.fetchManifest(ctx, repo, dgst)
 		if err != nil && IsAuthoritative(err) {
 			return errNotHeld
 		}
@@ -172,6 +179,13 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 	return err
 }
 
+// fetched is a manifest and whether another replica fetched it (this one
+// read it from the shared cache).
+type fetched struct {
+	m         *storage.Manifest
+	fromCache bool
+}
+
 // manifestByTag serves repo:tag (see Manifest). hit reports whether the
 // manifest bytes came from the cache.
 func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage.Manifest, bool, error) {
@@ -185,36 +199,16 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 			}
 		}
 	}
-	v, err, _ := s.manifests.Do(repo+":"+tag, func() (any, error) {
-		ctx, cancel := s.upstreamContext(ctx)
-		defer cancel()
-		if cached != nil {
-			d, err := s.client(repo).HeadManifest(ctx, s.path(repo), tag, nil)
-			if err == nil && d.Digest == cached.Digest {
-				rec.ConfirmedAt = time.Now()
-				if perr := s.store.PutTag(ctx, s.repo(repo), tag, rec); perr != nil {
-					s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
-				}
-				return cached, nil
-			}
-			if err != nil && !errors.Is(err, upstream.ErrDenied) && !errors.Is(err, upstream.ErrInvalidContent) {
-				return nil, err // GET would fail the same way
-			}
-		}
-		um, err := s.client(repo).GetManifest(ctx, s.path(repo), tag, nil)
-		if err != nil {
-			return nil, err
-		}
-		m := s.cacheManifest(ctx, repo, um)
-		nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
-		if perr := s.store.PutTag(ctx, s.repo(repo), tag, nrec); perr != nil {
-			s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
-		}
-		return m, nil
+	key := repo + ":" + tag
+	v, err, _ := s.manifests.Do(key, func() (any, error) {
+		asked := rec.ConfirmedAt // another replica's fetch confirms it later
+		ready := func(ctx context.Context) (*storage.Manifest, bool) { return s.freshTag(ctx, repo, tag, asked) }
+		m, waited, err := s.once(ctx, s.repo(repo).String()+":"+tag, ready, func() (*storage.Manifest, error) { return s.fetchTag(ctx, repo, tag, rec, cached) })
+		return fetched{m, waited}, err
 	})
 	if err == nil {
-		m := v.(*storage.Manifest)
-		return m, m == cached, nil
+		r := v.(fetched)
+		return r.m, r.m == cached || r.fromCache, nil
 	}
 	if cached != nil && !IsAuthoritative(err) {
 		s.log.Warn("upstream unavailable; serving cached tag", "repository", repo, "tag", tag,
@@ -227,4 +221,35 @@ func (s *Service) manifestByTag(ctx context.Context, repo, tag string) (*storage
 		}
 	}
 	return nil, false, err
+}
+
+// fetchTag asks the upstream for repo:tag: a HEAD when a manifest is
+// cached (rec, cached), confirming it when the digest is unchanged, else a
+// GET whose manifest it caches and records.
+func (s *Service) fetchTag(ctx context.Context, repo, tag string, rec storage.TagRecord, cached *storage.Manifest) (*storage.Manifest, error) {
+	ctx, cancel := s.upstreamContext(ctx)
+	defer cancel()
+	if cached != nil {
+		d, err := s.client(repo).HeadManifest(ctx, s.path(repo), tag, nil)
+		if err == nil && d.Digest == cached.Digest {
+			rec.ConfirmedAt = time.Now()
+			if perr := s.store.PutTag(ctx, s.repo(repo), tag, rec); perr != nil {
+				s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
+			}
+			return cached, nil
+		}
+		if err != nil && !errors.Is(err, upstream.ErrDenied) && !errors.Is(err, upstream.ErrInvalidContent) {
+			return nil, err // GET would fail the same way
+		}
+	}
+	um, err := s.client(repo).GetManifest(ctx, s.path(repo), tag, nil)
+	if err != nil {
+		return nil, err
+	}
+	m := s.cacheManifest(ctx, repo, um)
+	nrec := storage.TagRecord{Digest: m.Digest, MediaType: m.MediaType, Size: int64(len(m.Body)), ConfirmedAt: time.Now()}
+	if perr := s.store.PutTag(ctx, s.repo(repo), tag, nrec); perr != nil {
+		s.log.Warn("recording tag failed", "repository", repo, "tag", tag, "err", perr)
+	}
+	return m, nil
 }

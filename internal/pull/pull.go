@@ -94,7 +94,14 @@ type Options struct {
 	// Cache is told of every hit and leases blobs being read (default:
 	// nothing to tell).
 	Cache CacheTracker
-	Log   *slog.Logger
+	// Leases, when set, makes a manifest fetch once across the replicas
+	// that share this cache and the state store (*state.Redis): see
+	// Service.Manifest. LeaseScope names the shared cache in the lease
+	// names (replicas on other caches sharing the store never wait on each
+	// other). nil: this process alone (fetches are still one per process).
+	Leases     Leases
+	LeaseScope string
+	Log        *slog.Logger
 }
 
 // Service is the pull-through cache. Build it with New; it is safe for
@@ -108,6 +115,7 @@ type Service struct {
 	cache     CacheTracker
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	redirects *redirectHolds     // leases kept for presigned URLs handed out
+	owner     string             // this replica in manifest leases
 }
 
 // New returns the service over one upstream client (the default upstream,
@@ -142,7 +150,7 @@ func NewSet(ups *upstream.Set, store Store, fills *fill.Group, opts Options) *Se
 		opts.TagListMaxPages = upstream.MaxTagPages
 	}
 	return &Service{ups: ups, store: store, fills: fills, opts: opts, log: opts.Log, cache: opts.Cache,
-		redirects: newRedirectHolds()}
+		redirects: newRedirectHolds(), owner: replicaOwner()}
 }
 
 // RegistryName is the name of up's registry: its URL's host[:port] in
