@@ -85,6 +85,8 @@ type config struct {
 
 	versitygwBin string // case 6 ("": versitygw on PATH)
 	s3BlobSize   int64
+
+	scaleNs []int // case 7: cache sizes (blobs)
 }
 
 func main() {
@@ -94,6 +96,7 @@ func main() {
 		c           config
 		casesFlag   = flag.String("cases", "1,2,3,4,5,6", "cases to run, comma separated")
 		nsFlag      = flag.String("cold-n", "1,8,32", "case 2: concurrent clients per round")
+		scaleFlag   = flag.String("scale-n", "20000,200000", "case 7: cache sizes in blobs (the first is the baseline of the growth ratios)")
 		blobSize    = size(1 << 30)
 		smallSize   = size(-1)
 		layerSize   = size(16 << 20)
@@ -138,8 +141,8 @@ func main() {
 	c.cases = map[int]bool{}
 	for _, f := range strings.Split(*casesFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 || n > 6 {
-			log.Fatalf("-cases: %q is not a case (1-6)", f)
+		if err != nil || n < 1 || n > 7 {
+			log.Fatalf("-cases: %q is not a case (1-7)", f)
 		}
 		c.cases[n] = true
 	}
@@ -149,6 +152,13 @@ func main() {
 			log.Fatalf("-cold-n: %q", f)
 		}
 		c.coldNs = append(c.coldNs, n)
+	}
+	for _, f := range strings.Split(*scaleFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 100 {
+			log.Fatalf("-scale-n: %q (at least 100)", f)
+		}
+		c.scaleNs = append(c.scaleNs, n)
 	}
 	if c.mirrorBin == "" {
 		log.Fatal("-mirror is required")
@@ -216,6 +226,7 @@ func run(c config) int {
 		}},
 		{1, func(ctx context.Context) error { return h.case1(ctx, bigBlobs) }},
 		{6, h.case6},
+		{7, h.case7},
 	}
 	for _, s := range steps {
 		if !c.cases[s.n] {
@@ -364,6 +375,10 @@ func (h *harness) report() string {
 	if h.cfg.cases[6] {
 		fmt.Fprintf(&b, "Case 6: blob %s, 1 and %d clients, %d reps, TTFB %d samples; static column = direct GETs from versitygw (the presigned URL).\n\n",
 			fmtBytes(h.cfg.s3BlobSize), h.cfg.clients, h.cfg.reps, max(h.cfg.ttfbSamples, 1))
+	}
+	if h.cfg.cases[7] {
+		fmt.Fprintf(&b, "Case 7: caches of %s small blobs (%d B; every 100th %s, old and unreferenced) plus a manifest per %d, on disk and on S3 (versitygw), budget 95%% of the cache; mirror column = the measure.\n\n",
+			fmtInts(h.cfg.scaleNs), scaleSmall, fmtBytes(scaleBig), scaleLayers)
 	}
 	if h.peerNA != "" {
 		fmt.Fprintf(&b, "Peer: n/a (%s).\n\n", h.peerNA)

@@ -341,11 +341,16 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	g.Go(func() error { return runTLSReload(gctx, reloader, log) })
 	g.Go(func() error {
 		// One listing of the cache for its size and the evictor's index.
+		start := time.Now()
 		objs, err := store.Scan(gctx)
 		if err != nil && gctx.Err() == nil {
 			log.Warn("listing the cache failed; its size is undercounted and unlisted content is not evicted until the next start", "err", err)
 		}
 		ev.SeedObjects(objs)
+		blobBytes, blobs := store.Usage(storage.KindBlob)
+		manifestBytes, manifests := store.Usage(storage.KindManifest)
+		log.Info("cache listed", "blobs", blobs, "manifests", manifests, "bytes", blobBytes+manifestBytes,
+			"duration", time.Since(start).Round(time.Millisecond))
 		ev.Run(gctx)
 		return nil
 	})
