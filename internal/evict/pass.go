@@ -69,11 +69,12 @@ type item struct {
 	k    key
 	en   *entry
 	size int64
-	last int64
-	eff  int64
-	done bool // eff computed
-	busy bool // eff being computed (cycle guard)
+	eff  int64 // effective access time: its own, or a later one of a manifest referring to it
 }
+
+// maxDepth bounds how deep manifests refer to manifests (an index → its
+// images is one level) for effective times and pins.
+const maxDepth = 8
 
 // pass evicts down to the low-water mark when the cache plus extra bytes
 // is over budget.
@@ -95,55 +96,79 @@ func (e *Evictor) pass(ctx context.Context, extra int64) (Result, error) {
 	}
 	start := time.Now()
 
-	// Snapshot the index.
-	var items []*item
-	byDigest := map[digest.Digest][]*item{}
+	// Snapshot the index: one slice of values and one map from key to
+	// position (no allocation per object beyond them).
+	n := 0
+	for i := range e.shards {
+		sh := &e.shards[i]
+		sh.mu.RLock()
+		n += len(sh.m)
+		sh.mu.RUnlock()
+	}
+	items := make([]item, 0, n)
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.RLock()
 		for k, en := range sh.m {
 			if en.present {
-				it := &item{k: k, en: en, size: en.size, last: en.last.Load()}
-				items = append(items, it)
-				byDigest[k.d] = append(byDigest[k.d], it)
+				items = append(items, item{k: k, en: en, size: en.size, eff: en.last.Load()})
 			}
 		}
 		sh.mu.RUnlock()
 	}
+	at := make(map[key]int32, len(items))
+	var mans []int32
+	for i := range items {
+		at[items[i].k] = int32(i)
+		if items[i].k.kind == kManifest {
+			mans = append(mans, int32(i))
+		}
+	}
 	// What each cached manifest refers to (read once per manifest: they
 	// are immutable).
-	parents := map[digest.Digest][]*item{}
-	for _, it := range items {
-		if it.k.kind != kManifest {
-			continue
-		}
-		refs, err := e.refs(ctx, it.k.d, it.en)
+	refs := make([][]digest.Digest, len(mans))
+	for j, i := range mans {
+		r, err := e.refs(ctx, items[i].k.d, items[i].en)
 		if err != nil {
 			return res, err
 		}
-		for _, r := range refs {
-			parents[r] = append(parents[r], it)
-		}
+		refs[j] = r
 	}
-	pinned, err := e.pinned(ctx, byDigest)
+	pinned, err := e.pinned(ctx, func(d digest.Digest) (*entry, bool) {
+		if i, ok := at[key{kManifest, d}]; ok {
+			return items[i].en, true
+		}
+		return nil, false
+	})
 	if err != nil {
 		return res, err
 	}
-	var eff func(it *item) int64
-	eff = func(it *item) int64 {
-		if it.done || it.busy {
-			return it.eff
+	// Effective times flow from a manifest to what it refers to: first
+	// among manifests (an index to its images; a few rounds at most),
+	// then to blobs.
+	for range maxDepth {
+		changed := false
+		for j, i := range mans {
+			for _, r := range refs[j] {
+				if c, ok := at[key{kManifest, r}]; ok && items[c].eff < items[i].eff {
+					items[c].eff, changed = items[i].eff, true
+				}
+			}
 		}
-		it.busy, it.eff = true, it.last
-		for _, p := range parents[it.k.d] {
-			it.eff = max(it.eff, eff(p))
+		if !changed {
+			break
 		}
-		it.busy, it.done = false, true
-		return it.eff
+	}
+	for j, i := range mans {
+		for _, r := range refs[j] {
+			if b, ok := at[key{kBlob, r}]; ok && items[b].eff < items[i].eff {
+				items[b].eff = items[i].eff
+			}
+		}
 	}
 	var blobs, manifests []*item
-	for _, it := range items {
-		eff(it)
+	for i := range items {
+		it := &items[i]
 		if pinned[it.k.d] {
 			continue
 		}

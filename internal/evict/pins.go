@@ -72,8 +72,9 @@ func (e *Evictor) SetPinSource(name string, f PinSource) {
 }
 
 // pinned returns the digests pins cover: the pinned manifests, their
-// children, and their config and layer blobs.
-func (e *Evictor) pinned(ctx context.Context, byDigest map[digest.Digest][]*item) (map[digest.Digest]bool, error) {
+// children, and their config and layer blobs. manifest returns the index
+// entry of a cached manifest.
+func (e *Evictor) pinned(ctx context.Context, manifest func(digest.Digest) (*entry, bool)) (map[digest.Digest]bool, error) {
 	pins := slices.Clone(e.opts.Pins)
 	e.mu.Lock()
 	sources := make(map[string]PinSource, len(e.sources))
@@ -96,17 +97,11 @@ func (e *Evictor) pinned(ctx context.Context, byDigest map[digest.Digest][]*item
 	out := map[digest.Digest]bool{}
 	var walk func(d digest.Digest, depth int) error
 	walk = func(d digest.Digest, depth int) error {
-		if out[d] || depth > 8 {
+		if out[d] || depth > maxDepth {
 			return nil
 		}
 		out[d] = true
-		var en *entry
-		isManifest := false
-		for _, it := range byDigest[d] {
-			if it.k.kind == kManifest {
-				en, isManifest = it.en, true
-			}
-		}
+		en, isManifest := manifest(d)
 		if !isManifest && depth > 0 {
 			return nil // a blob (or a child manifest not cached)
 		}

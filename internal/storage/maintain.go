@@ -49,6 +49,12 @@ type object struct {
 // size, modification time).
 func (s *Store) objects(ctx context.Context) ([]object, error) {
 	var out []object
+	err := s.eachObject(ctx, func(o object) { out = append(out, o) })
+	return out, err
+}
+
+// eachObject calls f with each cached blob and manifest, as listed.
+func (s *Store) eachObject(ctx context.Context, f func(object)) error {
 	for _, kind := range Kinds {
 		root := mustPath(ContentRoot{kind})
 		err := s.d.Walk(ctx, root, func(fi driver.FileInfo) error {
@@ -61,14 +67,14 @@ func (s *Store) objects(ctx context.Context) ([]object, error) {
 				return nil
 			}
 			d := digest.NewDigestFromEncoded(digest.Algorithm(parts[0]), parts[2])
-			out = append(out, object{kind: kind, path: fi.Path(), dgst: d, size: fi.Size(), mod: fi.ModTime()})
+			f(object{kind: kind, path: fi.Path(), dgst: d, size: fi.Size(), mod: fi.ModTime()})
 			return nil
 		})
 		if err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
-			return nil, fmt.Errorf("storage: listing %s: %w", root, err)
+			return fmt.Errorf("storage: listing %s: %w", root, err)
 		}
 	}
-	return out, nil
+	return nil
 }
 
 // Check rehashes every cached blob and manifest and returns those whose
@@ -267,11 +273,10 @@ type Object struct {
 // Objects lists every cached blob and manifest. It reads every directory of
 // the cache (not the content); run it in the background on a large cache.
 func (s *Store) Objects(ctx context.Context) ([]Object, error) {
-	objs, err := s.objects(ctx)
-	out := make([]Object, len(objs))
-	for i, o := range objs {
-		out[i] = Object{Kind: o.kind, Digest: o.dgst, Size: o.size, ModTime: o.mod}
-	}
+	var out []Object // without the paths: a listing of 200,000 objects is held at once
+	err := s.eachObject(ctx, func(o object) {
+		out = append(out, Object{Kind: o.kind, Digest: o.dgst, Size: o.size, ModTime: o.mod})
+	})
 	return out, err
 }
 
