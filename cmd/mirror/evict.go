@@ -26,6 +26,7 @@ type budget interface {
 	pull.CacheTracker
 	SeedObjects([]storage.Object)
 	SetPinSource(name string, f evict.PinSource)
+	Share(ctx context.Context)
 	Run(ctx context.Context)
 }
 

@@ -339,6 +339,9 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return runHTTP(gctx, srv, ln, reloader != nil, grace, fills, log) })
 	g.Go(func() error { return runTLSReload(gctx, reloader, log) })
+	// A shared budget's exchanges start with serving, not after the
+	// listing: the leader must know of this replica's responses at once.
+	g.Go(func() error { ev.Share(gctx); return nil })
 	g.Go(func() error {
 		// One listing of the cache for its size and the evictor's index.
 		start := time.Now()

@@ -77,6 +77,9 @@
 //     has answered, the leader removes the rest. A blob being filled is
 //     not in the cache yet, so it cannot be removed.
 //
+// Share runs the exchanges and the election; start it with serving,
+// before the listing that seeds the index.
+//
 // Pins are the leader's (cache.pin and its prefetch rules): give every
 // replica the same configuration. While Redis is unreachable, nothing is
 // evicted (a leader cannot learn what the others serve), a replica's

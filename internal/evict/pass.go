@@ -23,7 +23,7 @@ import (
 func (e *Evictor) Run(ctx context.Context) {
 	if e.sh != nil {
 		done := make(chan struct{})
-		go func() { defer close(done); e.runShared(ctx) }()
+		go func() { defer close(done); e.Share(ctx) }()
 		defer func() { <-done }()
 	}
 	t := time.NewTicker(e.opts.Interval)

@@ -41,9 +41,10 @@ type sharing struct {
 	lockTTL  time.Duration
 	doomTTL  time.Duration
 
-	leader atomic.Bool
-	others atomic.Int64 // bytes other replicas reserved, at the last exchange
-	full   atomic.Bool  // the leader's last pass freed nothing
+	started atomic.Bool // Share is running
+	leader  atomic.Bool
+	others  atomic.Int64 // bytes other replicas reserved, at the last exchange
+	full    atomic.Bool  // the leader's last pass freed nothing
 
 	mu      sync.Mutex
 	pending []state.BudgetChange // own commits and removals to publish
@@ -77,7 +78,7 @@ func newSharing(o Options) *sharing {
 		ttl = 15 * time.Second
 	}
 	return &sharing{bus: o.Shared, scope: o.Scope, owner: owner, interval: iv, lockTTL: ttl,
-		doomTTL: 2 * time.Minute, synced: make(chan struct{}), mine: map[digest.Digest]bool{},
+		doomTTL: 30 * time.Second, synced: make(chan struct{}), mine: map[digest.Digest]bool{},
 		blocked: map[key]*entry{}, wake: make(chan struct{}, 1)}
 }
 
@@ -164,6 +165,20 @@ func (e *Evictor) kickPass() {
 	case e.kick <- struct{}{}:
 	default:
 	}
+}
+
+// Share takes part in the shared budget until ctx ends: it exchanges with
+// the other replicas every SyncInterval (their changes into the index,
+// this replica's out, doomed blobs blocked or vetoed) and runs for the
+// leader's lock. It does nothing without Options.Shared, or when already
+// running. Start it before the cache serves, ahead of Seed: until its
+// first exchange, the leader does not know this replica and its responses
+// are not protected. Run starts it if it is not running.
+func (e *Evictor) Share(ctx context.Context) {
+	if e.sh == nil || !e.sh.started.CompareAndSwap(false, true) {
+		return
+	}
+	e.runShared(ctx)
 }
 
 // runShared exchanges with the other replicas every SyncInterval and
@@ -433,7 +448,8 @@ func (e *Evictor) removeShared(ctx context.Context, cands []*item, need int64, r
 			release()
 			return need, err
 		}
-		for n, it := range batch {
+		renewed := time.Now()
+		for _, it := range batch {
 			if need <= 0 || ctx.Err() != nil {
 				break
 			}
@@ -441,8 +457,14 @@ func (e *Evictor) removeShared(ctx context.Context, cands []*item, need int64, r
 				e.gen.Add(1) // served elsewhere: its end can make room
 				continue
 			}
-			if n > 0 && n%100 == 0 {
-				_, _ = s.bus.BudgetDoom(ctx, s.scope, nil, s.doomTTL) // renew while removing
+			if time.Since(renewed) > s.doomTTL/4 {
+				// Renew while removing: the others keep their leases
+				// blocked only while the doom set lives (a leader that
+				// dies leaves it to expire).
+				if _, err := s.bus.BudgetDoom(ctx, s.scope, nil, s.doomTTL); err != nil {
+					break // the others may unblock soon: stop removing
+				}
+				renewed = time.Now()
 			}
 			freed, removed := e.evictOne(ctx, it)
 			need -= freed

@@ -29,5 +29,8 @@ func (Unlimited) SeedObjects([]storage.Object) {}
 // SetPinSource does nothing: nothing is evicted.
 func (Unlimited) SetPinSource(string, PinSource) {}
 
+// Share returns at once: there is nothing to share.
+func (Unlimited) Share(context.Context) {}
+
 // Run returns at once: there are no passes.
 func (Unlimited) Run(context.Context) {}
