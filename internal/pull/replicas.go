@@ -13,10 +13,10 @@ import (
 )
 
 // Manifest fetches once across replicas: replicas that share a cache (one
-// bucket) and a state store (Redis) take a short lease per manifest
-// before asking the upstream, so that a cold tag or digest asked of all of
-// them at once is fetched by one; the others wait for it to land in the
-// shared cache and read it from there.
+// bucket) and a state store (Redis) take a short lease per manifest (and
+// per complete tag list) before asking the upstream, so that a cold tag or
+// digest asked of all of them at once is fetched by one; the others wait
+// for it to land in the shared cache and read it from there.
 
 // Leases is what the service needs of the state store to coordinate
 // manifest fetches with other replicas (*state.Redis): a named lock.
@@ -53,9 +53,16 @@ func replicaOwner() string {
 // answer, it fetches at once.
 func (s *Service) once(ctx context.Context, key string, ready func(ctx context.Context) (*storage.Manifest, bool),
 	fetch func() (*storage.Manifest, error)) (m *storage.Manifest, waited bool, err error) {
+	return onceAcross(ctx, s, key, ready, fetch)
+}
+
+// onceAcross is once for any result: ready looks for it in the shared
+// cache.
+func onceAcross[T any](ctx context.Context, s *Service, key string, ready func(ctx context.Context) (T, bool),
+	fetch func() (T, error)) (v T, waited bool, err error) {
 	if s.opts.Leases == nil {
-		m, err = fetch()
-		return m, false, err
+		v, err = fetch()
+		return v, false, err
 	}
 	// Like the fetch, the wait serves every caller joined to it: not
 	// cut short by the first one leaving.
@@ -71,23 +78,23 @@ func (s *Service) once(ctx context.Context, key string, ready func(ctx context.C
 			if err != nil && ctx.Err() == nil {
 				s.log.Debug("manifest lease not available; fetching without it", "key", key, "err", err)
 			}
-			m, err = fetch()
+			v, err = fetch()
 			if ok {
 				uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), leaseTimeout)
 				_ = s.opts.Leases.Unlock(uctx, name, s.owner)
 				cancel()
 			}
-			return m, false, err
+			return v, false, err
 		}
 		// Another replica is fetching it.
 		select {
 		case <-ctx.Done():
-			return nil, false, ctx.Err()
+			return v, false, ctx.Err()
 		case <-time.After(wait):
 		}
 		wait = min(2*wait, 250*time.Millisecond)
-		if m, ok := ready(ctx); ok {
-			return m, true, nil
+		if got, ok := ready(ctx); ok {
+			return got, true, nil
 		}
 	}
 }
@@ -105,6 +112,16 @@ func (s *Service) freshTag(ctx context.Context, repo, tag string, after time.Tim
 		return nil, false
 	}
 	return m, true
+}
+
+// freshTagList reports repo's cached tag list when it was confirmed since
+// after (by another replica's listing) and within the freshness window.
+func (s *Service) freshTagList(ctx context.Context, repo string, after time.Time) (storage.TagList, bool) {
+	tl, err := s.store.GetTagList(ctx, s.repo(repo))
+	if err != nil || !tl.ConfirmedAt.After(after) || time.Since(tl.ConfirmedAt) >= s.freshness(repo) {
+		return storage.TagList{}, false
+	}
+	return tl, true
 }
 
 // cachedDigest reports manifest dgst once another replica cached it (and,

@@ -34,7 +34,7 @@ func replicaServices(t *testing.T, leases bool) (*ngctest.Upstream, *ngctest.Fix
 		t.Fatal(err)
 	}
 	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
-		if strings.Contains(r.URL.Path, "/manifests/") {
+		if strings.Contains(r.URL.Path, "/manifests/") || strings.HasSuffix(r.URL.Path, "/tags/list") {
 			time.Sleep(300 * time.Millisecond)
 		}
 		return false
@@ -106,6 +106,29 @@ func TestManifestOnceAcrossReplicas(t *testing.T) {
 	}
 	if hits < 4 {
 		t.Errorf("%d of 8 served as cache hits; want at least the other replica's 4", hits)
+	}
+}
+
+// TestTagListOnceAcrossReplicas: a complete tag list asked of two
+// replicas at once is listed from the upstream by one of them.
+func TestTagListOnceAcrossReplicas(t *testing.T) {
+	up, _, svcs := replicaServices(t, true)
+	var wg sync.WaitGroup
+	for _, s := range svcs {
+		for range 3 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p, err := s.AllTags(t.Context(), ngctest.PytorchRepo, "")
+				if err != nil || len(p.Tags) < 2 {
+					t.Errorf("tags: %v %v", p.Tags, err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	if n := manifestGETs(up, "/v2/"+ngctest.PytorchRepo+"/tags/list"); n != 1 {
+		t.Errorf("upstream tag list GETs: %d, want 1", n)
 	}
 }
 

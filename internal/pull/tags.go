@@ -88,25 +88,12 @@ func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagLis
 	}
 	// The key cannot collide with a manifest's (no name has a space).
 	v, err, _ := s.manifests.Do(repo+" tags", func() (any, error) {
-		// Shared by every caller; a listing of many pages gets four times
-		// one manifest exchange's bound.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*s.opts.UpstreamTimeout)
-		defer cancel()
-		tags, complete, err := s.client(repo).ListAllTags(ctx, s.path(repo), "", s.opts.TagListMaxPages)
-		if err != nil {
-			return nil, err
+		// Once across replicas sharing the cache, as manifests.
+		ready := func(ctx context.Context) (storage.TagList, bool) {
+			return s.freshTagList(ctx, repo, cached.ConfirmedAt)
 		}
-		if tags == nil {
-			tags = []string{}
-		}
-		tl := storage.TagList{Tags: tags, Complete: complete, ConfirmedAt: time.Now()}
-		if !complete {
-			s.log.Warn("tag list cut at the page bound", "repository", repo, "tags", len(tags), "pages", s.opts.TagListMaxPages)
-		}
-		if perr := s.store.PutTagList(ctx, s.repo(repo), tl); perr != nil {
-			s.log.Warn("caching tag list failed", "repository", repo, "err", perr)
-		}
-		return tl, nil
+		tl, _, err := onceAcross(ctx, s, s.repo(repo).String()+" tags", ready, func() (storage.TagList, error) { return s.listTags(ctx, repo) })
+		return tl, err
 	})
 	if err == nil {
 		return v.(storage.TagList), nil
@@ -123,6 +110,29 @@ func (s *Service) completeTags(ctx context.Context, repo string) (storage.TagLis
 		return storage.TagList{Tags: known, Complete: true}, nil
 	}
 	return storage.TagList{}, err
+}
+
+// listTags merges repo's tag list from the upstream's pages and caches it.
+func (s *Service) listTags(ctx context.Context, repo string) (storage.TagList, error) {
+	// Shared by every caller; a listing of many pages gets four times one
+	// manifest exchange's bound.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*s.opts.UpstreamTimeout)
+	defer cancel()
+	tags, complete, err := s.client(repo).ListAllTags(ctx, s.path(repo), "", s.opts.TagListMaxPages)
+	if err != nil {
+		return storage.TagList{}, err
+	}
+	if tags == nil {
+		tags = []string{}
+	}
+	tl := storage.TagList{Tags: tags, Complete: complete, ConfirmedAt: time.Now()}
+	if !complete {
+		s.log.Warn("tag list cut at the page bound", "repository", repo, "tags", len(tags), "pages", s.opts.TagListMaxPages)
+	}
+	if perr := s.store.PutTagList(ctx, s.repo(repo), tl); perr != nil {
+		s.log.Warn("caching tag list failed", "repository", repo, "err", perr)
+	}
+	return tl, nil
 }
 
 // after returns the tags of sorted list that come after last in lexical
