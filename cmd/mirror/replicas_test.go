@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
+	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
+)
+
+// TestServeReplicasShareBucketAndRedis: two mirrors on one bucket (a real
+// S3 server) sharing a real Redis, as the wiring builds them, join one
+// cache budget (both present on it, one leading) and fetch a cold manifest
+// asked of both at once from the upstream once.
+func TestServeReplicasShareBucketAndRedis(t *testing.T) {
+	up := ngctest.New(ngctest.Options{})
+	defer up.Close()
+	if _, err := up.Populate(4 << 10); err != nil {
+		t.Fatal(err)
+	}
+	up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if strings.Contains(r.URL.Path, "/manifests/") {
+			time.Sleep(300 * time.Millisecond) // both replicas ask before either is done
+		}
+		return false
+	})
+	s3 := testsupport.StartS3(t)
+	rd := redistest.Start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	var addrs []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		env := map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(), "MIRROR_DATA_DIR": t.TempDir(),
+			"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB", "MIRROR_REDIS_URL": rd.URL,
+			"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_S3_BUCKET": s3.Bucket, "MIRROR_S3_REGION": s3.Region,
+			"MIRROR_S3_ENDPOINT": s3.Endpoint, "MIRROR_S3_PATH_STYLE": "true",
+			"MIRROR_S3_ACCESS_KEY": s3.AccessKey, "MIRROR_S3_SECRET_KEY": s3.SecretKey}
+		cfg, err := config.Load("", func(k string) string { return env[k] })
+		if err != nil {
+			t.Fatal(err)
+		}
+		policy, err := newPolicy(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rules, err := compileRules(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := serve(ctx, cfg, policy, rules); err != nil {
+				t.Errorf("serve: %v", err)
+			}
+		}()
+		addrs = append(addrs, addr)
+	}
+	c := &http.Client{Timeout: 30 * time.Second}
+	defer c.CloseIdleConnections()
+	for _, a := range addrs {
+		testsupport.Eventually(t, 20*time.Second, "the mirror listens", func() bool {
+			resp, err := c.Get("http://" + a + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+			}
+			return err == nil
+		})
+	}
+
+	// One budget: both replicas are present on it.
+	st, err := state.OpenRedis(rd.URL, state.RedisOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	scope := budgetScope(config.S3{Endpoint: s3.Endpoint, Bucket: s3.Bucket})
+	testsupport.Eventually(t, 20*time.Second, "both replicas on the shared budget", func() bool {
+		rs, err := st.BudgetReplicas(context.Background(), scope)
+		return err == nil && len(rs) == 2
+	})
+
+	// One upstream GET for a cold tag asked of both.
+	var pulls sync.WaitGroup
+	for _, a := range addrs {
+		pulls.Add(1)
+		go func() {
+			defer pulls.Done()
+			resp, err := c.Get("http://" + a + "/v2/" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer resp.Body.Close()
+			if _, err := io.Copy(io.Discard, resp.Body); err != nil || resp.StatusCode != http.StatusOK {
+				t.Errorf("GET manifest from %s: %d %v", a, resp.StatusCode, err)
+			}
+		}()
+	}
+	pulls.Wait()
+	n := 0
+	for _, r := range up.Requests() {
+		if r.Method == http.MethodGet && r.Path == "/v2/"+ngctest.CUDARepo+"/manifests/"+ngctest.CUDATag && r.Auth != "" {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("upstream manifest GETs: %d, want 1 across the two replicas", n)
+	}
+}
