@@ -29,7 +29,18 @@ func (e *Evictor) Run(ctx context.Context) {
 	t := time.NewTicker(e.opts.Interval)
 	defer t.Stop()
 	for {
-		if _, err := e.Evict(ctx); err != nil && ctx.Err() == nil {
+		var err error
+		if e.sh != nil {
+			// Room another replica asked for (the leader's pass makes it).
+			if w := e.sh.want.Swap(0); w > 0 && e.opts.Enabled() {
+				_, err = e.pass(ctx, w)
+			} else {
+				_, err = e.Evict(ctx)
+			}
+		} else {
+			_, err = e.Evict(ctx)
+		}
+		if err != nil && ctx.Err() == nil {
 			e.log.Warn("eviction pass failed", "err", err)
 		}
 		select {

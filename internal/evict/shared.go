@@ -41,7 +41,8 @@ type sharing struct {
 	lockTTL  time.Duration
 	doomTTL  time.Duration
 
-	started atomic.Bool // Share is running
+	started atomic.Bool  // Share is running
+	want    atomic.Int64 // bytes other replicas asked room for (leader)
 	leader  atomic.Bool
 	others  atomic.Int64 // bytes other replicas reserved, at the last exchange
 	full    atomic.Bool  // the leader's last pass freed nothing
@@ -276,7 +277,13 @@ func (e *Evictor) exchange(ctx context.Context) error {
 	}
 	s.others.Store(others)
 	s.full.Store(v.Full && !lead)
-	if v.Kicked && lead {
+	if v.Kicked > 0 && lead {
+		for {
+			w := s.want.Load()
+			if v.Kicked <= w || s.want.CompareAndSwap(w, v.Kicked) {
+				break
+			}
+		}
 		e.kickPass()
 	}
 
@@ -496,7 +503,7 @@ func (e *Evictor) admitShared(ctx context.Context, size int64) (func(), error) {
 		return nil, nil
 	}
 	kctx, cancel := context.WithTimeout(ctx, time.Second)
-	err := s.bus.BudgetKick(kctx, s.scope, 2*e.opts.Interval)
+	err := s.bus.BudgetKick(kctx, s.scope, size, 2*e.opts.Interval)
 	cancel()
 	if err != nil {
 		return nil, err

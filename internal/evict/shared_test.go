@@ -40,7 +40,7 @@ func startReplicas(t *testing.T, clk *clock, max int64) replicas {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { st.Close() })
-		e := evict.New(s, evict.Options{MaxSize: max, Now: clk.now, Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})).With("r", owner), Shared: st, Scope: "registry/", Owner: owner,
+		e := evict.New(s, evict.Options{MaxSize: max, Now: clk.now, Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("r", owner), Shared: st, Scope: "registry/", Owner: owner,
 			SyncInterval: 50 * time.Millisecond, LockTTL: time.Second, Interval: time.Hour, AdmitTimeout: 3 * time.Second})
 		if err := e.Seed(t.Context()); err != nil {
 			t.Fatal(err)
@@ -196,3 +196,25 @@ func TestSharedBudgetFullRefusesOnNonLeader(t *testing.T) {
 type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// TestSharedBudgetNonLeaderGetsRoom: a blob that does not fit on B, with
+// the cache under budget (nothing for a pass of the leader's own to do),
+// is admitted once the leader has evicted room for it.
+func TestSharedBudgetNonLeaderGetsRoom(t *testing.T) {
+	var clk clock
+	clk.set(1)
+	r := startReplicas(t, &clk, 10*sharedBlob)
+	for i := range 9 {
+		clk.set(2 + i)
+		putBlob(t, r.sa, sharedBlob)
+	}
+	testsupport.Eventually(t, 10*time.Second, "B counts A's blobs", func() bool { return r.b.Used() == 9*sharedBlob })
+	rel, err := r.b.Admit(t.Context(), digest.FromString("big"), 3*sharedBlob)
+	if err != nil {
+		t.Fatalf("Admit on B: %v, want room made by the leader", err)
+	}
+	rel()
+	if n := bucketBytes(t, r.sa); n > 7*sharedBlob {
+		t.Fatalf("bucket holds %d bytes: the leader did not make room for 3000", n)
+	}
+}

@@ -67,7 +67,7 @@ type BudgetView struct {
 	Doomed   []string        // digests a leader is about to remove
 	Replicas []BudgetReplica // the live replicas (the caller included once it published)
 	More     bool            // max entries were read: call again for the rest
-	Kicked   bool            // a replica asked for room (consumed when the caller leads)
+	Kicked   int64           // bytes a replica asked room for (0: none; consumed when the caller leads)
 	Full     bool            // the leader's last pass could free nothing
 }
 
@@ -91,8 +91,9 @@ type BudgetBus interface {
 	BudgetDoom(ctx context.Context, scope string, digests []string, ttl time.Duration) (int64, error)
 	// BudgetUndoom removes digests from the doom set.
 	BudgetUndoom(ctx context.Context, scope string, digests []string) error
-	// BudgetKick asks the leader for a pass.
-	BudgetKick(ctx context.Context, scope string, ttl time.Duration) error
+	// BudgetKick asks the leader for a pass that makes room for bytes
+	// (the largest request waiting wins).
+	BudgetKick(ctx context.Context, scope string, bytes int64, ttl time.Duration) error
 	// BudgetSetFull records (for ttl) or clears the leader's verdict that
 	// nothing can be evicted.
 	BudgetSetFull(ctx context.Context, scope string, full bool, ttl time.Duration) error
@@ -154,8 +155,11 @@ for i, o in ipairs(live) do pres[i] = redis.call('HGET', KEYS[2], o) or '' end
 local doomed = {}
 if ARGV[2] == '1' then doomed = redis.call('SMEMBERS', KEYS[3]) end
 local gen = redis.call('GET', KEYS[4]) or '0'
-local kick = 0
-if ARGV[1] == '1' and redis.call('DEL', KEYS[5]) == 1 then kick = 1 end
+local kick = '0'
+if ARGV[1] == '1' then
+  kick = redis.call('GET', KEYS[5]) or '0'
+  redis.call('DEL', KEYS[5])
+end
 local full = redis.call('EXISTS', KEYS[6])
 return {gen, doomed, pres, kick, full}`)
 
@@ -197,7 +201,7 @@ func (r *Redis) budgetState(ctx context.Context, scope string, lead, doomed bool
 			v.Replicas = append(v.Replicas, br)
 		}
 	}
-	v.Kicked = fmt.Sprint(res[3]) == "1"
+	v.Kicked, _ = strconv.ParseInt(fmt.Sprint(res[3]), 10, 64)
 	v.Full = fmt.Sprint(res[4]) == "1"
 	return v, nil
 }
@@ -283,9 +287,17 @@ func (r *Redis) BudgetUndoom(ctx context.Context, scope string, digests []string
 }
 
 // BudgetKick implements BudgetBus.
-func (r *Redis) BudgetKick(ctx context.Context, scope string, ttl time.Duration) error {
-	return r.c.Set(ctx, r.bk(scope, "kick"), "1", ttl).Err()
+func (r *Redis) BudgetKick(ctx context.Context, scope string, bytes int64, ttl time.Duration) error {
+	return budgetKick.Run(ctx, r.c, []string{r.bk(scope, "kick")}, bytes, ttl.Milliseconds()).Err()
 }
+
+// budgetKick keeps the larger of the waiting request and ARGV[1] bytes.
+var budgetKick = redis.NewScript(`
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if want > cur then cur = want end
+redis.call('SET', KEYS[1], cur, 'PX', ARGV[2])
+return cur`)
 
 // BudgetSetFull implements BudgetBus.
 func (r *Redis) BudgetSetFull(ctx context.Context, scope string, full bool, ttl time.Duration) error {
