@@ -30,7 +30,7 @@ type Shared interface {
 const (
 	maxPending = 200_000 // changes kept for publishing while Redis is unreachable
 	maxDoom    = 1000    // objects doomed at once
-	pollMax    = 500     // stream entries read per call
+	pollMax    = 100     // stream entries read per call (each one exchange's batch)
 )
 
 type sharing struct {
