@@ -247,6 +247,12 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
 	})
+	// Scale-out (cluster.go): nil without cluster.advertise.
+	so, err := newScaleOut(ctx, cfg, store, reg, log)
+	if err != nil {
+		return err
+	}
+	defer so.end()
 	// The pull-through service: what clients, prefetch jobs and the admin
 	// API are served from. Replicas on one bucket sharing Redis fetch a
 	// manifest once between them (manifest leases, as the budget: evict.go).
@@ -262,6 +268,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		CheckLinks:      policy != nil,
 		Redirect:        store.Capabilities().Redirect,
 		Cache:           ev, // evict.go
+		Cluster:         so.cluster(),
 		Log:             log.With("component", "pull"),
 	})
 	trk, err := newTracked(cfg, dataDir, st, stKind, rules, ups, svc, store, reg, log)
@@ -293,6 +300,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 			}
 			return err
 		},
+		Cluster: so.ready(),
 	}
 
 	ln, err := net.Listen("tcp", cfg.Addr)
@@ -342,6 +350,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	// A shared budget's exchanges start with serving, not after the
 	// listing: the leader must know of this replica's responses at once.
 	g.Go(func() error { ev.Share(gctx); return nil })
+	so.run(g, svc, cfg.Cluster.Secret)
 	g.Go(func() error {
 		// One listing of the cache for its size and the evictor's index.
 		start := time.Now()
@@ -387,6 +396,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		if err := fills.Wait(sctx); err != nil {
 			log.Warn("downloads cut off at the end of the grace period", "fills_in_flight", fills.InFlight())
 		}
+		so.end() // peers no longer stream from this replica's fills
 		return nil
 	})
 	err = g.Wait()

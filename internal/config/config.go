@@ -42,6 +42,7 @@ type Config struct {
 	Tracking  Tracking                 `yaml:"tracking"`
 	Prefetch  Prefetch                 `yaml:"prefetch"`
 	Admin     Admin                    `yaml:"admin"`
+	Cluster   Cluster                  `yaml:"cluster"`
 }
 
 // Limits protect the mirror from overload and abuse.
@@ -175,6 +176,7 @@ func Default() Config {
 		State:     st,
 		Tracking:  tr,
 		Prefetch:  pf,
+		Cluster:   defaultCluster(),
 		Addr:      ":5000",
 		LogLevel:  "info",
 		AccessLog: true,
@@ -292,6 +294,9 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		}
 		c.Upstream.APIKey = strings.TrimSpace(string(raw))
 	}
+	if err := c.loadClusterEnv(getenv); err != nil {
+		return c, err
+	}
 	return c, c.Validate()
 }
 
@@ -380,6 +385,7 @@ func (c Config) Validate() error {
 		}
 	}
 	errs = append(errs, c.validateTracking()...)
+	errs = append(errs, c.validateCluster()...)
 	if len(errs) > 0 {
 		return fmt.Errorf("config: %w", errors.Join(errs...))
 	}

@@ -52,6 +52,7 @@ func TestDefaults(t *testing.T) {
 		State:    State{Timeout: Duration(time.Second)},
 		Tracking: Tracking{Poll: "@every 1h", Recent: Duration(30 * 24 * time.Hour)},
 		Prefetch: Prefetch{Enabled: true, MaxJobs: 2, Auto: AutoPrefetch{Enabled: true, Window: Duration(14 * 24 * time.Hour)}},
+		Cluster:  Cluster{Listen: ":5002", Heartbeat: Duration(2 * time.Second)},
 	}
 	if got := Default(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("Default() = %+v\nwant %+v", got, want)

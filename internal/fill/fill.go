@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"log/slog"
 	"os"
@@ -53,6 +54,41 @@ var ErrSpool = errors.New("fill: spool")
 // the cache is at its budget and nothing could be evicted. Nothing is
 // cached; the caller serves the client straight from the upstream.
 var ErrCacheFull = errors.New("fill: cache budget full")
+
+// ErrCached is returned by a Source on its first call (offset 0) when it
+// finds the blob committed to the cache since the miss (by another replica
+// sharing the cache): the fill looks it up again and its clients read it
+// from the cache (Fill.Cached), nothing is fetched.
+var ErrCached = errors.New("fill: blob committed to the cache meanwhile")
+
+// Relay is called by a Source, with the context the fill passed it, when
+// the body it returns comes from another replica that caches the blob
+// itself (the blob's owner, on a cache the replicas share). The fill then
+// keeps the bytes in a local spool only, streaming and verifying them as
+// usual (nothing is written to the cache while they arrive), and once the
+// blob is verified calls committed, which waits for the owner's commit and
+// reports whether it succeeded. The fill commits the blob from its spool
+// only when the last body came from a source that did not call Relay (a
+// takeover from the upstream), committed reports false, or the cache does
+// not hold the blob after all (replicas with caches of their own): a
+// shared bucket receives each blob's bytes once.
+func Relay(ctx context.Context, committed func(ctx context.Context) bool) {
+	if st, ok := ctx.Value(relayKey{}).(*relayState); ok {
+		st.committed = committed
+	}
+}
+
+type relayKey struct{}
+
+// relayState is what one Source call said through Relay.
+type relayState struct{ committed func(context.Context) bool }
+
+// call calls src with the offset, noting what it says through Relay.
+func call(ctx context.Context, src Source, off int64) (io.ReadCloser, int64, *relayState, error) {
+	st := &relayState{}
+	body, size, err := src(context.WithValue(ctx, relayKey{}, st), off)
+	return body, size, st, err
+}
 
 // Budget decides whether a blob may be cached (internal/evict.Evictor).
 type Budget interface {
@@ -236,6 +272,20 @@ func (g *Group) join(dgst digest.Digest, src Source, check bool) (f *Fill, start
 	g.opts.Metrics.FillStarted()
 	go f.run(ctx, src)
 	return f, true, nil
+}
+
+// Running returns the running fill of dgst, joined (Release it when done),
+// or nil when none runs. It never starts one: a peer replica's request is
+// served from a fill this replica runs, never forwarded on.
+func (g *Group) Running(dgst digest.Digest) *Fill {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	f := g.fills[dgst]
+	if f != nil {
+		f.refs++
+		g.opts.Metrics.FillJoined()
+	}
+	return f
 }
 
 // Wait blocks until no fill runs or ctx ends (graceful shutdown: fills in
@@ -559,6 +609,18 @@ func (f *Fill) run(ctx context.Context, src Source) {
 	f.known = known
 
 	err := f.fetch(ctx, src, idle, readyOnce, log)
+	if errors.Is(err, ErrCached) {
+		// Another replica committed it since the miss: read it from the
+		// cache like a blob found by the lookup above.
+		size, serr := f.g.store.StatBlob(ctx, f.dgst)
+		if serr == nil {
+			f.size, f.cached = size, true
+			f.finish(nil)
+			f.g.opts.Metrics.FillEnded("")
+			return
+		}
+		err = fmt.Errorf("fill: source said the blob is cached, the cache says: %w", serr)
+	}
 	if errors.Is(err, ErrCacheFull) {
 		// Not a failure: the budget (which counts and logs it) declined
 		// the blob, and each client is served from the upstream.
@@ -606,7 +668,7 @@ func reason(err error) string {
 }
 
 func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready func(), log *slog.Logger) error {
-	body, size, err := src(ctx, 0)
+	body, size, last, err := call(ctx, src, 0)
 	if err != nil {
 		return err
 	}
@@ -614,7 +676,10 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	if size < 0 {
 		return ErrUnknownSize
 	}
-	if b := f.g.opts.Budget; b != nil {
+	// A relayed blob is cached by its owner: no budget, no upload now (see
+	// Relay and settle).
+	relay := last.committed != nil
+	if b := f.g.opts.Budget; b != nil && !relay {
 		// An eviction pass may run meanwhile: not an upstream stall.
 		idle.Stop()
 		release, err := b.Admit(ctx, f.dgst, size)
@@ -625,22 +690,34 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	}
 	idle.Reset(f.g.opts.IdleTimeout)
 
-	// The s3-aws writer keeps the context it is created with for its
-	// Commit: a cancelled fill context (idle timeout firing late, the last
-	// client leaving) must not fail the commit of a verified blob. Upstream
-	// reads still stop with ctx.
-	w, err := f.g.store.CreateBlob(context.WithoutCancel(ctx), f.dgst, size)
-	if err != nil {
-		return fmt.Errorf("%w: creating the cache upload: %w", ErrSpool, err)
+	// hash takes every byte (hashing, and writing the upload unless it is
+	// the spool itself); verify checks size and digest at the end.
+	var hash io.Writer
+	var verify func() error
+	var w *storage.BlobWriter
+	local := false
+	if relay {
+		hv := &hashVerifier{want: f.dgst, size: size, h: f.dgst.Algorithm().Hash()}
+		hash, verify = hv, hv.Verify
+	} else {
+		// The s3-aws writer keeps the context it is created with for its
+		// Commit: a cancelled fill context (idle timeout firing late, the
+		// last client leaving) must not fail the commit of a verified
+		// blob. Upstream reads still stop with ctx.
+		w, err = f.g.store.CreateBlob(context.WithoutCancel(ctx), f.dgst, size)
+		if err != nil {
+			return fmt.Errorf("%w: creating the cache upload: %w", ErrSpool, err)
+		}
+		defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
+		if f.known {
+			w.KnownNew()
+		}
+		hash, verify = w, w.Verify
+		// On a local cache the upload itself is the spool: clients read
+		// the file the cache is writing, and every byte is written once.
+		local = w.LocalPath() != ""
 	}
-	defer func() { _ = w.Cancel(context.WithoutCancel(ctx)) }() // no-op after Commit
-	if f.known {
-		w.KnownNew()
-	}
-	// On a local cache the upload itself is the spool: clients read the
-	// file the cache is writing, and every byte is written once. Elsewhere
-	// (S3) an anonymous local file is the spool.
-	local := w.LocalPath() != ""
+	// Elsewhere (S3, a relay) an anonymous local file is the spool.
 	var spool *os.File
 	if local {
 		spool, err = os.Open(w.LocalPath()) // this handle outlives rename and removal
@@ -680,7 +757,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 				}
 				off += int64(n)
 				f.publish(n)
-				_, _ = w.Write(buf[:n]) // hashes; a storage error surfaces at Commit
+				_, _ = hash.Write(buf[:n]) // a storage error surfaces at Commit
 			}
 		}
 		if rerr == nil {
@@ -701,7 +778,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 		log.Info("resuming broken blob download", "offset", off, "err", rerr, "try", resumes)
 		_ = body.Close()
 		var rsize int64
-		body, rsize, err = src(ctx, off)
+		body, rsize, last, err = call(ctx, src, off)
 		if err != nil {
 			body = io.NopCloser(nil)
 			return fmt.Errorf("fill: resuming at byte %d: %w", off, err)
@@ -713,7 +790,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	// The upstream is done: the idle timeout must not cut a slow commit (a
 	// server-side copy of a large blob on S3).
 	idle.Stop()
-	if err := w.Verify(); err != nil {
+	if err := verify(); err != nil {
 		return err
 	}
 	// Verified: clients get the last byte now rather than after the
@@ -724,13 +801,85 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	close(f.wake)
 	f.wake = make(chan struct{})
 	f.mu.Unlock()
+	if relay {
+		return f.settle(ctx, last, spool, size)
+	}
 	if err := w.Commit(context.WithoutCancel(ctx)); err != nil {
 		return err
 	}
+	f.cachedNow()
+	return nil
+}
+
+// cachedNow records that the cache holds the blob thanks to this fill.
+func (f *Fill) cachedNow() {
 	f.g.committed(f.dgst)
 	f.mu.Lock()
 	f.inCache = true
 	f.mu.Unlock()
+}
+
+// settle ends a relayed fill whose bytes are verified in spool: when the
+// last source was a relay whose owner committed the blob and the cache
+// holds it, nothing is written; otherwise the blob is committed from the
+// spool (an owner that died, replicas with caches of their own).
+func (f *Fill) settle(ctx context.Context, last *relayState, spool *os.File, size int64) error {
+	ctx = context.WithoutCancel(ctx) // the blob is verified: finish caching it
+	if last.committed != nil && !last.committed(ctx) {
+		f.g.opts.Log.Debug("the blob's owner did not confirm its commit; caching it from the spool", "digest", f.dgst)
+	}
+	_, serr := f.g.store.StatBlob(ctx, f.dgst)
+	if serr == nil {
+		f.cachedNow()
+		return nil
+	}
+	if b := f.g.opts.Budget; b != nil {
+		release, err := b.Admit(ctx, f.dgst, size)
+		if err != nil {
+			return fmt.Errorf("%w: %w", storage.ErrNotCached, err)
+		}
+		defer release()
+	}
+	w, err := f.g.store.CreateBlob(ctx, f.dgst, size)
+	if err != nil {
+		return fmt.Errorf("%w: creating the cache upload: %w", storage.ErrNotCached, err)
+	}
+	defer func() { _ = w.Cancel(ctx) }()
+	if errors.Is(serr, storage.ErrNotFound) {
+		w.KnownNew()
+	}
+	if _, err := io.Copy(w, io.NewSectionReader(spool, 0, size)); err != nil {
+		return fmt.Errorf("%w: reading the spool: %w", storage.ErrNotCached, err)
+	}
+	if err := w.Commit(ctx); err != nil {
+		return err
+	}
+	f.cachedNow()
+	return nil
+}
+
+// hashVerifier hashes a relayed blob, which has no cache upload to do it.
+type hashVerifier struct {
+	want digest.Digest
+	size int64
+	h    hash.Hash
+	n    int64
+}
+
+func (v *hashVerifier) Write(p []byte) (int, error) {
+	v.h.Write(p)
+	v.n += int64(len(p))
+	return len(p), nil
+}
+
+// Verify checks size and digest as storage.BlobWriter.Verify does.
+func (v *hashVerifier) Verify() error {
+	if v.n != v.size {
+		return fmt.Errorf("%w: received %d bytes, want %d", storage.ErrSizeMismatch, v.n, v.size)
+	}
+	if got := digest.NewDigest(v.want.Algorithm(), v.h); got != v.want {
+		return fmt.Errorf("%w: content hashes to %s, want %s", storage.ErrDigestMismatch, got, v.want)
+	}
 	return nil
 }
 

@@ -39,6 +39,11 @@ type Checker struct {
 	// StateProbe, when set, pings the state store; an error wrapping
 	// ErrStateOff is reported as "off".
 	StateProbe func(ctx context.Context) error
+	// Cluster, when set (scale-out), reports this replica's membership
+	// ("ok", "uncoordinated": Redis unreachable, filling alone, or
+	// "joining") and whether it may take clients: a replica is unready
+	// only until it registered (cluster.Node).
+	Cluster func() (status string, ready bool)
 
 	mu          sync.Mutex
 	lastPing    time.Time
@@ -50,6 +55,7 @@ type report struct {
 	Storage  string `json:"storage"`
 	Upstream string `json:"upstream"`
 	State    string `json:"state,omitempty"`
+	Cluster  string `json:"cluster,omitempty"`
 	// UpstreamReason says why the upstream is not "ok" (fixed texts: no
 	// URLs, tokens or upstream bodies).
 	UpstreamReason string `json:"upstream_reason,omitempty"`
@@ -64,7 +70,8 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 // Readyz is the readiness handler. Its JSON body is
 // {"status":"ready|unready","storage":"ok|not writable",
 // "upstream":"ok|unreachable|credentials refused|not a registry",
-// "upstream_reason":"...","state":"ok|unreachable|off"}.
+// "upstream_reason":"...","state":"ok|unreachable|off",
+// "cluster":"ok|uncoordinated|joining"}.
 // "not a registry" means that the upstream's GET /v2/ answered without
 // Docker-Distribution-API-Version, or with an HTML page
 // (upstream.ErrNotRegistry): a captive portal or a misconfigured proxy
@@ -95,6 +102,13 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 			rep.State = "unreachable"
 		default:
 			rep.State = "ok"
+		}
+	}
+	if c.Cluster != nil {
+		st, ready := c.Cluster()
+		rep.Cluster = st
+		if !ready {
+			rep.Status = "unready"
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")

@@ -16,8 +16,8 @@ import (
 )
 
 type readyz struct {
-	Status, Storage, Upstream string
-	Reason                    string `json:"upstream_reason"`
+	Status, Storage, Upstream, Cluster string
+	Reason                             string `json:"upstream_reason"`
 }
 
 func ask(t *testing.T, c *health.Checker) (int, readyz) {
@@ -59,5 +59,23 @@ func TestReadyzUpstream(t *testing.T) {
 	code, rep = probe(t, nil, true)
 	if code != http.StatusOK || rep.Upstream != "unreachable" {
 		t.Fatalf("closed upstream: %d %+v", code, rep)
+	}
+}
+
+// TestReadyzCluster: a replica is unready only until it joined; a member
+// and a replica filling alone (Redis unreachable) are ready, and say which.
+func TestReadyzCluster(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		status string
+		ready  bool
+		code   int
+	}{{"joining", false, 503}, {"ok", true, 200}, {"uncoordinated", true, 200}} {
+		c := &health.Checker{StorageProbe: func(context.Context) error { return nil }, UpstreamProbe: func(context.Context) error { return nil },
+			Cluster: func() (string, bool) { return tc.status, tc.ready }}
+		code, rep := ask(t, c)
+		if code != tc.code || rep.Cluster != tc.status {
+			t.Errorf("%s: %d %+v, want %d", tc.status, code, rep, tc.code)
+		}
 	}
 }

@@ -135,7 +135,7 @@ func (b *Blob) fetch() error {
 		if errors.Is(err, fill.ErrSpool) {
 			s.log.Warn("cannot spool blob; serving it straight from the upstream", "digest", b.Digest, "err", err)
 		} // a full budget was logged and counted by the evictor
-		body, size, err := s.source(b.repo, b.Digest)(b.ctx, 0)
+		body, size, err := s.upstreamSource(b.repo, b.Digest)(b.ctx, 0)
 		if err != nil {
 			return err
 		}
@@ -286,9 +286,19 @@ func (b *Blob) Close() {
 	}
 }
 
-// source fetches dgst from repository repo for a fill; when the upstream
-// streams without Content-Length the size comes from a HEAD.
+// source is where a fill of dgst from repository repo gets its bytes: the
+// upstream, or with Options.Cluster the replica owning the blob.
 func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
+	up := s.upstreamSource(repo, dgst)
+	if s.opts.Cluster == nil {
+		return up
+	}
+	return s.opts.Cluster.Source(dgst, up)
+}
+
+// upstreamSource fetches dgst from repository repo; when the upstream
+// streams without Content-Length the size comes from a HEAD.
+func (s *Service) upstreamSource(repo string, dgst digest.Digest) fill.Source {
 	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
 		b, err := s.client(repo).GetBlob(ctx, s.path(repo), dgst, off)
 		if err != nil {

@@ -101,7 +101,11 @@ type Options struct {
 	// other). nil: this process alone (fetches are still one per process).
 	Leases     Leases
 	LeaseScope string
-	Log        *slog.Logger
+	// Cluster, when set (scale-out, cluster.advertise), decides whether a
+	// fill fetches from the upstream as the blob's owner or streams from
+	// the replica that owns it (see internal/cluster).
+	Cluster Cluster
+	Log     *slog.Logger
 }
 
 // Service is the pull-through cache. Build it with New; it is safe for

@@ -1,0 +1,204 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+)
+
+// acquire takes the lease if it is free and returns its holder (this
+// member when taken). An empty holder means it expired in between: try
+// again.
+var acquire = redis.NewScript(`
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
+local h = redis.call('GET', KEYS[1])
+if h then return h end
+return ''
+`)
+
+// refresh extends the lease if ARGV[1] still holds it (1), else 0.
+var refresh = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+`)
+
+// release (and breaking a dead holder's lease) deletes the lease if
+// ARGV[1] holds it.
+var release = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// refreshLeases extends every lease this replica holds (one pipeline).
+func (n *Node) refreshLeases(ctx context.Context) error {
+	n.mu.Lock()
+	ds := make([]digest.Digest, 0, len(n.held))
+	for d := range n.held {
+		ds = append(ds, d)
+	}
+	n.mu.Unlock()
+	if len(ds) == 0 {
+		return nil
+	}
+	cmds := make([]*redis.Cmd, len(ds))
+	_, err := n.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, d := range ds {
+			// Eval, not Run: a pipeline cannot fall back from EVALSHA.
+			cmds[i] = refresh.Eval(ctx, p, []string{n.leaseKey(d)}, n.self, n.ttl.Milliseconds())
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i, c := range cmds {
+		if v, _ := c.Int(); v == 0 {
+			n.log.Warn("cluster: lost the lease of a blob being filled (Redis was unreachable for longer than the lease); another replica may fetch it too", "digest", ds[i])
+		}
+	}
+	return nil
+}
+
+func (n *Node) hold(dgst digest.Digest) {
+	n.mu.Lock()
+	n.held[dgst]++
+	n.mu.Unlock()
+}
+
+func (n *Node) unhold(dgst digest.Digest) {
+	n.mu.Lock()
+	if n.held[dgst]--; n.held[dgst] <= 0 {
+		delete(n.held, dgst)
+	}
+	n.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), n.opts.Timeout)
+	defer cancel()
+	_ = release.Run(ctx, n.rdb, []string{n.leaseKey(dgst)}, n.self).Err() // else it expires
+}
+
+// takeoverWait bounds how long a fill's source waits for an owner that
+// does not answer: its lease and its membership expire within ttl.
+func (n *Node) takeoverWait() time.Duration { return n.ttl + 2*n.opts.Heartbeat }
+
+// retryEvery is how often a source asks again while it waits for a lease.
+const retryEvery = 100 * time.Millisecond
+
+// Source wraps the upstream source of blob dgst for a fill: while Redis
+// answers, the fill's first call takes the blob's lease and fetches from
+// upstream as its owner, or, when another live replica holds the lease,
+// streams from that replica's peer endpoint as a relay (fill.Relay); a
+// resume after the owner died takes the lease over and resumes from the
+// upstream. Without Redis every call goes to upstream. Errors: upstream's,
+// fill.ErrCached (the blob was committed by another replica just before
+// the lease was taken), or ctx's.
+func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
+	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
+		deadline := time.Now().Add(n.takeoverWait())
+		var lastErr error
+		for {
+			if !n.Coordinated() {
+				return upstream(ctx, off)
+			}
+			body, size, retry, err := n.try(ctx, dgst, off, upstream)
+			if !retry {
+				return body, size, err
+			}
+			lastErr = err
+			if time.Now().After(deadline) {
+				// The lease outlived its bound (Redis trouble): fetch
+				// rather than fail the clients.
+				n.log.Warn("cluster: the blob's owner neither answers nor gives up its lease; fetching it from the upstream", "digest", dgst, "err", lastErr)
+				return upstream(ctx, off)
+			}
+			select {
+			case <-ctx.Done():
+				return nil, 0, ctx.Err()
+			case <-time.After(retryEvery):
+			}
+		}
+	}
+}
+
+// try makes one attempt of Source; retry says to wait and try again.
+func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream fill.Source) (body io.ReadCloser, size int64, retry bool, err error) {
+	rctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
+	holder, err := acquire.Run(rctx, n.rdb, []string{n.leaseKey(dgst)}, n.self, n.ttl.Milliseconds()).Text()
+	cancel()
+	switch {
+	case err != nil:
+		// Redis failed: the heartbeat will say so; fill alone now.
+		n.log.Warn("cluster: taking a blob lease failed; fetching from the upstream", "digest", dgst, "err", err)
+		body, size, err := upstream(ctx, off)
+		return body, size, false, err
+	case holder == "":
+		return nil, 0, true, errors.New("cluster: lease changed hands")
+	case holder == n.self:
+		n.hold(dgst)
+		if off == 0 {
+			// Committed and released by another replica since our miss?
+			if _, err := n.opts.Store.StatBlob(ctx, dgst); err == nil {
+				n.unhold(dgst)
+				return nil, 0, false, fill.ErrCached
+			}
+		}
+		body, size, err := upstream(ctx, off)
+		if err != nil {
+			n.unhold(dgst)
+			return nil, 0, false, err
+		}
+		n.m.FillOwned()
+		return &owned{ReadCloser: body, release: sync.OnceFunc(func() { n.unhold(dgst) })}, size, false, nil
+	}
+	_, url, _ := splitMember(holder)
+	body, size, committed, err := n.peer.Get(ctx, url, dgst, off)
+	if err == nil {
+		fill.Relay(ctx, committed)
+		return body, size, false, nil
+	}
+	if ctx.Err() != nil {
+		return nil, 0, false, ctx.Err()
+	}
+	n.log.Debug("cluster: the blob's owner did not serve it", "digest", dgst, "owner", url, "err", err)
+	if !n.isLive(ctx, holder) {
+		// Its membership expired (dead, partitioned): its lease is void.
+		bctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
+		_ = release.Run(bctx, n.rdb, []string{n.leaseKey(dgst)}, holder).Err()
+		cancel()
+		n.log.Info("cluster: taking over the fill of a blob from a replica that left", "digest", dgst, "owner", url, "offset", off)
+		return nil, 0, true, err
+	}
+	return nil, 0, true, err
+}
+
+func splitMember(m string) (id, url string, ok bool) {
+	id, url, ok = strings.Cut(m, " ")
+	return
+}
+
+// owned is the owner's upstream body; closing it (after the commit, or
+// when the fill fails) releases the lease.
+type owned struct {
+	io.ReadCloser
+	release func()
+}
+
+func (o *owned) Close() error {
+	err := o.ReadCloser.Close()
+	o.release()
+	return err
+}
+
+// ErrNotServed is the peer endpoint's answer when it neither runs a fill
+// of the blob nor holds it in its cache.
+var ErrNotServed = errors.New("cluster: the peer neither fills nor holds the blob")
+
+func wrapPeer(status int) error { return fmt.Errorf("cluster: peer answered %d", status) }

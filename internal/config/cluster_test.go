@@ -1,0 +1,57 @@
+package config
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestClusterConfig(t *testing.T) {
+	t.Parallel()
+	secret := writeFile(t, "secret", "0123456789abcdef-from-file\n")
+	ok := map[string]string{
+		"MIRROR_REDIS_URL":         "redis://127.0.0.1:6379/0",
+		"MIRROR_CLUSTER_ADVERTISE": "http://10.0.0.5:5002",
+		"MIRROR_CLUSTER_SECRET":    "0123456789abcdef",
+	}
+	c, err := Load("", envOf(ok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Cluster.Enabled() || c.Cluster.Listen != ":5002" || c.Cluster.Heartbeat != Duration(2*time.Second) || c.Cluster.Secret != "0123456789abcdef" {
+		t.Fatalf("cluster = %+v", c.Cluster)
+	}
+	p := writeFile(t, "mirror.yaml", "cluster:\n  advertise: http://m1:5002\n  listen: 127.0.0.1:7002\n  secret_file: "+secret+"\n  heartbeat: 500ms\nstate:\n  redis_url: redis://r:6379/0\n")
+	c, err = Load(p, noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Cluster.Secret != "0123456789abcdef-from-file" || c.Cluster.Listen != "127.0.0.1:7002" || c.Cluster.Heartbeat != Duration(500*time.Millisecond) {
+		t.Fatalf("cluster = %+v", c.Cluster)
+	}
+
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		want string
+	}{
+		{"no redis", map[string]string{"MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}, "needs state.redis_url"},
+		{"no secret", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002"}, "cluster.secret"},
+		{"short secret", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "short"}, "at least 16"},
+		{"bad advertise", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}, "cluster.advertise"},
+		{"same listener", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef",
+			"MIRROR_ADDR": ":5002"}, "must differ from addr"},
+	} {
+		_, err := Load("", envOf(tc.env))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want it to mention %q", tc.name, err, tc.want)
+		}
+		if err != nil && strings.Contains(err.Error(), "0123456789abcdef") {
+			t.Errorf("%s: the error shows the secret: %v", tc.name, err)
+		}
+	}
+	// Without advertise nothing is required.
+	if _, err := Load("", envOf(map[string]string{"MIRROR_CLUSTER_SECRET": "x"})); err != nil {
+		t.Fatalf("no clustering: %v", err)
+	}
+}
