@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (as root):
 # skopeo, a Docker daemon, containerd, Prometheus (with promtool),
-# docker-compose, redis-server and kubectl from Debian; crane, versitygw (an S3 server) and the
+# docker-compose, redis-server, haproxy and kubectl from Debian; crane, versitygw (an S3 server) and the
 # OCI distribution-spec conformance suite (as oci-conformance) from the Go module proxy.
 set -euo pipefail
 need=()
@@ -12,7 +12,8 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v make >/dev/null || need+=(make)
 command -v redis-server >/dev/null || need+=(redis-server)
-command -v kubectl >/dev/null || need+=(kubectl)  # kubectl kustomize renders deploy/kubernetes in go test ./deploy
+command -v kubectl >/dev/null || need+=(kubectl)
+command -v haproxy >/dev/null || need+=(haproxy)  # the load balancer in front of 3 replicas in the e2e cluster tests  # kubectl kustomize renders deploy/kubernetes in go test ./deploy
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -40,4 +41,5 @@ prometheus --version 2>&1 | head -1
 docker-compose --version
 versitygw --version 2>&1 | head -1 || true
 redis-server --version
+haproxy -v | head -1
 kubectl version --client 2>&1 | head -1
