@@ -101,6 +101,7 @@ const retryEvery = 100 * time.Millisecond
 // fill.ErrCached (the blob was committed by another replica just before
 // the lease was taken), or ctx's.
 func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
+	counted := false // ngc_mirror_fills_owned_total counts a fill once, resumes not again
 	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
 		deadline := time.Now().Add(n.takeoverWait())
 		var lastErr error
@@ -108,7 +109,11 @@ func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
 			if !n.Coordinated() {
 				return upstream(ctx, off)
 			}
-			body, size, retry, err := n.try(ctx, dgst, off, upstream)
+			body, size, owner, retry, err := n.try(ctx, dgst, off, upstream)
+			if owner && !counted {
+				counted = true
+				n.m.FillOwned()
+			}
 			if !retry {
 				return body, size, err
 			}
@@ -128,8 +133,9 @@ func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
 	}
 }
 
-// try makes one attempt of Source; retry says to wait and try again.
-func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream fill.Source) (body io.ReadCloser, size int64, retry bool, err error) {
+// try makes one attempt of Source; owner says it returns the upstream's
+// body under this replica's lease, retry to wait and try again.
+func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream fill.Source) (body io.ReadCloser, size int64, owner, retry bool, err error) {
 	rctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
 	holder, err := acquire.Run(rctx, n.rdb, []string{n.leaseKey(dgst)}, n.self, n.ttl.Milliseconds()).Text()
 	cancel()
@@ -138,34 +144,36 @@ func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream 
 		// Redis failed: the heartbeat will say so; fill alone now.
 		n.log.Warn("cluster: taking a blob lease failed; fetching from the upstream", "digest", dgst, "err", err)
 		body, size, err := upstream(ctx, off)
-		return body, size, false, err
+		return body, size, false, false, err
 	case holder == "":
-		return nil, 0, true, errors.New("cluster: lease changed hands")
+		return nil, 0, false, true, errors.New("cluster: lease changed hands")
 	case holder == n.self:
 		n.hold(dgst)
 		if off == 0 {
 			// Committed and released by another replica since our miss?
 			if _, err := n.opts.Store.StatBlob(ctx, dgst); err == nil {
 				n.unhold(dgst)
-				return nil, 0, false, fill.ErrCached
+				return nil, 0, false, false, fill.ErrCached
 			}
 		}
 		body, size, err := upstream(ctx, off)
 		if err != nil {
 			n.unhold(dgst)
-			return nil, 0, false, err
+			return nil, 0, false, false, err
 		}
-		n.m.FillOwned()
-		return &owned{ReadCloser: body, release: sync.OnceFunc(func() { n.unhold(dgst) })}, size, false, nil
+		if off > 0 {
+			n.log.Info("cluster: fetching the rest of a blob from the upstream as its new owner", "digest", dgst, "offset", off)
+		}
+		return &owned{ReadCloser: body, release: sync.OnceFunc(func() { n.unhold(dgst) })}, size, true, false, nil
 	}
 	_, url, _ := splitMember(holder)
 	body, size, committed, err := n.peer.Get(ctx, url, dgst, off)
 	if err == nil {
 		fill.Relay(ctx, committed)
-		return body, size, false, nil
+		return body, size, false, false, nil
 	}
 	if ctx.Err() != nil {
-		return nil, 0, false, ctx.Err()
+		return nil, 0, false, false, ctx.Err()
 	}
 	n.log.Debug("cluster: the blob's owner did not serve it", "digest", dgst, "owner", url, "err", err)
 	if !n.isLive(ctx, holder) {
@@ -173,10 +181,10 @@ func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream 
 		bctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
 		_ = release.Run(bctx, n.rdb, []string{n.leaseKey(dgst)}, holder).Err()
 		cancel()
-		n.log.Info("cluster: taking over the fill of a blob from a replica that left", "digest", dgst, "owner", url, "offset", off)
-		return nil, 0, true, err
+		n.log.Info("cluster: the owner of a blob being filled left; taking its lease", "digest", dgst, "owner", url, "offset", off)
+		return nil, 0, false, true, err
 	}
-	return nil, 0, true, err
+	return nil, 0, false, true, err
 }
 
 func splitMember(m string) (id, url string, ok bool) {

@@ -263,8 +263,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if f, ok := w.(http.Flusher); ok {
 		f.Flush() // the size now; bytes as they come
 	}
-	n, err := io.Copy(w, body)
-	s.m.PeerOut(n)
+	n, err := io.Copy(&countingWriter{w: w, m: s.m}, body)
 	if err != nil || n != size-off {
 		// Never a clean short body: cut the connection.
 		s.log.Debug("peer blob stream cut", "digest", dgst, "sent", n, "err", err)
@@ -275,4 +274,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else {
 		h.Set(trailerCommited, "false")
 	}
+}
+
+// countingWriter counts the bytes sent to a peer as they go (the metric
+// moves during a long stream, not only at its end).
+type countingWriter struct {
+	w io.Writer
+	m *metrics.Cluster
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.m.PeerOut(int64(n))
+	return n, err
 }

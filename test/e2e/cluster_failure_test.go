@@ -57,7 +57,9 @@ func TestClusterOwnerKilledMidFill(t *testing.T) {
 	var victim *mirror
 	testsupport.Eventually(t, 30*time.Second, "the big layer's fill to be under way", func() bool {
 		victim = c.owner(t, rdb, big)
-		return victim != nil && c.sentOf(big) >= 2<<20
+		// Under way, and relayed to another replica: the takeover then
+		// resumes mid-blob.
+		return victim != nil && c.sentOf(big) >= 2<<20 && scrape(t, victim, `ngc_mirror_peer_bytes_total{direction="out"}`) > 0
 	})
 	_ = victim.cmd.Process.Kill() // kill -9 mid-fill
 	_ = victim.cmd.Wait()

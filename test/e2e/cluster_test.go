@@ -25,6 +25,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
+	mcluster "github.com/ngc-mirror/ngc-mirror/internal/cluster"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -461,6 +462,13 @@ func TestClusterOneFetchPerBlob(t *testing.T) {
 	}
 	if strings.Contains(logs.String(), clusterSecret) {
 		t.Error("a replica's log shows the cluster secret")
+	}
+	// A peer request is never forwarded: a blob the replica neither fills
+	// nor holds is 404, and nothing is fetched for it.
+	other := c.addImage(t, "nvidia/other", "1.0", 64<<10)
+	_, _, _, perr := mcluster.NewPeer([]byte(clusterSecret), nil, nil).Get(t.Context(), c.peers[0], other.Layers[0].Digest, 0)
+	if !errors.Is(perr, mcluster.ErrNotServed) || c.up.BlobFetches(other.Layers[0].Digest) != 0 {
+		t.Errorf("signed peer request for an uncached blob: %v, upstream fetches %d; want ErrNotServed, 0", perr, c.up.BlobFetches(other.Layers[0].Digest))
 	}
 	// The peer endpoint is not for anonymous clients.
 	resp, err := http.Get(c.peers[0] + "/peer/v1/blobs/" + im.Layers[0].Digest.String())
