@@ -170,6 +170,12 @@ func (n *Node) Ready() bool { return n.Status() != StatusJoining }
 // Coordinated reports whether fills go through leases now.
 func (n *Node) Coordinated() bool { return n.Status() == StatusMember }
 
+// advertise is this replica's peer URL as members name it.
+func (n *Node) advertise() string {
+	_, u, _ := strings.Cut(n.self, " ")
+	return u
+}
+
 func (n *Node) key(parts ...string) string {
 	return n.opts.Prefix + "cluster:" + strings.Join(parts, "")
 }

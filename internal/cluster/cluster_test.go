@@ -303,3 +303,39 @@ func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
+
+// TestRestartNeverAsksItself: a replica restarted under the same
+// advertise URL finds a lease of its previous run; it never sends a peer
+// request to itself (it would wait on its own fill) and takes the lease
+// once the previous run's membership expired.
+func TestRestartNeverAsksItself(t *testing.T) {
+	t.Parallel()
+	r := redistest.Start(t)
+	var asked atomic.Int32
+	self := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { asked.Add(1); w.WriteHeader(http.StatusNotFound) }))
+	defer self.Close()
+	hb := 100 * time.Millisecond
+	shared := &memStore{blobs: map[digest.Digest]int64{}}
+	before, _ := newNode(t, r.URL, self.URL, hb, shared)
+	after, m := newNode(t, r.URL, self.URL, hb, shared)
+	before.Join(t.Context())
+	data := []byte("restarted")
+	dgst := digest.FromBytes(data)
+	up := func(_ context.Context, off int64) (io.ReadCloser, int64, error) {
+		return io.NopCloser(bytes.NewReader(data[off:])), int64(len(data)), nil
+	}
+	if _, _, err := before.Source(dgst, up)(t.Context(), 0); err != nil { // then "killed"
+		t.Fatal(err)
+	}
+	runNode(t, after)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	body, _, err := after.Source(dgst, up)(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body.Close()
+	if asked.Load() != 0 || testutil.ToFloat64(m.FillsOwned) != 1 {
+		t.Fatalf("peer requests to itself: %d, fills owned %v; want 0, 1", asked.Load(), testutil.ToFloat64(m.FillsOwned))
+	}
+}

@@ -103,7 +103,9 @@ const retryEvery = 100 * time.Millisecond
 func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
 	counted := false // ngc_mirror_fills_owned_total counts a fill once, resumes not again
 	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
-		deadline := time.Now().Add(n.takeoverWait())
+		// The wait for an owner that does not serve starts at its first
+		// failure (a long wait for its headers is an owner at work).
+		var deadline time.Time
 		var lastErr error
 		for {
 			if !n.Coordinated() {
@@ -118,7 +120,9 @@ func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
 				return body, size, err
 			}
 			lastErr = err
-			if time.Now().After(deadline) {
+			if deadline.IsZero() {
+				deadline = time.Now().Add(n.takeoverWait())
+			} else if time.Now().After(deadline) {
 				// The lease outlived its bound (Redis trouble): fetch
 				// rather than fail the clients.
 				n.log.Warn("cluster: the blob's owner neither answers nor gives up its lease; fetching it from the upstream", "digest", dgst, "err", lastErr)
@@ -167,6 +171,12 @@ func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream 
 		return &owned{ReadCloser: body, release: sync.OnceFunc(func() { n.unhold(dgst) })}, size, true, false, nil
 	}
 	_, url, _ := splitMember(holder)
+	if url == n.advertise() {
+		// A lease of this replica's previous life (a restart): never ask
+		// ourselves; it is void once that life's membership expired.
+		n.breakIfDead(ctx, dgst, holder, url, off)
+		return nil, 0, false, true, errors.New("cluster: the lease is held by this replica's previous run")
+	}
 	body, size, committed, err := n.peer.Get(ctx, url, dgst, off)
 	if err == nil {
 		fill.Relay(ctx, committed)
@@ -176,15 +186,21 @@ func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream 
 		return nil, 0, false, false, ctx.Err()
 	}
 	n.log.Debug("cluster: the blob's owner did not serve it", "digest", dgst, "owner", url, "err", err)
-	if !n.isLive(ctx, holder) {
-		// Its membership expired (dead, partitioned): its lease is void.
-		bctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
-		_ = release.Run(bctx, n.rdb, []string{n.leaseKey(dgst)}, holder).Err()
-		cancel()
-		n.log.Info("cluster: the owner of a blob being filled left; taking its lease", "digest", dgst, "owner", url, "offset", off)
-		return nil, 0, false, true, err
-	}
+	n.breakIfDead(ctx, dgst, holder, url, off)
 	return nil, 0, false, true, err
+}
+
+// breakIfDead removes holder's lease of dgst when its membership expired
+// (dead, partitioned): its lease is void, the next attempt takes it.
+func (n *Node) breakIfDead(ctx context.Context, dgst digest.Digest, holder, url string, off int64) {
+	if n.isLive(ctx, holder) {
+		return
+	}
+	bctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
+	defer cancel()
+	if v, _ := release.Run(bctx, n.rdb, []string{n.leaseKey(dgst)}, holder).Int(); v == 1 {
+		n.log.Info("cluster: the owner of a blob being filled left; taking its lease", "digest", dgst, "owner", url, "offset", off)
+	}
 }
 
 func splitMember(m string) (id, url string, ok bool) {

@@ -79,16 +79,22 @@ type Peer struct {
 }
 
 // NewPeer returns a client signing with secret over rt (nil: a clone of
-// http.DefaultTransport with a 10 s response-header timeout).
+// http.DefaultTransport with a response-header timeout of
+// peerHeaderTimeout).
 func NewPeer(secret []byte, rt http.RoundTripper, m *metrics.Cluster) *Peer {
 	if rt == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.ResponseHeaderTimeout = 10 * time.Second
+		t.ResponseHeaderTimeout = peerHeaderTimeout
 		t.MaxIdleConnsPerHost = 16
 		rt = t
 	}
 	return &Peer{secret: secret, c: &http.Client{Transport: rt}, m: m}
 }
+
+// peerHeaderTimeout bounds the wait for a peer's response headers, which
+// it sends once its own fill knows the blob's size (its upstream exchange,
+// bounded by its own timeouts, comes first).
+const peerHeaderTimeout = 2 * time.Minute
 
 // commitWait bounds how long a relay waits, after the last byte, for the
 // owner's word that it committed (a server-side copy of a large blob on S3
