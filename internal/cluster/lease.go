@@ -3,7 +3,6 @@ package cluster
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"strings"
 	"sync"
@@ -220,9 +219,3 @@ func (o *owned) Close() error {
 	o.release()
 	return err
 }
-
-// ErrNotServed is the peer endpoint's answer when it neither runs a fill
-// of the blob nor holds it in its cache.
-var ErrNotServed = errors.New("cluster: the peer neither fills nor holds the blob")
-
-func wrapPeer(status int) error { return fmt.Errorf("cluster: peer answered %d", status) }

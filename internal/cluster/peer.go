@@ -42,6 +42,10 @@ const (
 	trailerCommited = "Ngc-Mirror-Committed"
 )
 
+// ErrNotServed is the peer endpoint's answer (404) when the replica
+// neither runs a fill of the blob nor holds it in its cache.
+var ErrNotServed = errors.New("cluster: the peer neither fills nor holds the blob")
+
 // MaxSkew is how far a peer request's time may be from the server's clock
 // (replicas' clocks must agree within it; NTP does).
 const MaxSkew = 30 * time.Second
@@ -128,7 +132,7 @@ func (p *Peer) Get(ctx context.Context, base string, dgst digest.Digest, off int
 		if resp.StatusCode == http.StatusNotFound {
 			return nil, 0, nil, ErrNotServed
 		}
-		return nil, 0, nil, wrapPeer(resp.StatusCode)
+		return nil, 0, nil, fmt.Errorf("cluster: peer answered %d", resp.StatusCode)
 	}
 	size, err := strconv.ParseInt(resp.Header.Get(headerSize), 10, 64)
 	if err != nil || size < 0 || off > size {
