@@ -17,18 +17,9 @@ func (u *Upstream) AddRelease(repository, tag string, layerSize int64, platforms
 	}
 	var children []*Image
 	for _, p := range platforms {
-		os, arch, _ := strings.Cut(p, "/")
-		var layers []v1.Layer
-		for range 2 {
-			l, err := NewLayer(layerSize, false)
-			if err != nil {
-				return nil, err
-			}
-			layers = append(layers, l)
-		}
-		im, err := BuildImage(v1.Platform{OS: os, Architecture: arch}, false, layers...)
+		im, err := buildRandom(p, false, layerSize, 2)
 		if err != nil {
-			return nil, fmt.Errorf("ngctest: %s: %w", p, err)
+			return nil, err
 		}
 		children = append(children, im)
 	}
@@ -38,4 +29,24 @@ func (u *Upstream) AddRelease(repository, tag string, layerSize int64, platforms
 	}
 	u.AddImage(repository, false, idx, tag)
 	return idx, nil
+}
+
+// buildRandom builds an image for platform ("linux/amd64") with n fresh,
+// random layers of about layerSize bytes (uncompressed); oci selects OCI
+// media types, otherwise Docker schema2.
+func buildRandom(platform string, oci bool, layerSize int64, n int) (*Image, error) {
+	os, arch, _ := strings.Cut(platform, "/")
+	var layers []v1.Layer
+	for range n {
+		l, err := NewLayer(layerSize, oci)
+		if err != nil {
+			return nil, err
+		}
+		layers = append(layers, l)
+	}
+	im, err := BuildImage(v1.Platform{OS: os, Architecture: arch}, oci, layers...)
+	if err != nil {
+		return nil, fmt.Errorf("ngctest: %s: %w", platform, err)
+	}
+	return im, nil
 }

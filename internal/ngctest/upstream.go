@@ -51,9 +51,10 @@ type Options struct {
 
 // Request is one request the fake received.
 type Request struct {
-	Host   string // "registry" or "cdn"
+	Host   string // "registry", "cdn", or (Docker Hub) "auth"
 	Method string
 	Path   string
+	Query  string // the raw query (?ns= must never reach an upstream)
 	Auth   string // the Authorization header's scheme, or ""
 	Range  string
 }
@@ -64,6 +65,13 @@ type Upstream struct {
 	CDN      *httptest.Server
 	opts     Options
 	secret   []byte
+	// gate is the authentication (and, for Docker Hub, the rate limit) in
+	// front of the registry API: NGC's realm unless a sibling fake set
+	// another.
+	gate gate
+	// direct serves blob GETs from the registry listener itself instead of
+	// redirecting them to the CDN.
+	direct bool
 
 	mu        sync.Mutex
 	repos     map[string]*repo
@@ -90,6 +98,23 @@ func newRepo() *repo {
 type tokenInfo struct {
 	repos   map[string]bool
 	expires time.Time
+	// service is the audience the token was issued for (Docker Hub's
+	// service parameter; "" on NGC, whose realm has none).
+	service string
+	// anonymous marks a token issued without credentials.
+	anonymous bool
+}
+
+// gate is what stands in front of the registry API of a fake: its own
+// endpoints on the registry host, and the admission of each API request.
+type gate interface {
+	// serveOwn answers requests for endpoints of the gate's own on the
+	// registry listener (NGC's token realm) and reports whether it did.
+	serveOwn(w http.ResponseWriter, r *http.Request) bool
+	// admit decides an API request for repository name ("" for /v2/): it
+	// either answers it (401, 429...) and returns false, or returns true
+	// (possibly after setting response headers) to let the fake serve it.
+	admit(w http.ResponseWriter, r *http.Request, name string) bool
 }
 
 // New starts a fake with no content. Add content with AddImage.
@@ -105,9 +130,27 @@ func New(opts Options) *Upstream {
 		blobs:     map[digest.Digest]Content{},
 		tokens:    map[string]tokenInfo{},
 	}
+	u.gate = ngcGate{u}
+	u.start()
+	return u
+}
+
+// newBare returns a fake without listeners or gate, for the sibling fakes
+// (Docker Hub, plain registry) to finish and start.
+func newBare(tokenTTL time.Duration) *Upstream {
+	return &Upstream{
+		opts:      Options{TokenTTL: tokenTTL},
+		secret:    randomBytes(16),
+		repos:     map[string]*repo{},
+		manifests: map[digest.Digest]Content{},
+		blobs:     map[digest.Digest]Content{},
+		tokens:    map[string]tokenInfo{},
+	}
+}
+
+func (u *Upstream) start() {
 	u.Registry = httptest.NewServer(http.HandlerFunc(u.serveRegistry))
 	u.CDN = httptest.NewServer(http.HandlerFunc(u.serveCDN))
-	return u
 }
 
 // Close stops both listeners.
@@ -233,9 +276,20 @@ func (u *Upstream) Count(host, method, path string) int {
 	return n
 }
 
-// BlobFetches returns how many times the CDN served (started sending) blob d.
+// BlobFetches returns how many times the CDN served (started sending) blob
+// d; for a fake that serves blobs itself (NewPlain without a redirect), how
+// many GETs of d its registry listener received.
 func (u *Upstream) BlobFetches(d digest.Digest) int {
-	return u.Count("cdn", http.MethodGet, "/blobs/"+d.String())
+	if !u.direct {
+		return u.Count("cdn", http.MethodGet, "/blobs/"+d.String())
+	}
+	n := 0
+	for _, r := range u.Requests() {
+		if r.Host == "registry" && r.Method == http.MethodGet && strings.HasSuffix(r.Path, "/blobs/"+d.String()) {
+			n++
+		}
+	}
+	return n
 }
 
 // ExpireTokens makes every issued token expire now.
@@ -252,7 +306,7 @@ func (u *Upstream) record(host string, r *http.Request) func(http.ResponseWriter
 	scheme, _, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.requests = append(u.requests, Request{Host: host, Method: r.Method, Path: r.URL.Path, Auth: scheme, Range: r.Header.Get("Range")})
+	u.requests = append(u.requests, Request{Host: host, Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, Auth: scheme, Range: r.Header.Get("Range")})
 	return u.fault
 }
 
@@ -274,19 +328,11 @@ func (u *Upstream) serveRegistry(w http.ResponseWriter, r *http.Request) {
 	if f := u.record("registry", r); f != nil && f(w, r) {
 		return
 	}
-	switch {
-	case r.URL.Path == "/proxy_auth":
-		u.serveToken(w, r)
+	if u.gate.serveOwn(w, r) {
 		return
-	case r.URL.Path == "/authn/token":
-		// The realm named after a token expired: it refuses anonymous and
-		// API-key callers alike.
-		writeErr(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
-		return
-	case r.URL.Path == "/v2/" || r.URL.Path == "/v2":
-		if _, ok := u.checkToken(r, ""); !ok {
-			w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s",scope=""`, u.realm()))
-			writeErr(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+	}
+	if r.URL.Path == "/v2/" || r.URL.Path == "/v2" {
+		if !u.gate.admit(w, r, "") {
 			return
 		}
 		w.Header().Set("Docker-Distribution-Api-Version", "registry/2.0")
@@ -309,13 +355,7 @@ func (u *Upstream) serveRegistry(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusNotFound, "NAME_UNKNOWN", "unknown")
 		return
 	}
-	if expired, ok := u.checkToken(r, name); !ok {
-		if expired {
-			w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s/authn/token",service="registry",error="invalid_token"`, u.Registry.URL))
-		} else {
-			w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s",scope="repository:%s:pull"`, u.realm(), name))
-		}
-		writeErr(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+	if !u.gate.admit(w, r, name) {
 		return
 	}
 	u.mu.Lock()
@@ -333,6 +373,43 @@ func (u *Upstream) serveRegistry(w http.ResponseWriter, r *http.Request) {
 	case "blobs":
 		u.serveBlob(w, r, rp, ref)
 	}
+}
+
+// ngcGate is nvcr.io's authentication: the /proxy_auth realm on the
+// registry host, a challenge without service, and after expiry a challenge
+// naming another realm that refuses everyone.
+type ngcGate struct{ u *Upstream }
+
+func (g ngcGate) serveOwn(w http.ResponseWriter, r *http.Request) bool {
+	switch r.URL.Path {
+	case "/proxy_auth":
+		g.u.serveToken(w, r)
+		return true
+	case "/authn/token":
+		// The realm named after a token expired: it refuses anonymous and
+		// API-key callers alike.
+		writeErr(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+		return true
+	}
+	return false
+}
+
+func (g ngcGate) admit(w http.ResponseWriter, r *http.Request, name string) bool {
+	u := g.u
+	expired, ok := u.checkToken(r, name)
+	if ok {
+		return true
+	}
+	switch {
+	case name == "":
+		w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s",scope=""`, u.realm()))
+	case expired:
+		w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s/authn/token",service="registry",error="invalid_token"`, u.Registry.URL))
+	default:
+		w.Header().Set("Www-Authenticate", fmt.Sprintf(`Bearer realm="%s",scope="repository:%s:pull"`, u.realm(), name))
+	}
+	writeErr(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+	return false
 }
 
 // checkToken validates the Bearer token for access to repository name ("" for
@@ -473,6 +550,14 @@ func (u *Upstream) serveBlob(w http.ResponseWriter, r *http.Request, rp *repo, r
 		w.Header().Set("Content-Length", strconv.Itoa(len(b.Body)))
 		w.Header().Set("Docker-Content-Digest", b.Digest.String())
 		w.Header().Set("Content-Type", "application/octet-stream")
+		return
+	}
+	if u.direct {
+		// As registry:2 on a filesystem: the bytes come from the registry
+		// itself, Range honoured.
+		w.Header().Set("Docker-Content-Digest", b.Digest.String())
+		w.Header().Set("Content-Type", "application/octet-stream")
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(b.Body))
 		return
 	}
 	http.Redirect(w, r, u.SignedURL(b.Digest, time.Now().Add(10*time.Minute)), http.StatusTemporaryRedirect)
