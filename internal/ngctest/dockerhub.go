@@ -57,7 +57,8 @@ type DockerHubOptions struct {
 // Host "auth"; SetFault sees them too. Close it when done.
 type DockerHub struct {
 	*Upstream
-	// Auth is the token realm's listener; its realm is Auth.URL+"/token".
+	// Auth is the token realm's listener; the realm names it as
+	// localhost:PORT (see Realm).
 	Auth *httptest.Server
 	hub  *hubGate
 }
@@ -84,7 +85,11 @@ func NewDockerHub(opts DockerHubOptions) *DockerHub {
 	u.gate = g
 	d := &DockerHub{Upstream: u, hub: g}
 	d.Auth = httptest.NewServer(http.HandlerFunc(d.serveAuth))
-	g.realm = d.Auth.URL + "/token"
+	// A host name, like auth.docker.io: clients built on ggcr (crane)
+	// refuse a realm that is a private IP literal on another host:port
+	// than the registry's (an SSRF guard), so 127.0.0.1 would not do.
+	_, port, _ := net.SplitHostPort(d.Auth.Listener.Addr().String())
+	g.realm = "http://localhost:" + port + "/token"
 	u.start()
 	return d
 }
@@ -96,11 +101,16 @@ func (d *DockerHub) Close() {
 	d.Upstream.Close()
 }
 
-// Realm is the token realm's URL (http://127.0.0.1:PORT/token).
+// Realm is the token realm's URL (http://localhost:PORT/token: the realm
+// listener under a host name).
 func (d *DockerHub) Realm() string { return d.hub.realm }
 
 // IsAuth reports whether r arrived at the token realm's listener.
-func (d *DockerHub) IsAuth(r *http.Request) bool { return "http://"+r.Host == d.Auth.URL }
+func (d *DockerHub) IsAuth(r *http.Request) bool {
+	_, port, _ := net.SplitHostPort(d.Auth.Listener.Addr().String())
+	_, rport, _ := net.SplitHostPort(r.Host)
+	return rport == port
+}
 
 // SetPullLimit sets the anonymous pull limit (0: none) and starts counting
 // afresh.

@@ -110,7 +110,10 @@ func TestDockerHubChallenge(t *testing.T) {
 	if d.Auth.URL == d.URL() || d.Auth.URL == d.CDN.URL {
 		t.Fatal("the realm must be a host of its own")
 	}
-	realm := d.Auth.URL + "/token"
+	realm := d.Realm()
+	if !strings.HasPrefix(realm, "http://localhost:") || !strings.HasSuffix(realm, "/token") {
+		t.Fatalf("realm %s, want http://localhost:PORT/token", realm)
+	}
 	for _, tc := range []struct{ path, want string }{
 		{"/v2/", fmt.Sprintf(`Bearer realm="%s",service="registry.docker.io"`, realm)},
 		{"/v2/library/ubuntu/manifests/24.04", fmt.Sprintf(`Bearer realm="%s",service="registry.docker.io",scope="repository:library/ubuntu:pull"`, realm)},

@@ -321,9 +321,10 @@ func TestDockerPull(t *testing.T) {
 	}
 }
 
-// startDockerd starts a private Docker daemon (no networking, vfs storage)
-// and returns its socket path. It fails loudly when the daemon cannot start.
-func startDockerd(t *testing.T) string {
+// startDockerd starts a private Docker daemon (no networking, vfs storage),
+// with extra daemon flags, and returns its socket path. It fails loudly
+// when the daemon cannot start.
+func startDockerd(t *testing.T, extra ...string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("the Docker daemon test must run as root")
@@ -342,6 +343,7 @@ func startDockerd(t *testing.T) string {
 		"--pidfile", filepath.Join(dir, "docker.pid"),
 		"-H", "unix://"+sock,
 	)
+	cmd.Args = append(cmd.Args, extra...)
 	cmd.Stdout, cmd.Stderr = log, log
 	t.Cleanup(func() { // after the daemon stopped (cleanups run last-registered first)
 		_ = exec.Command("umount", "-R", filepath.Join(dir, "data")).Run()
