@@ -183,16 +183,7 @@ func TestUpstreamsContainerdHostsToml(t *testing.T) {
 	u := newUpstreams(t, 128<<10)
 	m := startMirrorWithConfig(t, u.ngc.URL(), u.config(t, "", ""))
 	sock := startContainerd(t)
-	hostsDir := t.TempDir()
-	for reg, server := range map[string]string{"docker.io": "https://registry-1.docker.io", "registry.k8s.io": "https://registry.k8s.io", "nvcr.io": "https://nvcr.io"} {
-		if err := os.MkdirAll(filepath.Join(hostsDir, reg), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		hosts := fmt.Sprintf("server = %q\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", server, m.addr)
-		if err := os.WriteFile(filepath.Join(hostsDir, reg, "hosts.toml"), []byte(hosts), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	hostsDir := hostsTomlDir(t, m.addr, "docker.io", "registry.k8s.io", "nvcr.io")
 	for _, im := range u.images() {
 		// The name as containerd knows it: registry/repository:tag.
 		ref := strings.TrimPrefix(im.path, im.registry+"/")
@@ -217,6 +208,86 @@ func TestUpstreamsContainerdHostsToml(t *testing.T) {
 	for _, ns := range []string{"ns=docker.io", "ns=registry.k8s.io", "ns=nvcr.io"} {
 		if !strings.Contains(m.log.String(), ns) {
 			t.Fatalf("the mirror's request log shows no containerd request with ?%s", ns)
+		}
+	}
+	u.noNSUpstream(t)
+}
+
+// hostsTomlDir writes a containerd hosts directory with a hosts.toml for
+// each registry that names the mirror at addr as its host.
+func hostsTomlDir(t *testing.T, addr string, registries ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, reg := range registries {
+		server := "https://" + reg
+		if reg == "docker.io" {
+			server = "https://registry-1.docker.io"
+		}
+		if err := os.MkdirAll(filepath.Join(dir, reg), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		hosts := fmt.Sprintf("server = %q\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", server, addr)
+		if err := os.WriteFile(filepath.Join(dir, reg, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// TestUpstreamsConcurrentOneFetchPerBlob: skopeo, crane (path prefix) and
+// containerd (hosts.toml, ?ns=docker.io) pull the same cold Docker Hub
+// image at the same moment, several of each, while an NGC image is pulled
+// alongside; each upstream serves every blob once.
+func TestUpstreamsConcurrentOneFetchPerBlob(t *testing.T) {
+	need(t, "skopeo", "crane", "containerd", "ctr")
+	u := newUpstreams(t, 1<<20)
+	slow := func(up *ngctest.Upstream) {
+		up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+			if up.IsCDN(r) {
+				time.Sleep(300 * time.Millisecond) // every client asks while the fills run
+			}
+			return false
+		})
+	}
+	slow(u.hub.Upstream)
+	slow(u.ngc)
+	m := startMirrorWithConfig(t, u.ngc.URL(), u.config(t, "", ""))
+	sock := startContainerd(t)
+	hostsDir := hostsTomlDir(t, m.addr, "docker.io")
+	path := "docker.io/" + ngctest.HubUbuntuRepo + ":" + ngctest.HubUbuntuTag
+	var jobs [][]string
+	for i := range 3 {
+		jobs = append(jobs,
+			[]string{"skopeo", "--insecure-policy", "copy", "--all", "--retry-times", "0", "--src-tls-verify=false", "docker://" + m.addr + "/" + path, "dir:" + filepath.Join(t.TempDir(), "s")},
+			[]string{"crane", "pull", "--insecure", "--format=oci", m.addr + "/" + path, filepath.Join(t.TempDir(), "c")},
+			[]string{"ctr", "-a", sock, "-n", fmt.Sprint("e2e", i), "content", "fetch", "--all-platforms", "--hosts-dir", hostsDir, path},
+		)
+	}
+	jobs = append(jobs, []string{"crane", "pull", "--insecure", "--format=oci", m.addr + "/" + ngctest.PytorchRepo + ":" + ngctest.PytorchTag, filepath.Join(t.TempDir(), "n")})
+	errs := make(chan string, len(jobs))
+	for _, j := range jobs {
+		go func() {
+			out, err := run(t, 3*time.Minute, j[0], j[1:]...)
+			if err != nil {
+				errs <- fmt.Sprintf("%s: %v\n%s", j[0], err, out)
+				return
+			}
+			errs <- ""
+		}()
+	}
+	for range jobs {
+		if e := <-errs; e != "" {
+			t.Error(e)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	for up, im := range map[*ngctest.Upstream]*ngctest.Image{u.hub.Upstream: u.hfx.Ubuntu, u.ngc: u.nfx.Pytorch} {
+		for _, b := range im.Blobs() {
+			if n := up.BlobFetches(b.Digest); n != 1 {
+				t.Errorf("blob %s (%s) fetched %d times from its upstream, want 1", b.Digest.Encoded()[:12], b.MediaType, n)
+			}
 		}
 	}
 	u.noNSUpstream(t)
