@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -115,7 +116,8 @@ func craneDigest(t *testing.T, ref string) (string, error) {
 func TestUpstreamsSkopeoCrane(t *testing.T) {
 	need(t, "skopeo", "crane")
 	u := newUpstreams(t, 128<<10)
-	cfg := u.config(t, "    username: "+ngctest.DockerHubUser+"\n", "")
+	// With credentials, docker.io is not public by itself: list it.
+	cfg := u.config(t, "    username: "+ngctest.DockerHubUser+"\n", "access:\n  public_namespaces: [nvidia, docker.io]\n")
 	m := startMirrorWithConfig(t, u.ngc.URL(), cfg, "MIRROR_UPSTREAMS_DOCKER_IO_PASSWORD="+ngctest.DockerHubPassword)
 	tmp := t.TempDir()
 	for i, im := range u.images() {
@@ -316,11 +318,13 @@ func TestUpstreamsDocker(t *testing.T) {
 		ref string
 		im  *ngctest.Image
 	}{
+		// Docker Hub through registry-mirrors first, cold: the mirror has
+		// to route the root path by the host to docker.io.
+		{"busybox:" + ngctest.HubBusyboxTag, u.hfx.Busybox},
 		{m.addr + "/docker.io/" + ngctest.HubUbuntuRepo + ":" + ngctest.HubUbuntuTag, u.hfx.Ubuntu},
 		{m.addr + "/docker.io/busybox:" + ngctest.HubBusyboxTag, u.hfx.Busybox},
 		{m.addr + "/registry.k8s.io/" + ngctest.PlainPauseRepo + ":" + ngctest.PlainPauseTag, u.pfx.Pause},
 		{m.addr + "/" + ngctest.CUDARepo + ":" + ngctest.CUDATag, u.nfx.CUDA},
-		{"busybox:" + ngctest.HubBusyboxTag, u.hfx.Busybox}, // Docker Hub through registry-mirrors
 		{"ubuntu:" + ngctest.HubUbuntuTag, u.hfx.Ubuntu},
 	} {
 		if out, err := run(t, 5*time.Minute, "docker", "-H", "unix://"+sock, "pull", tc.ref); err != nil {
@@ -329,6 +333,9 @@ func TestUpstreamsDocker(t *testing.T) {
 		id := strings.TrimSpace(mustRun(t, "docker", "-H", "unix://"+sock, "image", "inspect", "--format", "{{.Id}}", tc.ref))
 		if want := amd64(tc.im); id != want {
 			t.Fatalf("docker pull %s: image ID %s, want %s", tc.ref, id, want)
+		}
+		if tc.ref == "busybox:"+ngctest.HubBusyboxTag && u.hub.Count("registry", http.MethodGet, "/v2/library/busybox/manifests/"+ngctest.HubBusyboxTag) == 0 {
+			t.Fatal("docker pull busybox through registry-mirrors did not reach the Docker-Hub-like upstream")
 		}
 	}
 	u.noNSUpstream(t)
@@ -369,11 +376,11 @@ func TestUpstreamOutageIsolation(t *testing.T) {
 			dh := []pull{{hub(ngctest.HubUbuntuRepo, ngctest.HubUbuntuTag), u.hfx.Ubuntu}, {hub(ngctest.HubBusyboxRepo, ngctest.HubBusyboxTag), u.hfx.Busybox}}
 			nv := []pull{{ngc(ngctest.CUDARepo, ngctest.CUDATag), u.nfx.CUDA}, {ngc(ngctest.DCGMRepo, ngctest.DCGMTag), u.nfx.DCGM}}
 			k8s := pull{"registry.k8s.io/" + ngctest.PlainPauseRepo + ":" + ngctest.PlainPauseTag, u.pfx.Pause}
-			if f.target == "docker.io" {
-				warmA, coldA, warmB, coldB = dh[:1], dh[1:], nv[:1], append(nv[1:], k8s)
-			} else {
-				warmA, coldA, warmB, coldB = nv[:1], nv[1:], dh[:1], append(dh[1:], k8s)
+			a, b := dh, nv
+			if f.target == "nvcr.io" {
+				a, b = nv, dh
 			}
+			warmA, coldA, warmB, coldB = a[:1], a[1:], b[:1], []pull{b[1], k8s}
 			pullOK := func(p pull, what string) {
 				t.Helper()
 				if got, err := craneDigest(t, m.addr+"/"+p.ref); err != nil || got != p.im.Manifest.Digest.String() {
@@ -381,7 +388,7 @@ func TestUpstreamOutageIsolation(t *testing.T) {
 				}
 				mustRun(t, "crane", "pull", "--insecure", "--format=oci", m.addr+"/"+p.ref, t.TempDir())
 			}
-			for _, p := range append(warmA, warmB...) {
+			for _, p := range slices.Concat(warmA, warmB) {
 				pullOK(p, "warming")
 			}
 			failing := u.hub.Upstream
@@ -391,8 +398,12 @@ func TestUpstreamOutageIsolation(t *testing.T) {
 			f.apply(u)
 
 			for _, p := range warmA {
-				pullOK(p, "cached image of the failing upstream, by tag:")
 				before := len(failing.Requests())
+				pullOK(p, "cached image of the failing upstream, by tag:")
+				if len(failing.Requests()) == before {
+					t.Fatal("the tag was not revalidated with the failing upstream; the test would prove nothing about serving stale")
+				}
+				before = len(failing.Requests())
 				byDigest := p.ref[:strings.LastIndex(p.ref, ":")] + "@" + p.im.Manifest.Digest.String()
 				pullOK(pull{byDigest, p.im}, "cached image of the failing upstream, by digest:")
 				if n := len(failing.Requests()) - before; n != 0 {
