@@ -541,3 +541,95 @@ func TestFakesServeRealClients(t *testing.T) {
 		t.Fatal("no client asked the Docker Hub realm for a token")
 	}
 }
+
+// TestUpstreamsPrefetchThenOffline: `mirror prefetch` takes images of the
+// further upstreams by their registry-qualified names (docker.io/busybox
+// meaning docker.io/library/busybox), fetches each blob once, and skopeo
+// then pulls them with every upstream gone.
+func TestUpstreamsPrefetchThenOffline(t *testing.T) {
+	need(t, "skopeo")
+	u := newUpstreams(t, 64<<10)
+	dataDir := t.TempDir()
+	m := startMirrorAt(t, u.ngc.URL(), dataDir, u.config(t, "", ""))
+	env := []string{"MIRROR_ADDR=" + m.addr, "MIRROR_DATA_DIR=" + dataDir}
+	for _, tc := range []struct {
+		arg  string
+		up   *ngctest.Upstream
+		im   *ngctest.Image
+		args []string
+	}{
+		{"docker.io/" + ngctest.HubUbuntuRepo + ":" + ngctest.HubUbuntuTag, u.hub.Upstream, u.hfx.Ubuntu.Child("linux/amd64"), []string{"--platform", "linux/amd64"}},
+		{"docker.io/busybox:" + ngctest.HubBusyboxTag, u.hub.Upstream, u.hfx.Busybox, nil},
+		{"registry.k8s.io/" + ngctest.PlainPauseRepo + ":" + ngctest.PlainPauseTag, u.plain.Upstream, u.pfx.Pause, nil},
+	} {
+		out, code := runCLI(t, env, append([]string{"prefetch", tc.arg}, tc.args...)...)
+		if code != 0 || !strings.Contains(out, "prefetched") {
+			t.Fatalf("mirror prefetch %s: exit %d\n%s", tc.arg, code, out)
+		}
+		for _, b := range tc.im.Blobs() {
+			if n := tc.up.BlobFetches(b.Digest); n != 1 {
+				t.Errorf("%s: blob %s fetched %d times, want 1", tc.arg, b.Digest.Encoded()[:12], n)
+			}
+		}
+	}
+	u.ngc.Close()
+	u.hub.Close()
+	u.plain.Close()
+	for _, ref := range []string{
+		"docker.io/" + ngctest.HubUbuntuRepo + ":" + ngctest.HubUbuntuTag,
+		"docker.io/" + ngctest.HubBusyboxRepo + ":" + ngctest.HubBusyboxTag,
+		"registry.k8s.io/" + ngctest.PlainPauseRepo + ":" + ngctest.PlainPauseTag,
+	} {
+		out, err := run(t, 2*time.Minute, "skopeo", "--override-os", "linux", "--override-arch", "amd64", "--insecure-policy",
+			"copy", "--retry-times", "0", "--src-tls-verify=false", "docker://"+m.addr+"/"+ref, "dir:"+t.TempDir())
+		if err != nil {
+			t.Fatalf("offline pull of the prefetched %s: %v\n%s", ref, err, out)
+		}
+	}
+}
+
+// TestUpstreamsPrivateRepo: docker.io configured with credentials is not
+// public: an anonymous client cannot pull its private repository, cold or
+// after an allowed user pulled it; with htpasswd and a rule
+// docker.io/ngctest/**, that user can. Neither password reaches the log.
+func TestUpstreamsPrivateRepo(t *testing.T) {
+	need(t, "skopeo")
+	u := newUpstreams(t, 64<<10)
+	priv := "docker.io/" + ngctest.HubPrivateRepo + ":" + ngctest.HubPrivateTag
+	creds := "MIRROR_UPSTREAMS_DOCKER_IO_PASSWORD=" + ngctest.DockerHubPassword
+	hub := "    username: " + ngctest.DockerHubUser + "\n"
+
+	def := startMirrorWithConfig(t, u.ngc.URL(), u.config(t, hub, ""), creds)
+	if out, err := skopeoCopy(t, def.addr+"/"+priv, t.TempDir()); err == nil {
+		t.Fatalf("default access settings served docker.io's private repository anonymously:\n%s", out)
+	}
+
+	cfg := u.config(t, hub, `access:
+  mode: htpasswd
+  htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
+  rules:
+    - repositories: ["docker.io/ngctest/**"]
+      users: [alice]
+`)
+	m := startMirrorWithConfig(t, u.ngc.URL(), cfg, creds)
+	if out, err := skopeoCopy(t, m.addr+"/"+priv, t.TempDir()); err == nil {
+		t.Fatalf("anonymous pull of docker.io's private repository, cold:\n%s", out)
+	}
+	dir := t.TempDir()
+	if out, err := skopeoCopy(t, m.addr+"/"+priv, dir, "--src-creds", "alice:alice-pw"); err != nil {
+		t.Fatalf("alice, allowed by the rule: %v\n%s", err, out)
+	}
+	if got, err := os.ReadFile(filepath.Join(dir, "manifest.json")); err != nil || string(got) != string(u.hfx.Private.Manifest.Body) {
+		t.Fatalf("alice's copy of the private manifest differs from the upstream's (%v)", err)
+	}
+	for _, who := range [][]string{nil, {"--src-creds", "bob:bob-pw"}} {
+		if out, err := skopeoCopy(t, m.addr+"/"+priv, t.TempDir(), who...); err == nil {
+			t.Fatalf("pull of the cached private repository by %v:\n%s", who, out)
+		}
+	}
+	waitLog(t, m, " route=manifest ")
+	assertNoSecrets(t, u.hub.Upstream, m.log.String(), ngctest.DockerHubPassword, "alice-pw")
+	if strings.Contains(def.log.String(), ngctest.DockerHubPassword) {
+		t.Fatal("the Docker Hub password appears in the log")
+	}
+}
