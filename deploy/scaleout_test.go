@@ -1,0 +1,758 @@
+package deploy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
+)
+
+// The scale-out deploy files (Helm chart, kustomize overlay, compose
+// profile) are checked here on what a cluster would run: the rendered
+// objects, and the mirror configuration a replica would load from them with
+// config.Load.
+
+// Cluster settings the deploy files use before the cluster core (#11, S1)
+// is part of config: while config.Config has no `cluster` section, the
+// chart's cluster block and these variables are checked for their shape
+// only; once it has, config.Load must read each of them.
+var pendingClusterEnv = []string{"MIRROR_CLUSTER_ADVERTISE", "MIRROR_CLUSTER_SECRET"}
+
+// clusterInConfig reports whether config.Config has a `cluster` section.
+func clusterInConfig() bool {
+	t := reflect.TypeOf(config.Config{})
+	for i := range t.NumField() {
+		if strings.Split(t.Field(i).Tag.Get("yaml"), ",")[0] == "cluster" {
+			return true
+		}
+	}
+	return false
+}
+
+// decodeObjects splits a multi-document YAML stream into objects.
+func decodeObjects(t *testing.T, raw []byte) []object {
+	t.Helper()
+	var objs []object
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatalf("rendered YAML: %v\n%s", err, raw)
+		}
+		if m == nil {
+			continue
+		}
+		o := object(m)
+		if o.str("apiVersion") == "" || o.str("kind") == "" || o.str("metadata", "name") == "" {
+			t.Fatalf("object without apiVersion, kind or name: %v", m)
+		}
+		objs = append(objs, o)
+	}
+	return objs
+}
+
+// helmTemplate renders deploy/helm/ngc-mirror with the real helm binary.
+func helmTemplate(t *testing.T, sets ...string) ([]object, []byte, error) {
+	t.Helper()
+	if _, err := exec.LookPath("helm"); err != nil {
+		t.Fatal("helm is not installed: run .ci/install.sh")
+	}
+	args := []string{"template", "ngc-mirror", "helm/ngc-mirror", "--namespace", "ngc-mirror"}
+	for _, s := range sets {
+		args = append(args, "--set", s)
+	}
+	var stderr bytes.Buffer
+	cmd := exec.Command("helm", args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, stderr.Bytes(), err
+	}
+	return decodeObjects(t, out), out, nil
+}
+
+func asMap(v any) map[string]any {
+	m, _ := v.(map[string]any)
+	return m
+}
+
+// selects reports whether a matchLabels-style selector selects labels.
+func selects(sel, labels map[string]any) bool {
+	if len(sel) == 0 {
+		return false
+	}
+	for k, v := range sel {
+		if labels[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// workload is a Deployment, StatefulSet or DaemonSet with its pod template.
+type workload struct {
+	obj    object
+	labels map[string]any
+	spec   object
+}
+
+func workloads(objs []object) []workload {
+	var ws []workload
+	for _, o := range objs {
+		switch o.str("kind") {
+		case "Deployment", "StatefulSet", "DaemonSet", "Job":
+			ws = append(ws, workload{obj: o, labels: asMap(o.get("spec", "template", "metadata", "labels")), spec: object(asMap(o.get("spec", "template", "spec")))})
+		}
+	}
+	return ws
+}
+
+func firstContainer(w workload) object {
+	cs := w.spec.list("containers")
+	if len(cs) == 0 {
+		return nil
+	}
+	return object(asMap(cs[0]))
+}
+
+func isMirror(w workload) bool {
+	c := firstContainer(w)
+	if c == nil {
+		return false
+	}
+	var cmd []string
+	for _, s := range c.list("command") {
+		cmd = append(cmd, fmt.Sprint(s))
+	}
+	return slices.Equal(cmd, []string{"/mirror", "serve"})
+}
+
+// podEnv resolves a container's environment as the kubelet would for the
+// mirror process: downward-API fields and Secret keys get stand-in values,
+// $(VAR) refers to variables defined before. It fails on a secret given
+// inline rather than from a Secret.
+func podEnv(t *testing.T, c object, podIP string) (env map[string]string, order []string) {
+	t.Helper()
+	env = map[string]string{}
+	ref := regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+	for _, e := range c.list("env") {
+		o := object(asMap(e))
+		name := o.str("name")
+		switch {
+		case o.get("valueFrom", "fieldRef") != nil:
+			if o.str("valueFrom", "fieldRef", "fieldPath") != "status.podIP" {
+				t.Errorf("env %s: unexpected fieldRef %v", name, o.get("valueFrom", "fieldRef"))
+			}
+			env[name] = podIP
+		case o.get("valueFrom", "secretKeyRef") != nil:
+			s := object(asMap(o.get("valueFrom", "secretKeyRef")))
+			if s.str("name") == "" || s.str("key") == "" {
+				t.Errorf("env %s: secretKeyRef without name or key", name)
+			}
+			// A stand-in long enough for cluster.secret's minimum.
+			env[name] = "from-secret-" + s.str("name") + "-" + s.str("key")
+			if name == "MIRROR_REDIS_URL" {
+				env[name] = "redis://:password@redis.lab:6379/0"
+			}
+		default:
+			v := o.str("value")
+			env[name] = ref.ReplaceAllStringFunc(v, func(m string) string {
+				r := ref.FindStringSubmatch(m)[1]
+				if !slices.Contains(order, r) {
+					t.Errorf("env %s refers to $(%s), which is not defined before it", name, r)
+				}
+				return env[r]
+			})
+		}
+		order = append(order, name)
+	}
+	return env, order
+}
+
+// secretEnv are the variables that carry secrets: they must come from a
+// Secret, never be written into the manifests.
+var secretEnv = []string{"NGC_API_KEY", "MIRROR_CLUSTER_SECRET", "MIRROR_S3_SECRET_KEY", "MIRROR_ADMIN_TOKEN", "MIRROR_REDIS_URL"}
+
+// loadPodConfig loads the mirror configuration a container would: the file
+// MIRROR_CONFIG names, from the ConfigMap mounted there, and the
+// container's environment. It returns the configuration and the file's raw
+// YAML tree.
+func loadPodConfig(t *testing.T, objs []object, w workload, env map[string]string) (config.Config, map[string]any) {
+	t.Helper()
+	c := firstContainer(w)
+	cfgPath := env["MIRROR_CONFIG"]
+	if cfgPath == "" {
+		t.Fatal("the mirror container has no MIRROR_CONFIG")
+	}
+	var cmName string
+	for _, m := range c.list("volumeMounts") {
+		mo := object(asMap(m))
+		if mo.str("mountPath") != filepath.Dir(cfgPath) {
+			continue
+		}
+		if mo.str("subPath") != "" {
+			t.Error("the configuration is mounted with subPath: ConfigMap updates never reach the pod")
+		}
+		for _, v := range w.spec.list("volumes") {
+			if vo := object(asMap(v)); vo.str("name") == mo.str("name") {
+				cmName = vo.str("configMap", "name")
+			}
+		}
+	}
+	var data string
+	for _, o := range objs {
+		if o.str("kind") == "ConfigMap" && o.str("metadata", "name") == cmName {
+			data = o.str("data", filepath.Base(cfgPath))
+		}
+	}
+	if data == "" {
+		t.Fatalf("MIRROR_CONFIG %s is not a file of a ConfigMap mounted in the pod (ConfigMap %q)", cfgPath, cmName)
+	}
+	var tree map[string]any
+	if err := yaml.Unmarshal([]byte(data), &tree); err != nil {
+		t.Fatalf("the mirror configuration: %v", err)
+	}
+	for _, k := range []string{"secret_key", "secret", "api_key", "password", "token"} {
+		if strings.Contains(data, k+": ") && !strings.Contains(data, k+": \"\"") {
+			t.Errorf("the configuration file sets %s: secrets belong in a Secret", k)
+		}
+	}
+	file := data
+	if !clusterInConfig() {
+		// Not a key config.Load knows yet: check the rest.
+		rest := map[string]any{}
+		for k, v := range tree {
+			if k != "cluster" {
+				rest[k] = v
+			}
+		}
+		raw, err := yaml.Marshal(rest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		file = string(raw)
+	}
+	path := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(path, []byte(file), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	getenv := func(k string) string { return env[k] }
+	cfg, err := config.Load(path, getenv)
+	if err != nil {
+		t.Fatalf("the replica's configuration does not load: %v\n%s", err, data)
+	}
+	// Every variable the pod sets is one config.Load reads: without it the
+	// configuration differs. (MIRROR_CONFIG is read by the command, POD_IP
+	// only feeds others.)
+	for name := range env {
+		if name == "MIRROR_CONFIG" || name == "POD_IP" {
+			continue
+		}
+		without, err := config.Load(path, func(k string) string {
+			if k == name {
+				return ""
+			}
+			return env[k]
+		})
+		if err == nil && reflect.DeepEqual(without, cfg) {
+			if !clusterInConfig() && slices.Contains(pendingClusterEnv, name) {
+				continue
+			}
+			t.Errorf("env %s changes nothing config.Load reads: a misspelt name?", name)
+		}
+	}
+	return cfg, tree
+}
+
+// clusterValues returns the cluster section of the configuration a
+// replica runs with: from config.Load once it has one, else from the file
+// and the agreed variables.
+func clusterValues(t *testing.T, cfg config.Config, tree map[string]any, env map[string]string) map[string]any {
+	t.Helper()
+	if clusterInConfig() {
+		raw, err := yaml.Marshal(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := yaml.Unmarshal(raw, &m); err != nil {
+			t.Fatal(err)
+		}
+		return asMap(m["cluster"])
+	}
+	cl := map[string]any{}
+	for k, v := range asMap(tree["cluster"]) {
+		cl[k] = v
+	}
+	if v := env["MIRROR_CLUSTER_ADVERTISE"]; v != "" {
+		cl["advertise"] = v
+	}
+	if v := env["MIRROR_CLUSTER_SECRET"]; v != "" {
+		cl["secret"] = v
+	}
+	return cl
+}
+
+func portNumber(t *testing.T, hostPort string) int {
+	t.Helper()
+	_, p, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		t.Fatalf("%q: %v", hostPort, err)
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatalf("%q: %v", hostPort, err)
+	}
+	return n
+}
+
+// scaleOut is what a rendering is expected to hold.
+type scaleOut struct {
+	replicas     int
+	bundledRedis bool // a Redis workload and Service in the rendering
+	bundledS3    bool // a MinIO workload and Service in the rendering
+}
+
+// checkScaleOut checks a rendered multi-replica deployment: N mirror
+// replicas that find each other through Redis, reach each other on a peer
+// port that no client Service or Ingress exposes, authenticate with a
+// secret taken from a Secret, share one bucket, and are ready, spread and
+// protected against voluntary disruption as a cluster.
+func checkScaleOut(t *testing.T, objs []object, want scaleOut) {
+	t.Helper()
+	const podIP = "10.1.2.3"
+	for _, o := range objs {
+		if o.str("kind") == "Secret" {
+			t.Errorf("the rendering holds Secret %s: secrets are made by hand and only referenced", o.str("metadata", "name"))
+		}
+	}
+	ws := workloads(objs)
+	var mirrors []workload
+	for _, w := range ws {
+		if isMirror(w) {
+			mirrors = append(mirrors, w)
+		}
+	}
+	if len(mirrors) != 1 {
+		t.Fatalf("%d mirror workloads, want 1", len(mirrors))
+	}
+	m := mirrors[0]
+	mirrorLabels := m.labels
+	if got := m.obj.get("spec", "replicas"); got != want.replicas {
+		t.Errorf("mirror replicas %v, want %d", got, want.replicas)
+	}
+	if !selects(asMap(m.obj.get("spec", "selector", "matchLabels")), mirrorLabels) {
+		t.Error("the mirror workload's selector does not select its pods")
+	}
+	// No other workload's pods carry the mirror's labels (a PDB, Service or
+	// NetworkPolicy for the mirror would take them in).
+	for _, w := range ws {
+		if w.obj.str("metadata", "name") != m.obj.str("metadata", "name") && selects(mirrorLabels, w.labels) {
+			t.Errorf("%s %s's pods carry the mirror pods' labels", w.obj.str("kind"), w.obj.str("metadata", "name"))
+		}
+	}
+	c := firstContainer(m)
+	ports := map[string]int{}
+	for _, p := range c.list("ports") {
+		po := object(asMap(p))
+		ports[po.str("name")], _ = po.get("containerPort").(int)
+	}
+	registry, peer := ports["registry"], ports["peer"]
+	if registry == 0 || peer == 0 || registry == peer {
+		t.Fatalf("container ports %v: want distinct registry and peer ports", ports)
+	}
+	if c.str("readinessProbe", "httpGet", "path") != "/readyz" || c.str("readinessProbe", "httpGet", "port") != "registry" {
+		t.Errorf("readiness probe %v: want /readyz on the registry port (it reflects membership)", c.get("readinessProbe"))
+	}
+	if c.str("livenessProbe", "httpGet", "path") != "/healthz" {
+		t.Errorf("liveness probe %v: want /healthz", c.get("livenessProbe"))
+	}
+
+	// The environment: the advertised peer URL from the pod IP, secrets
+	// from Secrets.
+	env, _ := podEnv(t, c, podIP)
+	for _, e := range c.list("env") {
+		o := object(asMap(e))
+		if slices.Contains(secretEnv, o.str("name")) && o.get("valueFrom", "secretKeyRef") == nil {
+			if o.str("name") == "MIRROR_REDIS_URL" && !strings.Contains(o.str("value"), "@") {
+				continue // a Redis URL without a password is no secret
+			}
+			t.Errorf("env %s is written into the manifest, not taken from a Secret", o.str("name"))
+		}
+	}
+	for _, name := range []string{"MIRROR_CLUSTER_SECRET", "NGC_API_KEY"} {
+		if _, ok := env[name]; !ok {
+			t.Errorf("no %s in the mirror's environment", name)
+		}
+	}
+	cfg, tree := loadPodConfig(t, objs, m, env)
+	cl := clusterValues(t, cfg, tree, env)
+	if want := fmt.Sprintf("http://%s:%d", podIP, peer); cl["advertise"] != want {
+		t.Errorf("cluster.advertise %v, want %s (the pod IP and the peer port)", cl["advertise"], want)
+	}
+	if l, _ := cl["listen"].(string); l == "" || portNumber(t, l) != peer {
+		t.Errorf("cluster.listen %v is not the peer container port %d", cl["listen"], peer)
+	}
+	if s, _ := cl["secret"].(string); !strings.HasPrefix(s, "from-secret-") {
+		t.Errorf("cluster.secret does not come from a Secret: %q", s)
+	}
+	if portNumber(t, cfg.Addr) != registry {
+		t.Errorf("addr %s is not the registry container port %d", cfg.Addr, registry)
+	}
+
+	// One shared cache and one Redis.
+	if cfg.Storage.Driver != "s3" || cfg.Storage.S3.Bucket == "" {
+		t.Errorf("storage %s, bucket %q: replicas must share an S3 bucket", cfg.Storage.Driver, cfg.Storage.S3.Bucket)
+	}
+	if cfg.State.RedisURL == "" {
+		t.Error("no state.redis_url: membership and leases live in Redis")
+	}
+	mounted := false
+	for _, mo := range c.list("volumeMounts") {
+		if object(asMap(mo)).str("mountPath") == cfg.Storage.DataDir {
+			mounted = true
+		}
+	}
+	if !mounted {
+		t.Errorf("data_dir %s (the spool) is not a volume: the root filesystem is read-only", cfg.Storage.DataDir)
+	}
+	// serviceFor finds the Service a URL's host names and the workload it
+	// sends that port to.
+	serviceFor := func(what, rawURL string) {
+		u, err := url.Parse(rawURL)
+		if err != nil || u.Hostname() == "" {
+			t.Errorf("%s URL %q", what, rawURL)
+			return
+		}
+		port, _ := strconv.Atoi(u.Port())
+		for _, s := range objs {
+			if s.str("kind") != "Service" || s.str("metadata", "name") != strings.Split(u.Hostname(), ".")[0] {
+				continue
+			}
+			for _, w := range ws {
+				if !selects(asMap(s.get("spec", "selector")), w.labels) {
+					continue
+				}
+				for _, p := range s.list("spec", "ports") {
+					po := object(asMap(p))
+					if po.get("port") == port {
+						for _, cp := range firstContainer(w).list("ports") {
+							cpo := object(asMap(cp))
+							if cpo.str("name") == po.str("targetPort") || cpo.get("containerPort") == po.get("targetPort") {
+								return
+							}
+						}
+					}
+				}
+			}
+		}
+		t.Errorf("%s %s: no Service of the rendering sends port %d to a container port", what, rawURL, port)
+	}
+	if want.bundledRedis {
+		serviceFor("state.redis_url", cfg.State.RedisURL)
+	}
+	if want.bundledS3 {
+		serviceFor("storage.s3.endpoint", cfg.Storage.S3.Endpoint)
+		if !cfg.Storage.S3.PathStyle {
+			t.Error("MinIO needs path-style requests")
+		}
+	}
+	for _, kind := range []struct {
+		on    bool
+		image string
+	}{{want.bundledRedis, "redis"}, {want.bundledS3, "minio/minio"}} {
+		found := false
+		for _, w := range ws {
+			found = found || strings.HasPrefix(firstContainer(w).str("image"), kind.image+":")
+		}
+		if found != kind.on {
+			t.Errorf("a %s workload rendered: %v, want %v", kind.image, found, kind.on)
+		}
+	}
+
+	// Services: clients reach the registry port; the peer port is only on
+	// a headless Service.
+	var clientSvcs []object
+	peerSvc := false
+	targets := func(p object, name string, number int) bool {
+		return p.get("targetPort") == name || p.get("targetPort") == number || (p.get("targetPort") == nil && p.get("port") == number)
+	}
+	for _, s := range objs {
+		if s.str("kind") != "Service" || !selects(asMap(s.get("spec", "selector")), mirrorLabels) {
+			continue
+		}
+		headless := s.str("spec", "clusterIP") == "None"
+		for _, p := range s.list("spec", "ports") {
+			po := object(asMap(p))
+			if targets(po, "peer", peer) {
+				if !headless {
+					t.Errorf("Service %s exposes the peer port to clients", s.str("metadata", "name"))
+				}
+				peerSvc = true
+			}
+		}
+		if !headless {
+			clientSvcs = append(clientSvcs, s)
+		}
+	}
+	if !peerSvc {
+		t.Error("no headless Service for the peer port")
+	}
+	if len(clientSvcs) != 1 {
+		t.Fatalf("%d client Services select the mirror pods, want 1", len(clientSvcs))
+	}
+	client := clientSvcs[0]
+	clientPorts := map[string]object{}
+	for _, p := range client.list("spec", "ports") {
+		po := object(asMap(p))
+		clientPorts[po.str("name")] = po
+	}
+	if clientPorts["registry"] == nil || !targets(clientPorts["registry"], "registry", registry) {
+		t.Errorf("client Service ports %v: want registry, to the registry port", client.get("spec", "ports"))
+	}
+	for _, o := range objs {
+		switch o.str("kind") {
+		case "Ingress":
+			for _, r := range o.list("spec", "rules") {
+				for _, p := range object(asMap(r)).list("http", "paths") {
+					b := object(asMap(asMap(p)["backend"]))
+					if b.str("service", "name") != client.str("metadata", "name") || b.str("service", "port", "name") != "registry" {
+						t.Errorf("Ingress backend %v: want the client Service's registry port", b)
+					}
+				}
+			}
+		case "ServiceMonitor":
+			if !selects(asMap(o.get("spec", "selector", "matchLabels")), asMap(client.get("metadata", "labels"))) {
+				t.Error("the ServiceMonitor does not select the client Service")
+			}
+			for _, ep := range o.list("spec", "endpoints") {
+				e := object(asMap(ep))
+				if clientPorts[e.str("port")] == nil || e.str("path") != "/metrics" {
+					t.Errorf("ServiceMonitor endpoint %v does not match the client Service", e)
+				}
+			}
+			for _, s := range objs {
+				if s.str("kind") == "Service" && s.str("spec", "clusterIP") == "None" && selects(asMap(o.get("spec", "selector", "matchLabels")), asMap(s.get("metadata", "labels"))) {
+					t.Errorf("the ServiceMonitor also selects the peer Service %s (each replica scraped twice)", s.str("metadata", "name"))
+				}
+			}
+		case "DaemonSet":
+			var script string
+			for _, ic := range object(asMap(o.get("spec", "template", "spec"))).list("initContainers") {
+				for _, s := range object(asMap(ic)).list("command") {
+					script += fmt.Sprint(s) + "\n"
+				}
+			}
+			if np := clientPorts["registry"].get("nodePort"); np == nil || !strings.Contains(script, fmt.Sprintf(":%v\"]", np)) {
+				t.Errorf("the containerd hosts.toml does not point at the client Service's node port %v", np)
+			}
+		}
+	}
+
+	// Disruption budget, spreading, network policy.
+	pdbs := 0
+	for _, o := range objs {
+		if o.str("kind") != "PodDisruptionBudget" {
+			continue
+		}
+		sel := asMap(o.get("spec", "selector", "matchLabels"))
+		if !selects(sel, mirrorLabels) {
+			continue
+		}
+		pdbs++
+		for _, w := range ws {
+			if !isMirror(w) && selects(sel, w.labels) {
+				t.Errorf("the PodDisruptionBudget also selects %s %s", w.obj.str("kind"), w.obj.str("metadata", "name"))
+			}
+		}
+		maxU, hasMax := o.get("spec", "maxUnavailable").(int)
+		minA, hasMin := o.get("spec", "minAvailable").(int)
+		if hasMax == hasMin || (hasMax && maxU < 1) || (hasMin && (minA < 1 || minA >= want.replicas)) {
+			t.Errorf("PodDisruptionBudget %v: want a budget that keeps replicas serving and still lets a node drain", o.get("spec"))
+		}
+	}
+	if pdbs != 1 {
+		t.Errorf("%d PodDisruptionBudgets select the mirror pods, want 1", pdbs)
+	}
+	anti := object(asMap(m.spec.get("affinity", "podAntiAffinity")))
+	var terms []object
+	for _, tm := range anti.list("requiredDuringSchedulingIgnoredDuringExecution") {
+		terms = append(terms, object(asMap(tm)))
+	}
+	for _, tm := range anti.list("preferredDuringSchedulingIgnoredDuringExecution") {
+		terms = append(terms, object(asMap(asMap(tm)["podAffinityTerm"])))
+	}
+	spread := false
+	for _, tm := range terms {
+		spread = spread || (tm.str("topologyKey") == "kubernetes.io/hostname" && selects(asMap(tm.get("labelSelector", "matchLabels")), mirrorLabels))
+	}
+	if !spread {
+		t.Errorf("no pod anti-affinity spreading the replicas over nodes: %v", anti)
+	}
+	for _, o := range objs {
+		if o.str("kind") != "NetworkPolicy" || !selects(asMap(o.get("spec", "podSelector", "matchLabels")), mirrorLabels) {
+			continue
+		}
+		registryOpen := false
+		for _, r := range o.list("spec", "ingress") {
+			ro := object(asMap(r))
+			for _, p := range ro.list("ports") {
+				port := asMap(p)["port"]
+				if port == "registry" || port == registry {
+					registryOpen = registryOpen || len(ro.list("from")) == 0
+				}
+				if port != "peer" && port != peer {
+					continue
+				}
+				if len(ro.list("from")) == 0 {
+					t.Error("the NetworkPolicy opens the peer port to everyone")
+				}
+				for _, f := range ro.list("from") {
+					fo := object(asMap(f))
+					if fo.get("ipBlock") != nil || fo.get("namespaceSelector") != nil || !selects(asMap(fo.get("podSelector", "matchLabels")), mirrorLabels) {
+						t.Errorf("the NetworkPolicy opens the peer port to %v, not only to mirror pods", f)
+					}
+				}
+			}
+		}
+		if !registryOpen {
+			t.Error("the NetworkPolicy does not let clients reach the registry port")
+		}
+	}
+}
+
+// TestHelmChart lints the chart and renders it the way a lab (bundled
+// Redis and MinIO) and a production cluster (external Redis and bucket,
+// ingress, hard anti-affinity) would install it.
+func TestHelmChart(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("helm"); err != nil {
+		t.Fatal("helm is not installed: run .ci/install.sh")
+	}
+	if out, err := exec.Command("helm", "lint", "--strict", "helm/ngc-mirror").CombinedOutput(); err != nil {
+		t.Fatalf("helm lint: %v\n%s", err, out)
+	}
+	for _, tc := range []struct {
+		name string
+		sets []string
+		want scaleOut
+		// check runs on top of checkScaleOut.
+		check func(t *testing.T, objs []object)
+	}{
+		{name: "lab defaults", want: scaleOut{replicas: 3, bundledRedis: true, bundledS3: true}},
+		{name: "one replica", sets: []string{"replicas=1"}, want: scaleOut{replicas: 1, bundledRedis: true, bundledS3: true}},
+		{name: "external redis and bucket", sets: []string{
+			"replicas=8", "redis.enabled=false", "redis.urlSecret=lab-redis", "minio.enabled=false",
+			"s3.endpoint=https://s3.lab:9000", "s3.bucket=lab-cache", "s3.pathStyle=true", "s3.credentialsSecret=",
+			"antiAffinity=hard", "ingress.enabled=true", "serviceMonitor.enabled=true", "admin.tokenSecret=lab-admin",
+			"containerdHosts.enabled=false", "service.type=ClusterIP", "cluster.port=7946",
+		}, want: scaleOut{replicas: 8}, check: func(t *testing.T, objs []object) {
+			var kinds []string
+			for _, o := range objs {
+				kinds = append(kinds, o.str("kind"))
+			}
+			for _, k := range []string{"Ingress", "ServiceMonitor"} {
+				if !slices.Contains(kinds, k) {
+					t.Errorf("no %s rendered", k)
+				}
+			}
+			if slices.Contains(kinds, "PersistentVolumeClaim") || slices.Contains(kinds, "StatefulSet") || slices.Contains(kinds, "DaemonSet") {
+				t.Errorf("external Redis and bucket, no containerd hosts: rendered %v", kinds)
+			}
+			for _, w := range workloads(objs) {
+				if isMirror(w) {
+					if w.spec.get("affinity", "podAntiAffinity", "requiredDuringSchedulingIgnoredDuringExecution") == nil {
+						t.Error("antiAffinity=hard renders no required anti-affinity")
+					}
+					env, _ := podEnv(t, firstContainer(w), "10.0.0.1")
+					if _, ok := env["MIRROR_S3_SECRET_KEY"]; ok {
+						t.Error("s3.credentialsSecret empty (the AWS chain) still sets MIRROR_S3_SECRET_KEY")
+					}
+					if _, ok := env["MIRROR_ADMIN_TOKEN"]; !ok {
+						t.Error("admin.tokenSecret set, no MIRROR_ADMIN_TOKEN")
+					}
+				}
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			objs, stderr, err := helmTemplate(t, tc.sets...)
+			if err != nil {
+				t.Fatalf("helm template: %v\n%s", err, stderr)
+			}
+			checkScaleOut(t, objs, tc.want)
+			if tc.check != nil {
+				tc.check(t, objs)
+			}
+		})
+	}
+}
+
+// TestHelmChartRefuses: values that cannot make a working cluster fail the
+// rendering with a message naming the value, rather than installing
+// replicas that each fill alone.
+func TestHelmChartRefuses(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		sets []string
+		want string
+	}{
+		{[]string{"redis.enabled=false"}, "redis.url or redis.urlSecret"},
+		{[]string{"s3.bucket="}, "s3.bucket is required"},
+		{[]string{"s3.credentialsSecret="}, "minio.enabled needs s3.credentialsSecret"},
+		{[]string{"cluster.secretName="}, "cluster.secretName"},
+		{[]string{"cluster.port=5000"}, "cluster.port must differ"},
+		{[]string{"config.storage.driver=filesystem"}, "config.storage is set by the chart"},
+		{[]string{"service.type=LoadBalancer"}, "containerdHosts.enabled needs service.type NodePort"},
+		{[]string{"antiAffinity=sometimes"}, "antiAffinity: soft or hard"},
+	} {
+		_, stderr, err := helmTemplate(t, tc.sets...)
+		if err == nil || !strings.Contains(string(stderr), tc.want) {
+			t.Errorf("--set %v: err %v, stderr %q; want a failure saying %q", tc.sets, err, stderr, tc.want)
+		}
+	}
+}
+
+// TestHelmConfigChangeRollsReplicas: the pod template carries a checksum of
+// the ConfigMap (whose name is fixed), so a changed configuration rolls the
+// replicas, and an unchanged one does not.
+func TestHelmConfigChangeRollsReplicas(t *testing.T) {
+	t.Parallel()
+	checksum := func(sets ...string) string {
+		objs, stderr, err := helmTemplate(t, sets...)
+		if err != nil {
+			t.Fatalf("helm template: %v\n%s", err, stderr)
+		}
+		for _, w := range workloads(objs) {
+			if isMirror(w) {
+				return w.obj.str("spec", "template", "metadata", "annotations", "checksum/config")
+			}
+		}
+		t.Fatal("no mirror workload")
+		return ""
+	}
+	a, b, c := checksum(), checksum(), checksum("config.log_level=debug")
+	if a == "" || a != b {
+		t.Errorf("checksum %q then %q for the same values", a, b)
+	}
+	if a == c {
+		t.Error("the checksum did not change with the configuration: the replicas would keep the old one")
+	}
+}
