@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -330,6 +331,8 @@ func TestComposeFile(t *testing.T) {
 	}
 	for _, s := range c.Services {
 		for _, v := range s.Volumes {
+			// ${NAME:-default} as with an empty environment.
+			v = regexp.MustCompile(`\$\{[A-Z_]+:-([^}]*)\}`).ReplaceAllString(v, "$1")
 			src, _, _ := strings.Cut(v, ":")
 			if strings.HasPrefix(src, "./") {
 				if _, err := os.Stat(filepath.Join("..", src)); err != nil {

@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -253,32 +254,44 @@ func loadPodConfig(t *testing.T, objs []object, w workload, env map[string]strin
 	if err := os.WriteFile(path, []byte(file), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	getenv := func(k string) string { return env[k] }
-	cfg, err := config.Load(path, getenv)
+	return checkLoad(t, path, env, "MIRROR_CONFIG", "POD_IP"), tree
+}
+
+// checkLoad loads the configuration file at path with the environment env
+// as config.Load does in the process, and checks that every variable of
+// env, but those named in ignore, is one config.Load reads: without it the
+// configuration differs.
+func checkLoad(t *testing.T, path string, env map[string]string, ignore ...string) config.Config {
+	t.Helper()
+	cfg, err := config.Load(path, func(k string) string { return env[k] })
 	if err != nil {
-		t.Fatalf("the replica's configuration does not load: %v\n%s", err, data)
+		raw, _ := os.ReadFile(path)
+		t.Fatalf("the replica's configuration does not load: %v\n%s", err, raw)
 	}
-	// Every variable the pod sets is one config.Load reads: without it the
-	// configuration differs. (MIRROR_CONFIG is read by the command, POD_IP
-	// only feeds others.)
 	for name := range env {
-		if name == "MIRROR_CONFIG" || name == "POD_IP" {
+		if slices.Contains(ignore, name) {
 			continue
 		}
-		without, err := config.Load(path, func(k string) string {
-			if k == name {
-				return ""
-			}
-			return env[k]
-		})
-		if err == nil && reflect.DeepEqual(without, cfg) {
+		with := func(v string) (config.Config, error) {
+			return config.Load(path, func(k string) string {
+				if k == name {
+					return v
+				}
+				return env[k]
+			})
+		}
+		// The value may be the default: then another value must change
+		// the configuration or be refused.
+		without, err := with("")
+		probe, perr := with("probe-0123456789abcdef")
+		if err == nil && reflect.DeepEqual(without, cfg) && perr == nil && reflect.DeepEqual(without, probe) {
 			if !clusterInConfig() && slices.Contains(pendingClusterEnv, name) {
 				continue
 			}
 			t.Errorf("env %s changes nothing config.Load reads: a misspelt name?", name)
 		}
 	}
-	return cfg, tree
+	return cfg
 }
 
 // clusterValues returns the cluster section of the configuration a
@@ -754,5 +767,420 @@ func TestHelmConfigChangeRollsReplicas(t *testing.T) {
 	}
 	if a == c {
 		t.Error("the checksum did not change with the configuration: the replicas would keep the old one")
+	}
+}
+
+// clusterMetrics are the scale-out metrics (#11) the Replicas row and the
+// cluster alerts are built on.
+var clusterMetrics = []string{"ngc_mirror_cluster_members", "ngc_mirror_cluster_coordinated",
+	"ngc_mirror_peer_blobs_total", "ngc_mirror_peer_bytes_total", "ngc_mirror_fills_owned_total"}
+
+// registeredMetrics returns the metric names the mirror's source registers:
+// the "ngc_mirror_..." string literals of its non-test Go files.
+func registeredMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	lit := regexp.MustCompile(`"(ngc_mirror_[a-z0-9_]+)"`)
+	names := map[string]bool{}
+	for _, root := range []string{"../internal", "../cmd"} {
+		err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go") {
+				return err
+			}
+			src, err := os.ReadFile(p)
+			for _, m := range lit.FindAllSubmatch(src, -1) {
+				names[string(m[1])] = true
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(names) < 20 {
+		t.Fatalf("found only %d metric names in the source: %v", len(names), names)
+	}
+	return names
+}
+
+// grafanaVars replaces the dashboard's Grafana variables so that the
+// expression is PromQL.
+var grafanaVars = strings.NewReplacer("$__rate_interval", "5m", "$__interval", "1m", "$__range", "5m", `"$job"`, `".*"`)
+
+// TestDashboardAndRulesUseKnownMetrics: every expression of the dashboard
+// and the alert rules parses (promtool) and names only metrics the mirror
+// registers, so a renamed metric cannot leave a panel or an alert silently
+// empty; and the Replicas row shows the scale-out metrics.
+func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
+	t.Parallel()
+	known := registeredMetrics(t)
+	for _, n := range clusterMetrics {
+		if !known[n] && clusterInConfig() {
+			t.Errorf("clustering is in config, but no source registers %s", n)
+		}
+		if !clusterInConfig() {
+			known[n] = true // pending the cluster core (#11)
+		}
+	}
+	raw, err := os.ReadFile("grafana/ngc-mirror.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Type    string             `json:"type"`
+			Title   string             `json:"title"`
+			GridPos struct{ X, Y int } `json:"gridPos"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+		Templating struct {
+			List []struct {
+				Query string `json:"query"`
+			} `json:"list"`
+		} `json:"templating"`
+	}
+	if err := json.Unmarshal(raw, &dash); err != nil {
+		t.Fatal(err)
+	}
+	type expr struct{ where, promql string }
+	var exprs []expr
+	rowY := -1
+	var replicaExprs string
+	for _, p := range dash.Panels {
+		if p.Type == "row" && p.Title == "Replicas" {
+			rowY = p.GridPos.Y
+		}
+	}
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			exprs = append(exprs, expr{"panel " + p.Title, grafanaVars.Replace(tg.Expr)})
+			if rowY >= 0 && p.GridPos.Y > rowY {
+				replicaExprs += tg.Expr + "\n"
+			}
+		}
+	}
+	if rowY < 0 {
+		t.Error(`the dashboard has no "Replicas" row`)
+	}
+	for _, n := range clusterMetrics {
+		if !strings.Contains(replicaExprs, n) {
+			t.Errorf("the Replicas row does not show %s", n)
+		}
+	}
+	if !strings.Contains(replicaExprs, `result="error"`) {
+		t.Error("the Replicas row does not show peer errors")
+	}
+	for _, v := range dash.Templating.List {
+		if m := regexp.MustCompile(`label_values\((\w+),`).FindStringSubmatch(v.Query); m != nil {
+			exprs = append(exprs, expr{"variable", m[1]})
+		}
+	}
+	rulesRaw, err := os.ReadFile("prometheus/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rules struct {
+		Groups []struct {
+			Rules []struct {
+				Alert string `yaml:"alert"`
+				Expr  string `yaml:"expr"`
+				For   string `yaml:"for"`
+			} `yaml:"rules"`
+		} `yaml:"groups"`
+	}
+	if err := yaml.Unmarshal(rulesRaw, &rules); err != nil {
+		t.Fatal(err)
+	}
+	alerts := map[string]string{}
+	for _, g := range rules.Groups {
+		for _, r := range g.Rules {
+			exprs = append(exprs, expr{"alert " + r.Alert, r.Expr})
+			alerts[r.Alert] = r.Expr
+		}
+	}
+	if !strings.Contains(alerts["NGCMirrorNotCoordinated"], "ngc_mirror_cluster_coordinated == 0") {
+		t.Errorf("NGCMirrorNotCoordinated: %q", alerts["NGCMirrorNotCoordinated"])
+	}
+
+	// Metric names.
+	ident := regexp.MustCompile(`[a-zA-Z_:][a-zA-Z0-9_:]*`)
+	for _, e := range exprs {
+		for _, id := range ident.FindAllString(e.promql, -1) {
+			if !strings.HasPrefix(id, "ngc_mirror_") {
+				continue
+			}
+			base := id
+			for _, suf := range []string{"_bucket", "_sum", "_count"} {
+				if b, ok := strings.CutSuffix(id, suf); ok && known[b] {
+					base = b
+				}
+			}
+			if !known[base] {
+				t.Errorf("%s uses %s, which the mirror does not register", e.where, id)
+			}
+		}
+	}
+	// Syntax: the dashboard's expressions as recording rules, checked by
+	// promtool (the alert rules are checked as they are).
+	if _, err := exec.LookPath("promtool"); err != nil {
+		t.Fatal("promtool is not installed: run .ci/install.sh")
+	}
+	var rf strings.Builder
+	rf.WriteString("groups:\n  - name: dashboard\n    rules:\n")
+	for i, e := range exprs {
+		fmt.Fprintf(&rf, "      - record: dashboard:expr_%d\n        expr: %q\n", i, e.promql)
+	}
+	path := filepath.Join(t.TempDir(), "dashboard-rules.yml")
+	if err := os.WriteFile(path, []byte(rf.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{path, "prometheus/alerts.yml"} {
+		if out, err := exec.Command("promtool", "check", "rules", f).CombinedOutput(); err != nil {
+			t.Errorf("promtool check rules %s: %v\n%s", f, err, out)
+		}
+	}
+}
+
+// TestAlertRules runs the alert rules' unit tests (prometheus/alerts_test.yml)
+// with promtool: the scale-out alerts fire on a replica filling alone or
+// missing from the membership, and on failing peer streams, and not on a
+// healthy cluster or a single mirror.
+func TestAlertRules(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("promtool"); err != nil {
+		t.Fatal("promtool is not installed: run .ci/install.sh")
+	}
+	out, err := exec.Command("promtool", "test", "rules", "prometheus/alerts_test.yml").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "SUCCESS") {
+		t.Fatalf("promtool test rules: %v\n%s", err, out)
+	}
+}
+
+// composeService is the part of a resolved compose service the checks read.
+type composeService struct {
+	Image       string            `yaml:"image"`
+	Profiles    []string          `yaml:"profiles"`
+	Environment map[string]string `yaml:"environment"`
+	Ports       []any             `yaml:"ports"`
+	Volumes     []any             `yaml:"volumes"`
+	DependsOn   any               `yaml:"depends_on"`
+}
+
+// mounts returns a service's bind mounts, target → source, in the short
+// (docker-compose 1) and long (compose 2) forms.
+func (s composeService) mounts() map[string]string {
+	m := map[string]string{}
+	for _, v := range s.Volumes {
+		switch v := v.(type) {
+		case string:
+			parts := strings.Split(v, ":")
+			if len(parts) >= 2 {
+				m[parts[1]] = parts[0]
+			}
+		case map[string]any:
+			m[fmt.Sprint(v["target"])] = fmt.Sprint(v["source"])
+		}
+	}
+	return m
+}
+
+// TestComposeScaleOut resolves docker-compose.yml's "scale-out" profile with
+// the real docker-compose and checks it: two or more replicas of the mirror
+// image whose environment config.Load reads into one clustered cache (same
+// Redis and bucket, each advertising its own peer listener), no replica
+// published on the host, HAProxy (its configuration checked by the real
+// haproxy) in front of their registry ports only, Prometheus scraping each
+// replica, and the default profile unchanged.
+func TestComposeScaleOut(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("docker-compose"); err != nil {
+		t.Fatal("docker-compose is not installed: run .ci/install.sh")
+	}
+	raw, err := os.ReadFile("../docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var file struct {
+		Services map[string]composeService `yaml:"services"`
+	}
+	if err := yaml.Unmarshal(raw, &file); err != nil {
+		t.Fatal(err)
+	}
+	var always []string
+	for name, s := range file.Services {
+		if len(s.Profiles) == 0 {
+			always = append(always, name)
+		}
+	}
+	slices.Sort(always)
+	if want := []string{"grafana", "mirror", "prometheus", "redis"}; !slices.Equal(always, want) {
+		t.Errorf("services without a profile %v, want %v: a bare `docker compose up` must run what it did", always, want)
+	}
+
+	cmd := exec.Command("docker-compose", "--profile", "scale-out", "config")
+	cmd.Dir = ".."
+	cmd.Env = append(os.Environ(), "MIRROR_PROMETHEUS_CONFIG=prometheus-scale-out.yml",
+		"MIRROR_CLUSTER_SECRET=test-cluster-secret-0123456789", "MIRROR_S3_SECRET_KEY=test-s3-secret")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("docker-compose --profile scale-out config: %v\n%s", err, stderr.String())
+	}
+	var resolved struct {
+		Services map[string]composeService `yaml:"services"`
+	}
+	if err := yaml.Unmarshal(out, &resolved); err != nil {
+		t.Fatal(err)
+	}
+	svcs := resolved.Services
+	var replicas []string
+	for name, s := range svcs {
+		if s.Image == svcs["mirror"].Image && slices.Contains(s.Profiles, "scale-out") {
+			replicas = append(replicas, name)
+		}
+	}
+	slices.Sort(replicas)
+	if len(replicas) < 2 {
+		t.Fatalf("scale-out replicas %v: want at least 2", replicas)
+	}
+	var first config.Config
+	for i, name := range replicas {
+		s := svcs[name]
+		if len(s.Ports) != 0 {
+			t.Errorf("replica %s publishes %v on the host: clients go through the balancer, peers stay on the compose network", name, s.Ports)
+		}
+		// The image's configuration file and environment (Dockerfile), then
+		// the service's.
+		env := map[string]string{"MIRROR_DATA_DIR": "/data"}
+		for k, v := range s.Environment {
+			if v != "" {
+				env[k] = v
+			}
+		}
+		cfg := checkLoad(t, "../configs/mirror.yaml", env, "MIRROR_DATA_DIR")
+		var adv string
+		if clusterInConfig() {
+			cl := clusterValues(t, cfg, nil, env)
+			adv, _ = cl["advertise"].(string)
+		} else {
+			adv = env["MIRROR_CLUSTER_ADVERTISE"]
+		}
+		if want := "http://" + name + ":5002"; adv != want {
+			t.Errorf("replica %s advertises %q, want %s (its own name, the peer listener)", name, adv, want)
+		}
+		if env["MIRROR_CLUSTER_SECRET"] != "test-cluster-secret-0123456789" {
+			t.Errorf("replica %s does not take the cluster secret from MIRROR_CLUSTER_SECRET", name)
+		}
+		if cfg.Storage.Driver != "s3" || cfg.State.RedisURL == "" {
+			t.Errorf("replica %s: storage %s, redis %q: want the shared bucket and Redis", name, cfg.Storage.Driver, cfg.State.RedisURL)
+		}
+		for what, rawURL := range map[string]string{"redis": cfg.State.RedisURL, "s3 endpoint": cfg.Storage.S3.Endpoint} {
+			u, err := url.Parse(rawURL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := svcs[u.Hostname()]; !ok {
+				t.Errorf("replica %s: %s %s is no service of the profile", name, what, rawURL)
+			}
+		}
+		if i == 0 {
+			first = cfg
+			continue
+		}
+		if cfg.State.RedisURL != first.State.RedisURL || cfg.Storage.S3 != first.Storage.S3 {
+			t.Errorf("replicas %s and %s do not share Redis and the bucket", replicas[0], name)
+		}
+	}
+
+	// The balancer: HAProxy's configuration names each replica's registry
+	// port, never a peer port, and the real haproxy accepts it.
+	var lb string
+	for name, s := range svcs {
+		if strings.HasPrefix(s.Image, "haproxy:") {
+			lb = name
+		}
+	}
+	if lb == "" {
+		t.Fatal("no HAProxy service in the scale-out profile")
+	}
+	if !slices.Contains(svcs[lb].Profiles, "scale-out") {
+		t.Errorf("%s is not in the scale-out profile only", lb)
+	}
+	published := false
+	for _, p := range svcs[lb].Ports {
+		switch p := p.(type) {
+		case map[string]any:
+			published = published || (fmt.Sprint(p["published"]) == "5000" && fmt.Sprint(p["target"]) == "5000")
+		case string:
+			published = published || p == "5000:5000"
+		}
+	}
+	if !published {
+		t.Errorf("%s ports %v: want 5000 on the host, where nodes pull from", lb, svcs[lb].Ports)
+	}
+	cfgFile := svcs[lb].mounts()["/usr/local/etc/haproxy/haproxy.cfg"]
+	haCfg, err := os.ReadFile(cfgFile)
+	if err != nil {
+		t.Fatalf("HAProxy configuration %q: %v", cfgFile, err)
+	}
+	var servers []string
+	for _, l := range strings.Split(string(haCfg), "\n") {
+		if f := strings.Fields(l); len(f) >= 3 && f[0] == "server" {
+			servers = append(servers, f[2])
+		}
+	}
+	slices.Sort(servers)
+	var wantServers []string
+	for _, r := range replicas {
+		wantServers = append(wantServers, r+":5000")
+	}
+	if !slices.Equal(servers, wantServers) {
+		t.Errorf("HAProxy servers %v, want each replica's registry port %v", servers, wantServers)
+	}
+	if !strings.Contains(string(haCfg), "option httpchk GET /readyz") {
+		t.Error("HAProxy does not take replicas out of rotation on /readyz")
+	}
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		t.Fatal("haproxy is not installed: run .ci/install.sh")
+	}
+	if out, err := exec.Command("haproxy", "-c", "-f", cfgFile).CombinedOutput(); err != nil {
+		t.Errorf("haproxy -c: %v\n%s", err, out)
+	}
+
+	// Prometheus scrapes each replica directly.
+	promFile := svcs["prometheus"].mounts()["/etc/prometheus/prometheus.yml"]
+	promRaw, err := os.ReadFile(promFile)
+	if err != nil {
+		t.Fatalf("Prometheus configuration %q: %v", promFile, err)
+	}
+	var prom struct {
+		ScrapeConfigs []struct {
+			JobName       string `yaml:"job_name"`
+			StaticConfigs []struct {
+				Targets []string `yaml:"targets"`
+			} `yaml:"static_configs"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(promRaw, &prom); err != nil {
+		t.Fatal(err)
+	}
+	var targets []string
+	for _, sc := range prom.ScrapeConfigs {
+		for _, st := range sc.StaticConfigs {
+			if sc.JobName == "ngc-mirror" {
+				targets = append(targets, st.Targets...)
+			}
+		}
+	}
+	slices.Sort(targets)
+	if !slices.Equal(targets, wantServers) {
+		t.Errorf("Prometheus (%s) scrapes %v, want each replica %v", filepath.Base(promFile), targets, wantServers)
+	}
+	for _, s := range []string{"minio", "minio-bucket"} {
+		if _, ok := svcs[s]; !ok {
+			t.Errorf("the scale-out profile has no %s", s)
+		}
 	}
 }
