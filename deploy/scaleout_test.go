@@ -1184,3 +1184,32 @@ func TestComposeScaleOut(t *testing.T) {
 		}
 	}
 }
+
+// TestKustomizeScaleOut renders deploy/kubernetes-scale-out (the base as
+// replicas sharing a bundled Redis and an external bucket) with the real
+// kustomize and checks it as the Helm chart is checked.
+func TestKustomizeScaleOut(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("kubectl"); err != nil {
+		t.Fatal("kubectl is not installed: run .ci/install.sh")
+	}
+	out, err := exec.Command("kubectl", "kustomize", "kubernetes-scale-out").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kubectl kustomize: %v\n%s", err, out)
+	}
+	objs := decodeObjects(t, out)
+	checkScaleOut(t, objs, scaleOut{replicas: 3, bundledRedis: true})
+	for _, w := range workloads(objs) {
+		if !isMirror(w) {
+			continue
+		}
+		if w.obj.get("spec", "volumeClaimTemplates") != nil {
+			t.Error("the replicas still claim a volume each: the cache is the bucket")
+		}
+		for _, v := range w.spec.list("volumes") {
+			if o := object(asMap(v)); o.str("name") == "config" && !strings.HasPrefix(o.str("configMap", "name"), "ngc-mirror-config-") {
+				t.Errorf("config volume %q is not the generated, hash-suffixed ConfigMap (no rollout on change)", o.str("configMap", "name"))
+			}
+		}
+	}
+}
