@@ -217,7 +217,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	rt := auth.NewTransport(upstreamTransport, origin, creds, log.With("component", "auth"))
 	up := upstream.New(origin, rt)
 	registry := pull.RegistryName(up)
-	instrument(up, rt, m)
+	instrument(up, rt, m, registry)
 	ups, extraTransports, err := newUpstreams(cfg, up, m, log)
 	if err != nil {
 		return err
@@ -386,6 +386,19 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		case err != nil:
 			log.Warn("upstream not reachable yet; cached content is still served", "err", err)
 		}
+		// The further upstreams: each on its own, a failure concerns its
+		// images only.
+		for _, r := range ups.All()[1:] {
+			switch err := r.Client.Ping(pctx); {
+			case gctx.Err() != nil:
+				return nil
+			case auth.Refused(err):
+				log.Error("the upstream refused the mirror's credentials: check upstreams."+r.Name+".username and password; "+
+					"until then only its cached content is served", "upstream", r.Name, "err", err)
+			case err != nil:
+				log.Warn("upstream not reachable yet; its cached content is still served", "upstream", r.Name, "err", err)
+			}
+		}
 		return nil
 	})
 	g.Go(func() error {
@@ -537,12 +550,14 @@ func healthcheck(args []string) int {
 }
 
 // instrument reports an upstream client's exchanges, bytes, back-off
-// refusals and token exchanges to m.
-func instrument(c *upstream.Client, rt *auth.Transport, m *metrics.Metrics) {
-	rt.OnTokenExchange = m.TokenExchange
-	c.OnBackoffRefusal = m.BackoffRefusal
-	c.OnRequest = func(kind string, status int, d time.Duration) { m.UpstreamRequest(kind, status, d.Seconds()) }
-	c.OnBytes = m.UpstreamReceived
+// refusals and token exchanges to m, labelled upstream=name (its registry
+// name).
+func instrument(c *upstream.Client, rt *auth.Transport, m *metrics.Metrics, name string) {
+	um := m.For(name)
+	rt.OnTokenExchange = um.TokenExchange
+	c.OnBackoffRefusal = um.BackoffRefusal
+	c.OnRequest = func(kind string, status int, d time.Duration) { um.Request(kind, status, d.Seconds()) }
+	c.OnBytes = um.Received
 }
 
 // newUpstreams returns the set of upstreams: def, the default (nvcr.io),
@@ -559,7 +574,7 @@ func newUpstreams(cfg config.Config, def *upstream.Client, m *metrics.Metrics, l
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		rt := auth.NewTransport(tr, origin, creds, log.With("component", "auth", "upstream", name))
 		c := upstream.New(origin, rt)
-		instrument(c, rt, m)
+		instrument(c, rt, m, name)
 		transports = append(transports, tr)
 		others = append(others, &upstream.Registry{Name: name, Client: c, TagFreshness: time.Duration(u.TagFreshness),
 			Repositories: u.Repositories, RootHosts: u.RootHosts})

@@ -20,6 +20,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 )
@@ -27,14 +28,24 @@ import (
 // TestServeStopsEveryGoroutine: serve runs its components (HTTPS, the TLS
 // reloader and its SIGHUP handler, eviction, tracking, the scheduler,
 // fills) until its context ends and returns only once each has, closing
-// its upstream connections, so no goroutine it started outlives it
-// (goleak, checked while the upstream still runs; under -race in make
-// test).
+// its upstream connections, those of a further upstream too, so no
+// goroutine it started outlives it (goleak, checked while the upstreams
+// still run; under -race in make test).
 func TestServeStopsEveryGoroutine(t *testing.T) {
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close() // after the check: its connections would end the mirror's
 	fx, err := up.Populate(64 << 10)
 	if err != nil {
+		t.Fatal(err)
+	}
+	up2 := ngctest.New(ngctest.Options{})
+	defer up2.Close()
+	fx2, err := up2.Populate(64 << 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(cfgFile, []byte("upstreams:\n  ghcr.example: {url: \""+up2.URL()+"\"}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
@@ -48,7 +59,7 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	env := map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(), "MIRROR_DATA_DIR": t.TempDir(),
 		"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB",
 		"MIRROR_TLS_CERT_FILE": certFile, "MIRROR_TLS_KEY_FILE": keyFile}
-	cfg, err := config.Load("", func(k string) string { return env[k] })
+	cfg, err := config.Load(cfgFile, func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,6 +107,15 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	for _, b := range fx.CUDA.Blobs() {
 		get("/v2/" + ngctest.CUDARepo + "/blobs/" + b.Digest.String())
 	}
+	// The same through the further upstream, by its prefix (public: it has
+	// no credentials).
+	get("/v2/ghcr.example/" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag)
+	for _, b := range fx2.CUDA.Blobs() {
+		get("/v2/ghcr.example/" + ngctest.CUDARepo + "/blobs/" + b.Digest.String())
+	}
+	if n := up2.BlobFetches(fx2.CUDA.Layers[0].Digest); n != 1 {
+		t.Fatalf("the further upstream served its layer %d times, want 1", n)
+	}
 	tr.CloseIdleConnections()
 
 	cancel()
@@ -132,4 +152,39 @@ func selfSigned(t *testing.T) (certFile, keyFile string) {
 		}
 	}
 	return certFile, keyFile
+}
+
+// TestPolicyOfFurtherUpstreams: a further upstream without credentials is
+// public; one with credentials is not (it needs rules, like the private
+// org), and in pass-through mode an NGC key never opens it.
+func TestPolicyOfFurtherUpstreams(t *testing.T) {
+	t.Parallel()
+	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(cfgFile, []byte(`upstreams:
+  docker.io: {url: "https://registry-1.docker.io"}
+  ghcr.io: {url: "https://ghcr.io", username: bot, password: tok}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"none", "passthrough"} {
+		cfg, err := config.Load(cfgFile, func(k string) string {
+			return map[string]string{"MIRROR_ACCESS_MODE": mode}[k]
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := newPolicy(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Authorize(t.Context(), access.Identity{}, "docker.io/library/ubuntu"); err != nil {
+			t.Errorf("%s: anonymous docker.io/library/ubuntu: %v", mode, err)
+		}
+		if err := p.Authorize(t.Context(), access.Identity{}, "nvidia/pytorch"); err != nil {
+			t.Errorf("%s: anonymous nvidia/pytorch: %v", mode, err)
+		}
+		if err := p.Authorize(t.Context(), access.Identity{}, "ghcr.io/org/private"); err == nil {
+			t.Errorf("%s: anonymous ghcr.io/org/private was allowed", mode)
+		}
+	}
 }

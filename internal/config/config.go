@@ -379,6 +379,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("cache.evict_interval must be positive"))
 	}
 	errs = append(errs, c.validateUpstreams()...)
+	errs = append(errs, c.validateNames()...)
 	for _, p := range c.Cache.Pin {
 		if _, err := names.ParseImage(p, c.UpstreamHosts(), c.UpstreamNames()...); err != nil {
 			errs = append(errs, fmt.Errorf("cache.pin %q: want [REGISTRY/]repository:tag or [REGISTRY/]repository@sha256:..., REGISTRY nvcr.io or a key of upstreams (%v)", p, err))

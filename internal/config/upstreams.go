@@ -8,6 +8,8 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
 // ExtraUpstream is a further registry the mirror pulls through from,
@@ -71,6 +73,7 @@ func (c *Config) loadUpstreams(getenv func(string) string) error {
 		}
 		c.Upstreams[name] = u
 	}
+	c.canonicalNames()
 	return nil
 }
 
@@ -128,6 +131,50 @@ func (c Config) validateUpstreams() []error {
 				errs = append(errs, fmt.Errorf("%s.root_hosts: %q is a root host of upstreams.%s too", key, h, other))
 			}
 			roots[h] = name
+		}
+	}
+	return errs
+}
+
+// canonicalNames writes docker.io's official images in tracking.repositories
+// and prefetch rules as the mirror names them: docker.io/python is
+// docker.io/library/python (names.QualifiedName). Patterns are left as
+// written.
+func (c *Config) canonicalNames() {
+	canon := func(list []string) {
+		for i, n := range list {
+			if reg, p, ok := strings.Cut(n, "/"); ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
+				list[i] = names.QualifiedName(reg, p)
+			}
+		}
+	}
+	canon(c.Tracking.Repositories)
+	for i := range c.Prefetch.Rules {
+		canon(c.Prefetch.Rules[i].Repositories)
+	}
+}
+
+// validateNames checks that the repositories (and patterns) that
+// tracking.repositories and prefetch rules name are of a configured
+// upstream: a first component that looks like a registry must be a key of
+// upstreams (nvcr.io's repositories are written without a registry).
+func (c Config) validateNames() []error {
+	var errs []error
+	check := func(key, name string) {
+		first, _, ok := strings.Cut(name, "/")
+		if !ok || !(strings.ContainsAny(first, ".:") || first == "localhost") {
+			return
+		}
+		if _, known := c.Upstreams[first]; !known {
+			errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it: nvidia/pytorch)", key, name, first))
+		}
+	}
+	for _, r := range c.Tracking.Repositories {
+		check("tracking.repositories", r)
+	}
+	for i, r := range c.Prefetch.Rules {
+		for _, p := range r.Repositories {
+			check(fmt.Sprintf("prefetch.rules[%d].repositories", i), p)
 		}
 	}
 	return errs

@@ -27,6 +27,11 @@ upstreams:
   registry.k8s.io: {url: "https://registry.k8s.io/"}
 cache:
   pin: [docker.io/library/python:3.12, docker.io/ubuntu:24.04, registry.k8s.io/pause:3.10]
+tracking:
+  repositories: [nvidia/pytorch, docker.io/python]
+prefetch:
+  rules:
+    - {name: hub, repositories: ["docker.io/library/*"], tags: {exact: ["3.12"]}}
 `)
 	c, err := Load(p, envOf(map[string]string{"MIRROR_UPSTREAMS_DOCKER_IO_PASSWORD": "from-env"}))
 	if err != nil {
@@ -39,6 +44,9 @@ cache:
 	if d.Password != "from-env" || d.Username != "labuser" || time.Duration(d.TagFreshness) != 10*time.Minute ||
 		d.Repositories[0] != "library/*" || d.RootHosts[0] != "hub.mirror.lab" {
 		t.Errorf("docker.io = %+v", d)
+	}
+	if got := strings.Join(c.Tracking.Repositories, ","); got != "nvidia/pytorch,docker.io/library/python" {
+		t.Errorf("tracking.repositories = %s, want docker.io's official image with library/", got)
 	}
 	if g := c.Upstreams["ghcr.io"]; g.Password != "ghp_fromfile" {
 		t.Errorf("ghcr.io password from file = %q", g.Password)
@@ -77,6 +85,9 @@ func TestUpstreamsRefused(t *testing.T) {
 		{"root host twice", "upstreams:\n  docker.io: {url: https://r.io, root_hosts: [hub.lab]}\n  ghcr.io: {url: https://ghcr.io, root_hosts: [hub.lab]}\n", "a root host of upstreams.docker.io too"},
 		{"unknown key", "upstreams:\n  docker.io: {url: https://r.io, passwd: x}\n", "upstreams.docker.io.passwd"},
 		{"pin of an unconfigured registry", "cache: {pin: ['quay.io/org/img:1']}\n", "cache.pin"},
+		{"tracked repository of an unconfigured registry", "tracking: {repositories: [quay.io/org/img]}\n", "tracking.repositories"},
+		{"tracked repository with nvcr.io", "tracking: {repositories: [nvcr.io/nvidia/pytorch]}\n", "written without it"},
+		{"prefetch rule of an unconfigured registry", "prefetch: {rules: [{name: r, repositories: ['ghcr.io/**'], tags: {latest: 1}}]}\n", "prefetch.rules[0].repositories"},
 		{"password file missing", "upstreams:\n  ghcr.io: {url: https://ghcr.io, username: u, password_file: /nonexistent/x}\n", "upstreams.ghcr.io.password_file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -387,6 +387,17 @@ func TestParsePin(t *testing.T) {
 			t.Errorf("ParsePin(%q) = %+v, want an error", in, p)
 		}
 	}
+	// A further upstream's image keeps its registry: the qualified name.
+	for in, want := range map[string]evict.Pin{
+		"docker.io/library/python:3.12": {Repository: "docker.io/library/python", Tag: "3.12"},
+		"docker.io/python:3.12":         {Repository: "docker.io/library/python", Tag: "3.12"},
+		"ghcr.io/org/img@" + d:          {Repository: "ghcr.io/org/img", Digest: digest.Digest(d)},
+	} {
+		got, err := evict.ParsePin(in, hosts, "docker.io", "ghcr.io")
+		if err != nil || got != want {
+			t.Errorf("ParsePin(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
 }
 
 // lateRemover is a store whose blob removal, once its caller gives up

@@ -43,14 +43,14 @@ const (
 type Metrics struct {
 	Requests        *prometheus.CounterVec   // route, method, code (status class)
 	RequestDuration *prometheus.HistogramVec // route
-	CacheRequests   *prometheus.CounterVec   // kind (manifest, blob), result (hit, miss)
-	CacheBytes      *prometheus.CounterVec   // kind, result
+	CacheRequests   *prometheus.CounterVec   // upstream, kind (manifest, blob), result (hit, miss)
+	CacheBytes      *prometheus.CounterVec   // upstream, kind, result
 	ServedBytes     *prometheus.CounterVec   // source (cache, upstream)
-	UpstreamReqs    *prometheus.CounterVec   // kind (manifest, blob, tags, ping), result
-	UpstreamBytes   prometheus.Counter
-	UpstreamLatency *prometheus.HistogramVec // kind
-	TokenExchanges  *prometheus.CounterVec   // result (success, failure)
-	UpstreamLimited prometheus.Counter
+	UpstreamReqs    *prometheus.CounterVec   // upstream, kind (manifest, blob, tags, ping), result
+	UpstreamBytes   *prometheus.CounterVec   // upstream
+	UpstreamLatency *prometheus.HistogramVec // upstream, kind
+	TokenExchanges  *prometheus.CounterVec   // upstream, result (success, failure)
+	UpstreamLimited *prometheus.CounterVec   // upstream
 
 	FillsInFlight   prometheus.Gauge
 	FillsStarted    prometheus.Counter
@@ -58,7 +58,7 @@ type Metrics struct {
 	FillFailures    *prometheus.CounterVec
 	FillNotCached   prometheus.Counter
 	FillResumes     prometheus.Counter
-	UpstreamBackoff prometheus.Counter
+	UpstreamBackoff *prometheus.CounterVec // upstream
 }
 
 // New creates the collectors and registers them with reg.
@@ -76,36 +76,36 @@ func New(reg prometheus.Registerer) *Metrics {
 		CacheRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_cache_requests_total",
 			Help: "Manifest and blob requests answered from the cache (hit) or the upstream (miss).",
-		}, []string{"kind", "result"}),
+		}, []string{"upstream", "kind", "result"}),
 		CacheBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_cache_response_bytes_total",
 			Help: "Body bytes of manifest and blob responses, by cache hit or miss.",
-		}, []string{"kind", "result"}),
+		}, []string{"upstream", "kind", "result"}),
 		ServedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_served_bytes_total",
 			Help: "Manifest and blob body bytes sent to clients, by where they came from.",
 		}, []string{"source"}),
 		UpstreamReqs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_upstream_requests_total",
-			Help: "Requests to the upstream registry by kind and result (2xx, 3xx, 4xx, 429, 5xx, error, backoff).",
-		}, []string{"kind", "result"}),
-		UpstreamBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Help: "Requests to each upstream registry by kind and result (2xx, 3xx, 4xx, 429, 5xx, error, backoff, not_registry).",
+		}, []string{"upstream", "kind", "result"}),
+		UpstreamBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_upstream_received_bytes_total",
-			Help: "Body bytes received from the upstream registry and its CDN.",
-		}),
+			Help: "Body bytes received from each upstream registry and its CDN.",
+		}, []string{"upstream"}),
 		UpstreamLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "ngc_mirror_upstream_request_duration_seconds",
 			Help:    "Time to response headers from the upstream (redirects and token exchange included), by kind.",
 			Buckets: prometheus.DefBuckets,
-		}, []string{"kind"}),
+		}, []string{"upstream", "kind"}),
 		TokenExchanges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_upstream_token_exchanges_total",
-			Help: "Bearer token exchanges with the upstream's token realm, by result.",
-		}, []string{"result"}),
-		UpstreamLimited: prometheus.NewCounter(prometheus.CounterOpts{
+			Help: "Bearer token exchanges with each upstream's token realm, by result.",
+		}, []string{"upstream", "result"}),
+		UpstreamLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_upstream_rate_limited_total",
-			Help: "429 Too Many Requests answers seen from the upstream.",
-		}),
+			Help: "429 Too Many Requests answers seen from each upstream.",
+		}, []string{"upstream"}),
 		FillsInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ngc_mirror_fills_in_flight",
 			Help: "Blob fills (upstream downloads into the cache) running now.",
@@ -130,25 +130,16 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "ngc_mirror_fill_resumes_total",
 			Help: "Broken upstream blob downloads resumed with a Range request.",
 		}),
-		UpstreamBackoff: prometheus.NewCounter(prometheus.CounterOpts{
+		UpstreamBackoff: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ngc_mirror_upstream_backoff_refusals_total",
-			Help: "Upstream requests not sent because the upstream asked the mirror to back off (429 Retry-After).",
-		}),
+			Help: "Upstream requests not sent because that upstream asked the mirror to back off (429 Retry-After).",
+		}, []string{"upstream"}),
 	}
 	for _, r := range []string{ReasonDigestMismatch, ReasonSizeMismatch, ReasonUpstream, ReasonIdle, ReasonDisk, ReasonNoClients, ReasonNotRegistry} {
 		m.FillFailures.WithLabelValues(r)
 	}
-	for _, k := range []string{"manifest", "blob"} {
-		for _, r := range []string{Hit, Miss} {
-			m.CacheRequests.WithLabelValues(k, r)
-			m.CacheBytes.WithLabelValues(k, r)
-		}
-	}
 	for _, src := range []string{Cache, Upstream} {
 		m.ServedBytes.WithLabelValues(src)
-	}
-	for _, r := range []string{"success", "failure"} {
-		m.TokenExchanges.WithLabelValues(r)
 	}
 	reg.MustRegister(m.Requests, m.RequestDuration, m.CacheRequests, m.CacheBytes, m.ServedBytes,
 		m.UpstreamReqs, m.UpstreamBytes, m.UpstreamLatency, m.TokenExchanges, m.UpstreamLimited)
@@ -195,13 +186,6 @@ func (m *Metrics) FillResumed() {
 	}
 }
 
-// BackoffRefusal records an upstream request held back by a 429 backoff.
-func (m *Metrics) BackoffRefusal() {
-	if m != nil {
-		m.UpstreamBackoff.Inc()
-	}
-}
-
 // Request records one finished API request; status is the HTTP status.
 func (m *Metrics) Request(route, method string, status int, seconds float64) {
 	if m == nil {
@@ -225,14 +209,15 @@ func statusClass(status int) string {
 	return "1xx"
 }
 
-// CacheResult records a manifest or blob request answered with a cache hit
-// or miss, and the body bytes sent for it.
-func (m *Metrics) CacheResult(kind, result string, bytes int64) {
+// CacheResult records a manifest or blob request for a repository of
+// upstream (a configured registry name) answered with a cache hit or
+// miss, and the body bytes sent for it.
+func (m *Metrics) CacheResult(upstream, kind, result string, bytes int64) {
 	if m == nil {
 		return
 	}
-	m.CacheRequests.WithLabelValues(kind, result).Inc()
-	m.CacheBytes.WithLabelValues(kind, result).Add(float64(bytes))
+	m.CacheRequests.WithLabelValues(upstream, kind, result).Inc()
+	m.CacheBytes.WithLabelValues(upstream, kind, result).Add(float64(bytes))
 	src := Cache
 	if result == Miss {
 		src = Upstream
@@ -240,18 +225,49 @@ func (m *Metrics) CacheResult(kind, result string, bytes int64) {
 	m.ServedBytes.WithLabelValues(src).Add(float64(bytes))
 }
 
+// UpstreamMetrics records the traffic of one upstream, under the label
+// upstream="<its registry name>". A nil *UpstreamMetrics records nothing.
+type UpstreamMetrics struct {
+	m    *Metrics
+	name string
+}
+
+// For returns the recorder of the upstream named registry (a configured
+// registry name: the label's values are never a client's input) and
+// creates its series at zero, so that dashboards and alerts see every
+// upstream from the start. nil on a nil *Metrics.
+func (m *Metrics) For(registry string) *UpstreamMetrics {
+	if m == nil {
+		return nil
+	}
+	for _, k := range []string{"manifest", "blob"} {
+		for _, r := range []string{Hit, Miss} {
+			m.CacheRequests.WithLabelValues(registry, k, r)
+			m.CacheBytes.WithLabelValues(registry, k, r)
+		}
+	}
+	for _, r := range []string{"success", "failure"} {
+		m.TokenExchanges.WithLabelValues(registry, r)
+	}
+	m.UpstreamBytes.WithLabelValues(registry)
+	m.UpstreamLimited.WithLabelValues(registry)
+	m.UpstreamBackoff.WithLabelValues(registry)
+	return &UpstreamMetrics{m: m, name: registry}
+}
+
 // StatusNotRegistry, passed as UpstreamRequest's status, records an
 // answer that was not a registry's (an HTML page from a captive portal or
 // proxy, whatever its HTTP status): result "not_registry".
 const StatusNotRegistry = -2
 
-// UpstreamRequest records one upstream exchange. status is the HTTP status,
-// or 0 for a transport error, -1 for a request held back by a backoff, or
-// StatusNotRegistry.
-func (m *Metrics) UpstreamRequest(kind string, status int, seconds float64) {
-	if m == nil {
+// Request records one upstream exchange (upstream.Client.OnRequest). status
+// is the HTTP status, or 0 for a transport error, -1 for a request held
+// back by a backoff, or StatusNotRegistry.
+func (u *UpstreamMetrics) Request(kind string, status int, seconds float64) {
+	if u == nil {
 		return
 	}
+	m := u.m
 	result := "error"
 	switch {
 	case status == -1:
@@ -260,32 +276,41 @@ func (m *Metrics) UpstreamRequest(kind string, status int, seconds float64) {
 		result = "not_registry"
 	case status == 429:
 		result = "429"
-		m.UpstreamLimited.Inc()
+		m.UpstreamLimited.WithLabelValues(u.name).Inc()
 	case status > 0:
 		result = statusClass(status)
 	}
-	m.UpstreamReqs.WithLabelValues(kind, result).Inc()
+	m.UpstreamReqs.WithLabelValues(u.name, kind, result).Inc()
 	if status > 0 {
-		m.UpstreamLatency.WithLabelValues(kind).Observe(seconds)
+		m.UpstreamLatency.WithLabelValues(u.name, kind).Observe(seconds)
 	}
 }
 
-// UpstreamReceived records body bytes received from the upstream.
-func (m *Metrics) UpstreamReceived(n int) {
-	if m != nil {
-		m.UpstreamBytes.Add(float64(n))
+// Received records body bytes received from the upstream
+// (upstream.Client.OnBytes).
+func (u *UpstreamMetrics) Received(n int) {
+	if u != nil {
+		u.m.UpstreamBytes.WithLabelValues(u.name).Add(float64(n))
 	}
 }
 
-// TokenExchange records one token exchange.
-func (m *Metrics) TokenExchange(ok bool) {
-	if m == nil {
+// TokenExchange records one token exchange (auth.Transport.OnTokenExchange).
+func (u *UpstreamMetrics) TokenExchange(ok bool) {
+	if u == nil {
 		return
 	}
+	r := "failure"
 	if ok {
-		m.TokenExchanges.WithLabelValues("success").Inc()
-	} else {
-		m.TokenExchanges.WithLabelValues("failure").Inc()
+		r = "success"
+	}
+	u.m.TokenExchanges.WithLabelValues(u.name, r).Inc()
+}
+
+// BackoffRefusal records a request held back by this upstream's 429
+// back-off (upstream.Client.OnBackoffRefusal).
+func (u *UpstreamMetrics) BackoffRefusal() {
+	if u != nil {
+		u.m.UpstreamBackoff.WithLabelValues(u.name).Inc()
 	}
 }
 

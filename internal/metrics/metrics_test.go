@@ -29,9 +29,12 @@ func TestPromlintClean(t *testing.T) {
 	reg, m := newRegistry(t)
 	// Touch every vector so that each family is exposed.
 	m.Request(metrics.RouteBlob, "GET", 200, 0.01)
-	m.UpstreamRequest("blob", 429, 0.2)
-	m.UpstreamRequest("manifest", 0, 0)
-	m.UpstreamReceived(10)
+	u := m.For("nvcr.io")
+	u.Request("blob", 429, 0.2)
+	u.Request("manifest", 0, 0)
+	u.Received(10)
+	u.BackoffRefusal()
+	u.TokenExchange(true)
 	assertLintClean(t, reg)
 }
 
@@ -56,10 +59,12 @@ func TestNilMetricsIsSafe(t *testing.T) {
 	t.Parallel()
 	var m *metrics.Metrics
 	m.Request("blob", "GET", 200, 1)
-	m.CacheResult("blob", metrics.Hit, 10)
-	m.UpstreamRequest("blob", 200, 1)
-	m.UpstreamReceived(1)
-	m.TokenExchange(true)
+	m.CacheResult("nvcr.io", "blob", metrics.Hit, 10)
+	u := m.For("nvcr.io")
+	u.Request("blob", 200, 1)
+	u.Received(1)
+	u.TokenExchange(true)
+	u.BackoffRefusal()
 	m.FillStarted()
 	m.FillEnded(metrics.ReasonIdle)
 }
@@ -67,25 +72,38 @@ func TestNilMetricsIsSafe(t *testing.T) {
 func TestCacheResultFeedsServedBytes(t *testing.T) {
 	t.Parallel()
 	_, m := newRegistry(t)
-	m.CacheResult("blob", metrics.Hit, 100)
-	m.CacheResult("blob", metrics.Miss, 30)
-	m.CacheResult("manifest", metrics.Miss, 5)
+	m.CacheResult("nvcr.io", "blob", metrics.Hit, 100)
+	m.CacheResult("docker.io", "blob", metrics.Miss, 30)
+	m.CacheResult("nvcr.io", "manifest", metrics.Miss, 5)
 	if got := testutil.ToFloat64(m.ServedBytes.WithLabelValues(metrics.Cache)); got != 100 {
 		t.Fatalf("cache bytes %v", got)
 	}
 	if got := testutil.ToFloat64(m.ServedBytes.WithLabelValues(metrics.Upstream)); got != 35 {
 		t.Fatalf("upstream bytes %v", got)
 	}
-	if got := testutil.ToFloat64(m.CacheRequests.WithLabelValues("blob", metrics.Miss)); got != 1 {
+	if got := testutil.ToFloat64(m.CacheRequests.WithLabelValues("docker.io", "blob", metrics.Miss)); got != 1 {
 		t.Fatalf("blob misses %v", got)
 	}
-	m.UpstreamRequest("blob", 429, 0.1)
-	m.UpstreamRequest("blob", -1, 0)
-	if got := testutil.ToFloat64(m.UpstreamLimited); got != 1 {
+	if got := testutil.ToFloat64(m.CacheRequests.WithLabelValues("nvcr.io", "blob", metrics.Miss)); got != 0 {
+		t.Fatalf("blob misses of another upstream %v", got)
+	}
+	// Per upstream: docker.io's 429 and back-off are not nvcr.io's.
+	d, n := m.For("docker.io"), m.For("nvcr.io")
+	d.Request("blob", 429, 0.1)
+	d.Request("blob", -1, 0)
+	d.BackoffRefusal()
+	n.Request("blob", 200, 0.1)
+	if got := testutil.ToFloat64(m.UpstreamLimited.WithLabelValues("docker.io")); got != 1 {
 		t.Fatalf("429s seen %v", got)
 	}
-	if got := testutil.ToFloat64(m.UpstreamReqs.WithLabelValues("blob", "backoff")); got != 1 {
+	if got := testutil.ToFloat64(m.UpstreamLimited.WithLabelValues("nvcr.io")) + testutil.ToFloat64(m.UpstreamBackoff.WithLabelValues("nvcr.io")); got != 0 {
+		t.Fatalf("nvcr.io's 429s and back-offs %v", got)
+	}
+	if got := testutil.ToFloat64(m.UpstreamReqs.WithLabelValues("docker.io", "blob", "backoff")); got != 1 {
 		t.Fatalf("backoff refusals %v", got)
+	}
+	if got := testutil.ToFloat64(m.UpstreamBackoff.WithLabelValues("docker.io")); got != 1 {
+		t.Fatalf("backoff refusal counter %v", got)
 	}
 }
 

@@ -24,7 +24,7 @@ func policy(t *testing.T, cfg access.Config, check access.UpstreamChecker) *acce
 
 func (e *env) doAs(t *testing.T, user, pass, method, path string) result {
 	t.Helper()
-	req, _ := http.NewRequestWithContext(t.Context(), method, e.mirror.URL+path, nil)
+	req, _ := http.NewRequestWithContext(t.Context(), method, e.url(path), nil)
 	if user != "" {
 		req.SetBasicAuth(user, pass)
 	}

@@ -222,7 +222,7 @@ func TestRangeAndLateJoinersDuringFill(t *testing.T) {
 	}
 	get := func(hdr ...string) *http.Response {
 		t.Helper()
-		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, e.mirror.URL+path, nil)
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, e.url(path), nil)
 		if len(hdr) == 2 {
 			req.Header.Set(hdr[0], hdr[1])
 		}
@@ -407,7 +407,7 @@ func TestStopWithoutClients(t *testing.T) {
 		return true
 	})
 	ctx, cancel := context.WithCancel(t.Context())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.mirror.URL+"/v2/nvidia/cuda/blobs/"+layer.Digest.String(), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.url("/v2/nvidia/cuda/blobs/"+layer.Digest.String()), nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

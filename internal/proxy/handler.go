@@ -132,6 +132,9 @@ type routeInfo struct {
 	repo  string // the repository asked for, once its name is valid
 	ref   string // its tag or digest
 	cache string // metrics.Hit or metrics.Miss for manifests and blobs
+	// upstream is the registry name of the repository's upstream, once
+	// routed (the metrics' upstream label).
+	upstream string
 }
 
 type routeKey struct{}
@@ -145,10 +148,12 @@ func setRoute(r *http.Request, route string) {
 // cacheResult records a manifest or blob answer as a cache hit or miss,
 // for the metrics and the access log.
 func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64) {
-	h.metrics.CacheResult(kind, result, bytes)
-	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
-		ri.cache = result
+	ri, ok := r.Context().Value(routeKey{}).(*routeInfo)
+	if !ok {
+		return
 	}
+	ri.cache = result
+	h.metrics.CacheResult(ri.upstream, kind, result, bytes)
 }
 
 // observe counts each request by route kind, method and status class, and
@@ -299,13 +304,13 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 	}
 	// The upstream and the name the cache, the access rules and the pull
 	// history know the repository by (upstream.Set.Route).
-	repo, err := h.pull.Upstreams().Route(h.ns(r), r.Host, rt.name)
+	reg, repo, err := h.pull.Upstreams().Route(h.ns(r), r.Host, rt.name)
 	if err != nil {
 		writeError(w, newAPIError(errcode.ErrorCodeNameUnknown, strings.TrimPrefix(err.Error(), upstream.ErrNameUnknown.Error()+": ")))
 		return
 	}
 	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
-		ri.repo, ri.ref = repo, rt.ref
+		ri.repo, ri.ref, ri.upstream = repo, rt.ref, reg.Name
 	}
 	if h.access != nil && !h.authorize(w, r, repo) {
 		return

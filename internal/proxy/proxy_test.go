@@ -40,8 +40,12 @@ type env struct {
 	fx *ngctest.Fixture
 	// up2 and fx2 are the second upstream (envOpts.second) and its
 	// fixture; nil without one.
-	up2    *ngctest.Upstream
-	fx2    *ngctest.Fixture
+	up2 *ngctest.Upstream
+	fx2 *ngctest.Fixture
+	// def is the default upstream with envOpts.via (nil otherwise), via
+	// the registry name up is served as.
+	def    *ngctest.Upstream
+	via    string
 	mirror *httptest.Server
 	store  *storage.Store
 	fills  *fill.Group
@@ -85,6 +89,11 @@ type envOpts struct {
 	// default; second2 configures it (its allow-list, freshness).
 	second  string
 	second2 upstream.Registry
+	// via, when set, serves the env's upstream (env.up, env.fx) as the
+	// further upstream of that registry name, with another fake as the
+	// default (env.def); env.do and env.url then address it by its prefix,
+	// so that a suite written for the default runs against it unchanged.
+	via string
 }
 
 func newEnv(t *testing.T, o envOpts) *env {
@@ -117,14 +126,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 			store = storage.New(o.wrap(store.Driver()))
 		}
 	}
-	origin, _ := url.Parse(up.URL())
-	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: o.key}, nil)
-	client := upstream.New(origin, rt)
-	if o.metrics != nil {
-		rt.OnTokenExchange = o.metrics.TokenExchange
-		client.OnRequest = func(kind string, status int, d time.Duration) { o.metrics.UpstreamRequest(kind, status, d.Seconds()) }
-		client.OnBytes = o.metrics.UpstreamReceived
+	name := strings.ToLower(up.Host())
+	if o.via != "" {
+		name = o.via
 	}
+	client := newClient(up, o.key, o.metrics, name)
 	if o.fill.SpoolDir == "" {
 		o.fill.SpoolDir = t.TempDir()
 	}
@@ -135,6 +141,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 	if o.budget != nil {
 		bo := o.budget(fx)
 		bo.Registry = pull.RegistryName(client) // of pins
+		if o.via != "" {
+			for i := range bo.Pins { // the qualified names of the further upstream
+				bo.Pins[i].Repository = o.via + "/" + bo.Pins[i].Repository
+			}
+		}
 		ev = evict.New(store, bo)
 		o.fill.Budget = ev
 		if o.cache == nil {
@@ -143,24 +154,29 @@ func newEnv(t *testing.T, o envOpts) *env {
 	}
 	fills := fill.NewGroup(store, o.fill)
 	ups := upstream.Single(client)
-	var up2 *ngctest.Upstream
+	var up2, def *ngctest.Upstream
 	var fx2 *ngctest.Fixture
+	if o.via != "" {
+		// The env's upstream is the further upstream o.via; the default is
+		// another fake, which the tests expect to see no request.
+		def = ngctest.New(o.upstream)
+		t.Cleanup(def.Close)
+		if _, err := def.Populate(o.layerSize); err != nil {
+			t.Fatal(err)
+		}
+		if ups, err = upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: newClient(def, o.key, o.metrics, strings.ToLower(def.Host()))}, nil,
+			&upstream.Registry{Name: o.via, Client: client}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if o.second != "" {
 		up2 = ngctest.New(o.upstream)
 		t.Cleanup(up2.Close)
 		if fx2, err = up2.Populate(o.layerSize); err != nil {
 			t.Fatal(err)
 		}
-		origin2, _ := url.Parse(up2.URL())
-		rt2 := auth.NewTransport(nil, origin2, auth.Credentials{Secret: o.key}, nil)
-		client2 := upstream.New(origin2, rt2)
-		if o.metrics != nil {
-			rt2.OnTokenExchange = o.metrics.TokenExchange
-			client2.OnRequest = func(kind string, status int, d time.Duration) { o.metrics.UpstreamRequest(kind, status, d.Seconds()) }
-			client2.OnBytes = o.metrics.UpstreamReceived
-		}
 		r2 := o.second2
-		r2.Name, r2.Client = o.second, client2
+		r2.Name, r2.Client = o.second, newClient(up2, o.key, o.metrics, o.second)
 		if ups, err = upstream.NewSet(ups.Default(), nil, &r2); err != nil {
 			t.Fatal(err)
 		}
@@ -177,7 +193,57 @@ func newEnv(t *testing.T, o envOpts) *env {
 		defer cancel()
 		_ = fills.Wait(ctx)
 	})
-	return &env{up: up, fx: fx, up2: up2, fx2: fx2, mirror: srv, store: store, fills: fills, evictor: ev}
+	return &env{up: up, fx: fx, up2: up2, fx2: fx2, def: def, via: o.via, mirror: srv, store: store, fills: fills, evictor: ev}
+}
+
+// newClient is a client of u through an auth transport with key, whose
+// traffic m records under upstream=name.
+func newClient(u *ngctest.Upstream, key string, m *metrics.Metrics, name string) *upstream.Client {
+	origin, _ := url.Parse(u.URL())
+	rt := auth.NewTransport(nil, origin, auth.Credentials{Secret: key}, nil)
+	c := upstream.New(origin, rt)
+	if m != nil {
+		um := m.For(name)
+		rt.OnTokenExchange = um.TokenExchange
+		c.OnRequest = func(kind string, status int, d time.Duration) { um.Request(kind, status, d.Seconds()) }
+		c.OnBytes = um.Received
+		c.OnBackoffRefusal = um.BackoffRefusal
+	}
+	return c
+}
+
+// vias are the ways a suite reaches the env's upstream: as the default
+// upstream at the root, and as a further upstream by its registry prefix.
+var vias = []string{"", second}
+
+// viaName names a suite's subtest.
+func viaName(via string) string {
+	if via == "" {
+		return "default"
+	}
+	return via
+}
+
+// path is a registry API path as the tests write it (/v2/nvidia/cuda/...),
+// addressed to the env's upstream: with envOpts.via, by its registry
+// prefix.
+func (e *env) path(p string) string {
+	if e.via != "" && strings.HasPrefix(p, "/v2/") && p != "/v2/" {
+		return "/v2/" + e.via + "/" + strings.TrimPrefix(p, "/v2/")
+	}
+	return p
+}
+
+// url is the mirror's URL of path p (env.path).
+func (e *env) url(p string) string { return e.mirror.URL + e.path(p) }
+
+// q is the qualified name of repository (or pattern) name of the env's
+// upstream: what access rules, pins and the pull history name.
+func (e *env) q(name string) string {
+	if e.via != "" {
+		return e.via + "/" + name
+	}
+	return name
 }
 
 type result struct {
@@ -189,7 +255,7 @@ type result struct {
 
 func (e *env) do(t *testing.T, method, path string, hdr ...string) result {
 	t.Helper()
-	req, err := http.NewRequestWithContext(t.Context(), method, e.mirror.URL+path, nil)
+	req, err := http.NewRequestWithContext(t.Context(), method, e.url(path), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -459,7 +525,7 @@ func TestClientDisconnectFillCompletes(t *testing.T) {
 	e := newEnv(t, envOpts{layerSize: 1 << 20})
 	layer := e.fx.DCGM.Child("linux/amd64").Layers[0]
 	ctx, cancel := context.WithCancel(t.Context())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.mirror.URL+"/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String(), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.url("/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String()), nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -638,7 +704,7 @@ func TestBadInput(t *testing.T) {
 		{"OPTIONS", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
 	} {
 		before := len(e.up.Requests())
-		req, _ := http.NewRequestWithContext(t.Context(), tc.method, e.mirror.URL+tc.path, nil)
+		req, _ := http.NewRequestWithContext(t.Context(), tc.method, e.url(tc.path), nil)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -749,11 +815,27 @@ func itoa(n int) string { return strconv.Itoa(n) }
 
 // TestMetricsColdThenHot: a cold pull of a multi-layer image counts misses
 // and the blob bytes as upstream bytes; the same pull again counts hits and
-// the same bytes from the cache.
+// the same bytes from the cache; all under the upstream label of the
+// image's upstream, the default's or a further one's, and nothing under
+// the other's.
 func TestMetricsColdThenHot(t *testing.T) {
 	t.Parallel()
-	m := metrics.New(prometheus.NewRegistry())
-	e := newEnv(t, envOpts{metrics: m})
+	for _, via := range vias {
+		t.Run(viaName(via), func(t *testing.T) {
+			t.Parallel()
+			testMetricsColdThenHot(t, via)
+		})
+	}
+}
+
+func testMetricsColdThenHot(t *testing.T, via string) {
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	e := newEnv(t, envOpts{metrics: m, via: via})
+	label, other := strings.ToLower(e.up.Host()), ""
+	if via != "" {
+		label, other = via, strings.ToLower(e.def.Host())
+	}
 	im := e.fx.Pytorch.Child("linux/amd64")
 	var blobBytes int64
 	for _, b := range im.Blobs() {
@@ -781,38 +863,67 @@ func TestMetricsColdThenHot(t *testing.T) {
 	pull()
 	settled(1)
 	waitFills(t, e) // commits finish after clients got their (verified) bytes
-	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Miss)); got != n {
+	if got := val(m.CacheRequests.WithLabelValues(label, "blob", metrics.Miss)); got != n {
 		t.Fatalf("cold blob misses %v, want %v", got, n)
 	}
-	if got := val(m.CacheBytes.WithLabelValues("blob", metrics.Miss)); got != float64(blobBytes) {
+	if got := val(m.CacheBytes.WithLabelValues(label, "blob", metrics.Miss)); got != float64(blobBytes) {
 		t.Fatalf("cold blob miss bytes %v, want %d", got, blobBytes)
 	}
-	if got := val(m.CacheRequests.WithLabelValues("manifest", metrics.Miss)); got != 1 {
+	if got := val(m.CacheRequests.WithLabelValues(label, "manifest", metrics.Miss)); got != 1 {
 		t.Fatalf("cold manifest misses %v", got)
 	}
-	if got := val(m.UpstreamBytes); got < float64(blobBytes) {
+	if got := val(m.UpstreamBytes.WithLabelValues(label)); got < float64(blobBytes) {
 		t.Fatalf("upstream bytes %v < blob bytes %d", got, blobBytes)
 	}
-	if got := val(m.TokenExchanges.WithLabelValues("success")); got < 1 {
+	if got := val(m.TokenExchanges.WithLabelValues(label, "success")); got < 1 {
 		t.Fatalf("token exchanges %v", got)
+	}
+	if got := val(m.UpstreamReqs.WithLabelValues(label, "blob", "2xx")); got < n {
+		t.Fatalf("upstream blob requests %v, want at least %v", got, n)
 	}
 	pull()
 	settled(2)
-	if got := val(m.CacheRequests.WithLabelValues("blob", metrics.Hit)); got != n {
+	if got := val(m.CacheRequests.WithLabelValues(label, "blob", metrics.Hit)); got != n {
 		t.Fatalf("hot blob hits %v, want %v", got, n)
 	}
-	if got := val(m.CacheBytes.WithLabelValues("blob", metrics.Hit)); got != float64(blobBytes) {
+	if got := val(m.CacheBytes.WithLabelValues(label, "blob", metrics.Hit)); got != float64(blobBytes) {
 		t.Fatalf("hot blob hit bytes %v, want %d", got, blobBytes)
 	}
-	if got := val(m.CacheRequests.WithLabelValues("manifest", metrics.Hit)); got != 1 {
+	if got := val(m.CacheRequests.WithLabelValues(label, "manifest", metrics.Hit)); got != 1 {
 		t.Fatalf("hot manifest hits %v", got)
 	}
 	if got := val(m.Requests.WithLabelValues(metrics.RouteBlob, "GET", "2xx")); got != 2*n {
 		t.Fatalf("blob requests %v", got)
 	}
+	if other != "" {
+		if got := val(m.UpstreamBytes.WithLabelValues(other)) + val(m.CacheRequests.WithLabelValues(other, "blob", metrics.Miss)) +
+			val(m.CacheRequests.WithLabelValues(other, "blob", metrics.Hit)); got != 0 {
+			t.Fatalf("the other upstream's series count %v", got)
+		}
+		if n := len(e.def.Requests()); n != 0 {
+			t.Fatalf("the default upstream saw %d requests", n)
+		}
+	}
+	// The label's values are the configured registry names only.
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, mm := range mf.GetMetric() {
+			for _, l := range mm.GetLabel() {
+				if l.GetName() == "upstream" && l.GetValue() != label && l.GetValue() != other {
+					t.Fatalf("%s has upstream=%q", mf.GetName(), l.GetValue())
+				}
+			}
+		}
+	}
 }
 
 // repo is the cache's key of repository name of the env's upstream.
 func (e *env) repo(name string) storage.Repo {
+	if e.via != "" {
+		return storage.Repo{Registry: e.via, Name: name}
+	}
 	return storage.Repo{Registry: strings.ToLower(e.up.Host()), Name: name}
 }

@@ -72,7 +72,7 @@ func TestS3Redirect(t *testing.T) {
 	waitFills(t, e)
 
 	noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	resp, err := noFollow.Get(e.mirror.URL + path)
+	resp, err := noFollow.Get(e.url(path))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestS3RedirectOutlivesEviction(t *testing.T) {
 	assertCached(t, e, a.Digest, "the fill")
 
 	noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	resp, err := noFollow.Get(e.mirror.URL + pathA)
+	resp, err := noFollow.Get(e.url(pathA))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -122,7 +122,7 @@ func (s *Set) Qualify(r *Registry, path string) string {
 }
 
 // Route resolves the repository name of a registry API request to its
-// qualified name, by these rules in order:
+// upstream and qualified name, by these rules in order:
 //
 //  1. ns (containerd's ?ns=<registry>, hosts.toml) names the upstream; the
 //     name is the path on it.
@@ -139,7 +139,7 @@ func (s *Set) Qualify(r *Registry, path string) string {
 // after a prefix, it is refused. Errors wrap ErrNameUnknown (an unknown
 // registry, a path outside the upstream's allow-list); nothing is asked of
 // an upstream here.
-func (s *Set) Route(ns, host, name string) (string, error) {
+func (s *Set) Route(ns, host, name string) (*Registry, string, error) {
 	var r *Registry
 	path := name
 	first, rest, prefixed := strings.Cut(name, "/")
@@ -147,11 +147,11 @@ func (s *Set) Route(ns, host, name string) (string, error) {
 	switch {
 	case ns != "":
 		if r = s.Get(ns); r == nil {
-			return "", fmt.Errorf("%w: this mirror does not pull from the registry named by ns", ErrNameUnknown)
+			return nil, "", fmt.Errorf("%w: this mirror does not pull from the registry named by ns", ErrNameUnknown)
 		}
 	case prefixed:
 		if r = s.Get(first); r == nil {
-			return "", fmt.Errorf("%w: %s is not a registry this mirror pulls from", ErrNameUnknown, first)
+			return nil, "", fmt.Errorf("%w: %s is not a registry this mirror pulls from", ErrNameUnknown, first)
 		}
 		path = rest
 	default:
@@ -163,13 +163,13 @@ func (s *Set) Route(ns, host, name string) (string, error) {
 		}
 	}
 	if f, _, ok := strings.Cut(path, "/"); ok && names.LooksLikeRegistry(f) {
-		return "", fmt.Errorf("%w: a repository path does not begin with a registry name", ErrNameUnknown)
+		return nil, "", fmt.Errorf("%w: a repository path does not begin with a registry name", ErrNameUnknown)
 	}
 	q := s.Qualify(r, path)
 	if _, _, err := s.Split(q); err != nil {
-		return "", err
+		return nil, "", err
 	}
-	return q, nil
+	return r, q, nil
 }
 
 // Split resolves a qualified name to its upstream and the repository path

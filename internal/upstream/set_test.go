@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net/url"
 	"testing"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
 func testSet(t *testing.T) *Set {
@@ -56,7 +58,12 @@ func TestSetRoute(t *testing.T) {
 		{"", "hub.mirror.lab", "nvcr.io/nvidia/pytorch", "nvidia/pytorch"},
 		{"", "[::1]:5000", "nvidia/pytorch", "nvidia/pytorch"},
 	} {
-		got, err := s.Route(c.ns, c.host, c.name)
+		r, got, err := s.Route(c.ns, c.host, c.name)
+		if err == nil {
+			if reg, _ := names.SplitQualified(got); (reg == "") != (r == s.Default()) || (reg != "" && reg != r.Name) {
+				t.Errorf("Route(%q, %q, %q) = %s, %q", c.ns, c.host, c.name, r.Name, got)
+			}
+		}
 		switch {
 		case c.want == "" && !errors.Is(err, ErrNameUnknown):
 			t.Errorf("Route(%q, %q, %q) = %q, %v; want ErrNameUnknown", c.ns, c.host, c.name, got, err)
