@@ -69,7 +69,9 @@ type Config struct {
 	HtpasswdFile string `yaml:"htpasswd_file"`
 	// PublicNamespaces are served to anyone, anonymous clients included:
 	// the first path component of a repository ("nvidia" opens
-	// nvidia/pytorch and nvidia/k8s/dcgm-exporter).
+	// nvidia/pytorch and nvidia/k8s/dcgm-exporter), or its first
+	// components ("docker.io/library" opens docker.io/library/ubuntu, and
+	// "docker.io" all of docker.io's qualified names).
 	PublicNamespaces []string            `yaml:"public_namespaces"`
 	Groups           map[string][]string `yaml:"groups"`
 	Rules            []Rule              `yaml:"rules"`
@@ -299,11 +301,12 @@ func keyID(key string) string {
 	return hex.EncodeToString(sum[:6])
 }
 
-// Public reports whether repository is under a public namespace.
+// Public reports whether repository is under a public namespace: its first
+// path component is one, or, for a namespace of several components (a
+// further upstream's, docker.io/library), it begins with those.
 func (p *Policy) Public(repository string) bool {
-	ns, _, _ := strings.Cut(repository, "/")
 	for _, pub := range p.cfg.PublicNamespaces {
-		if ns == pub {
+		if pub != "" && (repository == pub || strings.HasPrefix(repository, pub+"/")) {
 			return true
 		}
 	}

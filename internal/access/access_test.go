@@ -212,3 +212,29 @@ func TestTokenEndpointErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestPublicNamespaces: a namespace is a repository's first path component
+// or, for a further upstream's qualified names, its first components;
+// never a mere string prefix.
+func TestPublicNamespaces(t *testing.T) {
+	t.Parallel()
+	p, err := access.New(access.Config{PublicNamespaces: []string{"nvidia", "docker.io/library", "ghcr.io"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for repo, want := range map[string]bool{
+		"nvidia/pytorch":           true,
+		"nvidia/k8s/dcgm-exporter": true,
+		"nvidia-x/pytorch":         false,
+		"myorg/nvidia":             false,
+		"docker.io/library/ubuntu": true,
+		"docker.io/bitnami/redis":  false,
+		"docker.io/library-x/y":    false,
+		"ghcr.io/org/img":          true,
+		"ghcr.iox/org/img":         false,
+	} {
+		if got := p.Public(repo); got != want {
+			t.Errorf("Public(%q) = %v, want %v", repo, got, want)
+		}
+	}
+}

@@ -366,3 +366,38 @@ func TestImageSyntaxIsThePinSyntax(t *testing.T) {
 		}
 	}
 }
+
+// TestPrefetchFurtherUpstream: an image of a further upstream is named with
+// its registry (the job, the tag view and the state use that qualified
+// name), and its blobs come from that upstream; an unconfigured registry
+// is refused.
+func TestPrefetchFurtherUpstream(t *testing.T) {
+	const reg = "ghcr.example"
+	w := prefetchtest.New(t, prefetchtest.Options{Via: reg})
+	w.Start(t)
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Pull, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}, Upstreams: []string{reg}}))
+	t.Cleanup(srv.Close)
+	a := &api{t: t, w: w, srv: srv}
+	var resp struct{ Jobs []state.Job }
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"`+reg+`/nvidia/pytorch:17.12","platforms":["linux/arm64"]}`, &resp); st != http.StatusAccepted {
+		t.Fatalf("prefetch: %d %s", st, code)
+	}
+	if len(resp.Jobs) != 1 || resp.Jobs[0].Repository != reg+"/"+ngctest.PytorchRepo {
+		t.Fatalf("jobs = %+v", resp.Jobs)
+	}
+	if j := w.WaitJob(t, resp.Jobs[0].ID, 20*time.Second); j.State != state.JobDone {
+		t.Fatalf("job = %+v", j)
+	}
+	for _, b := range w.Fx.Pytorch.Child("linux/arm64").Blobs() {
+		if n := w.Up.BlobFetches(b.Digest); n != 1 {
+			t.Errorf("blob %s fetched %d times from the further upstream", b.Digest, n)
+		}
+	}
+	var tags struct{ Tags []admin.TagInfo }
+	if st, code := a.call(http.MethodGet, admin.Prefix+"/tags?repository="+reg+"/nvidia/pytorch", "", &tags); st != 200 || len(tags.Tags) == 0 {
+		t.Fatalf("tags: %d %s %+v", st, code, tags)
+	}
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"image":"quay.io/org/img:1"}`, nil); st != http.StatusBadRequest || code != "NAME_INVALID" {
+		t.Errorf("an unconfigured registry: %d %s", st, code)
+	}
+}

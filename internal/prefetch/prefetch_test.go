@@ -38,11 +38,15 @@ func manifestFetches(up *ngctest.Upstream, repo string, d digest.Digest) int {
 // A job for one platform fetches that platform's manifest, config and
 // layers once each, keeps the index, and touches nothing of the others.
 func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
-	w := prefetchtest.New(t, prefetchtest.Options{})
+	forEachVia(t, testPlatformFilterFetchesOnlyThoseLayers)
+}
+
+func testPlatformFilterFetchesOnlyThoseLayers(t *testing.T, via string) {
+	w := prefetchtest.New(t, prefetchtest.Options{Via: via})
 	w.Start(t)
 	repo, idx := ngctest.PytorchRepo, w.Fx.Pytorch
 	arm, amd := idx.Child("linux/arm64"), idx.Child("linux/amd64")
-	j, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	j, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: w.Q(repo), Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
 	if err != nil || !created {
 		t.Fatal(created, err)
 	}
@@ -79,7 +83,7 @@ func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
 
 	// Idempotent: the same target again fetches nothing more.
 	before := len(w.Up.CDNRequests())
-	j2, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: repo, Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
+	j2, created, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: w.Q(repo), Reference: ngctest.PytorchTag, Platforms: []string{"linux/arm64"}})
 	if err != nil || !created || j2.ID != j.ID {
 		t.Fatalf("re-enqueue: %+v %v %v", j2, created, err)
 	}
@@ -96,17 +100,22 @@ func TestPlatformFilterFetchesOnlyThoseLayers(t *testing.T) {
 // release of that variant only, and its job fetches that platform; a glob
 // rule selects among tracked repositories.
 func TestRuleSelectsTagsAndPlatforms(t *testing.T) {
-	repo := ngctest.PytorchRepo
-	w := prefetchtest.New(t, prefetchtest.Options{
+	forEachVia(t, testRuleSelectsTagsAndPlatforms)
+}
+
+func testRuleSelectsTagsAndPlatforms(t *testing.T, via string) {
+	path := ngctest.PytorchRepo
+	repo := qual(via, path)
+	w := prefetchtest.New(t, prefetchtest.Options{Via: via,
 		Tracking: tracking.Options{Repositories: []string{repo}},
 		Rules: []prefetch.RuleSpec{
 			{Name: "frameworks", Repositories: []string{repo}, Tags: config.TagSelect{Latest: 1},
 				Variants: []string{"py3"}, Platforms: []string{"linux/amd64"}},
-			{Name: "globbed", Repositories: []string{"nvidia/pyt*", "nvidia/**/nothing"}, Tags: config.TagSelect{Exact: []string{"24.04-py3"}, Regex: `1[78]\..*`}},
+			{Name: "globbed", Repositories: []string{qual(via, "nvidia/pyt*"), qual(via, "nvidia/**/nothing")}, Tags: config.TagSelect{Exact: []string{"24.04-py3"}, Regex: `1[78]\..*`}},
 		}})
 	releases := map[string]*ngctest.Image{}
 	for _, tag := range []string{"24.04-py3", "24.05-py3", "24.05-py3-igpu"} {
-		im, err := w.Up.AddRelease(repo, tag, 4<<10)
+		im, err := w.Up.AddRelease(path, tag, 4<<10)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -221,9 +230,14 @@ func pullAs(t *testing.T, w *prefetchtest.World, repo, tag string, child *ngctes
 // appears upstream, the poll tick prefetches it for amd64 only, and not the
 // variants nobody pulled.
 func TestAutoRuleFollowsPullHistory(t *testing.T) {
-	w := prefetchtest.New(t, prefetchtest.Options{Prefetch: prefetch.Options{Auto: true, PollSchedule: "@every 1s"}})
-	repo := ngctest.PytorchRepo
-	old, err := w.Up.AddRelease(repo, "24.04-py3", 4<<10)
+	forEachVia(t, testAutoRuleFollowsPullHistory)
+}
+
+func testAutoRuleFollowsPullHistory(t *testing.T, via string) {
+	w := prefetchtest.New(t, prefetchtest.Options{Via: via, Prefetch: prefetch.Options{Auto: true, PollSchedule: "@every 1s"}})
+	path := ngctest.PytorchRepo
+	repo := w.Q(path)
+	old, err := w.Up.AddRelease(path, "24.04-py3", 4<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,11 +250,11 @@ func TestAutoRuleFollowsPullHistory(t *testing.T) {
 	if jobs, _ := w.State.Jobs(ctx); len(jobs) != 0 {
 		t.Fatalf("jobs before any new release: %+v", jobs)
 	}
-	next, err := w.Up.AddRelease(repo, "24.05-py3", 4<<10)
+	next, err := w.Up.AddRelease(path, "24.05-py3", 4<<10)
 	if err != nil {
 		t.Fatal(err)
 	}
-	igpu, err := w.Up.AddRelease(repo, "24.05-py3-igpu", 4<<10, "linux/arm64")
+	igpu, err := w.Up.AddRelease(path, "24.05-py3-igpu", 4<<10, "linux/arm64")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -432,11 +446,15 @@ func TestBandwidthLimit(t *testing.T) {
 
 // Rules with pin: true name the images cache eviction keeps.
 func TestPinnedTargets(t *testing.T) {
-	w := prefetchtest.New(t, prefetchtest.Options{Rules: []prefetch.RuleSpec{
-		{Name: "pinned", Repositories: []string{ngctest.PytorchRepo}, Tags: config.TagSelect{Exact: []string{"17.12"}}, Pin: true},
-		{Name: "loose", Repositories: []string{ngctest.CUDARepo}, Tags: config.TagSelect{Regex: ".*"}},
+	forEachVia(t, testPinnedTargets)
+}
+
+func testPinnedTargets(t *testing.T, via string) {
+	w := prefetchtest.New(t, prefetchtest.Options{Via: via, Rules: []prefetch.RuleSpec{
+		{Name: "pinned", Repositories: []string{qual(via, ngctest.PytorchRepo)}, Tags: config.TagSelect{Exact: []string{"17.12"}}, Pin: true},
+		{Name: "loose", Repositories: []string{qual(via, ngctest.CUDARepo)}, Tags: config.TagSelect{Regex: ".*"}},
 	}})
-	for _, repo := range []string{ngctest.PytorchRepo, ngctest.CUDARepo} {
+	for _, repo := range []string{w.Q(ngctest.PytorchRepo), w.Q(ngctest.CUDARepo)} {
 		if _, err := w.Tracker.Poll(ctx, repo); err != nil {
 			t.Fatal(err)
 		}
@@ -445,7 +463,7 @@ func TestPinnedTargets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 1 || got[0].Repository != ngctest.PytorchRepo || got[0].Reference != "17.12" {
+	if len(got) != 1 || got[0].Repository != w.Q(ngctest.PytorchRepo) || got[0].Reference != "17.12" {
 		t.Errorf("pinned = %+v, want only nvidia/pytorch:17.12", got)
 	}
 }
@@ -624,4 +642,26 @@ func TestNoPrefetchRunsPollsAndTasks(t *testing.T) {
 			t.Errorf("%s ticks with prefetch disabled: %v", kind, n)
 		}
 	}
+}
+
+// forEachVia runs a suite written for the default upstream once as it is
+// and once with the fake as a further upstream (prefetchtest.Options.Via),
+// whose repositories are named with its registry in front.
+func forEachVia(t *testing.T, suite func(t *testing.T, via string)) {
+	for _, via := range []string{"", "ghcr.example"} {
+		name := "default"
+		if via != "" {
+			name = via
+		}
+		t.Run(name, func(t *testing.T) { suite(t, via) })
+	}
+}
+
+// qual is the qualified name of repository pattern p of the further
+// upstream via ("": p).
+func qual(via, p string) string {
+	if via == "" {
+		return p
+	}
+	return via + "/" + p
 }

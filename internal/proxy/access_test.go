@@ -43,14 +43,18 @@ func (e *env) doAs(t *testing.T, user, pass, method, path string) result {
 // disallowed one; public namespaces stay open to anyone.
 func TestAccessHtpasswd(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testAccessHtpasswd)
+}
+
+func testAccessHtpasswd(t *testing.T, via string) {
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
 		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw"),
-		PublicNamespaces: []string{"nvidia"},
+		PublicNamespaces: []string{qual(via, "nvidia")},
 		Groups:           map[string][]string{"ml": {"alice"}},
-		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"@ml"}}},
+		Rules:            []access.Rule{{Repositories: []string{qual(via, "myorg/**")}, Users: []string{"@ml"}}},
 	}, nil)
-	e := newEnv(t, envOpts{key: ngctest.APIKey, access: pol})
+	e := newEnv(t, envOpts{via: via, key: ngctest.APIKey, access: pol})
 	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
 
 	r := e.doAs(t, "", "", http.MethodGet, priv)
@@ -78,7 +82,7 @@ func TestAccessHtpasswd(t *testing.T) {
 		t.Fatalf("anonymous, warm: %d %s", r.status, r.body)
 	}
 	r = e.doAs(t, "bob", "bob-pw", http.MethodGet, layer)
-	if r.status != 403 || errorCode(t, r) != "DENIED" || !strings.Contains(string(r.body), "no rule in access.rules lets bob pull "+ngctest.PrivateRepo) {
+	if r.status != 403 || errorCode(t, r) != "DENIED" || !strings.Contains(string(r.body), "no rule in access.rules lets bob pull "+e.q(ngctest.PrivateRepo)) {
 		t.Fatalf("disallowed user, warm: %d %s", r.status, r.body)
 	}
 	// The private blob, cached, is not served through a public repository.
@@ -149,7 +153,11 @@ func ioCopy(b *strings.Builder, resp *http.Response) (int64, error) {
 // a pass-through check the upstream cannot answer is 503, not DENIED.
 func TestAccessDefaultsAndUnavailableCheck(t *testing.T) {
 	t.Parallel()
-	none := newEnv(t, envOpts{key: ngctest.APIKey, access: policy(t, access.Config{PublicNamespaces: []string{"nvidia"}}, nil)})
+	forEachVia(t, testAccessDefaultsAndUnavailableCheck)
+}
+
+func testAccessDefaultsAndUnavailableCheck(t *testing.T, via string) {
+	none := newEnv(t, envOpts{via: via, key: ngctest.APIKey, access: policy(t, access.Config{PublicNamespaces: []string{qual(via, "nvidia")}}, nil)})
 	r := none.doAs(t, "", "", http.MethodGet, "/v2/"+ngctest.PrivateRepo+"/manifests/"+ngctest.PrivateTag)
 	if r.status != 403 || errorCode(t, r) != "DENIED" || r.header.Get("Www-Authenticate") != "" ||
 		!strings.Contains(string(r.body), "not in a public namespace") || !strings.Contains(string(r.body), "client authentication is off") {
@@ -157,7 +165,7 @@ func TestAccessDefaultsAndUnavailableCheck(t *testing.T) {
 	}
 	mustOK(t, none.doAs(t, "", "", http.MethodGet, "/v2/nvidia/cuda/manifests/"+ngctest.CUDATag), 200)
 
-	down := newEnv(t, envOpts{key: ngctest.APIKey, access: policy(t, access.Config{Mode: access.ModePassthrough},
+	down := newEnv(t, envOpts{via: via, key: ngctest.APIKey, access: policy(t, access.Config{Mode: access.ModePassthrough},
 		func(ctx context.Context, key, repo string) (bool, error) {
 			return false, errors.New("dial tcp: connection refused")
 		})})
@@ -200,13 +208,17 @@ func (p *pullLog) Served(ev tracking.ManifestServed) {
 // one by IP address, and gets the manifest body for GET only.
 func TestPullHistoryClient(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testPullHistoryClient)
+}
+
+func testPullHistoryClient(t *testing.T, via string) {
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
 		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw"),
-		PublicNamespaces: []string{"nvidia"},
+		PublicNamespaces: []string{qual(via, "nvidia")},
 	}, nil)
 	log := &pullLog{}
-	e := newEnv(t, envOpts{access: pol, pulls: log})
+	e := newEnv(t, envOpts{via: via, access: pol, pulls: log})
 	path := "/v2/" + ngctest.PytorchRepo + "/manifests/" + ngctest.PytorchTag
 	if r := e.doAs(t, "alice", "alice-pw", http.MethodGet, path); r.status != 200 {
 		t.Fatal(r.status)
@@ -235,13 +247,17 @@ func TestPullHistoryClient(t *testing.T) {
 // the password too: a wrong password after a good one is still refused.
 func TestBasicLoginMemoryKeepsPasswordsApart(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testBasicLoginMemoryKeepsPasswordsApart)
+}
+
+func testBasicLoginMemoryKeepsPasswordsApart(t *testing.T, via string) {
 	pol := policy(t, access.Config{
 		Mode:             access.ModeHtpasswd,
 		HtpasswdFile:     ngctest.WriteHtpasswd(t, "alice", "alice-pw"),
-		PublicNamespaces: []string{"nvidia"},
-		Rules:            []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"alice"}}},
+		PublicNamespaces: []string{qual(via, "nvidia")},
+		Rules:            []access.Rule{{Repositories: []string{qual(via, "myorg/**")}, Users: []string{"alice"}}},
 	}, nil)
-	e := newEnv(t, envOpts{key: ngctest.APIKey, access: pol})
+	e := newEnv(t, envOpts{via: via, key: ngctest.APIKey, access: pol})
 	priv := "/v2/" + ngctest.PrivateRepo + "/manifests/" + ngctest.PrivateTag
 	for i, c := range []struct {
 		pass string
@@ -259,8 +275,12 @@ func TestBasicLoginMemoryKeepsPasswordsApart(t *testing.T) {
 // upstream HEAD each.
 func TestManifestLinkedAcrossRepositoriesWithoutHead(t *testing.T) {
 	t.Parallel()
-	pol := policy(t, access.Config{Mode: access.ModeNone, PublicNamespaces: []string{"nvidia"}}, nil)
-	e := newEnv(t, envOpts{access: pol})
+	forEachVia(t, testManifestLinkedAcrossRepositoriesWithoutHead)
+}
+
+func testManifestLinkedAcrossRepositoriesWithoutHead(t *testing.T, via string) {
+	pol := policy(t, access.Config{Mode: access.ModeNone, PublicNamespaces: []string{qual(via, "nvidia")}}, nil)
+	e := newEnv(t, envOpts{via: via, access: pol})
 	const copyRepo = "nvidia/pytorch-copy"
 	e.up.AddImage(copyRepo, false, e.fx.Pytorch, ngctest.PytorchTag)
 	amd := e.fx.Pytorch.Child("linux/amd64")
@@ -280,4 +300,13 @@ func TestManifestLinkedAcrossRepositoriesWithoutHead(t *testing.T) {
 			t.Errorf("the upstream was asked %s %s for a blob the linked manifest refers to", r.Method, r.Path)
 		}
 	}
+}
+
+// qual is the qualified name of repository pattern p of the further
+// upstream via ("" : the default upstream's, p itself).
+func qual(via, p string) string {
+	if via == "" {
+		return p
+	}
+	return via + "/" + p
 }

@@ -66,6 +66,10 @@ func pullImage(t *testing.T, e *env, repo, tag string, im *ngctest.Image) *ngcte
 // survive the eviction.
 func TestEvictedImageComesBack(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testEvictedImageComesBack)
+}
+
+func testEvictedImageComesBack(t *testing.T, via string) {
 	for _, withPolicy := range []bool{false, true} {
 		t.Run(fmt.Sprintf("access=%v", withPolicy), func(t *testing.T) {
 			t.Parallel()
@@ -134,10 +138,14 @@ func slicesContains(cs []ngctest.Content, c ngctest.Content) bool {
 // from the upstream; it is not cached, and the cache-full metric counts it.
 func TestCacheFullServesUncached(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testCacheFullServesUncached)
+}
+
+func testCacheFullServesUncached(t *testing.T, via string) {
 	reg := prometheus.NewRegistry()
 	em := metrics.NewEviction(reg)
 	m := metrics.New(reg)
-	e := newEnv(t, envOpts{layerSize: 256 << 10, metrics: m, budget: func(fx *ngctest.Fixture) evict.Options {
+	e := newEnv(t, envOpts{via: via, layerSize: 256 << 10, metrics: m, budget: func(fx *ngctest.Fixture) evict.Options {
 		return evict.Options{
 			MaxSize: sizeOf(fx.CUDA.Blobs()...) + 16<<10, // CUDA and its manifest, not one layer more
 			Pins:    []evict.Pin{{Repository: ngctest.CUDARepo, Tag: ngctest.CUDATag}},
@@ -183,6 +191,10 @@ func TestCacheFullServesUncached(t *testing.T) {
 // break it: the proxy's leases keep eviction off blobs being served).
 func TestCachePurgedDuringConcurrentPulls(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testCachePurgedDuringConcurrentPulls)
+}
+
+func testCachePurgedDuringConcurrentPulls(t *testing.T, via string) {
 	for _, tc := range []struct {
 		name    string
 		s3      bool
@@ -326,8 +338,12 @@ func (f *fakeTracker) activeLeases(d digest.Digest) int {
 // none; cache hits of blobs and manifests are touched.
 func TestProxyLeasesAndTouches(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testProxyLeasesAndTouches)
+}
+
+func testProxyLeasesAndTouches(t *testing.T, via string) {
 	ft := &fakeTracker{touches: map[storage.Kind]int{}, active: map[digest.Digest]int{}}
-	e := newEnv(t, envOpts{cache: ft})
+	e := newEnv(t, envOpts{via: via, cache: ft})
 	layer := e.fx.CUDA.Layers[1]
 	var leasedDuringFetch atomic.Int64
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {

@@ -69,7 +69,11 @@ func assertNotCached(t *testing.T, e *env, c ngctest.Content) {
 // whole, correct blob.
 func TestResumeAfterBrokenConnection(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{layerSize: 512 << 10})
+	forEachVia(t, testResumeAfterBrokenConnection)
+}
+
+func testResumeAfterBrokenConnection(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via, layerSize: 512 << 10})
 	layer := e.fx.Pytorch.Child("linux/amd64").Layers[1]
 	var broke atomic.Bool
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
@@ -196,8 +200,12 @@ func TestChunkedUpstreamStillGetsContentLength(t *testing.T) {
 // the right bytes and the upstream is fetched once.
 func TestRangeAndLateJoinersDuringFill(t *testing.T) {
 	t.Parallel()
+	forEachVia(t, testRangeAndLateJoinersDuringFill)
+}
+
+func testRangeAndLateJoinersDuringFill(t *testing.T, via string) {
 	// verifyBefore -1: the streaming path of a large blob (headers first).
-	e := newEnv(t, envOpts{layerSize: 1 << 20, verifyBefore: -1})
+	e := newEnv(t, envOpts{via: via, layerSize: 1 << 20, verifyBefore: -1})
 	layer := e.fx.Pytorch.Child("linux/arm64").Layers[1]
 	half := len(layer.Body) / 2
 	release := make(chan struct{})

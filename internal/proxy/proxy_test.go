@@ -161,6 +161,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 		// another fake, which the tests expect to see no request.
 		def = ngctest.New(o.upstream)
 		t.Cleanup(def.Close)
+		t.Cleanup(func() { // before Close
+			if n := len(def.Requests()); n != 0 {
+				t.Errorf("the default upstream saw %d requests for a suite of the further upstream %s: %v", n, o.via, def.Requests())
+			}
+		})
 		if _, err := def.Populate(o.layerSize); err != nil {
 			t.Fatal(err)
 		}
@@ -316,7 +321,11 @@ func TestBaseEndpoint(t *testing.T) {
 // every blob, and checks bytes, digests and headers against the upstream's.
 func TestPullThroughIndexByteIdentical(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
+	forEachVia(t, testPullThroughIndexByteIdentical)
+}
+
+func testPullThroughIndexByteIdentical(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via})
 	for _, tc := range []struct {
 		repo, tag string
 		im        *ngctest.Image
@@ -381,7 +390,11 @@ func TestPullThroughIndexByteIdentical(t *testing.T) {
 // (stale) and digests when the upstream is gone.
 func TestCachedServedWithUpstreamDown(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{tagFreshness: time.Nanosecond})
+	forEachVia(t, testCachedServedWithUpstreamDown)
+}
+
+func testCachedServedWithUpstreamDown(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via, tagFreshness: time.Nanosecond})
 	child := e.fx.Pytorch.Child("linux/amd64")
 	paths := []string{
 		"/v2/nvidia/pytorch/manifests/17.12",
@@ -469,7 +482,11 @@ func TestLenientTokenResponses(t *testing.T) {
 // TestConcurrentColdBlobOneFetch: many clients, one upstream fetch.
 func TestConcurrentColdBlobOneFetch(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	forEachVia(t, testConcurrentColdBlobOneFetch)
+}
+
+func testConcurrentColdBlobOneFetch(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via, layerSize: 1 << 20})
 	layer := e.fx.Pytorch.Child("linux/amd64").Layers[1]
 	// Hold the CDN until every client has asked, so all of them join the
 	// same fill rather than finding the blob cached.
@@ -522,7 +539,11 @@ func TestConcurrentColdBlobOneFetch(t *testing.T) {
 // fill still completes and caches the blob.
 func TestClientDisconnectFillCompletes(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{layerSize: 1 << 20})
+	forEachVia(t, testClientDisconnectFillCompletes)
+}
+
+func testClientDisconnectFillCompletes(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via, layerSize: 1 << 20})
 	layer := e.fx.DCGM.Child("linux/amd64").Layers[0]
 	ctx, cancel := context.WithCancel(t.Context())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, e.url("/v2/"+ngctest.DCGMRepo+"/blobs/"+layer.Digest.String()), nil)
@@ -552,7 +573,11 @@ func TestClientDisconnectFillCompletes(t *testing.T) {
 // and caches nothing; the next request refetches and succeeds.
 func TestCorruptBlobNeverCached(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
+	forEachVia(t, testCorruptBlobNeverCached)
+}
+
+func testCorruptBlobNeverCached(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via})
 	layer := e.fx.CUDA.Layers[1]
 	var mu sync.Mutex
 	corrupt := true
@@ -585,7 +610,11 @@ func TestCorruptBlobNeverCached(t *testing.T) {
 
 func TestRange(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
+	forEachVia(t, testRange)
+}
+
+func testRange(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via})
 	layer := e.fx.Pytorch.Child("linux/arm64").Layers[0]
 	path := "/v2/nvidia/pytorch/blobs/" + layer.Digest.String()
 	size := len(layer.Body)
@@ -754,7 +783,11 @@ func TestUnknownContent(t *testing.T) {
 // TestUpstreamErrors: 5xx becomes 502, never 404.
 func TestUpstreamErrors(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
+	forEachVia(t, testUpstreamErrors)
+}
+
+func testUpstreamErrors(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via})
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
 		if strings.Contains(r.URL.Path, "/manifests/18.01-py3") {
 			w.WriteHeader(http.StatusInternalServerError)
@@ -781,7 +814,11 @@ func TestUpstreamErrors(t *testing.T) {
 // cached content is served throughout.
 func TestTooManyRequestsBackoff(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
+	forEachVia(t, testTooManyRequestsBackoff)
+}
+
+func testTooManyRequestsBackoff(t *testing.T, via string) {
+	e := newEnv(t, envOpts{via: via})
 	cached := "/v2/nvidia/cuda/manifests/" + ngctest.CUDATag
 	mustOK(t, e.do(t, http.MethodGet, cached), 200)
 	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {

@@ -291,3 +291,16 @@ func TestOneUpstreamDownOthersServe(t *testing.T) {
 		}
 	}
 }
+
+// forEachVia runs a suite written for the default upstream once as it is
+// and once against a further upstream addressed by its registry prefix
+// (envOpts.via), each a parallel subtest.
+func forEachVia(t *testing.T, suite func(t *testing.T, via string)) {
+	t.Helper()
+	for _, via := range vias {
+		t.Run(viaName(via), func(t *testing.T) {
+			t.Parallel()
+			suite(t, via)
+		})
+	}
+}

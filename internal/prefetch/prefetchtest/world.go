@@ -52,12 +52,20 @@ type Options struct {
 	StateDir string
 	// MaxFills bounds the fill group (limits.max_fills; 0: none).
 	MaxFills int
+	// Via, when set, serves the world's fake (Up, Fx) as the further
+	// upstream of that registry name, with another fake (Default) as the
+	// default upstream: repositories are then named Via/path (World.Q).
+	Via string
 }
 
 // World is a mirror in process.
 type World struct {
-	Up      *ngctest.Upstream
-	Fx      *ngctest.Fixture
+	Up *ngctest.Upstream
+	Fx *ngctest.Fixture
+	// Default is the default upstream with Options.Via (nil otherwise);
+	// Via the registry name Up is served as.
+	Default *ngctest.Upstream
+	Via     string
 	Cache   *storage.Store
 	Fills   *fill.Group
 	Pull    *pull.Service
@@ -73,7 +81,7 @@ type World struct {
 // New builds a world; nothing runs until Start.
 func New(t *testing.T, o Options) *World {
 	t.Helper()
-	w := &World{Up: o.Upstream, Fx: o.Fixture}
+	w := &World{Up: o.Upstream, Fx: o.Fixture, Via: o.Via}
 	if w.Up == nil {
 		w.Up = ngctest.New(ngctest.Options{})
 		t.Cleanup(w.Up.Close)
@@ -93,6 +101,23 @@ func New(t *testing.T, o Options) *World {
 	w.Cache = storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 50}), storage.WithLocalRoot(dir))
 	origin, _ := url.Parse(w.Up.URL())
 	client := upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
+	ups := upstream.Single(client)
+	if o.Via != "" {
+		w.Default = ngctest.New(ngctest.Options{})
+		t.Cleanup(w.Default.Close)
+		t.Cleanup(func() { // before Close
+			if n := len(w.Default.Requests()); n != 0 {
+				t.Errorf("the default upstream saw %d requests in a world of the further upstream %s: %v", n, o.Via, w.Default.Requests())
+			}
+		})
+		dorigin, _ := url.Parse(w.Default.URL())
+		def := upstream.New(dorigin, auth.NewTransport(nil, dorigin, auth.Credentials{}, nil))
+		var err error
+		if ups, err = upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def}, []string{"nvcr.io"},
+			&upstream.Registry{Name: o.Via, Client: client}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	w.Fills = fill.NewGroup(w.Cache, fill.Options{SpoolDir: t.TempDir(), IdleTimeout: 5 * time.Second, MaxFills: o.MaxFills})
 	// Fills outlive their clients (a stopped world's too): let a commit
 	// finish before a test's cache directory is removed (cleanups run
@@ -125,8 +150,8 @@ func New(t *testing.T, o Options) *World {
 	w.Metrics = metrics.NewTracking(w.Reg)
 	to := o.Tracking
 	to.Metrics = w.Metrics
-	w.Tracker = tracking.New(w.State, client, to)
-	w.Pull = pull.New(client, w.Cache, w.Fills, pull.Options{})
+	w.Tracker = tracking.New(w.State, ups, to)
+	w.Pull = pull.NewSet(ups, w.Cache, w.Fills, pull.Options{})
 	w.Proxy = proxy.New(w.Pull, proxy.Options{Pulls: w.Tracker, NSAliases: []string{"nvcr.io"}})
 	w.Server = httptest.NewServer(w.Proxy)
 	t.Cleanup(w.Server.Close)
@@ -155,6 +180,15 @@ func New(t *testing.T, o Options) *World {
 	}
 	w.Sched = s
 	return w
+}
+
+// Q is the qualified name of repository (or pattern) name of the world's
+// fake: name itself, or with Options.Via, Via/name.
+func (w *World) Q(name string) string {
+	if w.Via == "" {
+		return name
+	}
+	return w.Via + "/" + name
 }
 
 // Start runs the tracker's writer and the scheduler until the returned
