@@ -484,6 +484,38 @@ func TestTransportSendsCredentialsToRealm(t *testing.T) {
 			t.Errorf("scope = %q", got)
 		}
 	})
+	t.Run("docker hub challenge", func(t *testing.T) {
+		// registry-1.docker.io sends clients to auth.docker.io, another
+		// host, with service=registry.docker.io and the scope in the
+		// challenge: the service goes along, the credentials to the realm
+		// only, and the official image's scope is library/NAME.
+		t.Parallel()
+		f := newFakeUpstream(t, fakeOpts{challenge: func(realm string) string {
+			return `Bearer realm="` + realm + `",service="registry.docker.io",scope="repository:library/ubuntu:pull"`
+		}})
+		for _, creds := range []Credentials{{}, {Username: "labuser", Secret: "dckr_pat"}} {
+			tr := NewTransport(nil, f.origin(t), creds, nil)
+			if st, _ := get(t, tr, f.registry.URL+"/v2/library/ubuntu/manifests/24.04"); st != http.StatusOK {
+				t.Fatalf("status %d", st)
+			}
+			reqs := f.realmRequests()
+			r := reqs[len(reqs)-1]
+			want := url.Values{"scope": {"repository:library/ubuntu:pull"}, "service": {"registry.docker.io"}}
+			wantAuthz := ""
+			if creds.Secret != "" {
+				want.Set("account", "labuser")
+				wantAuthz = "Basic " + base64.StdEncoding.EncodeToString([]byte("labuser:dckr_pat"))
+			}
+			if fmt.Sprint(r.Query) != fmt.Sprint(want) || r.Authz != wantAuthz {
+				t.Errorf("realm request %v %q, want %v %q", r.Query, r.Authz, want, wantAuthz)
+			}
+		}
+		for _, rr := range f.registryRequests() {
+			if rr.Authz != "" && !strings.HasPrefix(rr.Authz, "Bearer tok-") {
+				t.Errorf("registry received Authorization %q", rr.Authz)
+			}
+		}
+	})
 	t.Run("anonymous nvcr.io challenge", func(t *testing.T) {
 		t.Parallel()
 		f := newFakeUpstream(t, fakeOpts{}) // `Bearer realm="…",scope=""`

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -90,6 +91,12 @@ func checkResponse(resp *http.Response, now time.Time) error {
 		e.Errors = env.Errors
 	}
 	e.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), now)
+	if e.RetryAfter == 0 && resp.StatusCode == http.StatusTooManyRequests {
+		// Without Retry-After, the RateLimit-Reset header of the IETF
+		// httpapi draft (draft-ietf-httpapi-ratelimit-headers: seconds
+		// until the quota resets), which some registries send instead.
+		e.RetryAfter = parseRetryAfter(strings.TrimSpace(resp.Header.Get("RateLimit-Reset")), now)
+	}
 	return e
 }
 

@@ -2,8 +2,12 @@ package upstream
 
 import (
 	"errors"
+	"io"
+	"net/http"
 	"net/url"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
@@ -120,6 +124,28 @@ func TestNewSetRefuses(t *testing.T) {
 	} {
 		if _, err := NewSet(def(), []string{"nvcr.lab"}, others...); err == nil {
 			t.Errorf("NewSet(%v) succeeded", others[0].Name)
+		}
+	}
+}
+
+// TestRateLimitReset: a 429 without Retry-After backs off for the
+// RateLimit-Reset seconds some registries send instead; Retry-After wins.
+func TestRateLimitReset(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	for _, c := range []struct {
+		hdr  http.Header
+		want time.Duration
+	}{
+		{http.Header{"Ratelimit-Reset": {"30"}}, 30 * time.Second},
+		{http.Header{"Ratelimit-Reset": {"30"}, "Retry-After": {"5"}}, 5 * time.Second},
+		{http.Header{"Ratelimit-Remaining": {"0;w=21600"}}, 0},
+	} {
+		resp := &http.Response{StatusCode: http.StatusTooManyRequests, Header: c.hdr, Body: io.NopCloser(strings.NewReader("")),
+			Request: &http.Request{Method: http.MethodGet, URL: &url.URL{Path: "/v2/library/ubuntu/manifests/24.04"}}}
+		var ue *Error
+		if err := checkResponse(resp, now); !errors.As(err, &ue) || ue.RetryAfter != c.want {
+			t.Errorf("%v: %v, want RetryAfter %v", c.hdr, err, c.want)
 		}
 	}
 }
