@@ -113,9 +113,11 @@ func (RegistriesPath) pathSpec()     {}
 func (v1RepositoriesPath) pathSpec() {}
 
 // Repo is a repository of one upstream registry: the key of tag records
-// and links. Registry is the registry's host as the upstream URL names it
-// ("nvcr.io", "127.0.0.1:5000"), Name the repository path on it
-// ("nvidia/pytorch").
+// and links. Registry is the upstream's registry name (upstream.Registry):
+// the default upstream's host as its URL names it ("nvcr.io",
+// "127.0.0.1:5000"), or a further upstream's key in the configuration
+// ("docker.io"); Name the repository path on it ("nvidia/pytorch",
+// "library/ubuntu").
 type Repo struct {
 	Registry string
 	Name     string
