@@ -13,8 +13,8 @@
 // life are not taken for its own.
 //
 // Ownership: a lease per digest, not rendezvous hashing. The replica whose
-// fill of a blob starts first takes "<prefix>cluster:lease:<digest>"
-// (SET NX PX, 3 heartbeats) and refreshes it with its heartbeat while the
+// fill of a blob starts first takes "<prefix>cluster:lease:<digest>" (an
+// internal/lease lease of 3 heartbeats) and refreshes it with its heartbeat while the
 // fill runs; the lease is released when the fill's upstream body is closed,
 // after the commit. The replica that got the miss thus fetches the blob
 // itself (no extra hop for the common case of one requester), ownership

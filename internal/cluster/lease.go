@@ -9,33 +9,14 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 )
 
-// acquire takes the lease if it is free and returns its holder (this
-// member when taken). An empty holder means it expired in between: try
-// again.
-var acquire = redis.NewScript(`
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
-local h = redis.call('GET', KEYS[1])
-if h then return h end
-return ''
-`)
-
-// refresh extends the lease if ARGV[1] still holds it (1), else 0.
-var refresh = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-`)
-
-// release (and breaking a dead holder's lease) deletes the lease if
-// ARGV[1] holds it.
-var release = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-`)
+// Blob leases are internal/lease leases at "<prefix>cluster:lease:<digest>"
+// whose value is this member ("<id> <advertise>") and whose TTL is 3
+// heartbeats.
 
 // refreshLeases extends every lease this replica holds (one pipeline).
 func (n *Node) refreshLeases(ctx context.Context) error {
@@ -45,22 +26,16 @@ func (n *Node) refreshLeases(ctx context.Context) error {
 		ds = append(ds, d)
 	}
 	n.mu.Unlock()
-	if len(ds) == 0 {
-		return nil
+	keys := make([]string, len(ds))
+	for i, d := range ds {
+		keys[i] = n.leaseKey(d)
 	}
-	cmds := make([]*redis.Cmd, len(ds))
-	_, err := n.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		for i, d := range ds {
-			// Eval, not Run: a pipeline cannot fall back from EVALSHA.
-			cmds[i] = refresh.Eval(ctx, p, []string{n.leaseKey(d)}, n.self, n.ttl.Milliseconds())
-		}
-		return nil
-	})
+	held, err := lease.RenewAll(ctx, n.rdb, keys, n.self, n.ttl)
 	if err != nil {
 		return err
 	}
-	for i, c := range cmds {
-		if v, _ := c.Int(); v == 0 {
+	for i, ok := range held {
+		if !ok {
 			n.log.Warn("cluster: lost the lease of a blob being filled (Redis was unreachable for longer than the lease); another replica may fetch it too", "digest", ds[i])
 		}
 	}
@@ -81,7 +56,7 @@ func (n *Node) unhold(dgst digest.Digest) {
 	n.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), n.opts.Timeout)
 	defer cancel()
-	_ = release.Run(ctx, n.rdb, []string{n.leaseKey(dgst)}, n.self).Err() // else it expires
+	_, _ = lease.Release(ctx, n.rdb, n.leaseKey(dgst), n.self) // else it expires
 }
 
 // takeoverWait bounds how long a fill's source waits for an owner that
@@ -140,7 +115,7 @@ func (n *Node) Source(dgst digest.Digest, upstream fill.Source) fill.Source {
 // body under this replica's lease, retry to wait and try again.
 func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream fill.Source) (body io.ReadCloser, size int64, owner, retry bool, err error) {
 	rctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
-	holder, err := acquire.Run(rctx, n.rdb, []string{n.leaseKey(dgst)}, n.self, n.ttl.Milliseconds()).Text()
+	holder, err := lease.Acquire(rctx, n.rdb, n.leaseKey(dgst), n.self, n.ttl)
 	cancel()
 	switch {
 	case err != nil:
@@ -148,8 +123,6 @@ func (n *Node) try(ctx context.Context, dgst digest.Digest, off int64, upstream 
 		n.log.Warn("cluster: taking a blob lease failed; fetching from the upstream", "digest", dgst, "err", err)
 		body, size, err := upstream(ctx, off)
 		return body, size, false, false, err
-	case holder == "":
-		return nil, 0, false, true, errors.New("cluster: lease changed hands")
 	case holder == n.self:
 		n.hold(dgst)
 		if off == 0 {
@@ -197,7 +170,7 @@ func (n *Node) breakIfDead(ctx context.Context, dgst digest.Digest, holder, url 
 	}
 	bctx, cancel := context.WithTimeout(ctx, n.opts.Timeout)
 	defer cancel()
-	if v, _ := release.Run(bctx, n.rdb, []string{n.leaseKey(dgst)}, holder).Int(); v == 1 {
+	if broke, _ := lease.Release(bctx, n.rdb, n.leaseKey(dgst), holder); broke {
 		n.log.Info("cluster: the owner of a blob being filled left; taking its lease", "digest", dgst, "owner", url, "offset", off)
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 	"github.com/ngc-mirror/ngc-mirror/internal/state"
 )
 
@@ -22,8 +23,7 @@ import (
 // the budget's channel and a lock to elect the replica that evicts.
 type Shared interface {
 	state.BudgetBus
-	Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error)
-	Unlock(ctx context.Context, name, owner string) error
+	lease.Locker
 }
 
 // Bounds of the shared budget's exchanges.

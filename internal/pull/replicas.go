@@ -9,6 +9,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -19,14 +20,8 @@ import (
 // for it to land in the shared cache and read it from there.
 
 // Leases is what the service needs of the state store to coordinate
-// manifest fetches with other replicas (*state.Redis): a named lock.
-type Leases interface {
-	// Lock takes or renews lock name for owner for ttl; false when another
-	// owner holds it.
-	Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error)
-	// Unlock releases it if owner holds it.
-	Unlock(ctx context.Context, name, owner string) error
-}
+// manifest fetches with other replicas (*state.Redis): named leases.
+type Leases = lease.Locker
 
 // Bounds of a manifest lease.
 const (

@@ -13,6 +13,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 )
 
 // ErrLocked is wrapped by OpenBolt's error when another process holds the
@@ -26,14 +28,10 @@ var ErrLocked = errors.New("state: another process holds the file")
 type Bolt struct {
 	db *bolt.DB
 
-	mu     sync.Mutex
-	locks  map[string]held // name → holder
-	claims map[string]time.Time
-}
+	locks lease.Local
 
-type held struct {
-	owner   string
-	expires time.Time
+	mu     sync.Mutex
+	claims map[string]time.Time
 }
 
 var (
@@ -72,7 +70,7 @@ func OpenBolt(path string, timeout time.Duration) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("state: %s: %w", path, err)
 	}
-	return &Bolt{db: db, locks: map[string]held{}, claims: map[string]time.Time{}}, nil
+	return &Bolt{db: db, claims: map[string]time.Time{}}, nil
 }
 
 // Close closes the file.
@@ -298,24 +296,14 @@ func (b *Bolt) Jobs(ctx context.Context) ([]Job, error) {
 	return sortedJobs(m), err
 }
 
+// Lock implements lease.Locker, in memory.
 func (b *Bolt) Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	now := time.Now()
-	if h, ok := b.locks[name]; ok && h.owner != owner && now.Before(h.expires) {
-		return false, nil
-	}
-	b.locks[name] = held{owner: owner, expires: now.Add(ttl)}
-	return true, nil
+	return b.locks.Lock(ctx, name, owner, ttl)
 }
 
+// Unlock implements lease.Locker.
 func (b *Bolt) Unlock(ctx context.Context, name, owner string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if h, ok := b.locks[name]; ok && h.owner == owner {
-		delete(b.locks, name)
-	}
-	return nil
+	return b.locks.Unlock(ctx, name, owner)
 }
 
 func (b *Bolt) Claim(ctx context.Context, key string, ttl time.Duration) (bool, error) {

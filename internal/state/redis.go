@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 )
 
 // Redis keeps state in a Redis server shared by the mirror's replicas.
@@ -27,7 +29,7 @@ import (
 //	pulls              list  JSON Pull, newest first, trimmed to MaxPullLog
 //	jobs               hash  id → JSON Job
 //	jobs-by-time       zset  id → created (unix nanoseconds)
-//	lock:<name>        string owner, with an expiry
+//	lock:<name>        string owner, with an expiry (a lease: internal/lease)
 //	claim:<key>        string, with an expiry
 //	budget:<scope>:*   the shared cache budget (budget.go): log (stream of
 //	                   changes), replicas (zset owner → expiry), presence
@@ -35,6 +37,7 @@ import (
 type Redis struct {
 	c      *redis.Client
 	prefix string
+	locks  lease.Redis // prefix "lock:"
 }
 
 // RedisOptions tune OpenRedis. Zero values take the defaults noted.
@@ -67,7 +70,8 @@ func OpenRedis(url string, o RedisOptions) (*Redis, error) {
 	opt.MaxRetries = 1
 	opt.DisableIdentity = true
 	quietOnce.Do(func() { redis.SetLogger(quiet{}) })
-	return &Redis{c: redis.NewClient(opt), prefix: o.Prefix}, nil
+	c := redis.NewClient(opt)
+	return &Redis{c: c, prefix: o.Prefix, locks: lease.Redis{C: c, Prefix: o.Prefix + "lock:"}}, nil
 }
 
 // quiet drops go-redis's own log lines (dial failures during an outage,
@@ -385,34 +389,14 @@ func sortedJobs(m map[string]string) []Job {
 	return out
 }
 
-// renew extends the lock only while owner holds it; take sets it only when
-// free. Both in one script so that an expiry between GET and SET cannot
-// hand the lock to two owners.
-var lockScript = redis.NewScript(`
-local v = redis.call("GET", KEYS[1])
-if v == ARGV[1] then
-  redis.call("PEXPIRE", KEYS[1], ARGV[2])
-  return 1
-end
-if v == false then
-  redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-  return 1
-end
-return 0`)
-
-var unlockScript = redis.NewScript(`
-if redis.call("GET", KEYS[1]) == ARGV[1] then
-  return redis.call("DEL", KEYS[1])
-end
-return 0`)
-
+// Lock implements lease.Locker: the lease "<prefix>lock:<name>".
 func (r *Redis) Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error) {
-	n, err := lockScript.Run(ctx, r.c, []string{r.k("lock:", name)}, owner, ttl.Milliseconds()).Int()
-	return n == 1, err
+	return r.locks.Lock(ctx, name, owner, ttl)
 }
 
+// Unlock implements lease.Locker.
 func (r *Redis) Unlock(ctx context.Context, name, owner string) error {
-	return unlockScript.Run(ctx, r.c, []string{r.k("lock:", name)}, owner).Err()
+	return r.locks.Unlock(ctx, name, owner)
 }
 
 func (r *Redis) Claim(ctx context.Context, key string, ttl time.Duration) (bool, error) {

@@ -12,6 +12,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/lease"
 )
 
 // ErrNotFound is returned when a job does not exist.
@@ -148,12 +150,9 @@ type Store interface {
 	// Jobs returns every kept job, newest first.
 	Jobs(ctx context.Context) ([]Job, error)
 
-	// Lock takes or renews the named lock for owner for ttl. It returns
-	// false when another owner holds it. A lock whose owner stops renewing
-	// it expires after ttl.
-	Lock(ctx context.Context, name, owner string, ttl time.Duration) (bool, error)
-	// Unlock releases the lock if owner holds it.
-	Unlock(ctx context.Context, name, owner string) error
+	// Lock and Unlock take, renew and release named leases (the
+	// scheduler lock, the budget leader lock, manifest leases).
+	lease.Locker
 	// Claim returns true to exactly one caller per key within ttl: the
 	// guard that makes a scheduled tick run once even across a change of
 	// lock holder.
