@@ -44,43 +44,88 @@ func (o object) list(path ...string) []any {
 	return l
 }
 
+// need fails t unless every tool is on PATH: the deploy checks run the
+// real tools and never skip.
+func need(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is not installed: run .ci/install.sh", tool)
+		}
+	}
+}
+
+// decodeYAML splits a multi-document YAML stream into objects, skipping
+// empty documents. Each is decoded into a plain map: into object, yaml.v3
+// would make every nested map an object too, and the checks expect
+// map[string]any.
+func decodeYAML(raw []byte) ([]object, error) {
+	var objs []object
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
+			return objs, nil
+		} else if err != nil {
+			return nil, err
+		}
+		if m != nil {
+			objs = append(objs, object(m))
+		}
+	}
+}
+
+// kustomize renders dir with the real kustomize (kubectl kustomize,
+// offline); stderr goes into the failure, not into the YAML.
+func kustomize(t *testing.T, dir string) []byte {
+	t.Helper()
+	need(t, "kubectl")
+	var stderr bytes.Buffer
+	cmd := exec.Command("kubectl", "kustomize", dir)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("kubectl kustomize %s: %v\n%s", dir, err, stderr.Bytes())
+	}
+	return out
+}
+
+// byKind indexes objects by kind (the last of a kind wins).
+func byKind(objs []object) map[string]object {
+	m := map[string]object{}
+	for _, o := range objs {
+		m[o.str("kind")] = o
+	}
+	return m
+}
+
 func loadManifests(t *testing.T) map[string]object {
 	t.Helper()
 	files, err := filepath.Glob("kubernetes/*.yaml")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no Kubernetes manifests: %v", err)
 	}
-	objs := map[string]object{}
+	var all []object
 	for _, f := range files {
 		raw, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
 		}
-		dec := yaml.NewDecoder(bytes.NewReader(raw))
-		for {
-			// Decode into a plain map: into object, yaml.v3 would make every
-			// nested map an object too, and the assertions below expect
-			// map[string]any.
-			var m map[string]any
-			if err := dec.Decode(&m); errors.Is(err, io.EOF) {
-				break
-			} else if err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-			if m == nil {
-				continue
-			}
-			o := object(m)
+		objs, err := decodeYAML(raw)
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		for _, o := range objs {
 			if o.str("apiVersion") == "" || o.str("kind") == "" {
 				t.Fatalf("%s: object without apiVersion or kind", f)
 			}
 			if o.str("kind") != "Kustomization" && o.str("metadata", "name") == "" {
 				t.Fatalf("%s: %s without metadata.name", f, o.str("kind"))
 			}
-			objs[o.str("kind")] = o
 		}
+		all = append(all, objs...)
 	}
-	return objs
+	return byKind(all)
 }
 
 // TestKubernetesManifests parses every manifest and checks that the pieces
@@ -243,24 +288,12 @@ func toString(v any) string {
 // file in it for serve and for commands run in the pod.
 func TestKustomizeBuild(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("kubectl"); err != nil {
-		t.Fatal("kubectl is not installed: run .ci/install.sh")
-	}
-	out, err := exec.Command("kubectl", "kustomize", "kubernetes").Output()
+	out := kustomize(t, "kubernetes")
+	list, err := decodeYAML(out)
 	if err != nil {
-		t.Fatalf("kubectl kustomize: %v", err)
+		t.Fatal(err)
 	}
-	objs := map[string]object{}
-	dec := yaml.NewDecoder(bytes.NewReader(out))
-	for {
-		var m map[string]any
-		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		objs[object(m).str("kind")] = object(m)
-	}
+	objs := byKind(list)
 	if objs["Secret"] != nil {
 		t.Error("the kustomization renders a Secret: re-applying would overwrite the real key")
 	}
@@ -341,9 +374,7 @@ func TestComposeFile(t *testing.T) {
 			}
 		}
 	}
-	if _, err := exec.LookPath("docker-compose"); err != nil {
-		t.Fatal("docker-compose is not installed: run .ci/install.sh")
-	}
+	need(t, "docker-compose")
 	cmd := exec.Command("docker-compose", "-f", "docker-compose.yml", "config", "--quiet")
 	cmd.Dir = ".."
 	if out, err := cmd.CombinedOutput(); err != nil {

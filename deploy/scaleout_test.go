@@ -3,9 +3,7 @@ package deploy
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"os"
@@ -45,26 +43,18 @@ func clusterInConfig() bool {
 	return false
 }
 
-// decodeObjects splits a multi-document YAML stream into objects.
+// decodeObjects splits a multi-document YAML stream into objects, each
+// with an apiVersion, kind and name.
 func decodeObjects(t *testing.T, raw []byte) []object {
 	t.Helper()
-	var objs []object
-	dec := yaml.NewDecoder(bytes.NewReader(raw))
-	for {
-		var m map[string]any
-		if err := dec.Decode(&m); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatalf("rendered YAML: %v\n%s", err, raw)
-		}
-		if m == nil {
-			continue
-		}
-		o := object(m)
+	objs, err := decodeYAML(raw)
+	if err != nil {
+		t.Fatalf("rendered YAML: %v\n%s", err, raw)
+	}
+	for _, o := range objs {
 		if o.str("apiVersion") == "" || o.str("kind") == "" || o.str("metadata", "name") == "" {
-			t.Fatalf("object without apiVersion, kind or name: %v", m)
+			t.Fatalf("object without apiVersion, kind or name: %v", o)
 		}
-		objs = append(objs, o)
 	}
 	return objs
 }
@@ -72,9 +62,7 @@ func decodeObjects(t *testing.T, raw []byte) []object {
 // helmTemplate renders deploy/helm/ngc-mirror with the real helm binary.
 func helmTemplate(t *testing.T, sets ...string) ([]object, []byte, error) {
 	t.Helper()
-	if _, err := exec.LookPath("helm"); err != nil {
-		t.Fatal("helm is not installed: run .ci/install.sh")
-	}
+	need(t, "helm")
 	args := []string{"template", "ngc-mirror", "helm/ngc-mirror", "--namespace", "ngc-mirror"}
 	for _, s := range sets {
 		args = append(args, "--set", s)
@@ -656,9 +644,7 @@ func checkScaleOut(t *testing.T, objs []object, want scaleOut) {
 // ingress, hard anti-affinity) would install it.
 func TestHelmChart(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("helm"); err != nil {
-		t.Fatal("helm is not installed: run .ci/install.sh")
-	}
+	need(t, "helm")
 	if out, err := exec.Command("helm", "lint", "--strict", "helm/ngc-mirror").CombinedOutput(); err != nil {
 		t.Fatalf("helm lint: %v\n%s", err, out)
 	}
@@ -923,9 +909,7 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 	}
 	// Syntax: the dashboard's expressions as recording rules, checked by
 	// promtool (the alert rules are checked as they are).
-	if _, err := exec.LookPath("promtool"); err != nil {
-		t.Fatal("promtool is not installed: run .ci/install.sh")
-	}
+	need(t, "promtool")
 	var rf strings.Builder
 	rf.WriteString("groups:\n  - name: dashboard\n    rules:\n")
 	for i, e := range exprs {
@@ -948,9 +932,7 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 // healthy cluster or a single mirror.
 func TestAlertRules(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("promtool"); err != nil {
-		t.Fatal("promtool is not installed: run .ci/install.sh")
-	}
+	need(t, "promtool")
 	out, err := exec.Command("promtool", "test", "rules", "prometheus/alerts_test.yml").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "SUCCESS") {
 		t.Fatalf("promtool test rules: %v\n%s", err, out)
@@ -994,9 +976,7 @@ func (s composeService) mounts() map[string]string {
 // replica, and the default profile unchanged.
 func TestComposeScaleOut(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("docker-compose"); err != nil {
-		t.Fatal("docker-compose is not installed: run .ci/install.sh")
-	}
+	need(t, "docker-compose")
 	raw, err := os.ReadFile("../docker-compose.yml")
 	if err != nil {
 		t.Fatal(err)
@@ -1142,9 +1122,7 @@ func TestComposeScaleOut(t *testing.T) {
 	if !strings.Contains(string(haCfg), "option httpchk GET /readyz") {
 		t.Error("HAProxy does not take replicas out of rotation on /readyz")
 	}
-	if _, err := exec.LookPath("haproxy"); err != nil {
-		t.Fatal("haproxy is not installed: run .ci/install.sh")
-	}
+	need(t, "haproxy")
 	if out, err := exec.Command("haproxy", "-c", "-f", cfgFile).CombinedOutput(); err != nil {
 		t.Errorf("haproxy -c: %v\n%s", err, out)
 	}
@@ -1190,14 +1168,7 @@ func TestComposeScaleOut(t *testing.T) {
 // kustomize and checks it as the Helm chart is checked.
 func TestKustomizeScaleOut(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("kubectl"); err != nil {
-		t.Fatal("kubectl is not installed: run .ci/install.sh")
-	}
-	out, err := exec.Command("kubectl", "kustomize", "kubernetes-scale-out").CombinedOutput()
-	if err != nil {
-		t.Fatalf("kubectl kustomize: %v\n%s", err, out)
-	}
-	objs := decodeObjects(t, out)
+	objs := decodeObjects(t, kustomize(t, "kubernetes-scale-out"))
 	checkScaleOut(t, objs, scaleOut{replicas: 3, bundledRedis: true})
 	for _, w := range workloads(objs) {
 		if !isMirror(w) {

@@ -3,7 +3,7 @@ package main
 import (
 	"context"
 	"io"
-	"net"
+	"maps"
 	"net/http"
 	"strings"
 	"sync"
@@ -12,7 +12,6 @@ import (
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
-	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
@@ -36,61 +35,34 @@ func TestServeReplicasShareBucketAndRedis(t *testing.T) {
 	s3 := testsupport.StartS3(t)
 	rd := redistest.Start(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer cancel()
-	var addrs []string
-	for range 2 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		env := map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(), "MIRROR_DATA_DIR": t.TempDir(),
-			"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB", "MIRROR_REDIS_URL": rd.URL,
-			"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_S3_BUCKET": s3.Bucket, "MIRROR_S3_REGION": s3.Region,
-			"MIRROR_S3_ENDPOINT": s3.Endpoint, "MIRROR_S3_PATH_STYLE": "true",
-			"MIRROR_S3_ACCESS_KEY": s3.AccessKey, "MIRROR_S3_SECRET_KEY": s3.SecretKey}
-		cfg, err := config.Load("", func(k string) string { return env[k] })
-		if err != nil {
-			t.Fatal(err)
-		}
-		policy, err := newPolicy(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rules, err := compileRules(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := serve(ctx, cfg, policy, rules); err != nil {
+	var served []<-chan error
+	defer func() {
+		cancel()
+		for _, errc := range served {
+			if err := <-errc; err != nil {
 				t.Errorf("serve: %v", err)
 			}
-		}()
+		}
+	}()
+	var addrs []string
+	for range 2 {
+		addr := testsupport.FreeAddr(t)
+		env := serveEnv(t, addr, up.URL())
+		maps.Copy(env, map[string]string{"MIRROR_REDIS_URL": rd.URL,
+			"MIRROR_STORAGE_DRIVER": "s3", "MIRROR_S3_BUCKET": s3.Bucket, "MIRROR_S3_REGION": s3.Region,
+			"MIRROR_S3_ENDPOINT": s3.Endpoint, "MIRROR_S3_PATH_STYLE": "true",
+			"MIRROR_S3_ACCESS_KEY": s3.AccessKey, "MIRROR_S3_SECRET_KEY": s3.SecretKey})
+		served = append(served, startServe(ctx, t, "", env))
 		addrs = append(addrs, addr)
 	}
 	c := &http.Client{Timeout: 30 * time.Second}
 	defer c.CloseIdleConnections()
 	for _, a := range addrs {
-		testsupport.Eventually(t, 20*time.Second, "the mirror listens", func() bool {
-			resp, err := c.Get("http://" + a + "/healthz")
-			if err == nil {
-				resp.Body.Close()
-			}
-			return err == nil
-		})
+		waitHealthy(t, c, "http://"+a)
 	}
 
 	// One budget: both replicas are present on it.
-	st, err := state.OpenRedis(rd.URL, state.RedisOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := rd.Open(t)
 	scope := budgetScope(config.S3{Endpoint: s3.Endpoint, Bucket: s3.Bucket})
 	testsupport.Eventually(t, 20*time.Second, "both replicas on the shared budget", func() bool {
 		rs, err := st.BudgetReplicas(context.Background(), scope)

@@ -23,6 +23,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestServeStopsEveryGoroutine: serve runs its components (HTTPS, the TLS
@@ -50,35 +51,17 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	}
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	certFile, keyFile := selfSigned(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	env := map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(), "MIRROR_DATA_DIR": t.TempDir(),
-		"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB",
-		"MIRROR_TLS_CERT_FILE": certFile, "MIRROR_TLS_KEY_FILE": keyFile}
-	cfg, err := config.Load(cfgFile, func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	policy, err := newPolicy(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rules, err := compileRules(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr := testsupport.FreeAddr(t)
+	env := serveEnv(t, addr, up.URL())
+	env["MIRROR_TLS_CERT_FILE"], env["MIRROR_TLS_KEY_FILE"] = certFile, keyFile
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	errc := make(chan error, 1)
-	go func() { errc <- serve(ctx, cfg, policy, rules) }()
+	errc := startServe(ctx, t, cfgFile, env)
 
 	tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}} // 127.0.0.1 only
 	defer tr.CloseIdleConnections()
 	c := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+	waitHealthy(t, c, "https://"+addr)
 	get := func(path string) {
 		t.Helper()
 		resp, err := c.Get("https://" + addr + path)
@@ -89,17 +72,6 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 		if _, err := io.Copy(io.Discard, resp.Body); err != nil || resp.StatusCode != 200 {
 			t.Fatalf("GET %s: %d %v", path, resp.StatusCode, err)
 		}
-	}
-	for i := 0; ; i++ {
-		resp, err := c.Get("https://" + addr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if i == 300 {
-			t.Fatalf("serve did not listen: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 	// A cold pull: upstream token, manifest, fills, eviction index, pull
 	// history.
@@ -127,6 +99,49 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("serve did not return within a minute of its context ending")
 	}
+}
+
+// serveEnv is the environment of a plain mirror on addr in front of
+// upstream, with its own data directory, quiet logs and a cache budget
+// (so that eviction runs); tests add to it.
+func serveEnv(t *testing.T, addr, upstream string) map[string]string {
+	return map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": upstream, "MIRROR_DATA_DIR": t.TempDir(),
+		"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB"}
+}
+
+// startServe loads the configuration as `mirror serve` does, from cfgFile
+// ("" for none) and env (the only environment it sees), and runs serve
+// until ctx ends; the channel gets serve's result.
+func startServe(ctx context.Context, t *testing.T, cfgFile string, env map[string]string) <-chan error {
+	t.Helper()
+	cfg, err := config.Load(cfgFile, func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy, err := newPolicy(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := compileRules(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- serve(ctx, cfg, policy, rules) }()
+	return errc
+}
+
+// waitHealthy waits (20 s at most) until base ("http://127.0.0.1:port")
+// answers /healthz.
+func waitHealthy(t *testing.T, c *http.Client, base string) {
+	t.Helper()
+	testsupport.Eventually(t, 20*time.Second, "the mirror at "+base+" to listen", func() bool {
+		resp, err := c.Get(base + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	})
 }
 
 // selfSigned writes a certificate and key for 127.0.0.1.

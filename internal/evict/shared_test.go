@@ -10,7 +10,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/evict"
-	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
@@ -31,15 +30,7 @@ func startReplicas(t *testing.T, clk *clock, max int64) replicas {
 	rd := redistest.Start(t)
 	var r replicas
 	open := func(owner string) (*evict.Evictor, *storage.Store) {
-		s, err := storage.OpenS3(t.Context(), s3)
-		if err != nil {
-			t.Fatal(err)
-		}
-		st, err := state.OpenRedis(rd.URL, state.RedisOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
+		s, st := testsupport.OpenS3(t, s3), rd.Open(t)
 		e := evict.New(s, evict.Options{MaxSize: max, Now: clk.now, Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("r", owner), Shared: st, Scope: "registry/", Owner: owner,
 			SyncInterval: 50 * time.Millisecond, LockTTL: time.Second, Interval: time.Hour, AdmitTimeout: 3 * time.Second})
 		if err := e.Seed(t.Context()); err != nil {

@@ -51,11 +51,7 @@ func TestMissesListNothing(t *testing.T) {
 			return filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), []storage.Option{storage.WithLocalRoot(dir)}
 		}},
 		{"s3", func(t *testing.T) (driver.StorageDriver, []storage.Option) {
-			s, err := storage.OpenS3(t.Context(), testsupport.StartS3(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return s.Driver(), nil
+			return testsupport.OpenS3(t, testsupport.StartS3(t)).Driver(), nil
 		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -14,9 +14,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
-	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
-	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
@@ -43,15 +41,7 @@ func replicaServices(t *testing.T, leases bool) (*ngctest.Upstream, *ngctest.Fix
 	rd := redistest.Start(t)
 	var svcs [2]*pull.Service
 	for i := range svcs {
-		store, err := storage.OpenS3(t.Context(), s3)
-		if err != nil {
-			t.Fatal(err)
-		}
-		st, err := state.OpenRedis(rd.URL, state.RedisOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
+		store, st := testsupport.OpenS3(t, s3), rd.Open(t)
 		origin, _ := url.Parse(up.URL())
 		client := upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
 		opts := pull.Options{TagFreshness: time.Minute}

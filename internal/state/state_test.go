@@ -13,22 +13,12 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/state/statetest"
 )
 
-func openRedis(t *testing.T, url string) *state.Redis {
-	t.Helper()
-	r, err := state.OpenRedis(url, state.RedisOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	return r
-}
-
 func TestRedisContract(t *testing.T) {
 	statetest.Run(t,
-		func(t *testing.T) state.Store { return openRedis(t, redistest.Start(t).URL) },
+		func(t *testing.T) state.Store { return redistest.Start(t).Open(t) },
 		func(t *testing.T) (state.Store, state.Store) {
 			srv := redistest.Start(t)
-			return openRedis(t, srv.URL), openRedis(t, srv.URL)
+			return srv.Open(t), srv.Open(t)
 		})
 }
 

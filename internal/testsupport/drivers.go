@@ -30,13 +30,7 @@ var (
 	// InMemory is distribution's in-memory driver.
 	InMemory = Driver{"inmemory", func(*testing.T) *storage.Store { return storage.New(inmemory.New()) }}
 	// S3 is distribution's s3-aws driver on a real S3 server (StartS3).
-	S3 = Driver{"s3", func(t *testing.T) *storage.Store {
-		s, err := storage.OpenS3(t.Context(), StartS3(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}}
+	S3 = Driver{"s3", func(t *testing.T) *storage.Store { return OpenS3(t, StartS3(t)) }}
 )
 
 // Named returns d under another subtest name.

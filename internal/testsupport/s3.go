@@ -37,6 +37,17 @@ const (
 // versitygw into a failure instead of a skip.
 const RequireS3Env = "MIRROR_TEST_REQUIRE_S3"
 
+// OpenS3 opens a cache on the S3 server that o (StartS3's) names: each
+// call another handle on the same bucket, as replicas sharing it have.
+func OpenS3(t testing.TB, o storage.S3Options) *storage.Store {
+	t.Helper()
+	s, err := storage.OpenS3(t.Context(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // StartS3 runs versitygw (installed by .ci/install.sh) with its data in a
 // test directory, creates the bucket, and returns the options to open the
 // cache on it. The server stops when the test ends.

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/state"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
@@ -90,6 +91,18 @@ func (s *Server) Restart(t testing.TB) {
 		t.Fatal(err)
 	}
 	s.start(t, bin)
+}
+
+// Open returns a state store on the server (default options), closed
+// when t ends: each call another client, as replicas sharing it have.
+func (s *Server) Open(t testing.TB) *state.Redis {
+	t.Helper()
+	r, err := state.OpenRedis(s.URL, state.RedisOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
 }
 
 // String describes the server for logs.
