@@ -11,11 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
-
-	"github.com/aws/aws-sdk-go/aws"
-	"github.com/aws/aws-sdk-go/aws/credentials"
-	"github.com/aws/aws-sdk-go/aws/session"
-	"github.com/aws/aws-sdk-go/service/s3"
 )
 
 // ---------------------------------------------------------------------------
@@ -38,50 +33,17 @@ const (
 // Each has its own data dir (the spool of running fills); the cache is the
 // bucket they share.
 func (h *harness) startS3(ctx context.Context) error {
-	bin := h.cfg.versitygwBin
-	if bin == "" {
-		var err error
-		if bin, err = exec.LookPath("versitygw"); err != nil {
+	if h.cfg.versitygwBin == "" {
+		if _, err := exec.LookPath("versitygw"); err != nil {
 			return errors.New("versitygw is not installed (not on PATH; -versitygw BIN names it)")
 		}
 	}
 	root := filepath.Join(h.cfg.work, "versitygw-data")
-	if err := os.MkdirAll(root, 0o750); err != nil {
-		return err
-	}
-	addr, err := freeAddr()
-	if err != nil {
-		return err
-	}
-	// --keep-alive: S3 keeps connections open; versitygw does not unless
-	// asked, and a new connection per request would penalise every path.
-	h.s3gw, err = startProcReady(ctx, "versitygw", addr, filepath.Join(h.cfg.work, "versitygw.log"), bin,
-		[]string{"--port", addr, "--quiet", "--keep-alive", "posix", root},
-		baseEnv("ROOT_ACCESS_KEY_ID="+s3AccessKey, "ROOT_SECRET_ACCESS_KEY="+s3SecretKey),
-		"/", func(*http.Response) bool { return true }) // any answer (403 anonymous) means it listens
-	if err != nil {
+	var err error
+	if h.s3gw, err = h.startGateway(ctx, "versitygw", root); err != nil {
 		return err
 	}
 	logf("versitygw: %s (pid %d), posix backend in %s", h.s3gw.base, h.s3gw.pid(), root)
-	// The store speaks plain HTTP: a CA bundle from the caller's
-	// environment (AWS_CA_BUNDLE) is not needed and would only be loaded.
-	_ = os.Unsetenv("AWS_CA_BUNDLE")
-	sess, err := session.NewSession(&aws.Config{
-		Endpoint:         aws.String(h.s3gw.base),
-		Region:           aws.String(s3Region),
-		Credentials:      credentials.NewStaticCredentials(s3AccessKey, s3SecretKey, ""),
-		S3ForcePathStyle: aws.Bool(true),
-		DisableSSL:       aws.Bool(true),
-		HTTPClient:       newClient(1),
-	})
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if _, err := s3.New(sess).CreateBucketWithContext(cctx, &s3.CreateBucketInput{Bucket: aws.String(s3Bucket)}); err != nil {
-		return fmt.Errorf("creating the bucket: %w", err)
-	}
 	for _, m := range []struct {
 		p        **proc
 		name     string
