@@ -286,16 +286,9 @@ func (r *Redis) PutJob(ctx context.Context, j Job) error {
 // saves come about once a second).
 func (r *Redis) CancelJob(ctx context.Context, id string) (Job, error) {
 	for range 20 {
-		v, err := r.c.HGet(ctx, r.k("jobs"), id).Result()
-		if errors.Is(err, redis.Nil) {
-			return Job{}, ErrNotFound
-		}
+		j, v, err := r.getJob(ctx, id)
 		if err != nil {
 			return Job{}, err
-		}
-		var j Job
-		if err := json.Unmarshal([]byte(v), &j); err != nil {
-			return Job{}, fmt.Errorf("state: job %s: %w", id, err)
 		}
 		if j.Ended() {
 			return j, nil
@@ -350,18 +343,25 @@ func (r *Redis) trimJobs(ctx context.Context) error {
 }
 
 func (r *Redis) Job(ctx context.Context, id string) (Job, error) {
+	j, _, err := r.getJob(ctx, id)
+	return j, err
+}
+
+// getJob reads job id and its stored JSON (what a compare and swap
+// compares). Errors: ErrNotFound, Redis's, or a JSON error.
+func (r *Redis) getJob(ctx context.Context, id string) (Job, string, error) {
 	v, err := r.c.HGet(ctx, r.k("jobs"), id).Result()
 	if errors.Is(err, redis.Nil) {
-		return Job{}, ErrNotFound
+		return Job{}, "", ErrNotFound
 	}
 	if err != nil {
-		return Job{}, err
+		return Job{}, "", err
 	}
 	var j Job
 	if err := json.Unmarshal([]byte(v), &j); err != nil {
-		return Job{}, fmt.Errorf("state: job %s: %w", id, err)
+		return Job{}, "", fmt.Errorf("state: job %s: %w", id, err)
 	}
-	return j, nil
+	return j, v, nil
 }
 
 func (r *Redis) Jobs(ctx context.Context) ([]Job, error) {
