@@ -171,8 +171,14 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	if err != nil {
 		return err
 	}
-	// The state store first: its file lock tells a second mirror on this
-	// data_dir to stop before it removes the first one's uploads below.
+	// A filesystem cache is this process's alone: the lock of its data_dir
+	// stops a second mirror there before it removes the first one's
+	// uploads below (whatever state.path each has).
+	lock, err := lockDataDir(store, dataDir, log)
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
 	st, stKind, err := openState(cfg, dataDir)
 	if err != nil {
 		return fmt.Errorf("state store: %w", err)
@@ -188,10 +194,11 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		log.Warn("cannot create the spool directory; cold blobs will be streamed without caching", "err", err)
 	}
 	// Crash safety: uploads and spools of fills that a crash interrupted.
-	// A filesystem cache belongs to this process alone, so all its uploads
-	// go. A bucket may be shared by replicas: there `mirror gc` removes
-	// uploads older than its grace period instead.
-	if store.Capabilities().Exclusive {
+	// A filesystem cache belongs to this process alone (it holds the data
+	// dir's lock), so all its uploads go. A bucket may be shared by
+	// replicas: there `mirror gc` removes uploads older than its grace
+	// period instead.
+	if store.Capabilities().Exclusive && lock != nil {
 		if err := store.PurgeUploads(ctx); err != nil {
 			log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
 		}

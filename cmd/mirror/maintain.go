@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/dirlock"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -141,4 +144,34 @@ func gc(args []string) int {
 func isTerminal(f *os.File) bool {
 	fi, err := f.Stat()
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// lockDataDir takes the exclusive lock of a filesystem cache's data
+// directory (<data_dir>/.lock, held until the process ends), so that a
+// second `mirror serve` on it refuses to start, naming the holder's PID.
+// A cache that is not exclusive (S3: replicas share the bucket by design)
+// takes none. On a disk that cannot be written and holds no lock file the
+// mirror serves unlocked (nothing can write there) and returns a nil
+// lock: the caller then removes no uploads.
+func lockDataDir(store *storage.Store, dataDir string, log *slog.Logger) (*dirlock.Lock, error) {
+	if !store.Capabilities().Exclusive {
+		return nil, nil
+	}
+	l, err := dirlock.Acquire(dataDir)
+	var held *dirlock.HeldError
+	switch {
+	case errors.As(err, &held):
+		who := "another process"
+		if held.PID != 0 {
+			who = fmt.Sprintf("process %d", held.PID)
+		}
+		return nil, fmt.Errorf("data_dir %s is in use by %s (another mirror serve?; lock file %s): stop it, or give this mirror its own "+
+			"storage.data_dir (MIRROR_DATA_DIR); replicas share a cache through storage.driver s3 instead", dataDir, who, held.Path)
+	case errors.Is(err, dirlock.ErrUnlockable):
+		log.Warn("cannot lock the data directory (read-only disk?); uploads of interrupted fills are not removed", "data_dir", dataDir, "err", err)
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("locking data_dir %s: %w", dataDir, err)
+	}
+	return l, nil
 }

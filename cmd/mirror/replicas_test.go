@@ -13,6 +13,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/state/redistest"
+	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
@@ -34,6 +35,17 @@ func TestServeReplicasShareBucketAndRedis(t *testing.T) {
 	})
 	s3 := testsupport.StartS3(t)
 	rd := redistest.Start(t)
+	// Another replica's running download: its upload in the shared bucket
+	// must survive these replicas' start-up (only a filesystem cache's
+	// uploads are removed then).
+	bucket, err := storage.OpenS3(context.Background(), s3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherUpload, _ := storage.Path(storage.UploadPath{ID: "another-replica"})
+	if err := bucket.Driver().PutContent(context.Background(), otherUpload, []byte("half a layer")); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var served []<-chan error
 	defer func() {
@@ -59,6 +71,10 @@ func TestServeReplicasShareBucketAndRedis(t *testing.T) {
 	defer c.CloseIdleConnections()
 	for _, a := range addrs {
 		waitHealthy(t, c, "http://"+a)
+	}
+
+	if _, err := bucket.Driver().Stat(context.Background(), otherUpload); err != nil {
+		t.Errorf("another replica's upload after these replicas started: %v", err)
 	}
 
 	// One budget: both replicas are present on it.

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -56,7 +57,7 @@ func serveFails(t *testing.T, env ...string) string {
 // refused (or reported) in the mirror's log format with the setting that
 // fixes it: an htpasswd file of MD5 hashes (htpasswd -B), a port in use
 // (MIRROR_ADDR / addr), a second mirror on the same data directory
-// (another process holds state.db), a config typo (the key path), and a
+// (the first holds its lock, named by PID), a config typo (the key path), and a
 // wrong NGC API key (logged and in /readyz as refused, not unreachable).
 func TestStartupErrorsNameTheFix(t *testing.T) {
 	up, _ := newUpstream(t)
@@ -104,10 +105,10 @@ func TestStartupErrorsNameTheFix(t *testing.T) {
 	waitLog(t, m, " route=manifest ") // access log lines follow the responses
 	assertNoSecrets(t, up, m.log.String(), "nvapi-wrong-key")
 
-	// A second mirror on the same data directory: another process holds
-	// state.db (bbolt's lock); it does not start.
+	// A second mirror on the same data directory: the first holds its
+	// lock (named by PID); it does not start.
 	out = serveFails(t, "MIRROR_ADDR="+freeAddr(t), "MIRROR_DATA_DIR="+dataDir, "MIRROR_UPSTREAM="+up.URL())
-	for _, want := range []string{"level=ERROR", "another process holds", "state.db", "data_dir"} {
+	for _, want := range []string{"level=ERROR", fmt.Sprintf("in use by process %d", m.cmd.Process.Pid), "data_dir", "MIRROR_DATA_DIR"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("second mirror on one data_dir: output lacks %q:\n%s", want, out)
 		}
