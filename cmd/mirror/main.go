@@ -30,6 +30,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/access"
 	"github.com/ngc-mirror/ngc-mirror/internal/admin"
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
+	"github.com/ngc-mirror/ngc-mirror/internal/clientip"
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/health"
@@ -57,7 +58,7 @@ const usage = `usage: mirror serve [--config FILE]
 Every command reads the mirror's configuration from --config FILE, else
 $MIRROR_CONFIG, else /etc/ngc-mirror/mirror.yaml when it exists, and then
 the environment, which overrides the file: MIRROR_ADDR, MIRROR_UPSTREAM,
-NGC_API_KEY, MIRROR_UPSTREAM_USERNAME, MIRROR_NS_ALIASES,
+NGC_API_KEY, MIRROR_UPSTREAM_USERNAME, MIRROR_NS_ALIASES, MIRROR_TRUSTED_PROXIES,
 MIRROR_UPSTREAMS_<NAME>_PASSWORD, MIRROR_DATA_DIR,
 MIRROR_LOG_LEVEL, MIRROR_ACCESS_LOG, MIRROR_ACCESS_MODE, MIRROR_HTPASSWD_FILE,
 MIRROR_TLS_CERT_FILE, MIRROR_TLS_KEY_FILE, MIRROR_STORAGE_DRIVER, MIRROR_S3_*,
@@ -324,12 +325,20 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.Handle(admin.Prefix+"/", trk.admin)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
-		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(httprate.KeyByIP))(handler)
+		// Per client (IPv6 by /64), as clientip resolved it: behind a load
+		// balancer in server.trusted_proxies, by X-Forwarded-For.
+		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(func(r *http.Request) (string, error) {
+			return httprate.CanonicalizeIP(clientip.Of(r)), nil
+		}))(handler)
 	}
 	handler = limitBodies(handler)
-	// Outermost: the mux would otherwise redirect a path with "." or ".."
-	// segments to another repository before any route saw it.
+	// Before any route: the mux would otherwise redirect a path with "."
+	// or ".." segments to another repository before any route saw it.
 	handler = proxy.RejectDotSegments(handler)
+	// Outermost: the client address every layer inside reads (rate limit,
+	// pull history, access log).
+	trusted, _ := clientip.ParseTrusted(cfg.Server.TrustedProxies) // checked by config.Validate
+	handler = clientip.Middleware(trusted)(handler)
 	srv := &http.Server{
 		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -346,7 +355,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	}
 	log.Info("ngc-mirror listening", "version", b.Version, "revision", b.Revision, "addr", ln.Addr().String(), "tls", reloader != nil, "upstream", origin.String(),
 		"credentials", creds, "access", cfg.Access.Mode, "public_namespaces", cfg.Access.PublicNamespaces,
-		"storage", cfg.Storage.Driver, "data_dir", dataDir)
+		"storage", cfg.Storage.Driver, "data_dir", dataDir, "trusted_proxies", cfg.Server.TrustedProxies)
 
 	// The components run until ctx ends (or one fails, which stops the
 	// others); serve returns once every one of them, and every goroutine

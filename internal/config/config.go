@@ -18,6 +18,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/clientip"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 )
 
@@ -29,6 +30,7 @@ type Config struct {
 	// route kind, repository, status, bytes, duration, cache result,
 	// client); false leaves it to the debug level.
 	AccessLog bool     `yaml:"access_log"`
+	Server    Server   `yaml:"server"`
 	Upstream  Upstream `yaml:"upstream"`
 	// Upstreams are further registries beside Upstream (the default,
 	// nvcr.io), keyed by registry name (docker.io, ghcr.io).
@@ -43,6 +45,17 @@ type Config struct {
 	Prefetch  Prefetch                 `yaml:"prefetch"`
 	Admin     Admin                    `yaml:"admin"`
 	Cluster   Cluster                  `yaml:"cluster"`
+}
+
+// Server configures the client listener beside Addr.
+type Server struct {
+	// TrustedProxies are the load balancers in front of the mirror (CIDR
+	// prefixes or addresses): a request from one of them is the client's
+	// at the right-most X-Forwarded-For address that is not one of them,
+	// for limits.requests_per_second, the pull history and the access log.
+	// From any other peer the header is ignored. Empty: the peer is the
+	// client.
+	TrustedProxies []string `yaml:"trusted_proxies"`
 }
 
 // Limits protect the mirror from overload and abuse.
@@ -256,12 +269,12 @@ func Load(path string, getenv func(string) string) (Config, error) {
 	if v := getenv("MIRROR_NS_ALIASES"); v != "" {
 		// Comma-separated, like "nvcr.io,nvcr.example.lab"; it replaces
 		// the file's list.
-		c.Upstream.NSAliases = nil
-		for _, a := range strings.Split(v, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				c.Upstream.NSAliases = append(c.Upstream.NSAliases, a)
-			}
-		}
+		c.Upstream.NSAliases = splitList(v)
+	}
+	if v := getenv("MIRROR_TRUSTED_PROXIES"); v != "" {
+		// Comma-separated, like MIRROR_NS_ALIASES; it replaces the file's
+		// list.
+		c.Server.TrustedProxies = splitList(v)
 	}
 	if v := getenv("MIRROR_CACHE_MAX_SIZE"); v != "" {
 		n, err := ParseSize(v)
@@ -360,6 +373,9 @@ func (c Config) Validate() error {
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		errs = append(errs, errors.New("tls.cert_file and tls.key_file go together"))
 	}
+	if _, err := clientip.ParseTrusted(c.Server.TrustedProxies); err != nil {
+		errs = append(errs, fmt.Errorf("server.trusted_proxies (MIRROR_TRUSTED_PROXIES): %w", err))
+	}
 	if c.Limits.MaxFills < 0 || c.Limits.RequestsPerSecond < 0 || c.Limits.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("limits.max_fills, limits.requests_per_second and limits.shutdown_grace must not be negative"))
 	}
@@ -391,6 +407,18 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// splitList splits a comma-separated environment value, dropping empty
+// entries and the spaces around each.
+func splitList(v string) []string {
+	var out []string
+	for _, a := range strings.Split(v, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // Level returns the slog level named by LogLevel.

@@ -413,6 +413,34 @@ func TestNSAliasesFromEnv(t *testing.T) {
 	}
 }
 
+// server.trusted_proxies takes CIDR prefixes and addresses (the file, or
+// MIRROR_TRUSTED_PROXIES comma-separated, which replaces it); anything else
+// is refused naming the key and the entry.
+func TestTrustedProxies(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", "server:\n  trusted_proxies: [10.0.0.0/8, 192.168.1.5, \"fd00::/8\"]\n")
+	got, err := Load(p, noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"10.0.0.0/8", "192.168.1.5", "fd00::/8"}; !reflect.DeepEqual(got.Server.TrustedProxies, want) {
+		t.Errorf("trusted_proxies = %q, want %q", got.Server.TrustedProxies, want)
+	}
+	got, err = Load(p, envOf(map[string]string{"MIRROR_TRUSTED_PROXIES": " 127.0.0.1/32,::1 ,"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"127.0.0.1/32", "::1"}; !reflect.DeepEqual(got.Server.TrustedProxies, want) {
+		t.Errorf("from MIRROR_TRUSTED_PROXIES: %q, want %q", got.Server.TrustedProxies, want)
+	}
+	for _, bad := range []string{"haproxy", "10.0.0.0/33", "10.0.0.*"} {
+		_, err := Load("", envOf(map[string]string{"MIRROR_TRUSTED_PROXIES": bad}))
+		if err == nil || !strings.Contains(err.Error(), "server.trusted_proxies (MIRROR_TRUSTED_PROXIES)") || !strings.Contains(err.Error(), bad) {
+			t.Errorf("MIRROR_TRUSTED_PROXIES=%s: %v, want a refusal naming the key and the entry", bad, err)
+		}
+	}
+}
+
 // MIRROR_ACCESS_LOG=false turns the access log off (it is on by default
 // and in the shipped file).
 func TestAccessLogSwitch(t *testing.T) {

@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -162,7 +161,8 @@ func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64)
 // reference (tag or digest) when the path names them (else the path),
 // status, body bytes sent, duration, cache (hit or miss) for manifests and
 // blobs, ns (containerd's ?ns= registry name) when given, and client: the
-// authenticated user, else the client's IP address. Never the rest of the
+// authenticated user, else the client's IP address (tracking.ClientOf).
+// Never the rest of the
 // query, a header, credential, token or redirect URL.
 func (h *Handler) observe(next http.Handler) http.Handler {
 	level := slog.LevelDebug
@@ -201,14 +201,7 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 			if ns := r.URL.Query().Get("ns"); ns != "" {
 				attrs = append(attrs, slog.String("ns", ns)) // containerd's mirror query: a registry name
 			}
-			client := ri.user
-			if client == "" {
-				client = r.RemoteAddr
-				if host, _, err := net.SplitHostPort(client); err == nil {
-					client = host
-				}
-			}
-			attrs = append(attrs, slog.String("client", client))
+			attrs = append(attrs, slog.String("client", tracking.ClientOf(r, ri.user)))
 			h.log.LogAttrs(r.Context(), level, "request", attrs...)
 		}()
 		next.ServeHTTP(ww, r)

@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"slices"
 	"sort"
@@ -22,6 +21,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/clientip"
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctag"
@@ -124,16 +124,13 @@ type ManifestServed struct {
 }
 
 // ClientOf names the client of r for the pull history: user (when
-// authenticated) or the remote IP address.
+// authenticated) or the client's IP address (clientip.Of: behind a trusted
+// load balancer, from X-Forwarded-For).
 func ClientOf(r *http.Request, user string) string {
 	if user != "" {
 		return user
 	}
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
+	return clientip.Of(r)
 }
 
 // Served records a manifest pull. It never blocks: when the queue is full
