@@ -1184,3 +1184,36 @@ func TestKustomizeScaleOut(t *testing.T) {
 		}
 	}
 }
+
+// TestHelmChartIPv6: with cluster.ipv6 the advertise URL holds the pod's
+// IPv6 address in brackets, which the peers can dial (without them,
+// http://fd00::1:5002 is no URL, and config.Load refuses it).
+func TestHelmChartIPv6(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("helm"); err != nil {
+		t.Fatal("helm is not installed: run .ci/install.sh")
+	}
+	objs, stderr, err := helmTemplate(t, "cluster.ipv6=true")
+	if err != nil {
+		t.Fatalf("helm template: %v\n%s", err, stderr)
+	}
+	found := false
+	for _, w := range workloads(objs) {
+		if !isMirror(w) {
+			continue
+		}
+		found = true
+		env, _ := podEnv(t, firstContainer(w), "fd00::1")
+		adv := env["MIRROR_CLUSTER_ADVERTISE"]
+		u, err := url.Parse(adv)
+		if err != nil || u.Hostname() != "fd00::1" || u.Port() != "5002" {
+			t.Fatalf("advertise %q with an IPv6 pod address: host %q port %q, %v", adv, u.Hostname(), u.Port(), err)
+		}
+		if host, _, err := net.SplitHostPort(u.Host); err != nil || host != "fd00::1" {
+			t.Errorf("advertise %q: the dialer's host:port %q splits into %q, %v", adv, u.Host, host, err)
+		}
+	}
+	if !found {
+		t.Fatal("no mirror workload")
+	}
+}

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -337,5 +339,59 @@ func TestRestartNeverAsksItself(t *testing.T) {
 	body.Close()
 	if asked.Load() != 0 || testutil.ToFloat64(m.FillsOwned) != 1 {
 		t.Fatalf("peer requests to itself: %d, fills owned %v; want 0, 1", asked.Load(), testutil.ToFloat64(m.FillsOwned))
+	}
+}
+
+// TestRelayOverIPv6: replicas that advertise IPv6 peer URLs
+// (http://[::1]:port, on an IPv6 loopback listener) are members under
+// those URLs and relay a blob between them: nothing builds a host:port
+// that loses the brackets.
+func TestRelayOverIPv6(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback on this machine (%v): the IPv6 peer URLs are not tested here", err)
+	}
+	r := redistest.Start(t)
+	data := bytes.Repeat([]byte("v6 layer "), 1000)
+	dgst := digest.FromBytes(data)
+	var served atomic.Int32
+	peerA := &httptest.Server{Listener: ln, Config: &http.Server{Handler: NewServer([]byte(secret), serveBlob(data, false, &served), nil, nil)}}
+	peerA.Start()
+	defer peerA.Close()
+	if !strings.HasPrefix(peerA.URL, "http://[::1]:") {
+		t.Fatalf("peer URL %s", peerA.URL)
+	}
+	hb := 400 * time.Millisecond
+	shared := &memStore{blobs: map[digest.Digest]int64{}}
+	a, _ := newNode(t, r.URL, peerA.URL, hb, shared)
+	b, bm := newNode(t, r.URL, "http://[::1]:1", hb, shared)
+	runNode(t, a)
+	runNode(t, b)
+	members, err := b.Members(t.Context())
+	if err != nil || !slices.Contains(members, peerA.URL) || !slices.Contains(members, "http://[::1]:1") {
+		t.Fatalf("members %q, %v; want both IPv6 URLs", members, err)
+	}
+	var upCalls atomic.Int32
+	up := func(_ context.Context, off int64) (io.ReadCloser, int64, error) {
+		upCalls.Add(1)
+		return io.NopCloser(bytes.NewReader(data[off:])), int64(len(data)), nil
+	}
+	ownerBody, _, err := a.Source(dgst, up)(t.Context(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ownerBody.Close()
+	body, size, err := b.Source(dgst, up)(t.Context(), 0)
+	if err != nil {
+		t.Fatalf("relay from %s: %v", peerA.URL, err)
+	}
+	got, err := io.ReadAll(body)
+	body.Close()
+	if err != nil || size != int64(len(data)) || !bytes.Equal(got, data) {
+		t.Fatalf("relayed %d of %d bytes (size %d): %v", len(got), len(data), size, err)
+	}
+	if upCalls.Load() != 1 || served.Load() != 1 || testutil.ToFloat64(bm.PeerBlobs.WithLabelValues("ok")) != 1 {
+		t.Fatalf("upstream calls %d, peer serves %d, peer blobs ok %v; want 1, 1, 1", upCalls.Load(), served.Load(), testutil.ToFloat64(bm.PeerBlobs.WithLabelValues("ok")))
 	}
 }

@@ -71,7 +71,9 @@ func (c Config) validateCluster() []error {
 	var errs []error
 	if u, err := url.Parse(cl.Advertise); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
 		u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
-		errs = append(errs, errors.New("cluster.advertise (MIRROR_CLUSTER_ADVERTISE): want http(s)://host:port of this replica's peer listener"))
+		// An IPv6 address without brackets (http://$(POD_IP):5002 in an
+		// IPv6 cluster) fails url.Parse: say how to write one.
+		errs = append(errs, errors.New("cluster.advertise (MIRROR_CLUSTER_ADVERTISE): want http(s)://host:port of this replica's peer listener (an IPv6 address in brackets: http://[fd00::5]:5002)"))
 	}
 	if _, _, err := net.SplitHostPort(cl.Listen); err != nil {
 		errs = append(errs, errors.New("cluster.listen (MIRROR_CLUSTER_LISTEN): want host:port or :port"))

@@ -39,6 +39,7 @@ func TestClusterConfig(t *testing.T) {
 		{"no secret", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002"}, "cluster.secret"},
 		{"short secret", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "short"}, "at least 16"},
 		{"bad advertise", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}, "cluster.advertise"},
+		{"IPv6 without brackets", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://fd00::5:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}, "in brackets: http://[fd00::5]:5002"},
 		{"same listener", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef",
 			"MIRROR_ADDR": ":5002"}, "must differ from addr"},
 	} {
@@ -49,6 +50,12 @@ func TestClusterConfig(t *testing.T) {
 		if err != nil && strings.Contains(err.Error(), "0123456789abcdef") {
 			t.Errorf("%s: the error shows the secret: %v", tc.name, err)
 		}
+	}
+	// IPv6: the advertise URL in brackets, the listener as net.Listen takes it.
+	v6 := map[string]string{"MIRROR_REDIS_URL": "redis://[::1]:6379/0", "MIRROR_CLUSTER_ADVERTISE": "http://[fd00::5]:5002",
+		"MIRROR_CLUSTER_LISTEN": "[::]:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}
+	if c, err := Load("", envOf(v6)); err != nil || c.Cluster.Advertise != "http://[fd00::5]:5002" {
+		t.Errorf("IPv6 advertise and listener: %+v, %v", c.Cluster, err)
 	}
 	// Without advertise nothing is required.
 	if _, err := Load("", envOf(map[string]string{"MIRROR_CLUSTER_SECRET": "x"})); err != nil {
