@@ -99,11 +99,16 @@ func TestRedisUnreachable(t *testing.T) {
 	t.Parallel()
 	r := redistest.Start(t)
 	n, m := newNode(t, r.URL, "http://a:1", 100*time.Millisecond, nil)
+	other, _ := newNode(t, r.URL, "http://b:1", 100*time.Millisecond, nil)
 	runNode(t, n)
+	runNode(t, other)
+	testsupport.Eventually(t, 5*time.Second, "two members", func() bool { return testutil.ToFloat64(m.Members) == 2 })
 	r.Stop()
 	testsupport.Eventually(t, 5*time.Second, "uncoordinated", func() bool { return n.Status() == StatusUncoordinated })
-	if !n.Ready() || testutil.ToFloat64(m.Coordinated) != 0 {
-		t.Fatalf("ready %v, coordinated gauge %v; want true, 0", n.Ready(), testutil.ToFloat64(m.Coordinated))
+	// The members gauge says what the replica now works with: itself
+	// alone, not the last count Redis gave.
+	if !n.Ready() || testutil.ToFloat64(m.Coordinated) != 0 || testutil.ToFloat64(m.Members) != 1 {
+		t.Fatalf("ready %v, coordinated gauge %v, members gauge %v; want true, 0, 1", n.Ready(), testutil.ToFloat64(m.Coordinated), testutil.ToFloat64(m.Members))
 	}
 	// A fill goes straight to the upstream.
 	var calls atomic.Int32

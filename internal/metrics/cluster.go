@@ -25,7 +25,7 @@ func NewCluster(reg prometheus.Registerer) *Cluster {
 	m := &Cluster{
 		Members: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ngc_mirror_cluster_members",
-			Help: "Live replicas (this one included) seen in Redis at the last heartbeat.",
+			Help: "Live replicas (this one included) seen in Redis at the last heartbeat; 1 (itself) while Redis is unreachable.",
 		}),
 		Coordinated: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ngc_mirror_cluster_coordinated",
@@ -54,7 +54,8 @@ func NewCluster(reg prometheus.Registerer) *Cluster {
 	return m
 }
 
-// SetMembers records the live replicas seen and whether Redis answered.
+// SetMembers records the live replicas seen and whether Redis answered;
+// uncoordinated, the members are 1 (this replica alone) whatever n is.
 func (m *Cluster) SetMembers(n int, coordinated bool) {
 	if m == nil {
 		return
@@ -63,6 +64,9 @@ func (m *Cluster) SetMembers(n int, coordinated bool) {
 		m.Members.Set(float64(n))
 		m.Coordinated.Set(1)
 	} else {
+		// Without Redis the replica fills alone: the cluster it works
+		// with is itself (never the last count Redis gave).
+		m.Members.Set(1)
 		m.Coordinated.Set(0)
 	}
 }
