@@ -84,7 +84,7 @@ func main() {
 		case "jobs":
 			os.Exit(jobsCmd(os.Args[2:]))
 		case "version", "--version":
-			os.Exit(versionCmd(os.Stdout))
+			os.Exit(versionCmd(os.Stdout, os.Args[2:]))
 		case "help", "-h", "-help", "--help":
 			fmt.Fprint(os.Stdout, usage)
 			os.Exit(0)

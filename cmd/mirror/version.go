@@ -1,11 +1,15 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"runtime"
 	"runtime/debug"
+	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 )
@@ -33,7 +37,8 @@ type build struct {
 
 // buildInfo combines the link-time values with bi (debug.ReadBuildInfo;
 // nil when unavailable): link-time values win, then bi's main module
-// version and vcs.revision, vcs.modified and vcs.time settings.
+// version and vcs.revision, vcs.modified and vcs.time settings, then,
+// without VCS settings, the revision (and time) the module version names.
 func buildInfo(bi *debug.BuildInfo) build {
 	b := build{Version: version, Revision: revision, Time: buildTime, Go: runtime.Version()}
 	if bi != nil {
@@ -61,6 +66,19 @@ func buildInfo(bi *debug.BuildInfo) build {
 		if b.Time == "" {
 			b.Time = at
 		}
+		// No VCS information (go install module@version, -buildvcs=false):
+		// the module version names the commit, a pseudo-version with its
+		// hash and time, a tag by itself.
+		if v := bi.Main.Version; b.Revision == "" && rev == "" && v != "" && v != "(devel)" {
+			if m := pseudoVersion.FindStringSubmatch(v); m != nil {
+				b.Revision = m[2]
+				if t, err := time.Parse("20060102150405", m[1]); err == nil && b.Time == "" {
+					b.Time = t.UTC().Format(time.RFC3339)
+				}
+			} else {
+				b.Revision = v
+			}
+		}
 	}
 	if b.Version == "" {
 		b.Version = "dev"
@@ -74,13 +92,31 @@ func buildInfo(bi *debug.BuildInfo) build {
 	return b
 }
 
+// pseudoVersion matches the end of a Go pseudo-version
+// (v0.0.0-20261203150405-0123456789ab, v1.2.4-0.20261203150405-...,
+// optionally +incompatible or +dirty): the commit time and hash prefix.
+var pseudoVersion = regexp.MustCompile(`[-.](\d{14})-([0-9a-f]{12})(?:\+[0-9A-Za-z.]+)?$`)
+
 func currentBuild() build {
 	bi, _ := debug.ReadBuildInfo()
 	return buildInfo(bi)
 }
 
-// versionCmd prints "mirror VERSION (revision REV, built TIME, GO)".
-func versionCmd(w io.Writer) int {
+// versionCmd prints "mirror VERSION (revision REV, built TIME, GO)" to w.
+// It takes no arguments: -h prints its usage to w (exit 0), anything else
+// is a usage error (exit 2).
+func versionCmd(w io.Writer, args []string) int {
+	fs := flag.NewFlagSet("version", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	usage := "usage: mirror version   (version, git revision, build time and Go version of this binary)\n"
+	switch err := fs.Parse(args); {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprint(w, usage)
+		return 0
+	case err != nil || fs.NArg() > 0:
+		fmt.Fprint(os.Stderr, usage)
+		return 2
+	}
 	b := currentBuild()
 	fmt.Fprintf(w, "mirror %s (revision %s, built %s, %s)\n", b.Version, b.Revision, b.Time, b.Go)
 	return 0
