@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -227,12 +228,18 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name "+strconv.Quote(repo))
 		return
 	}
+	monthly, err1 := boolParam(q, "monthly")
+	refresh, err2 := boolParam(q, "refresh")
+	if err := errors.Join(err1, err2); err != nil {
+		writeError(w, http.StatusBadRequest, "BAD_REQUEST", err.Error())
+		return
+	}
 	tags, err := s.store.Tags(ctx, repo)
 	if err != nil {
 		s.stateFailed(w, err)
 		return
 	}
-	if len(tags) == 0 || q.Get("refresh") == "true" {
+	if len(tags) == 0 || refresh {
 		if _, err := s.tracker.Poll(ctx, repo); err != nil {
 			if errors.Is(err, tracking.ErrState) {
 				s.stateFailed(w, err)
@@ -250,7 +257,7 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 	view := s.newCacheView()
 	for _, t := range tags {
 		p := ngctag.Parse(t.Name)
-		if q.Get("monthly") == "true" && !p.Monthly {
+		if monthly && !p.Monthly {
 			continue
 		}
 		ti := TagInfo{Tag: t, Monthly: p.Monthly, Release: p.Release, Variant: p.Variant}
@@ -621,6 +628,21 @@ func (s *Server) rules(w http.ResponseWriter, r *http.Request) {
 		out = append(out, RuleInfo{RuleSpec: ru.RuleSpec, Next: ru.Next(time.Now())})
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"rules": out, "leader": s.sched.Leader()})
+}
+
+// boolParam reads the boolean query parameter name: absent is false; a
+// value strconv.ParseBool does not take (monthly=maybe) is an error naming
+// it, never read as false.
+func boolParam(q url.Values, name string) (bool, error) {
+	v := q.Get(name)
+	if v == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("%s=%q: want true or false", name, v)
+	}
+	return b, nil
 }
 
 func (s *Server) pulls(w http.ResponseWriter, r *http.Request) {

@@ -202,6 +202,8 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"GET", "/tags?repository=Bad//name", ``, 400, "NAME_INVALID"},
 		{"GET", "/tags?repository=nvidia/no-such-image", ``, 404, "NAME_UNKNOWN"},
 		{"GET", "/pulls?n=0", ``, 400, "BAD_REQUEST"},
+		{"GET", "/tags?repository=nvidia/pytorch&monthly=maybe", ``, 400, "BAD_REQUEST"},
+		{"GET", "/tags?repository=nvidia/pytorch&refresh=yes", ``, 400, "BAD_REQUEST"},
 		{"GET", "/nothing", ``, 404, "NOT_FOUND"},
 	} {
 		st, code := a.call(c.method, admin.Prefix+c.path, c.body, nil)

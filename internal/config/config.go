@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -373,6 +374,11 @@ func (c Config) Validate() error {
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		errs = append(errs, errors.New("tls.cert_file and tls.key_file go together"))
 	}
+	for _, a := range c.Upstream.NSAliases {
+		if !nsAlias.MatchString(a) {
+			errs = append(errs, fmt.Errorf("upstream.ns_aliases (MIRROR_NS_ALIASES) %q: want a registry host as containerd sends it in ?ns= (nvcr.io, registry.lab:5000), without scheme, path or spaces", a))
+		}
+	}
 	if _, err := clientip.ParseTrusted(c.Server.TrustedProxies); err != nil {
 		errs = append(errs, fmt.Errorf("server.trusted_proxies (MIRROR_TRUSTED_PROXIES): %w", err))
 	}
@@ -408,6 +414,10 @@ func (c Config) Validate() error {
 	}
 	return nil
 }
+
+// nsAlias is a value of containerd's ?ns= query: a registry host, with a
+// port when it has one.
+var nsAlias = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*(:[0-9]{1,5})?$`)
 
 // splitList splits a comma-separated environment value, dropping empty
 // entries and the spaces around each.

@@ -411,6 +411,16 @@ func TestNSAliasesFromEnv(t *testing.T) {
 	if got, _ := Load(p, noEnv); !reflect.DeepEqual(got.Upstream.NSAliases, []string{"file.example"}) {
 		t.Errorf("without the variable: %q", got.Upstream.NSAliases)
 	}
+	if got, err := Load("", envOf(map[string]string{"MIRROR_NS_ALIASES": "localhost:5000,Registry.Lab"})); err != nil || len(got.Upstream.NSAliases) != 2 {
+		t.Errorf("host:port and upper case: %q, %v", got.Upstream.NSAliases, err)
+	}
+	// An alias no ?ns= can ever equal is refused, naming it.
+	for _, bad := range []string{"https://nvcr.io", "nvcr.io/nvidia", "nvcr io", "nvcr.io:port"} {
+		_, err := Load("", envOf(map[string]string{"MIRROR_NS_ALIASES": bad}))
+		if err == nil || !strings.Contains(err.Error(), "upstream.ns_aliases (MIRROR_NS_ALIASES)") || !strings.Contains(err.Error(), bad) {
+			t.Errorf("MIRROR_NS_ALIASES=%s: %v, want a refusal naming it", bad, err)
+		}
+	}
 }
 
 // server.trusted_proxies takes CIDR prefixes and addresses (the file, or
