@@ -167,6 +167,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	level, _ := cfg.Level()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
+	routeLogrus(log)
 
 	store, dataDir, err := openStore(ctx, cfg)
 	if err != nil {
@@ -320,7 +321,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", hc.Healthz)
 	mux.HandleFunc("/readyz", hc.Readyz)
-	mux.Handle("/auth/token", policy.TokenHandler())
+	mux.Handle("/auth/token", h.Observe(policy.TokenHandler())) // in the access log too
 	mux.Handle("/", h)
 	mux.Handle(admin.Prefix+"/", trk.admin)
 	var handler http.Handler = mux
@@ -334,7 +335,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	handler = limitBodies(handler)
 	// Before any route: the mux would otherwise redirect a path with "."
 	// or ".." segments to another repository before any route saw it.
-	handler = proxy.RejectDotSegments(handler)
+	handler = proxy.RejectDotSegments(handler, h.Observe)
 	// Outermost: the client address every layer inside reads (rate limit,
 	// pull history, access log).
 	trusted, _ := clientip.ParseTrusted(cfg.Server.TrustedProxies) // checked by config.Validate

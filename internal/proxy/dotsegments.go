@@ -17,19 +17,26 @@ import (
 // another repository, /v2/pytorch. A repository name never has such a
 // segment (distribution/reference grammar), and RFC 3986's dot-segment
 // removal is for relative references, not for what a registry client sends.
-func RejectDotSegments(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// URL.Path is decoded, so encoded dots (and an encoded '/' around
-		// them) are seen as what they stand for.
+// observe, when not nil, wraps the refusals (Handler.Observe: metrics and
+// the access log), so that they are logged like every registry request.
+func RejectDotSegments(next http.Handler, observe func(http.Handler) http.Handler) http.Handler {
+	var refuse http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		if hasDotSegment(r.URL.Path) {
-			w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `a path segment "." or ".." is not allowed in a repository name`))
 			return
 		}
-		if strings.Contains(r.URL.Path, "//") {
-			// ServeMux would redirect to the cleaned path, an HTML answer.
-			w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `an empty path segment ("//") is not allowed in a repository name`))
+		// ServeMux would redirect to the cleaned path, an HTML answer.
+		writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `an empty path segment ("//") is not allowed in a repository name`))
+	})
+	if observe != nil {
+		refuse = observe(refuse)
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// URL.Path is decoded, so encoded dots (and an encoded '/' around
+		// them) are seen as what they stand for.
+		if hasDotSegment(r.URL.Path) || strings.Contains(r.URL.Path, "//") {
+			refuse.ServeHTTP(w, r)
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -45,7 +45,7 @@ func TestRejectDotSegments(t *testing.T) {
 		reached = append(reached, r.URL.Path)
 		w.WriteHeader(http.StatusNoContent)
 	})
-	srv := httptest.NewServer(proxy.RejectDotSegments(mux))
+	srv := httptest.NewServer(proxy.RejectDotSegments(mux, nil))
 	t.Cleanup(srv.Close)
 	addr := strings.TrimPrefix(srv.URL, "http://")
 	for _, target := range []string{

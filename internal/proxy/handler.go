@@ -208,6 +208,12 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 	})
 }
 
+// Observe counts and logs requests that next answers outside the registry
+// API's router, as every registry request is (route "other", the path, the
+// client's address): the token endpoint and the refusals of
+// RejectDotSegments.
+func (h *Handler) Observe(next http.Handler) http.Handler { return h.observe(next) }
+
 // base answers GET /v2/: the API version check (OCI distribution spec,
 // "Determining Support").
 func (h *Handler) base(w http.ResponseWriter, r *http.Request) {
