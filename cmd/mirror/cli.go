@@ -157,7 +157,7 @@ func follow(c *adminClient, j state.Job) int {
 		if bar != nil {
 			showProgress(bar, j)
 		} else if !j.Ended() && time.Since(lastLine) >= 10*time.Second {
-			fmt.Fprintf(os.Stderr, "%s %d of %d bytes\n", progressText(j), j.BytesDone, j.BytesTotal)
+			fmt.Fprintln(os.Stderr, progressLine(j))
 			lastLine = time.Now()
 		}
 		if j.Ended() {
@@ -192,13 +192,30 @@ func jobImage(j state.Job) string {
 }
 
 // progressText is a job's state line: image, state, blobs and the blob
-// being fetched.
+// being fetched. Before the job has resolved its manifests (no blob
+// counted yet) it says so instead of "0/0 blobs".
 func progressText(j state.Job) string {
+	if j.BlobsTotal == 0 {
+		if j.State == state.JobQueued {
+			return fmt.Sprintf("%s [queued]", jobImage(j))
+		}
+		return fmt.Sprintf("%s [%s: resolving the image]", jobImage(j), j.State)
+	}
 	cur := ""
 	if j.Current != "" {
 		cur = " " + shortDigest(j.Current)
 	}
 	return fmt.Sprintf("%s [%s %d/%d blobs]%s", jobImage(j), j.State, j.BlobsDone, j.BlobsTotal, cur)
+}
+
+// progressLine is progressText with the bytes done of the total, once the
+// total is known: the line written every 10 seconds when stderr is not a
+// terminal.
+func progressLine(j state.Job) string {
+	if j.BytesTotal == 0 {
+		return progressText(j)
+	}
+	return fmt.Sprintf("%s %s of %s", progressText(j), humanBytes(j.BytesDone), humanBytes(j.BytesTotal))
 }
 
 // newBar is the progress bar of a job on a terminal. It clears to the end

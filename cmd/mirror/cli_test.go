@@ -88,3 +88,28 @@ func TestReport(t *testing.T) {
 		}
 	}
 }
+
+// TestProgressBeforeSizes: a job that has not resolved its image yet (no
+// blob counted) shows its state, not "0/0 blobs" or "0 of 0 bytes"; once
+// sized, blobs and bytes.
+func TestProgressBeforeSizes(t *testing.T) {
+	j := state.Job{Repository: "nvidia/pytorch", Reference: "24.05-py3", State: state.JobQueued}
+	for _, c := range []struct {
+		edit func(*state.Job)
+		want string
+	}{
+		{func(*state.Job) {}, "nvidia/pytorch:24.05-py3 [queued]"},
+		{func(j *state.Job) { j.State = state.JobRunning }, "nvidia/pytorch:24.05-py3 [running: resolving the image]"},
+		{func(j *state.Job) {
+			j.State, j.BlobsTotal, j.BlobsDone, j.BytesTotal, j.BytesDone = state.JobRunning, 4, 1, 8<<20, 2<<20
+		}, "nvidia/pytorch:24.05-py3 [running 1/4 blobs] 2.0 MiB of 8.0 MiB"},
+	} {
+		c.edit(&j)
+		if got := progressLine(j); got != c.want {
+			t.Errorf("progress line %q, want %q", got, c.want)
+		}
+		if strings.Contains(progressText(j), "0/0") {
+			t.Errorf("progress text %q", progressText(j))
+		}
+	}
+}
