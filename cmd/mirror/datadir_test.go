@@ -102,13 +102,7 @@ func TestSecondMirrorOnDataDirRefused(t *testing.T) {
 	first, firstErr := mirrorProcess(t, env("first", addrA))
 	c := &http.Client{Timeout: 2 * time.Minute}
 	defer c.CloseIdleConnections()
-	testsupport.Eventually(t, 30*time.Second, "the first mirror listens", func() bool {
-		resp, err := c.Get("http://" + addrA + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil
-	})
+	waitHealthy(t, c, "http://"+addrA)
 
 	type result struct {
 		status int

@@ -26,13 +26,7 @@ func TestLogsOfTokenRequestsRefusalsAndFailedLogins(t *testing.T) {
 		"MIRROR_HTPASSWD_FILE": ngctest.WriteHtpasswd(t, "alice", "alice-pw")})
 	c := &http.Client{Timeout: 30 * time.Second}
 	defer c.CloseIdleConnections()
-	testsupport.Eventually(t, 30*time.Second, "the mirror listens", func() bool {
-		resp, err := c.Get("http://" + addr + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil
-	})
+	waitHealthy(t, c, "http://"+addr)
 	do := func(path, user, pw string) int {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+addr+path, nil)
 		if user != "" {

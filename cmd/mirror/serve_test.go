@@ -131,11 +131,11 @@ func startServe(ctx context.Context, t *testing.T, cfgFile string, env map[strin
 	return errc
 }
 
-// waitHealthy waits (20 s at most) until base ("http://127.0.0.1:port")
+// waitHealthy waits (30 s at most) until base ("http://127.0.0.1:port")
 // answers /healthz.
 func waitHealthy(t *testing.T, c *http.Client, base string) {
 	t.Helper()
-	testsupport.Eventually(t, 20*time.Second, "the mirror at "+base+" to listen", func() bool {
+	testsupport.Eventually(t, 30*time.Second, "the mirror at "+base+" to listen", func() bool {
 		resp, err := c.Get(base + "/healthz")
 		if err == nil {
 			resp.Body.Close()
