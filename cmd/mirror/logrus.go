@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"sort"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 )
@@ -14,7 +15,9 @@ import (
 // in the slog format of every other line, instead of logrus's own format
 // on stderr. logrus filters nothing itself: log's handler decides by
 // level. Fields become attributes (sorted), except distribution's
-// go.version, which the build info metric already says.
+// go.version, which the build info metric already says, and any field
+// named like a password (the htpasswd controller logs the one it
+// provisions when the file is missing; checkHtpasswd refuses that first).
 func routeLogrus(log *slog.Logger) {
 	std := logrus.StandardLogger()
 	std.SetOutput(io.Discard)
@@ -47,7 +50,7 @@ func (h slogHook) Fire(e *logrus.Entry) error {
 	}
 	keys := make([]string, 0, len(e.Data))
 	for k := range e.Data {
-		if k != "go.version" {
+		if k != "go.version" && !strings.Contains(strings.ToLower(k), "password") {
 			keys = append(keys, k)
 		}
 	}

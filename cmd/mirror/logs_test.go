@@ -1,11 +1,14 @@
 package main
 
 import (
+	"log/slog"
 	"net/http"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
@@ -80,5 +83,22 @@ func TestLogsOfTokenRequestsRefusalsAndFailedLogins(t *testing.T) {
 		if strings.Contains(stderr.String(), secret) {
 			t.Errorf("the log holds %q:\n%s", secret, stderr)
 		}
+	}
+}
+
+// TestLogrusHookDropsPasswords: what distribution logs through logrus
+// comes out as slog lines at the mapped level, without a field named
+// like a password (its htpasswd controller logs the one it provisions).
+func TestLogrusHookDropsPasswords(t *testing.T) {
+	var buf lockedBuffer
+	h := slogHook{log: slog.New(slog.NewTextHandler(&buf, nil))}
+	e := logrus.NewEntry(logrus.New()).WithFields(logrus.Fields{"user": "docker", "password": "s3cret", "go.version": "go1"})
+	e.Level, e.Message = logrus.WarnLevel, "htpasswd is missing, provisioning with default user"
+	if err := h.Fire(e); err != nil {
+		t.Fatal(err)
+	}
+	if out := buf.String(); !strings.Contains(out, `level=WARN msg="htpasswd is missing, provisioning with default user" user=docker`) ||
+		strings.Contains(out, "s3cret") || strings.Contains(out, "go.version") {
+		t.Errorf("hook output: %s", out)
 	}
 }
