@@ -62,7 +62,7 @@ func clientFrom(src string) *http.Client {
 // client reaching the mirror directly the header is ignored.
 func TestClientIPBehindHAProxy(t *testing.T) {
 	if _, err := exec.LookPath("haproxy"); err != nil {
-		t.Skip("haproxy is not installed (.ci/install.sh installs it)")
+		t.Fatal("haproxy is not installed: run .ci/install.sh")
 	}
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close()
