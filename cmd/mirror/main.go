@@ -21,7 +21,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/go-chi/httprate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -326,11 +325,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.Handle(admin.Prefix+"/", trk.admin)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
-		// Per client (IPv6 by /64), as clientip resolved it: behind a load
-		// balancer in server.trusted_proxies, by X-Forwarded-For.
-		handler = httprate.Limit(n, time.Second, httprate.WithKeyFuncs(func(r *http.Request) (string, error) {
-			return httprate.CanonicalizeIP(clientip.Of(r)), nil
-		}))(handler)
+		handler = rateLimited(n, handler)
 	}
 	handler = limitBodies(handler)
 	// Before any route: the mux would otherwise redirect a path with "."

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
@@ -37,14 +38,33 @@ func TestHugeHeadersAndRateLimit(t *testing.T) {
 		t.Fatalf("200 KiB header: %d, want 431", resp.StatusCode)
 	}
 	limited := 0
-	for range 30 {
+	for i := range 30 {
 		resp, err := http.Get("http://" + m.addr + "/v2/")
 		if err != nil {
 			t.Fatal(err)
 		}
+		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusTooManyRequests {
 			limited++
+			env, ok := ocierr.Decode(body)
+			if !ok || env.Errors[0].Code != "TOOMANYREQUESTS" || resp.Header.Get("Retry-After") == "" {
+				t.Fatalf("429 body %q, Retry-After %q: want the OCI envelope with TOOMANYREQUESTS and a Retry-After", body, resp.Header.Get("Retry-After"))
+			}
+		}
+		// The operational endpoints are neither limited nor counted,
+		// also while this client is over its limit.
+		if i%10 == 9 {
+			for _, p := range []string{"/healthz", "/readyz", "/metrics"} {
+				r, err := http.Get("http://" + m.addr + p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				r.Body.Close()
+				if r.StatusCode == http.StatusTooManyRequests {
+					t.Fatalf("%s during a burst: 429; health, readiness and metrics must not be rate limited", p)
+				}
+			}
 		}
 	}
 	if limited == 0 {
