@@ -87,6 +87,8 @@ type config struct {
 	s3BlobSize   int64
 
 	scaleNs []int // case 7: cache sizes (blobs)
+
+	clusterClients int // case 8: concurrent clients per pull
 }
 
 func main() {
@@ -119,7 +121,8 @@ func main() {
 	flag.Var(&ttfbSize, "ttfb-size", "case 3: blob size")
 	flag.IntVar(&c.manifestRequests, "manifest-requests", 10000, "case 5: requests per measurement")
 	flag.IntVar(&c.manifestConcurrency, "manifest-concurrency", 16, "case 5: concurrent connections")
-	flag.StringVar(&c.versitygwBin, "versitygw", "", "case 6: versitygw binary (default: versitygw on PATH)")
+	flag.StringVar(&c.versitygwBin, "versitygw", "", "cases 6, 7 and 8: versitygw binary (default: versitygw on PATH)")
+	flag.IntVar(&c.clusterClients, "cluster-clients", 32, "case 8: concurrent clients pulling the image")
 	flag.Parse()
 
 	if *serveStatic != "" {
@@ -141,8 +144,8 @@ func main() {
 	c.cases = map[int]bool{}
 	for _, f := range strings.Split(*casesFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 || n > 7 {
-			log.Fatalf("-cases: %q is not a case (1-7)", f)
+		if err != nil || n < 1 || n > 8 {
+			log.Fatalf("-cases: %q is not a case (1-8)", f)
 		}
 		c.cases[n] = true
 	}
@@ -178,6 +181,8 @@ type harness struct {
 
 	// Case 6: the S3 store and the two mirrors on it (nil until it runs).
 	s3gw, s3proxied, s3redirect *proc
+	// Case 8: the running arm's processes (nil between arms).
+	arm *clusterArm
 
 	mirrorData string
 	rows       []row
@@ -227,6 +232,7 @@ func run(c config) int {
 		{1, func(ctx context.Context) error { return h.case1(ctx, bigBlobs) }},
 		{6, h.case6},
 		{7, h.case7},
+		{8, h.case8},
 	}
 	for _, s := range steps {
 		if !c.cases[s.n] {
@@ -338,7 +344,7 @@ func firstLine(s string) string {
 
 // procs returns the server subprocesses (nil where one is not running).
 func (h *harness) procs() []*proc {
-	return []*proc{h.mirror, h.peer, h.static, h.s3proxied, h.s3redirect, h.s3gw}
+	return append([]*proc{h.mirror, h.peer, h.static, h.s3proxied, h.s3redirect, h.s3gw}, h.arm.procs()...)
 }
 
 func (h *harness) close() {

@@ -19,7 +19,8 @@ import (
 )
 
 // proc is a server subprocess: the mirror, the peer registry, the static
-// file server, or case 6's S3 store (versitygw) and mirrors.
+// file server, case 6's S3 store (versitygw) and mirrors, or case 8's
+// replicas, Redis and HAProxy.
 type proc struct {
 	name    string
 	base    string // http://127.0.0.1:PORT
@@ -58,6 +59,35 @@ func startProc(ctx context.Context, name, addr, readyPath, logPath, bin string, 
 // startProcReady starts bin with args and waits until GET <base><readyPath>
 // gets an answer that ready accepts.
 func startProcReady(ctx context.Context, name, addr, logPath, bin string, args, env []string, readyPath string, ready func(*http.Response) bool) (*proc, error) {
+	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
+	return startProcProbe(ctx, name, addr, logPath, bin, args, env, func() bool {
+		resp, err := c.Get("http://" + addr + readyPath)
+		if err != nil {
+			return false
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return ready(resp)
+	})
+}
+
+// startProcListening starts bin with args and waits until addr accepts a
+// TCP connection (a server that does not speak HTTP: redis-server).
+func startProcListening(ctx context.Context, name, addr, logPath, bin string, args, env []string) (*proc, error) {
+	return startProcProbe(ctx, name, addr, logPath, bin, args, env, func() bool {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return false
+		}
+		conn.Close()
+		return true
+	})
+}
+
+// startProcProbe starts bin with args, its output to logPath, and polls
+// ready every 50 ms until it reports true (within 60 s) or the process
+// exits.
+func startProcProbe(ctx context.Context, name, addr, logPath, bin string, args, env []string, ready func() bool) (*proc, error) {
 	lf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
@@ -77,7 +107,6 @@ func startProcReady(ctx context.Context, name, addr, logPath, bin string, args, 
 		lf.Close()
 		close(p.exited)
 	}()
-	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{Proxy: nil}}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		select {
@@ -88,13 +117,8 @@ func startProcReady(ctx context.Context, name, addr, logPath, bin string, args, 
 			return nil, ctx.Err()
 		default:
 		}
-		resp, err := c.Get(p.base + readyPath)
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if ready(resp) {
-				return p, nil
-			}
+		if ready() {
+			return p, nil
 		}
 		if time.Now().After(deadline) {
 			p.stop()
