@@ -7,6 +7,7 @@
 #   bench/run.sh -out /tmp/results.md
 #   bench/run.sh -cases 1,4 -blob-size 256MiB
 #   bench/run.sh -cases 6        # only the S3 cache-hit case (needs versitygw)
+#   bench/run.sh -cases 8        # 1 vs 3 replicas behind HAProxy (needs haproxy, redis-server, versitygw)
 #
 # PEER_BIN=/path/to/registry skips the `go install` of the peer (so does a
 # -cases list without cases 1-5: case 6 does not use it). VERSITYGW_BIN
