@@ -141,9 +141,12 @@ type BlobWriter struct {
 	want digest.Digest
 	size int64 // expected size in bytes, -1 if unknown
 	h    hash.Hash
-	n    int64
-	werr error // first storage error; the upload is abandoned after it
-	done bool
+	n    int64 // bytes hashed
+	// appended counts the bytes given to the upload (Append), which Commit
+	// checks against n: what becomes visible is as long as what was hashed.
+	appended int64
+	werr     error // first storage error; the upload is abandoned after it
+	done     bool
 
 	localPath string // see LocalPath
 
@@ -298,15 +301,32 @@ var _ driver.FileWriter = (*localFileWriter)(nil)
 // Write hashes p and appends it to the upload. It always accepts all of p:
 // see StorageErr for a storage failure.
 func (w *BlobWriter) Write(p []byte) (int, error) {
-	w.h.Write(p)
-	w.n += int64(len(p))
+	w.Hash(p)
+	w.Append(p)
+	return len(p), nil
+}
+
+// Append appends p to the upload without hashing it; the caller passes the
+// same bytes, in the same order, to Hash (Write does both). Append and Hash
+// may run on two goroutines at once, each called by one goroutine only, so
+// that a cache fill writes one buffer while it hashes the one before; both
+// must have returned for good before Verify, Commit or Cancel. A storage
+// failure is reported by StorageErr, as for Write.
+func (w *BlobWriter) Append(p []byte) {
+	w.appended += int64(len(p))
 	if w.werr == nil && !w.done {
 		if _, err := w.fw.Write(p); err != nil {
 			w.werr = err
 			w.abandon(context.Background())
 		}
 	}
-	return len(p), nil
+}
+
+// Hash adds p to the digest and the byte count that Verify and Commit
+// check, without writing it (see Append).
+func (w *BlobWriter) Hash(p []byte) {
+	w.h.Write(p)
+	w.n += int64(len(p))
 }
 
 // StorageErr returns the storage error that made the writer abandon its
@@ -331,7 +351,8 @@ func (w *BlobWriter) Verify() error {
 }
 
 // Commit checks that the expected number of bytes, hashing to the expected
-// digest, were written, then makes the blob visible at its final path. It
+// digest, were written (and, after Append and Hash, that as many bytes were
+// appended as hashed), then makes the blob visible at its final path. It
 // returns an error wrapping ErrSizeMismatch or ErrDigestMismatch when the
 // content is wrong, or one wrapping ErrNotCached when the content was right
 // but storage failed. The upload is removed on every error.
@@ -346,6 +367,10 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 	}
 	if w.werr != nil {
 		return fmt.Errorf("%w: %w", ErrNotCached, w.werr)
+	}
+	if w.appended != w.n {
+		_ = w.Cancel(ctx)
+		return fmt.Errorf("%w: appended %d bytes to the upload, hashed %d", ErrSizeMismatch, w.appended, w.n)
 	}
 	final := mustPath(BlobPath{w.want}) // validated in CreateBlob
 	if err := w.fw.Commit(ctx); err != nil {

@@ -664,3 +664,75 @@ func pathOf(t *testing.T, spec storage.PathSpec) string {
 	}
 	return p
 }
+
+// TestBlobAppendAndHashApart: Append and Hash on two goroutines at once (as
+// a cache fill does) commit the blob as Write would; bytes appended but not
+// hashed, or hashed but not appended, fail the commit and leave nothing.
+func TestBlobAppendAndHashApart(t *testing.T) {
+	t.Parallel()
+	data := randomBytes(7, 300_000)
+	dgst := digest.FromBytes(data)
+	tests := []struct {
+		name       string
+		hashUpTo   int // Hash gets data[:hashUpTo], Append all of data
+		appendUpTo int
+		wantErr    error
+	}{
+		{"both", len(data), len(data), nil},
+		{"last chunk not hashed", len(data) - 1000, len(data), storage.ErrSizeMismatch},
+		{"last chunk not written", len(data), len(data) - 1000, storage.ErrSizeMismatch},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
+				ctx := context.Background()
+				w, err := s.CreateBlob(ctx, dgst, int64(len(data)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer func() { _ = w.Cancel(ctx) }()
+				chunks := make(chan []byte, 4)
+				done := make(chan struct{})
+				go func() { // the hash goroutine
+					defer close(done)
+					n := 0
+					for c := range chunks {
+						c = c[:min(len(c), max(tc.hashUpTo-n, 0))]
+						w.Hash(c)
+						n += len(c)
+					}
+				}()
+				for off := 0; off < len(data); off += 1000 {
+					c := data[off:min(off+1000, len(data))]
+					if off < tc.appendUpTo {
+						w.Append(c)
+					}
+					chunks <- c
+				}
+				close(chunks)
+				<-done
+				if w.StorageErr() != nil {
+					t.Fatalf("StorageErr: %v", w.StorageErr())
+				}
+				err = w.Commit(ctx)
+				if tc.wantErr == nil {
+					if err != nil {
+						t.Fatalf("Commit: %v", err)
+					}
+					if got := readBlob(t, s, dgst, 0); !bytes.Equal(got, data) {
+						t.Fatalf("committed %d bytes, not the data", len(got))
+					}
+					return
+				}
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("Commit: %v, want %v", err, tc.wantErr)
+				}
+				assertNoUploads(t, s)
+				if _, err := s.StatBlob(ctx, dgst); !errors.Is(err, storage.ErrNotFound) {
+					t.Errorf("StatBlob after a failed Commit: %v, want ErrNotFound", err)
+				}
+			})
+		})
+	}
+}
