@@ -8,8 +8,10 @@
 // there. The bytes also go to a storage.BlobWriter, which verifies size and
 // digest and only then makes the blob visible. On a local cache the upload
 // file is the spool (each byte written once); otherwise the spool is an
-// anonymous (already unlinked) local file. The fill runs on its own context, bounded by an idle-read
-// timeout rather than a total deadline, so a client disconnect does not
+// anonymous (already unlinked) local file. Each byte is hashed once, on a
+// goroutine of its own behind the spool writes (see pipe), and the last
+// byte is held back from clients until the digest is verified. The fill
+// runs on its own context, bounded by an idle-read timeout rather than a total deadline, so a client disconnect does not
 // abort it and a multi-gigabyte layer on a slow link can finish.
 package fill
 
@@ -690,15 +692,16 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	}
 	idle.Reset(f.g.opts.IdleTimeout)
 
-	// hash takes every byte (hashing, and writing the upload unless it is
-	// the spool itself); verify checks size and digest at the end.
-	var hash io.Writer
+	// sink takes every byte, behind the spool (see pipe): it hashes them,
+	// and writes the upload unless that is the spool itself; verify checks
+	// size and digest at the end.
+	var sink func([]byte)
 	var verify func() error
 	var w *storage.BlobWriter
 	local := false
 	if relay {
 		hv := &hashVerifier{want: f.dgst, size: size, h: f.dgst.Algorithm().Hash()}
-		hash, verify = hv, hv.Verify
+		sink, verify = func(b []byte) { _, _ = hv.Write(b) }, hv.Verify
 	} else {
 		// The s3-aws writer keeps the context it is created with for its
 		// Commit: a cancelled fill context (idle timeout firing late, the
@@ -712,10 +715,15 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 		if f.known {
 			w.KnownNew()
 		}
-		hash, verify = w, w.Verify
+		verify = w.Verify
 		// On a local cache the upload itself is the spool: clients read
 		// the file the cache is writing, and every byte is written once.
 		local = w.LocalPath() != ""
+		if local {
+			sink = w.Hash // this goroutine Appends
+		} else {
+			sink = func(b []byte) { _, _ = w.Write(b) } // a storage error surfaces at Commit
+		}
 	}
 	// Elsewhere (S3, a relay) an anonymous local file is the spool.
 	var spool *os.File
@@ -732,33 +740,34 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 	f.mu.Unlock()
 	ready()
 
-	buf := make([]byte, 256<<10)
+	// Registered after w.Cancel, so it runs first: the sink is done with w
+	// before the upload is cancelled.
+	p := newPipe(sink)
+	defer p.close()
 	var off int64
 	resumes := 0
 	for off < size {
+		buf := p.buffer()
 		n, rerr := body.Read(buf)
 		if n > 0 {
 			idle.Reset(f.g.opts.IdleTimeout)
 			if off+int64(n) > size {
 				return fmt.Errorf("%w: upstream sent more than %d bytes", storage.ErrSizeMismatch, size)
 			}
+			// The bytes must be in the spool before they are published.
 			if local {
-				// Hashes and writes the spool; its bytes must be in before
-				// they are published.
-				_, _ = w.Write(buf[:n])
+				w.Append(buf[:n])
 				if err := w.StorageErr(); err != nil {
 					return fmt.Errorf("%w: writing: %w", ErrSpool, err)
 				}
-				off += int64(n)
-				f.publish(n)
-			} else {
-				if _, err := spool.WriteAt(buf[:n], off); err != nil {
-					return fmt.Errorf("%w: writing: %w", ErrSpool, err)
-				}
-				off += int64(n)
-				f.publish(n)
-				_, _ = hash.Write(buf[:n]) // a storage error surfaces at Commit
+			} else if _, err := spool.WriteAt(buf[:n], off); err != nil {
+				return fmt.Errorf("%w: writing: %w", ErrSpool, err)
 			}
+			off += int64(n)
+			f.publish(n)
+			p.send(buf[:n])
+		} else {
+			p.recycle(buf)
 		}
 		if rerr == nil {
 			continue
@@ -787,6 +796,9 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 			return fmt.Errorf("%w: size changed from %d to %d on resume", storage.ErrSizeMismatch, size, rsize)
 		}
 	}
+	// Every byte is in the spool and published but the last; the sink
+	// finishes hashing the last buffers before the verdict.
+	p.close()
 	// The upstream is done: the idle timeout must not cut a slow commit (a
 	// server-side copy of a large blob on S3).
 	idle.Stop()
@@ -856,6 +868,62 @@ func (f *Fill) settle(ctx context.Context, last *relayState, spool *os.File, siz
 	}
 	f.cachedNow()
 	return nil
+}
+
+// Ring sizes of a fill's pipe: enough for the hash of one buffer to overlap
+// the upstream read and spool write of the next, and flat memory per fill
+// (ringBuffers × chunkSize bytes).
+const (
+	chunkSize   = 256 << 10
+	ringBuffers = 3
+)
+
+// pipe runs a fill's sink (the hash, and the upload off a local cache) on
+// its own goroutine, behind the spool writes: the fill reads the upstream
+// into one buffer and writes it to the spool while the sink takes the
+// buffer before. A ring of ringBuffers buffers bounds it: when the sink
+// falls behind, buffer waits for it. The fill goroutine alone calls
+// buffer, recycle, send and close.
+type pipe struct {
+	free chan []byte // empty buffers, full capacity
+	full chan []byte // buffers in the spool, for the sink
+	done chan struct{}
+	once sync.Once
+}
+
+func newPipe(sink func([]byte)) *pipe {
+	p := &pipe{free: make(chan []byte, ringBuffers), full: make(chan []byte, ringBuffers), done: make(chan struct{})}
+	for range ringBuffers {
+		p.free <- make([]byte, chunkSize)
+	}
+	go func() {
+		defer close(p.done)
+		for b := range p.full {
+			sink(b)
+			p.free <- b[:cap(b)]
+		}
+	}()
+	return p
+}
+
+// buffer returns an empty buffer of chunkSize bytes, once the sink is done
+// with one.
+func (p *pipe) buffer() []byte { return <-p.free }
+
+// recycle returns a buffer from buffer unused.
+func (p *pipe) recycle(b []byte) { p.free <- b[:cap(b)] }
+
+// send hands b, a buffer from buffer holding the next bytes of the blob, to
+// the sink.
+func (p *pipe) send(b []byte) { p.full <- b }
+
+// close waits until the sink took every buffer sent. Later calls return at
+// once.
+func (p *pipe) close() {
+	p.once.Do(func() {
+		close(p.full)
+		<-p.done
+	})
 }
 
 // hashVerifier hashes a relayed blob, which has no cache upload to do it.
