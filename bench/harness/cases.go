@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
@@ -342,6 +343,11 @@ func (h *harness) case2(ctx context.Context) error {
 		err   error
 	}
 	results := map[string]map[int]run{}
+	// The hot rounds: the same N clients and image once it is cached, from
+	// the mirror (pull by tag) and from the static server (the mirror's
+	// cache files: the same bytes, no registry logic). The machine's floor
+	// for serving N × the image, whatever the upstream.
+	hot := map[string]map[int]run{}
 	var imgSize int64
 	for i, n := range h.cfg.coldNs {
 		repo := fmt.Sprintf("nvidia/bench/cold-n%d", n)
@@ -349,12 +355,13 @@ func (h *harness) case2(ctx context.Context) error {
 		h.up.AddImage(repo, false, im, tag)
 		imgSize = imageSize(im)
 		digests := digestsOf(im.Blobs())
+		// A generous bound: every client's bytes through the throttle.
+		timeout := 2*time.Minute + time.Duration(float64(imgSize*int64(n))/float64(h.cfg.coldRate)*1.5*float64(time.Second))
 		for _, s := range h.servers() {
+			h.dropCaches()
 			before := h.meter.sum(digests)
 			h.meter.setRate(float64(h.cfg.coldRate))
 			c := newClient(n * 3)
-			// A generous bound: every client's bytes through the throttle.
-			timeout := 2*time.Minute + time.Duration(float64(imgSize*int64(n))/float64(h.cfg.coldRate)*1.5*float64(time.Second))
 			wall, err := concurrently(n, func(j int) error {
 				return pullImage(ctx, c, s.p.base, repo, tag, j == 0, timeout)
 			})
@@ -364,12 +371,40 @@ func (h *harness) case2(ctx context.Context) error {
 			results[s.name] = mapSet2(results[s.name], n, run{wall: wall, ratio: ratio, err: err})
 			logf("case 2: %s N=%d: wall %s, upstream bytes / image size %.3f, err %v", s.name, n, wall.Round(time.Millisecond), ratio, err)
 		}
+		// Hot: the static server needs the mirror's committed files.
+		var refs []blobRef
+		for _, b := range im.Blobs() {
+			rel := "blobs/sha256/" + b.Digest.Encoded()[:2] + "/" + b.Digest.Encoded()
+			refs = append(refs, blobRef{url: h.static.base + "/" + rel, size: int64(len(b.Body))})
+		}
+		if err := h.waitCommitted(ctx, im.Blobs()); err != nil {
+			hot["static"] = mapSet2(hot["static"], n, run{err: err})
+		}
+		before := h.meter.sum(digests)
+		for _, name := range []string{"mirror", "static"} {
+			if r, ok := hot[name][n]; ok && r.err != nil {
+				continue
+			}
+			c := newClient(n * 3)
+			wall, err := concurrently(n, func(j int) error {
+				if name == "static" {
+					return getBlobs(ctx, c, refs, timeout)
+				}
+				return pullImage(ctx, c, h.mirror.base, repo, tag, j == 0, timeout)
+			})
+			c.CloseIdleConnections()
+			hot[name] = mapSet2(hot[name], n, run{wall: wall, err: err})
+			logf("case 2: hot %s N=%d: wall %s, err %v", name, n, wall.Round(time.Millisecond), err)
+		}
+		if d := h.meter.sum(digests) - before; d != 0 {
+			h.note("Case 2: %d upstream bytes during the hot rounds at N=%d (expected none).", d, n)
+		}
 	}
-	cell := func(name string, n int, f func(run) string) string {
+	cell := func(res map[string]map[int]run, name string, n int, f func(run) string) string {
 		if name == "peer" && h.peer == nil {
 			return "n/a"
 		}
-		r, ok := results[name][n]
+		r, ok := res[name][n]
 		if !ok {
 			return "n/a"
 		}
@@ -384,27 +419,81 @@ func (h *harness) case2(ctx context.Context) error {
 		m := results["mirror"][n]
 		ok := m.err == nil && m.ratio < 1.005 && m.ratio > 0.995
 		allOne = allOne && ok
-		h.add(row{Case: "2", Measure: fmt.Sprintf("N=%d: upstream bytes / image size", n), Mirror: cell("mirror", n, ratioF), Peer: cell("peer", n, ratioF), Target: "mirror 1.00", Verdict: verdict(ok)})
+		h.add(row{Case: "2", Measure: fmt.Sprintf("N=%d: upstream bytes / image size", n), Mirror: cell(results, "mirror", n, ratioF), Peer: cell(results, "peer", n, ratioF), Target: "mirror 1.00", Verdict: verdict(ok)})
+	}
+	wallF := func(r run) string { return fmt.Sprintf("%.2f s", r.wall.Seconds()) }
+	for _, n := range h.cfg.coldNs {
+		h.add(row{Case: "2", Measure: fmt.Sprintf("N=%d: wall time (all clients done)", n), Mirror: cell(results, "mirror", n, wallF), Peer: cell(results, "peer", n, wallF), Target: "—", Verdict: "—"})
 	}
 	for _, n := range h.cfg.coldNs {
-		wallF := func(r run) string { return fmt.Sprintf("%.2f s", r.wall.Seconds()) }
-		h.add(row{Case: "2", Measure: fmt.Sprintf("N=%d: wall time (all clients done)", n), Mirror: cell("mirror", n, wallF), Peer: cell("peer", n, wallF), Target: "—", Verdict: "—"})
+		h.add(row{Case: "2", Measure: fmt.Sprintf("N=%d: hot wall time (image cached; the floor)", n), Static: cell(hot, "static", n, wallF), Mirror: cell(hot, "mirror", n, wallF), Peer: "—", Target: "—", Verdict: "—"})
 	}
 	first, last := h.cfg.coldNs[0], h.cfg.coldNs[len(h.cfg.coldNs)-1]
-	scale := func(name string) (string, float64) {
-		a, b := results[name][first], results[name][last]
+	// div is a.wall / b.wall, or "n/a" when either is missing or failed.
+	div := func(a, b run) (string, float64) {
 		if a.wall == 0 || b.wall == 0 || a.err != nil || b.err != nil {
 			return "n/a", 0
 		}
-		x := b.wall.Seconds() / a.wall.Seconds()
+		x := a.wall.Seconds() / b.wall.Seconds()
 		return fmt.Sprintf("%.2f", x), x
 	}
-	mS, mx := scale("mirror")
-	pS, _ := scale("peer")
-	h.add(row{Case: "2", Measure: fmt.Sprintf("wall N=%d / wall N=%d", last, first), Mirror: mS, Peer: h.peerCell(pS), Target: "mirror ≤ 1.1", Verdict: verdict(mx > 0 && mx <= 1.1)})
+	mS, mx := div(results["mirror"][last], results["mirror"][first])
+	pS, _ := div(results["peer"][last], results["peer"][first])
+	floorS, floor := div(hot["static"][last], results["mirror"][first])
+	// Issue 3 asks ≤ 1.1 (at its 32 MiB/s), issue 14 ≤ 2 at 512 MiB/s. A
+	// bound below the floor is out of reach for any server on this machine:
+	// not even a static server with everything cached meets it.
+	target := "mirror ≤ 1.1 (#3); ≤ 2 (#14, 512 MiB/s)"
+	var vs []string
+	for _, bound := range []float64{1.1, 2} {
+		v := fmt.Sprintf("≤ %g %s", bound, verdict(mx > 0 && mx <= bound))
+		if floor > bound {
+			v += " (unreachable here: floor " + floorS + ")"
+		}
+		vs = append(vs, v)
+	}
+	v := strings.Join(vs, "; ")
+	h.add(row{Case: "2", Measure: fmt.Sprintf("wall N=%d / wall N=%d", last, first), Mirror: mS, Peer: h.peerCell(pS), Target: target, Verdict: v})
+	h.add(row{Case: "2", Measure: fmt.Sprintf("floor: hot static N=%d / cold mirror N=%d", last, first), Static: floorS, Target: "—", Verdict: "—"})
+	coldHot, _ := div(results["mirror"][last], hot["mirror"][last])
+	coldStatic, _ := div(results["mirror"][last], hot["static"][last])
+	h.add(row{Case: "2", Measure: fmt.Sprintf("cold mirror N=%d / hot mirror N=%d; / hot static N=%d", last, last, last), Mirror: coldHot + "; " + coldStatic, Target: "—", Verdict: "—"})
 	h.note("Case 2: image = %d layers × %s + config (%.1f MiB); the CDN's bytes pass one token bucket at %s/s shared by all connections (one uplink). Ideal wall time at N=1: %.2f s.",
 		h.cfg.coldLayers, fmtBytes(h.cfg.coldLayerSize), float64(imgSize)/mib, fmtBytes(h.cfg.coldRate), float64(imgSize)/float64(h.cfg.coldRate))
+	h.note("Case 2: the hot rounds pull the same image with the same N clients once the mirror has cached it, from the mirror and from the static server (the mirror's cache files, 3 blobs at a time per client, no manifest): what serving N × the image costs this machine from the page cache. Hot static N=%d / cold N=%d above 2 means no server could meet ≤ 2 here; cold / hot N=%d is how far the cold path is from the cached one.", last, first, last)
 	return nil
+}
+
+// waitCommitted waits (at most 30 s) until the mirror's data dir holds
+// every blob, committed by the fills that served them.
+func (h *harness) waitCommitted(ctx context.Context, blobs []ngctest.Content) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for _, b := range blobs {
+		p := filepath.Join(h.mirrorData, "blobs", "sha256", b.Digest.Encoded()[:2], b.Digest.Encoded())
+		for {
+			if fi, err := os.Stat(p); err == nil && fi.Size() == int64(len(b.Body)) {
+				break
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("the mirror has not committed %s", b.Digest)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// dropCaches writes the dirty pages back and drops the page cache (sync;
+// echo 3 > /proc/sys/vm/drop_caches), so that every server starts a cold
+// phase on the same memory and disk state: not paying for the writeback of
+// the one before, not finding its bytes cached. It needs root; without it
+// the run goes on and a note says so.
+func (h *harness) dropCaches() {
+	syscall.Sync()
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil && !h.dropFailed {
+		h.dropFailed = true
+		h.note("The page cache was not dropped before the cold phases (%v): a server's cold phase may pay for the writeback of the one before.", err)
+	}
 }
 
 func mapSet2[V any](m map[int]V, k int, v V) map[int]V {
@@ -436,6 +525,9 @@ func (h *harness) case4(ctx context.Context) ([]ngctest.Content, error) {
 		}
 		for _, s := range h.servers() {
 			for _, phase := range []string{"cold", "hot"} {
+				if phase == "cold" {
+					h.dropCaches()
+				}
 				c := newClient(h.cfg.clients)
 				var wall time.Duration
 				lastWaits := make([]float64, len(blobs))

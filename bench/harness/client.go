@@ -145,21 +145,38 @@ func pullImage(ctx context.Context, c *http.Client, base, repo, tag string, veri
 	if err := json.Unmarshal(raw, &m); err != nil {
 		return fmt.Errorf("manifest %s:%s: %w", repo, tag, err)
 	}
-	blobs := append([]descriptor{m.Config}, m.Layers...)
+	var refs []blobRef
+	for _, b := range append([]descriptor{m.Config}, m.Layers...) {
+		r := blobRef{url: base + "/v2/" + repo + "/blobs/" + b.Digest.String(), size: b.Size}
+		if verify {
+			r.want = b.Digest
+		}
+		refs = append(refs, r)
+	}
+	return getBlobs(ctx, c, refs, timeout)
+}
+
+// blobRef is one blob to GET: its URL, its size in bytes and, when it is
+// to be checked, its digest.
+type blobRef struct {
+	url  string
+	size int64
+	want digest.Digest // "": not checked
+}
+
+// getBlobs GETs refs three at a time (Docker's default
+// max-concurrent-downloads) and returns every failure joined.
+func getBlobs(ctx context.Context, c *http.Client, refs []blobRef, timeout time.Duration) error {
 	sem := make(chan struct{}, 3)
-	errc := make(chan error, len(blobs))
+	errc := make(chan error, len(refs))
 	var wg sync.WaitGroup
-	for _, b := range blobs {
+	for _, b := range refs {
 		wg.Add(1)
 		sem <- struct{}{}
-		go func(b descriptor) {
+		go func(b blobRef) {
 			defer wg.Done()
 			defer func() { <-sem }()
-			var want digest.Digest
-			if verify {
-				want = b.Digest
-			}
-			_, err := fetch(ctx, c, base+"/v2/"+repo+"/blobs/"+b.Digest.String(), nil, timeout, b.Size, want)
+			_, err := fetch(ctx, c, b.url, nil, timeout, b.size, b.want)
 			errc <- err
 		}(b)
 	}

@@ -185,6 +185,7 @@ type harness struct {
 	arm *clusterArm
 
 	mirrorData string
+	dropFailed bool // dropCaches could not drop the page cache (noted once)
 	rows       []row
 	notes      []string
 	started    time.Time
