@@ -149,6 +149,8 @@ type Group struct {
 	// JoinMissed can tell whether dgst was committed since a lookup.
 	commits uint64
 	recent  [64]digest.Digest
+
+	bufs sync.Pool // the fills' pipe buffers (*[]byte of chunkSize bytes)
 }
 
 // Seq returns the number of fills committed so far: take it before a
@@ -196,7 +198,9 @@ func NewGroup(store Store, opts Options) *Group {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Group{store: store, opts: opts, fills: map[digest.Digest]*Fill{}}
+	g := &Group{store: store, opts: opts, fills: map[digest.Digest]*Fill{}}
+	g.bufs.New = func() any { b := make([]byte, chunkSize); return &b }
+	return g
 }
 
 // InFlight returns the number of fills running now.
@@ -742,7 +746,7 @@ func (f *Fill) fetch(ctx context.Context, src Source, idle *time.Timer, ready fu
 
 	// Registered after w.Cancel, so it runs first: the sink is done with w
 	// before the upload is cancelled.
-	p := newPipe(sink)
+	p := newPipe(&f.g.bufs, sink)
 	defer p.close()
 	var off int64
 	resumes := 0
@@ -881,21 +885,21 @@ const (
 // pipe runs a fill's sink (the hash, and the upload off a local cache) on
 // its own goroutine, behind the spool writes: the fill reads the upstream
 // into one buffer and writes it to the spool while the sink takes the
-// buffer before. A ring of ringBuffers buffers bounds it: when the sink
-// falls behind, buffer waits for it. The fill goroutine alone calls
-// buffer, recycle, send and close.
+// buffer before. A ring of at most ringBuffers buffers, taken from the
+// group's pool as they are first needed (a small blob uses one) and given
+// back at close, bounds it: when the sink falls behind, buffer waits for
+// it. The fill goroutine alone calls buffer, recycle, send and close.
 type pipe struct {
+	pool *sync.Pool  // of *[]byte, chunkSize bytes each
 	free chan []byte // empty buffers, full capacity
 	full chan []byte // buffers in the spool, for the sink
 	done chan struct{}
+	made int // buffers taken from the pool
 	once sync.Once
 }
 
-func newPipe(sink func([]byte)) *pipe {
-	p := &pipe{free: make(chan []byte, ringBuffers), full: make(chan []byte, ringBuffers), done: make(chan struct{})}
-	for range ringBuffers {
-		p.free <- make([]byte, chunkSize)
-	}
+func newPipe(pool *sync.Pool, sink func([]byte)) *pipe {
+	p := &pipe{pool: pool, free: make(chan []byte, ringBuffers), full: make(chan []byte, ringBuffers), done: make(chan struct{})}
 	go func() {
 		defer close(p.done)
 		for b := range p.full {
@@ -906,9 +910,20 @@ func newPipe(sink func([]byte)) *pipe {
 	return p
 }
 
-// buffer returns an empty buffer of chunkSize bytes, once the sink is done
-// with one.
-func (p *pipe) buffer() []byte { return <-p.free }
+// buffer returns an empty buffer of chunkSize bytes: a free one, a new one
+// while the ring is not full, else the first the sink is done with.
+func (p *pipe) buffer() []byte {
+	select {
+	case b := <-p.free:
+		return b
+	default:
+	}
+	if p.made < ringBuffers {
+		p.made++
+		return *p.pool.Get().(*[]byte)
+	}
+	return <-p.free
+}
 
 // recycle returns a buffer from buffer unused.
 func (p *pipe) recycle(b []byte) { p.free <- b[:cap(b)] }
@@ -917,12 +932,21 @@ func (p *pipe) recycle(b []byte) { p.free <- b[:cap(b)] }
 // the sink.
 func (p *pipe) send(b []byte) { p.full <- b }
 
-// close waits until the sink took every buffer sent. Later calls return at
-// once.
+// close waits until the sink took every buffer sent and gives the free
+// buffers back to the pool (one the fill held when it failed is left to the
+// garbage collector). Later calls return at once.
 func (p *pipe) close() {
 	p.once.Do(func() {
 		close(p.full)
 		<-p.done
+		for {
+			select {
+			case b := <-p.free:
+				p.pool.Put(&b)
+			default:
+				return
+			}
+		}
 	})
 }
 
