@@ -34,6 +34,7 @@ type Blob struct {
 	release  func()              // the lease
 	closers  []io.Closer
 	attempts int    // fills joined
+	retried  bool   // joined again after another repository's source failed
 	missed   bool   // the first lookup found the blob not cached
 	seq      uint64 // fills committed before that lookup (fill.Group.JoinMissed)
 }
@@ -143,6 +144,15 @@ func (b *Blob) fetch() error {
 		return nil
 	case err != nil:
 		f.Release()
+		if !b.retried && s.othersFailure(b.repo, err) {
+			// The fill was another repository's: its failure may not be
+			// ours. Once, with our own source (or the fill another
+			// client started since).
+			b.retried = true
+			s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", b.Digest,
+				"repository", b.repo, "err", err)
+			return b.fetch()
+		}
 		return err
 	}
 	if f.Cached() { // committed meanwhile: read it from the cache
@@ -287,13 +297,50 @@ func (b *Blob) Close() {
 }
 
 // source is where a fill of dgst from repository repo gets its bytes: the
-// upstream, or with Options.Cluster the replica owning the blob.
+// upstream, or with Options.Cluster the replica owning the blob. Its
+// errors are *sourceError naming repo, so that a client that joined the
+// fill for another repository can tell the failure was not its own.
 func (s *Service) source(repo string, dgst digest.Digest) fill.Source {
-	up := s.upstreamSource(repo, dgst)
-	if s.opts.Cluster == nil {
-		return up
+	src := s.upstreamSource(repo, dgst)
+	if s.opts.Cluster != nil {
+		src = s.opts.Cluster.Source(dgst, src)
 	}
-	return s.opts.Cluster.Source(dgst, up)
+	return func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
+		body, size, err := src(ctx, off)
+		if err != nil {
+			return nil, 0, &sourceError{repo: repo, err: err}
+		}
+		return body, size, nil
+	}
+}
+
+// sourceError is a failure of the source of a fill started for repository
+// repo (qualified name). It unwraps to the source's error.
+type sourceError struct {
+	repo string
+	err  error
+}
+
+func (e *sourceError) Error() string { return e.err.Error() }
+func (e *sourceError) Unwrap() error { return e.err }
+
+// othersFailure reports whether err, why a joined fill failed, came from
+// the source of another repository than repo and may not hold for repo:
+// any failure of another upstream (its 404 or 401, its outage), or an
+// authoritative answer (IsAuthoritative: not found, refused) about another
+// repository of repo's own upstream, which answers per repository. An
+// outage of repo's own upstream would only fail again: not retried.
+// Fills are shared by digest, and the same digest is the same bytes, so a
+// fill that succeeds serves every repository; one that fails must not
+// fail clients whose own source has the blob.
+func (s *Service) othersFailure(repo string, err error) bool {
+	var se *sourceError
+	if !errors.As(err, &se) || se.repo == repo {
+		return false
+	}
+	mine, _ := s.at(repo)
+	theirs, _ := s.at(se.repo)
+	return mine.Name != theirs.Name || IsAuthoritative(err)
 }
 
 // upstreamSource fetches dgst from repository repo; when the upstream
@@ -323,11 +370,23 @@ func (s *Service) upstreamSource(repo string, dgst digest.Digest) fill.Source {
 // prefetch's bandwidth cap and progress). It returns once the blob is
 // committed; fetched reports whether it was not cached before this call.
 // Errors: the fill's, ErrBusy, ErrNotCached (verified but the cache could
-// not keep it), or ctx's.
+// not keep it), or ctx's. A joined fill of another repository that fails
+// at its source is tried again once, as for Blob.
 func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error) {
 	if _, _, err := s.ups.Split(repo); err != nil {
 		return false, err
 	}
+	fetched, err = s.cacheBlob(ctx, repo, dgst, wrap)
+	if err != nil && s.othersFailure(repo, err) {
+		s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", dgst,
+			"repository", repo, "err", err)
+		fetched, err = s.cacheBlob(ctx, repo, dgst, wrap)
+	}
+	return fetched, err
+}
+
+// cacheBlob is one attempt of CacheBlob.
+func (s *Service) cacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error) {
 	seq := s.fills.Seq() // before the lookup: see fill.Group.JoinMissed
 	_, lerr := s.store.StatBlob(ctx, dgst)
 	if lerr == nil {
