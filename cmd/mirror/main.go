@@ -295,13 +295,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	})
 	hc := &health.Checker{
 		StorageProbe: store.Probe,
-		UpstreamProbe: func(ctx context.Context) error {
-			err := up.Ping(ctx)
-			if auth.Refused(err) {
-				return fmt.Errorf("%w: %w", health.ErrCredentialsRefused, err)
-			}
-			return err
-		},
+		Upstreams:    upstreamChecks(ups),
 		StateProbe: func(ctx context.Context) error {
 			err := st.Ping(ctx)
 			if errors.Is(err, state.ErrOff) {
@@ -570,6 +564,27 @@ func instrument(c *upstream.Client, rt *auth.Transport, m *metrics.Metrics, name
 	c.OnBackoffRefusal = um.BackoffRefusal
 	c.OnRequest = func(kind string, status int, d time.Duration) { um.Request(kind, status, d.Seconds()) }
 	c.OnBytes = um.Received
+}
+
+// upstreamChecks are the /readyz pings of every upstream in ups, the
+// default first; a credentials refusal (auth.Refused) is told apart from
+// an upstream that does not answer.
+func upstreamChecks(ups *upstream.Set) []health.UpstreamCheck {
+	var checks []health.UpstreamCheck
+	for i, r := range ups.All() {
+		c := health.UpstreamCheck{Name: r.Name, Probe: func(ctx context.Context) error {
+			err := r.Client.Ping(ctx)
+			if auth.Refused(err) {
+				return fmt.Errorf("%w: %w", health.ErrCredentialsRefused, err)
+			}
+			return err
+		}}
+		if i > 0 {
+			c.Credentials = "upstreams." + r.Name + ".username and password"
+		}
+		checks = append(checks, c)
+	}
+	return checks
 }
 
 // newUpstreams returns the set of upstreams: def, the default (nvcr.io),

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"io"
 	"math/big"
@@ -15,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,6 +90,24 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	if n := up2.BlobFetches(fx2.CUDA.Layers[0].Digest); n != 1 {
 		t.Fatalf("the further upstream served its layer %d times, want 1", n)
 	}
+	// /readyz reports every upstream by registry name; the further one
+	// down leaves the mirror ready (its cache serves).
+	up2.SetFault(ngctest.Offline)
+	resp, err := c.Get("https://" + addr + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Status    string
+		Upstreams map[string]struct{ Status string }
+	}
+	err = json.NewDecoder(resp.Body).Decode(&rep)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || rep.Status != "ready" ||
+		rep.Upstreams[strings.ToLower(up.Host())].Status != "ok" || rep.Upstreams["ghcr.example"].Status != "unreachable" {
+		t.Fatalf("/readyz with the further upstream offline: %d %+v (%v)", resp.StatusCode, rep, err)
+	}
+	up2.SetFault(nil)
 	tr.CloseIdleConnections()
 
 	cancel()

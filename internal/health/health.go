@@ -26,16 +26,17 @@ var ErrStateOff = errors.New("health: state store off")
 // Checker answers /healthz and /readyz.
 //
 // /healthz is 200 while the process serves HTTP. /readyz is 200 when the
-// cache storage accepts a write, 503 otherwise; it also reports whether the
-// upstream answered its last ping, and whether the state store answers,
-// neither of which makes the mirror unready: a mirror with a warm cache is
-// useful while the uplink is down.
+// cache storage accepts a write, 503 otherwise (and, with clustering,
+// until the replica joined). It also reports whether each upstream
+// answered its last ping, and whether the state store answers, none of
+// which makes the mirror unready: a mirror with a warm cache is useful
+// while an uplink, or one of several upstreams, is down, and a load
+// balancer taking every replica out then would serve nothing.
 type Checker struct {
 	// StorageProbe writes and removes a small object in the cache.
 	StorageProbe func(ctx context.Context) error
-	// UpstreamProbe pings the upstream registry; an error wrapping
-	// ErrCredentialsRefused is reported as "credentials refused".
-	UpstreamProbe func(ctx context.Context) error
+	// Upstreams are the upstream registries to ping, the default first.
+	Upstreams []UpstreamCheck
 	// StateProbe, when set, pings the state store; an error wrapping
 	// ErrStateOff is reported as "off".
 	StateProbe func(ctx context.Context) error
@@ -45,20 +46,48 @@ type Checker struct {
 	// only until it registered (cluster.Node).
 	Cluster func() (status string, ready bool)
 
-	mu          sync.Mutex
-	lastPing    time.Time
-	upstreamErr error
+	mu    sync.Mutex
+	pings map[string]*ping // by UpstreamCheck.Name
+}
+
+// UpstreamCheck is one upstream registry /readyz pings.
+type UpstreamCheck struct {
+	// Name is the registry name the report keys it by ("nvcr.io",
+	// "docker.io").
+	Name string
+	// Probe pings the registry; an error wrapping ErrCredentialsRefused is
+	// reported as "credentials refused".
+	Probe func(ctx context.Context) error
+	// Credentials names the settings of the mirror's credentials for it,
+	// for the reason of "credentials refused" (default: the NGC API key's).
+	Credentials string
+}
+
+// ping is the last ping of one upstream.
+type ping struct {
+	mu   sync.Mutex
+	last time.Time
+	err  error
 }
 
 type report struct {
-	Status   string `json:"status"`
-	Storage  string `json:"storage"`
+	Status  string `json:"status"`
+	Storage string `json:"storage"`
+	// Upstream and UpstreamReason are the default upstream's entry of
+	// Upstreams, as reported before there were several.
 	Upstream string `json:"upstream"`
 	State    string `json:"state,omitempty"`
 	Cluster  string `json:"cluster,omitempty"`
 	// UpstreamReason says why the upstream is not "ok" (fixed texts: no
 	// URLs, tokens or upstream bodies).
-	UpstreamReason string `json:"upstream_reason,omitempty"`
+	UpstreamReason string                    `json:"upstream_reason,omitempty"`
+	Upstreams      map[string]upstreamReport `json:"upstreams,omitempty"`
+}
+
+// upstreamReport is one upstream's state in /readyz.
+type upstreamReport struct {
+	Status string `json:"status"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // Healthz is the liveness handler.
@@ -70,12 +99,15 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 // Readyz is the readiness handler. Its JSON body is
 // {"status":"ready|unready","storage":"ok|not writable",
 // "upstream":"ok|unreachable|credentials refused|not a registry",
-// "upstream_reason":"...","state":"ok|unreachable|off",
-// "cluster":"ok|uncoordinated|joining"}.
-// "not a registry" means that the upstream's GET /v2/ answered without
+// "upstream_reason":"...","upstreams":{"<registry>":{"status":"...",
+// "reason":"..."}},"state":"ok|unreachable|off",
+// "cluster":"ok|uncoordinated|joining"}: "upstreams" has every upstream by
+// registry name, "upstream" (and its reason) the default's. "not a
+// registry" means that the upstream's GET /v2/ answered without
 // Docker-Distribution-API-Version, or with an HTML page
-// (upstream.ErrNotRegistry): a captive portal or a misconfigured proxy
-// is on the uplink.
+// (upstream.ErrNotRegistry): a captive portal or a misconfigured proxy is
+// on the uplink. The upstreams are pinged at once, each at most every
+// upstreamEvery; no upstream's state changes the status code.
 func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
@@ -83,16 +115,24 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	if err := c.StorageProbe(ctx); err != nil {
 		rep.Status, rep.Storage = "unready", "not writable"
 	}
-	switch err := c.upstream(ctx); {
-	case errors.Is(err, ErrCredentialsRefused):
-		rep.Upstream = "credentials refused"
-		rep.UpstreamReason = "the upstream refused the mirror's credentials: check NGC_API_KEY (upstream.api_key)"
-	case errors.Is(err, upstream.ErrNotRegistry):
-		rep.Upstream = "not a registry"
-		rep.UpstreamReason = "GET /v2/ answered without the Docker-Distribution-API-Version header (or with an HTML page): a captive portal or proxy on the uplink answers instead of the registry"
-	case err != nil:
-		rep.Upstream = "unreachable"
-		rep.UpstreamReason = "the last ping of the upstream failed (network, status or token error; see the log)"
+	ups := make([]upstreamReport, len(c.Upstreams))
+	var wg sync.WaitGroup
+	for i, u := range c.Upstreams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ups[i] = describe(u, c.ping(ctx, u))
+		}()
+	}
+	wg.Wait()
+	for i, u := range c.Upstreams {
+		if rep.Upstreams == nil {
+			rep.Upstreams = map[string]upstreamReport{}
+		}
+		rep.Upstreams[u.Name] = ups[i]
+		if i == 0 {
+			rep.Upstream, rep.UpstreamReason = ups[i].Status, ups[i].Reason
+		}
 	}
 	if c.StateProbe != nil {
 		switch err := c.StateProbe(ctx); {
@@ -118,15 +158,44 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(rep)
 }
 
-// upstreamEvery is how often /readyz pings the upstream at most.
+// describe is the report of upstream u whose last ping returned err.
+func describe(u UpstreamCheck, err error) upstreamReport {
+	switch {
+	case err == nil:
+		return upstreamReport{Status: "ok"}
+	case errors.Is(err, ErrCredentialsRefused):
+		creds := u.Credentials
+		if creds == "" {
+			creds = "NGC_API_KEY (upstream.api_key)"
+		}
+		return upstreamReport{Status: "credentials refused", Reason: "the upstream refused the mirror's credentials: check " + creds}
+	case errors.Is(err, upstream.ErrNotRegistry):
+		return upstreamReport{Status: "not a registry", Reason: "GET /v2/ answered without the Docker-Distribution-API-Version header (or with an HTML page): a captive portal or proxy on the uplink answers instead of the registry"}
+	}
+	return upstreamReport{Status: "unreachable", Reason: "the last ping of the upstream failed (network, status or token error; see the log)"}
+}
+
+// upstreamEvery is how often /readyz pings an upstream at most.
 const upstreamEvery = 30 * time.Second
 
-func (c *Checker) upstream(ctx context.Context) error {
+// ping returns the result of u's last ping, pinging it first when that is
+// upstreamEvery old (concurrent callers wait for one ping).
+func (c *Checker) ping(ctx context.Context, u UpstreamCheck) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if time.Since(c.lastPing) >= upstreamEvery {
-		c.upstreamErr = c.UpstreamProbe(ctx)
-		c.lastPing = time.Now()
+	if c.pings == nil {
+		c.pings = map[string]*ping{}
 	}
-	return c.upstreamErr
+	p := c.pings[u.Name]
+	if p == nil {
+		p = &ping{}
+		c.pings[u.Name] = p
+	}
+	c.mu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if time.Since(p.last) >= upstreamEvery {
+		p.err = u.Probe(ctx)
+		p.last = time.Now()
+	}
+	return p.err
 }

@@ -3,6 +3,7 @@ package health_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -18,6 +19,7 @@ import (
 type readyz struct {
 	Status, Storage, Upstream, Cluster string
 	Reason                             string `json:"upstream_reason"`
+	Upstreams                          map[string]struct{ Status, Reason string }
 }
 
 func ask(t *testing.T, c *health.Checker) (int, readyz) {
@@ -46,7 +48,7 @@ func TestReadyzUpstream(t *testing.T) {
 		if closed {
 			up.Close()
 		}
-		return ask(t, &health.Checker{StorageProbe: func(context.Context) error { return nil }, UpstreamProbe: c.Ping})
+		return ask(t, &health.Checker{StorageProbe: func(context.Context) error { return nil }, Upstreams: []health.UpstreamCheck{{Name: "nvcr.io", Probe: c.Ping}}})
 	}
 	code, rep := probe(t, nil, false)
 	if code != http.StatusOK || rep.Status != "ready" || rep.Upstream != "ok" || rep.Reason != "" {
@@ -71,11 +73,75 @@ func TestReadyzCluster(t *testing.T) {
 		ready  bool
 		code   int
 	}{{"joining", false, 503}, {"ok", true, 200}, {"uncoordinated", true, 200}} {
-		c := &health.Checker{StorageProbe: func(context.Context) error { return nil }, UpstreamProbe: func(context.Context) error { return nil },
+		c := &health.Checker{StorageProbe: func(context.Context) error { return nil }, Upstreams: []health.UpstreamCheck{{Name: "nvcr.io", Probe: func(context.Context) error { return nil }}},
 			Cluster: func() (string, bool) { return tc.status, tc.ready }}
 		code, rep := ask(t, c)
 		if code != tc.code || rep.Cluster != tc.status {
 			t.Errorf("%s: %d %+v, want %d", tc.status, code, rep, tc.code)
 		}
+	}
+}
+
+// TestReadyzEveryUpstream: /readyz pings every upstream and reports each
+// by registry name; none of them being down (or refusing the mirror's
+// credentials) makes the mirror unready, since its cache still serves.
+// The default upstream's status stays in "upstream" too. Each upstream is
+// pinged at most once per interval, the failing one included.
+func TestReadyzEveryUpstream(t *testing.T) {
+	t.Parallel()
+	client := func(u *ngctest.Upstream) *upstream.Client {
+		origin, _ := url.Parse(u.URL())
+		return upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
+	}
+	nvcr, hub := ngctest.New(ngctest.Options{}), ngctest.New(ngctest.Options{})
+	t.Cleanup(nvcr.Close)
+	t.Cleanup(hub.Close)
+	refused := func(context.Context) error { return fmt.Errorf("%w: 401", health.ErrCredentialsRefused) }
+	c := &health.Checker{
+		StorageProbe: func(context.Context) error { return nil },
+		Upstreams: []health.UpstreamCheck{
+			{Name: "nvcr.io", Probe: client(nvcr).Ping},
+			{Name: "docker.io", Probe: client(hub).Ping},
+			{Name: "ghcr.io", Probe: refused, Credentials: "upstreams.ghcr.io.username and password"},
+		},
+	}
+	hub.SetFault(ngctest.FailWith(http.StatusServiceUnavailable))
+	code, rep := ask(t, c)
+	want := map[string]string{"nvcr.io": "ok", "docker.io": "unreachable", "ghcr.io": "credentials refused"}
+	if code != http.StatusOK || rep.Status != "ready" || rep.Upstream != "ok" {
+		t.Fatalf("one upstream down, one refusing: %d %+v, want 200 ready with the default ok", code, rep)
+	}
+	for name, st := range want {
+		if got := rep.Upstreams[name]; got.Status != st {
+			t.Errorf("upstreams[%s] = %+v, want %s", name, got, st)
+		}
+	}
+	if r := rep.Upstreams["ghcr.io"].Reason; !strings.Contains(r, "upstreams.ghcr.io.username") {
+		t.Errorf("ghcr.io's reason %q does not name its credentials' settings", r)
+	}
+	if r := rep.Upstreams["docker.io"].Reason; r == "" {
+		t.Error("docker.io unreachable without a reason")
+	}
+	pings := func(u *ngctest.Upstream) int { return u.Count("registry", http.MethodGet, "/v2/") }
+	n1, n2 := pings(nvcr), pings(hub)
+	if n1 == 0 || n2 == 0 {
+		t.Fatalf("pings: nvcr.io %d, docker.io %d; want both pinged", n1, n2)
+	}
+	hub.SetFault(nil)
+	if code, rep = ask(t, c); code != http.StatusOK || rep.Upstreams["docker.io"].Status != "unreachable" {
+		t.Fatalf("asked again at once: %d %+v, want the last ping's result", code, rep)
+	}
+	if pings(nvcr) != n1 || pings(hub) != n2 {
+		t.Fatalf("asked again at once, the upstreams were pinged again (%d, %d more)", pings(nvcr)-n1, pings(hub)-n2)
+	}
+
+	// Every upstream down: still ready (the cache serves); the default's
+	// state in "upstream" as before.
+	nvcr.Close()
+	c2 := &health.Checker{StorageProbe: func(context.Context) error { return nil },
+		Upstreams: []health.UpstreamCheck{{Name: "nvcr.io", Probe: client(nvcr).Ping}, {Name: "docker.io", Probe: refused}}}
+	if code, rep = ask(t, c2); code != http.StatusOK || rep.Upstream != "unreachable" || rep.Upstreams["nvcr.io"].Status != "unreachable" ||
+		rep.Upstreams["docker.io"].Status != "credentials refused" {
+		t.Fatalf("every upstream down: %d %+v, want 200 with each reported", code, rep)
 	}
 }

@@ -19,15 +19,16 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
-// readyz returns the mirror's /readyz status and JSON report.
-func readyz(t *testing.T, m *mirror) (int, map[string]string) {
+// readyz returns the mirror's /readyz status and JSON report (strings,
+// and "upstreams": an object by registry name).
+func readyz(t *testing.T, m *mirror) (int, map[string]any) {
 	t.Helper()
 	resp, err := http.Get("http://" + m.addr + "/readyz")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	rep := map[string]string{}
+	rep := map[string]any{}
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
 		t.Fatal(err)
 	}
