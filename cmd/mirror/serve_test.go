@@ -223,3 +223,43 @@ func TestPolicyOfFurtherUpstreams(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyRulesWithDefaultRegistry: access rules and public namespaces
+// written with nvcr.io/ in front (as a client names the image) apply to
+// nvcr.io's repositories, which the mirror names bare: a rule for
+// nvcr.io/myorg/** lets its user pull myorg/team/x and no one else.
+func TestPolicyRulesWithDefaultRegistry(t *testing.T) {
+	t.Parallel()
+	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(cfgFile, []byte(`access:
+  mode: htpasswd
+  htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
+  public_namespaces: [nvcr.io/nvidia]
+  rules:
+    - {repositories: ["nvcr.io/myorg/**"], users: [alice]}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgFile, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := newPolicy(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		user, repo string
+		allowed    bool
+	}{
+		{"alice", "myorg/team/x", true},
+		{"bob", "myorg/team/x", false},
+		{"", "myorg/team/x", false},
+		{"", "nvidia/pytorch", true},
+	} {
+		err := p.Authorize(t.Context(), access.Identity{User: c.user}, c.repo)
+		if (err == nil) != c.allowed {
+			t.Errorf("%q pulling %s: %v, want allowed %v", c.user, c.repo, err, c.allowed)
+		}
+	}
+}

@@ -136,37 +136,85 @@ func (c Config) validateUpstreams() []error {
 	return errs
 }
 
-// canonicalNames writes docker.io's official images in tracking.repositories
-// and prefetch rules as the mirror names them: docker.io/python is
-// docker.io/library/python (names.QualifiedName). Patterns are left as
-// written.
+// canonicalNames writes the repositories (and patterns) of access rules,
+// access.public_namespaces, tracking.repositories and prefetch rules as the
+// mirror names them (names.QualifiedName): the default upstream's bare,
+// without a registry name of it in front (nvcr.io/nvidia/pytorch,
+// NVCR.IO/..., the upstream's host or an ns alias: nvidia/pytorch), which
+// is unambiguous since no further upstream may be named so; and, for
+// names that are not patterns, docker.io's official images with library/
+// (docker.io/python is docker.io/library/python). An access rule written
+// with nvcr.io/ in front would otherwise never match. cache.pin is read
+// by names.ParseImage, which does the same.
 func (c *Config) canonicalNames() {
-	canon := func(list []string) {
+	dockerHub := func(n string) string {
+		if reg, p, ok := strings.Cut(n, "/"); ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
+			return names.QualifiedName(reg, p)
+		}
+		return n
+	}
+	canon := func(list []string, official bool) {
 		for i, n := range list {
-			if reg, p, ok := strings.Cut(n, "/"); ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
-				list[i] = names.QualifiedName(reg, p)
+			n = c.withoutDefaultRegistry(n)
+			if official {
+				n = dockerHub(n)
 			}
+			list[i] = n
 		}
 	}
-	canon(c.Tracking.Repositories)
+	canon(c.Tracking.Repositories, true)
 	for i := range c.Prefetch.Rules {
-		canon(c.Prefetch.Rules[i].Repositories)
+		canon(c.Prefetch.Rules[i].Repositories, true)
 	}
+	for i := range c.Access.Rules {
+		canon(c.Access.Rules[i].Repositories, true)
+	}
+	canon(c.Access.PublicNamespaces, false) // namespaces: docker.io/library as written
 }
 
-// validateNames checks that the repositories (and patterns) that
-// tracking.repositories and prefetch rules name are of a configured
-// upstream: a first component that looks like a registry must be a key of
-// upstreams (nvcr.io's repositories are written without a registry).
+// withoutDefaultRegistry returns name without its first component when
+// that is a registry name of the default upstream (UpstreamHosts, any
+// case) and something follows it.
+func (c Config) withoutDefaultRegistry(name string) string {
+	first, rest, ok := strings.Cut(name, "/")
+	if ok && rest != "" && c.isDefaultRegistry(first) {
+		return rest
+	}
+	return name
+}
+
+// isDefaultRegistry reports whether s is a registry name of the default
+// upstream (nvcr.io, its URL's host, an ns alias), in any case.
+func (c Config) isDefaultRegistry(s string) bool {
+	for _, h := range c.UpstreamHosts() {
+		if strings.EqualFold(s, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// validateNames checks that the repositories (and patterns) that access
+// rules, access.public_namespaces, tracking.repositories and prefetch
+// rules name are of a configured upstream: a first component that looks
+// like a registry must be a key of upstreams (the default upstream's
+// names are read without theirs: canonicalNames). The default's registry
+// name alone (nvcr.io) is refused: it has no bare form, and would stand
+// for every repository of nvcr.io, the private org's included.
 func (c Config) validateNames() []error {
 	var errs []error
 	check := func(key, name string) {
-		first, _, ok := strings.Cut(name, "/")
-		if !ok || !(strings.ContainsAny(first, ".:") || first == "localhost") {
-			return
-		}
-		if _, known := c.Upstreams[first]; !known {
-			errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it: nvidia/pytorch)", key, name, first))
+		first, _, _ := strings.Cut(name, "/")
+		switch {
+		case c.isDefaultRegistry(strings.TrimSuffix(name, "/")):
+			errs = append(errs, fmt.Errorf("%s: %q is the default upstream's registry name alone; name its repositories or namespaces without it (nvidia, nvidia/pytorch, myorg/**)", key, name))
+		case !(strings.ContainsAny(first, ".:") || first == "localhost") || !strings.Contains(name, "/"):
+			// nvcr.io's, or a further upstream's name alone (docker.io
+			// as a public namespace opens all of it)
+		default:
+			if _, known := c.Upstreams[first]; !known {
+				errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it or with nvcr.io/: nvidia/pytorch)", key, name, first))
+			}
 		}
 	}
 	for _, r := range c.Tracking.Repositories {
@@ -176,6 +224,14 @@ func (c Config) validateNames() []error {
 		for _, p := range r.Repositories {
 			check(fmt.Sprintf("prefetch.rules[%d].repositories", i), p)
 		}
+	}
+	for i, r := range c.Access.Rules {
+		for _, p := range r.Repositories {
+			check(fmt.Sprintf("access.rules[%d].repositories", i), p)
+		}
+	}
+	for _, ns := range c.Access.PublicNamespaces {
+		check("access.public_namespaces", ns)
 	}
 	return errs
 }

@@ -86,7 +86,6 @@ func TestUpstreamsRefused(t *testing.T) {
 		{"unknown key", "upstreams:\n  docker.io: {url: https://r.io, passwd: x}\n", "upstreams.docker.io.passwd"},
 		{"pin of an unconfigured registry", "cache: {pin: ['quay.io/org/img:1']}\n", "cache.pin"},
 		{"tracked repository of an unconfigured registry", "tracking: {repositories: [quay.io/org/img]}\n", "tracking.repositories"},
-		{"tracked repository with nvcr.io", "tracking: {repositories: [nvcr.io/nvidia/pytorch]}\n", "written without it"},
 		{"prefetch rule of an unconfigured registry", "prefetch: {rules: [{name: r, repositories: ['ghcr.io/**'], tags: {latest: 1}}]}\n", "prefetch.rules[0].repositories"},
 		{"password file missing", "upstreams:\n  ghcr.io: {url: https://ghcr.io, username: u, password_file: /nonexistent/x}\n", "upstreams.ghcr.io.password_file"},
 	} {
@@ -98,6 +97,73 @@ func TestUpstreamsRefused(t *testing.T) {
 			}
 			if strings.Contains(err.Error(), "s3cr3t") || strings.Contains(err.Error(), "bob") {
 				t.Fatalf("error shows a secret: %v", err)
+			}
+		})
+	}
+}
+
+// TestDefaultRegistryPrefixRemoved: the mirror names the default
+// upstream's repositories bare (nvidia/pytorch), so a name written with
+// its registry in front (nvcr.io/, the upstream's host, an ns alias; any
+// case) in access rules, public namespaces, tracked repositories and
+// prefetch rules is read without it, and does not silently never match.
+// docker.io's official images in access rules gain library/ as elsewhere.
+func TestDefaultRegistryPrefixRemoved(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", `
+upstream: {url: 'http://fake.lab:8080', ns_aliases: [nvcr.lab]}
+upstreams:
+  docker.io: {url: https://registry-1.docker.io}
+access:
+  mode: htpasswd
+  htpasswd_file: /etc/mirror/htpasswd
+  public_namespaces: [nvcr.io/nvidia, nvidia-ai, docker.io/library]
+  rules:
+    - {repositories: ["nvcr.io/myorg/**", "fake.lab:8080/team/x", "NVCR.IO/other/*", "nvcr.lab/lab/*", "docker.io/python", "docker.io/org/*", "plain/x"], users: [alice]}
+tracking:
+  repositories: [nvcr.io/nvidia/pytorch, nvcr.lab/nvidia/cuda, nvidia/tritonserver]
+prefetch:
+  rules:
+    - {name: r, repositories: ["nvcr.io/nvidia/*", "docker.io/library/*"], tags: {latest: 1}}
+cache:
+  pin: [nvcr.io/nvidia/pytorch:24.05-py3]
+`)
+	c, err := Load(p, noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		key       string
+		got, want []string
+	}{
+		{"access.public_namespaces", c.Access.PublicNamespaces, []string{"nvidia", "nvidia-ai", "docker.io/library"}},
+		{"access.rules[0].repositories", c.Access.Rules[0].Repositories,
+			[]string{"myorg/**", "team/x", "other/*", "lab/*", "docker.io/library/python", "docker.io/org/*", "plain/x"}},
+		{"tracking.repositories", c.Tracking.Repositories, []string{"nvidia/pytorch", "nvidia/cuda", "nvidia/tritonserver"}},
+		{"prefetch.rules[0].repositories", c.Prefetch.Rules[0].Repositories, []string{"nvidia/*", "docker.io/library/*"}},
+	} {
+		if strings.Join(tc.got, ",") != strings.Join(tc.want, ",") {
+			t.Errorf("%s = %v, want %v", tc.key, tc.got, tc.want)
+		}
+	}
+}
+
+// TestDefaultRegistryAloneRefused: the default's registry name alone as a
+// public namespace (or as an access rule's or prefetch rule's pattern) has
+// no bare form; it would open (or select) every repository of nvcr.io, the
+// private org's included, so it is refused with the entry named.
+func TestDefaultRegistryAloneRefused(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, yaml, want string }{
+		{"public namespace", "access: {public_namespaces: [nvidia, nvcr.io]}\n", `access.public_namespaces: "nvcr.io"`},
+		{"access rule", "access: {mode: htpasswd, htpasswd_file: /x, rules: [{repositories: [nvcr.io], users: [a]}]}\n", `access.rules[0].repositories: "nvcr.io"`},
+		{"tracked repository", "tracking: {repositories: [NVCR.IO]}\n", `tracking.repositories: "NVCR.IO"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := Load(writeFile(t, "mirror.yaml", tc.yaml), noEnv)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Load = %v, want an error with %q", err, tc.want)
 			}
 		})
 	}
