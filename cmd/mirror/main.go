@@ -604,11 +604,11 @@ func newUpstreams(cfg config.Config, def *upstream.Client, m *metrics.Metrics, l
 		instrument(c, rt, m, name)
 		transports = append(transports, tr)
 		others = append(others, &upstream.Registry{Name: name, Client: c, TagFreshness: time.Duration(u.TagFreshness),
-			Repositories: u.Repositories, RootHosts: u.RootHosts})
+			Repositories: u.Repositories, RootHosts: u.RootHosts, MaxFills: u.MaxFills})
 		log.Info("upstream", "registry", name, "url", origin.String(), "credentials", creds,
-			"repositories", u.Repositories, "root_hosts", u.RootHosts)
+			"repositories", u.Repositories, "root_hosts", u.RootHosts, "max_fills", u.MaxFills)
 	}
-	set, err := upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def}, cfg.Upstream.NSAliases, others...)
+	set, err := upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def, MaxFills: cfg.Upstream.MaxFills}, cfg.Upstream.NSAliases, others...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("config: %w", err)
 	}

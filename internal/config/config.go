@@ -110,6 +110,9 @@ type Upstream struct {
 	// BlobIdleTimeout aborts a blob fill when the upstream sends nothing for
 	// this long. There is no total deadline on blobs.
 	BlobIdleTimeout Duration `yaml:"blob_idle_timeout"`
+	// MaxFills bounds this upstream's blob downloads at once, beside
+	// limits.max_fills (0: that bound only); as upstreams.<name>.max_fills.
+	MaxFills int `yaml:"max_fills"`
 }
 
 // Storage selects the cache's storage driver.
@@ -381,6 +384,9 @@ func (c Config) Validate() error {
 	}
 	if _, err := clientip.ParseTrusted(c.Server.TrustedProxies); err != nil {
 		errs = append(errs, fmt.Errorf("server.trusted_proxies (MIRROR_TRUSTED_PROXIES): %w", err))
+	}
+	if c.Upstream.MaxFills < 0 {
+		errs = append(errs, errors.New("upstream.max_fills must not be negative"))
 	}
 	if c.Limits.MaxFills < 0 || c.Limits.RequestsPerSecond < 0 || c.Limits.ShutdownGrace < 0 {
 		errs = append(errs, errors.New("limits.max_fills, limits.requests_per_second and limits.shutdown_grace must not be negative"))

@@ -40,6 +40,10 @@ type ExtraUpstream struct {
 	// what Docker's registry-mirrors needs for docker.io, which sends
 	// Docker Hub names without a prefix. A DNS alias of the mirror.
 	RootHosts []string `yaml:"root_hosts"`
+	// MaxFills bounds this upstream's blob downloads at once, beside
+	// limits.max_fills (0: that bound only), so that its slow misses
+	// cannot take every download slot from the other upstreams.
+	MaxFills int `yaml:"max_fills"`
 }
 
 // PasswordEnv is the environment variable that overrides the password of
@@ -116,6 +120,9 @@ func (c Config) validateUpstreams() []error {
 		}
 		if u.TagFreshness < 0 {
 			errs = append(errs, fmt.Errorf("%s.tag_freshness must not be negative", key))
+		}
+		if u.MaxFills < 0 {
+			errs = append(errs, fmt.Errorf("%s.max_fills must not be negative", key))
 		}
 		for _, p := range u.Repositories {
 			if _, err := path.Match(strings.ReplaceAll(p, "**", "*"), "x"); err != nil || p == "" || strings.HasPrefix(p, name+"/") {

@@ -168,3 +168,32 @@ func TestDefaultRegistryAloneRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestMaxFillsPerUpstreamConfig: upstreams.<name>.max_fills and
+// upstream.max_fills (the default's) bound one upstream's downloads
+// beside limits.max_fills; 0 (absent) leaves only the global bound, and a
+// negative one is refused.
+func TestMaxFillsPerUpstreamConfig(t *testing.T) {
+	t.Parallel()
+	c, err := Load(writeFile(t, "mirror.yaml", `
+upstream: {max_fills: 40}
+upstreams:
+  docker.io: {url: https://registry-1.docker.io, max_fills: 8}
+  ghcr.io: {url: https://ghcr.io}
+`), noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Upstream.MaxFills != 40 || c.Upstreams["docker.io"].MaxFills != 8 || c.Upstreams["ghcr.io"].MaxFills != 0 || c.Limits.MaxFills != 64 {
+		t.Fatalf("max_fills: default %d, docker.io %d, ghcr.io %d, global %d", c.Upstream.MaxFills, c.Upstreams["docker.io"].MaxFills,
+			c.Upstreams["ghcr.io"].MaxFills, c.Limits.MaxFills)
+	}
+	for yaml, want := range map[string]string{
+		"upstreams:\n  docker.io: {url: https://r.io, max_fills: -1}\n": "upstreams.docker.io.max_fills",
+		"upstream: {max_fills: -2}\n":                                   "upstream.max_fills",
+	} {
+		if _, err := Load(writeFile(t, "mirror.yaml", yaml), noEnv); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Load(%q) = %v, want an error naming %s", yaml, err, want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
 
@@ -117,15 +118,9 @@ func (s *Service) StatBlob(ctx context.Context, repo string, dgst digest.Digest)
 func (b *Blob) fetch() error {
 	s := b.s
 	b.attempts++
-	var f *fill.Fill
-	var err error
-	if b.missed && b.attempts == 1 {
-		// The lookup missed: a new fill skips its own existence check
-		// unless a fill of the digest committed since. A retry looks again.
-		f, _, err = s.fills.JoinMissed(b.Digest, b.seq, s.source(b.repo, b.Digest))
-	} else {
-		f, _, err = s.fills.Join(b.Digest, s.source(b.repo, b.Digest))
-	}
+	// The lookup missed: a new fill skips its own existence check unless
+	// a fill of the digest committed since. A retry looks again.
+	f, err := s.join(b.repo, b.Digest, s.source(b.repo, b.Digest), b.missed && b.attempts == 1, b.seq)
 	if err != nil {
 		return err // ErrBusy
 	}
@@ -296,6 +291,71 @@ func (b *Blob) Close() {
 	}
 }
 
+// join joins the running fill of dgst or starts one that reads from src,
+// the source of repository repo. missed says the caller's cache lookup,
+// started after fills.Seq returned seq, found dgst not cached
+// (fill.Group.JoinMissed). A new fill counts against the bound of repo's
+// upstream (upstream.Registry.MaxFills) as well as the global one: beyond
+// either it is ErrBusy. A running fill is joined whatever the bounds.
+func (s *Service) join(repo string, dgst digest.Digest, src fill.Source, missed bool, seq uint64) (*fill.Fill, error) {
+	start := func() (*fill.Fill, bool, error) {
+		if missed {
+			return s.fills.JoinMissed(dgst, seq, src)
+		}
+		return s.fills.Join(dgst, src)
+	}
+	r, _ := s.at(repo)
+	if r.MaxFills <= 0 {
+		f, _, err := start()
+		return f, err
+	}
+	if f := s.fills.Running(dgst); f != nil {
+		return f, nil
+	}
+	if !s.slots.take(r.Name, r.MaxFills) {
+		return nil, fmt.Errorf("%w: %d blob downloads from %s run already (its max_fills)", ErrBusy, r.MaxFills, r.Name)
+	}
+	f, started, err := start()
+	if err != nil || !started {
+		s.slots.give(r.Name) // refused, or joined one started meanwhile
+		return f, err
+	}
+	// The slot is the fill's until it ends, whoever holds it then.
+	go func() {
+		_ = f.Done(context.Background())
+		s.slots.give(r.Name)
+	}()
+	return f, nil
+}
+
+// fillSlots counts the fills running per upstream (by registry name) that
+// have a bound of their own. The zero value is ready to use.
+type fillSlots struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// take reserves a slot of upstream name if fewer than limit are taken.
+func (fs *fillSlots) take(name string, limit int) bool {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if fs.n == nil {
+		fs.n = map[string]int{}
+	}
+	if fs.n[name] >= limit {
+		return false
+	}
+	fs.n[name]++
+	return true
+}
+
+// give returns a slot of upstream name.
+func (fs *fillSlots) give(name string) {
+	fs.mu.Lock()
+	fs.n[name]--
+	fs.mu.Unlock()
+}
+
 // source is where a fill of dgst from repository repo gets its bytes: the
 // upstream, or with Options.Cluster the replica owning the blob. Its
 // errors are *sourceError naming repo, so that a client that joined the
@@ -396,12 +456,7 @@ func (s *Service) cacheBlob(ctx context.Context, repo string, dgst digest.Digest
 	if wrap != nil {
 		src = wrap(src)
 	}
-	var f *fill.Fill
-	if errors.Is(lerr, storage.ErrNotFound) {
-		f, _, err = s.fills.JoinMissed(dgst, seq, src)
-	} else {
-		f, _, err = s.fills.Join(dgst, src)
-	}
+	f, err := s.join(repo, dgst, src, errors.Is(lerr, storage.ErrNotFound), seq)
 	if err != nil {
 		return false, err
 	}

@@ -119,6 +119,7 @@ type Service struct {
 	cache     CacheTracker
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	redirects *redirectHolds     // leases kept for presigned URLs handed out
+	slots     fillSlots          // fills per upstream with a bound of its own
 	owner     string             // this replica in manifest leases
 }
 
