@@ -22,11 +22,18 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
+// randomBlob is a blob of n random bytes.
 func randomBlob(t *testing.T, n int) ngctest.Content {
 	t.Helper()
 	body := make([]byte, n)
 	_, _ = rand.Read(body)
 	return ngctest.Content{MediaType: "application/octet-stream", Digest: digest.FromBytes(body), Body: body}
+}
+
+// anonymousClient is a client of u without credentials.
+func anonymousClient(u *ngctest.Upstream) *upstream.Client {
+	origin, _ := url.Parse(u.URL())
+	return upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
 }
 
 // TestMaxFillsPerUpstream: an upstream with its own bound (Registry.MaxFills
@@ -66,12 +73,8 @@ func TestMaxFillsPerUpstream(t *testing.T) {
 		}
 	}
 	t.Cleanup(unblock)
-	client := func(u *ngctest.Upstream) *upstream.Client {
-		origin, _ := url.Parse(u.URL())
-		return upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
-	}
-	ups, err := upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: client(def)}, nil,
-		&upstream.Registry{Name: "slow.example", Client: client(slow), MaxFills: 1})
+	ups, err := upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: anonymousClient(def)}, nil,
+		&upstream.Registry{Name: "slow.example", Client: anonymousClient(slow), MaxFills: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

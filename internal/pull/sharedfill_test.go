@@ -1,17 +1,12 @@
 package pull_test
 
 import (
-	"crypto/rand"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/opencontainers/go-digest"
-
-	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/fill"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
@@ -29,9 +24,7 @@ func TestCacheBlobRetriesAnotherUpstreamsFailure(t *testing.T) {
 	def, other := ngctest.New(ngctest.Options{}), ngctest.New(ngctest.Options{})
 	t.Cleanup(def.Close)
 	t.Cleanup(other.Close)
-	body := make([]byte, 64<<10)
-	_, _ = rand.Read(body)
-	c := ngctest.Content{MediaType: "application/octet-stream", Digest: digest.FromBytes(body), Body: body}
+	c := randomBlob(t, 64<<10)
 	def.AddBlob("nvidia/a", c)
 	other.AddBlob("org/b", c)
 	arrived, release := make(chan struct{}), make(chan struct{})
@@ -43,12 +36,8 @@ func TestCacheBlobRetriesAnotherUpstreamsFailure(t *testing.T) {
 		once.Do(func() { close(arrived); <-release })
 		return ngctest.FailWith(http.StatusNotFound)(w, r)
 	})
-	client := func(u *ngctest.Upstream) *upstream.Client {
-		origin, _ := url.Parse(u.URL())
-		return upstream.New(origin, auth.NewTransport(nil, origin, auth.Credentials{}, nil))
-	}
-	ups, err := upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: client(def)}, nil,
-		&upstream.Registry{Name: "ghcr.example", Client: client(other)})
+	ups, err := upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: anonymousClient(def)}, nil,
+		&upstream.Registry{Name: "ghcr.example", Client: anonymousClient(other)})
 	if err != nil {
 		t.Fatal(err)
 	}
