@@ -397,25 +397,6 @@ func TestUpstreamOutageIsolation(t *testing.T) {
 			}
 			f.apply(u)
 
-			// /readyz: still ready (the cache serves), every upstream
-			// reported by its registry name.
-			code, rep := readyz(t, m)
-			ups, _ := rep["upstreams"].(map[string]any)
-			state := func(name string) any { s, _ := ups[name].(map[string]any); return s["status"] }
-			def := strings.ToLower(u.ngc.Host()) // the default's registry name: its URL's host
-			if code != http.StatusOK || rep["status"] != "ready" {
-				t.Fatalf("/readyz with %s: %d %v, want 200 ready", f.name, code, rep)
-			}
-			for _, name := range []string{def, "docker.io", "registry.k8s.io"} {
-				down := name == f.target || (f.target == "nvcr.io" && name == def)
-				if !down && state(name) != "ok" {
-					t.Errorf("/readyz with %s: upstreams[%s] = %v, want ok", f.name, name, ups[name])
-				}
-				if down && strings.HasSuffix(f.name, "offline") && state(name) != "unreachable" {
-					t.Errorf("/readyz with %s: upstreams[%s] = %v, want unreachable", f.name, name, ups[name])
-				}
-			}
-
 			for _, p := range warmA {
 				before := len(failing.Requests())
 				pullOK(p, "cached image of the failing upstream, by tag:")
@@ -439,6 +420,26 @@ func TestUpstreamOutageIsolation(t *testing.T) {
 			}
 			for _, p := range coldB {
 				pullOK(p, "other upstream, cold:")
+			}
+			// /readyz: still ready (the cache serves), every upstream
+			// reported by its registry name. Asked last: its ping of a
+			// 429ing upstream backs that client off, and the pulls above
+			// must reach it.
+			code, rep := readyz(t, m)
+			ups, _ := rep["upstreams"].(map[string]any)
+			state := func(name string) any { s, _ := ups[name].(map[string]any); return s["status"] }
+			def := strings.ToLower(u.ngc.Host()) // the default's registry name: its URL's host
+			if code != http.StatusOK || rep["status"] != "ready" {
+				t.Fatalf("/readyz with %s: %d %v, want 200 ready", f.name, code, rep)
+			}
+			for _, name := range []string{def, "docker.io", "registry.k8s.io"} {
+				down := name == f.target || (f.target == "nvcr.io" && name == def)
+				if !down && state(name) != "ok" {
+					t.Errorf("/readyz with %s: upstreams[%s] = %v, want ok", f.name, name, ups[name])
+				}
+				if down && strings.HasSuffix(f.name, "offline") && state(name) != "unreachable" {
+					t.Errorf("/readyz with %s: upstreams[%s] = %v, want unreachable", f.name, name, ups[name])
+				}
 			}
 			u.noNSUpstream(t)
 		})
