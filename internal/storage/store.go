@@ -196,13 +196,19 @@ func translate(err error) error {
 }
 
 // Probe checks that the cache accepts a write: it writes and removes a
-// small object (HealthPath).
+// small object (HealthPath, one for every replica sharing the storage).
 func (s *Store) Probe(ctx context.Context) error {
 	p := mustPath(HealthPath{})
 	if err := s.d.PutContent(ctx, p, []byte("ok")); err != nil {
 		return fmt.Errorf("storage: probe write: %w", err)
 	}
-	return translate(s.d.Delete(ctx, p))
+	// Replicas sharing a bucket probe the same object: one may remove it
+	// between this write and this removal. The write worked, which is
+	// what the probe asks.
+	if err := translate(s.d.Delete(ctx, p)); err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	return nil
 }
 
 // PurgeUploads removes uploads left by fills that a crash interrupted. It

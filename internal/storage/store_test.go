@@ -736,3 +736,43 @@ func TestBlobAppendAndHashApart(t *testing.T) {
 		})
 	}
 }
+
+// interleavedDriver runs other (another replica's probe of the same
+// storage) right after each of its own writes of path, before returning.
+type interleavedDriver struct {
+	driver.StorageDriver
+	path  string
+	other func()
+}
+
+func (d interleavedDriver) PutContent(ctx context.Context, p string, content []byte) error {
+	err := d.StorageDriver.PutContent(ctx, p, content)
+	if p == d.path {
+		d.other()
+	}
+	return err
+}
+
+// TestProbeOfSharedStorage: replicas sharing a bucket probe the same
+// object; one whose probe object the other removed in between is still
+// writable (readiness must not flap when two probes overlap).
+func TestProbeOfSharedStorage(t *testing.T) {
+	t.Parallel()
+	root := t.TempDir()
+	fs := func() driver.StorageDriver {
+		return filesystem.New(filesystem.DriverParameters{RootDirectory: root, MaxThreads: 10})
+	}
+	other := storage.New(fs())
+	var otherErr error
+	s := storage.New(interleavedDriver{StorageDriver: fs(), path: pathOf(t, storage.HealthPath{}),
+		other: func() { otherErr = other.Probe(t.Context()) }})
+	if err := s.Probe(t.Context()); err != nil {
+		t.Fatalf("probe overlapped by another replica's: %v", err)
+	}
+	if otherErr != nil {
+		t.Fatalf("the other replica's probe: %v", otherErr)
+	}
+	if f := files(t, fs(), "/"); len(f) != 0 {
+		t.Fatalf("probes left %v", f)
+	}
+}
