@@ -145,7 +145,8 @@ func (s *Server) stateFailed(w http.ResponseWriter, err error) {
 	writeError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the state store (Redis or the embedded file) is unavailable; retry later")
 }
 
-// upstreamFailed maps an upstream error for a repository or manifest.
+// upstreamFailed maps an upstream error for what: "manifest", "blob" or
+// "repository NAME" (it names the thing in the message).
 func upstreamFailed(w http.ResponseWriter, err error, what string) {
 	switch {
 	case errors.Is(err, upstream.ErrNotFound):
@@ -155,7 +156,9 @@ func upstreamFailed(w http.ResponseWriter, err error, what string) {
 		}
 		writeError(w, http.StatusNotFound, code, what+" unknown to the upstream registry")
 	case errors.Is(err, upstream.ErrDenied), errors.Is(err, upstream.ErrUnauthorized):
-		writeError(w, http.StatusForbidden, "DENIED", "the upstream registry refused the mirror access to this repository")
+		// Docker Hub and others answer an unknown repository so too.
+		writeError(w, http.StatusForbidden, "DENIED", "the upstream registry refused the mirror access to "+what+
+			": it does not exist there, or the mirror's upstream credentials do not cover it")
 	default:
 		writeError(w, http.StatusBadGateway, "UNAVAILABLE", "the upstream registry could not answer: "+err.Error())
 	}
@@ -224,8 +227,11 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "NAME_INVALID", "query parameter repository is required")
 		return
 	}
-	if !names.ValidRepository(repo) {
-		writeError(w, http.StatusBadRequest, "NAME_INVALID", "invalid repository name "+strconv.Quote(repo))
+	// The qualified name, as prefetch and pins read it: nvcr.io/ dropped,
+	// docker.io/ubuntu is docker.io/library/ubuntu.
+	repo, err := names.ParseRepository(repo, s.opts.UpstreamHosts, s.opts.Upstreams...)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "NAME_INVALID", err.Error())
 		return
 	}
 	monthly, err1 := boolParam(q, "monthly")
@@ -244,7 +250,7 @@ func (s *Server) tags(w http.ResponseWriter, r *http.Request) {
 			if errors.Is(err, tracking.ErrState) {
 				s.stateFailed(w, err)
 			} else {
-				upstreamFailed(w, err, "repository")
+				upstreamFailed(w, err, "repository "+repo)
 			}
 			return
 		}

@@ -403,3 +403,32 @@ func TestPrefetchFurtherUpstream(t *testing.T) {
 		t.Errorf("an unconfigured registry: %d %s", st, code)
 	}
 }
+
+// TestTagsOfDockerHubShortName (U1 F3): the tags API reads docker.io/ubuntu
+// as docker.io/library/ubuntu, as prefetch, pins and the registry API do,
+// and drops a default upstream host (nvcr.io/nvidia/pytorch).
+func TestTagsOfDockerHubShortName(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{Via: "docker.io"})
+	if _, err := w.Up.AddRelease("library/ubuntu", "24.04", 1024); err != nil {
+		t.Fatal(err)
+	}
+	w.Start(t)
+	srv := httptest.NewServer(admin.New(w.Sched, w.Tracker, w.Pull, admin.Options{Token: token, UpstreamHosts: []string{"nvcr.io"}, Upstreams: []string{"docker.io"}}))
+	t.Cleanup(srv.Close)
+	a := &api{t: t, w: w, srv: srv}
+	for _, name := range []string{"docker.io/ubuntu", "docker.io/library/ubuntu", "DOCKER.IO/ubuntu"} {
+		var resp struct {
+			Repository string
+			Tags       []admin.TagInfo
+		}
+		st, code := a.call(http.MethodGet, admin.Prefix+"/tags?repository="+name+"&refresh=true", "", &resp)
+		if st != http.StatusOK || resp.Repository != "docker.io/library/ubuntu" || len(resp.Tags) != 1 || resp.Tags[0].Name != "24.04" {
+			t.Errorf("tags of %s: %d %s %+v", name, st, code, resp)
+		}
+	}
+	for _, name := range []string{"quay.io/org/img", "docker.io/ubuntu:24.04"} {
+		if st, code := a.call(http.MethodGet, admin.Prefix+"/tags?repository="+name, "", nil); st != http.StatusBadRequest || code != "NAME_INVALID" {
+			t.Errorf("tags of %s: %d %s, want 400 NAME_INVALID", name, st, code)
+		}
+	}
+}

@@ -136,31 +136,61 @@ func ParseImage(s string, hosts []string, others ...string) (Reference, error) {
 	if err != nil {
 		return Reference{}, err
 	}
-	if r.Registry != "" {
-		known, other := false, ""
-		for _, h := range hosts {
-			known = known || strings.EqualFold(h, r.Registry)
-		}
-		for _, o := range others {
-			if strings.EqualFold(o, r.Registry) {
-				other = strings.ToLower(o)
-			}
-		}
-		switch {
-		case other != "":
-			r.Repository = QualifiedName(other, r.Repository)
-			if !ValidRepository(r.Repository) {
-				return Reference{}, fmt.Errorf("%w %q: the name is too long", ErrNameInvalid, s)
-			}
-		case !known:
-			return Reference{}, fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)",
-				ErrNameInvalid, s, r.Registry, strings.Join(append(append([]string(nil), hosts...), others...), ", "))
-		}
-		r.Registry = ""
+	if r, err = resolveRegistry(s, r, hosts, others); err != nil {
+		return Reference{}, err
 	}
 	if r.Ref() == "" {
 		return Reference{}, fmt.Errorf("%w: %q names no tag or digest (NGC images have no \"latest\" as a rule): want repository:tag or repository@sha256:...", ErrTagInvalid, s)
 	}
+	return r, nil
+}
+
+// ParseRepository parses a repository name of the mirror's upstreams, as
+// the admin API's tags and `mirror tags` take it: "[registry/]path" with
+// no tag or digest, the registry read as ParseImage reads it (one of hosts
+// is dropped, one of others is kept; on docker.io a one-component path
+// gets "library/": QualifiedName). It returns the qualified name
+// (nvidia/pytorch, docker.io/library/ubuntu). Errors wrap ErrNameInvalid.
+func ParseRepository(s string, hosts []string, others ...string) (string, error) {
+	r, err := ParseReference(s)
+	switch {
+	case err != nil:
+		return "", fmt.Errorf("%w %q: lower-case path components separated by '/', like nvidia/pytorch", ErrNameInvalid, s)
+	case r.Ref() != "":
+		return "", fmt.Errorf("%w %q: a repository, without a tag or digest", ErrNameInvalid, s)
+	}
+	if r, err = resolveRegistry(s, r, hosts, others); err != nil {
+		return "", err
+	}
+	return r.Repository, nil
+}
+
+// resolveRegistry applies ParseImage's registry rule to r, parsed from s:
+// the result's Registry is "" and its Repository the qualified name.
+func resolveRegistry(s string, r Reference, hosts, others []string) (Reference, error) {
+	if r.Registry == "" {
+		return r, nil
+	}
+	known, other := false, ""
+	for _, h := range hosts {
+		known = known || strings.EqualFold(h, r.Registry)
+	}
+	for _, o := range others {
+		if strings.EqualFold(o, r.Registry) {
+			other = strings.ToLower(o)
+		}
+	}
+	switch {
+	case other != "":
+		r.Repository = QualifiedName(other, r.Repository)
+		if !ValidRepository(r.Repository) {
+			return Reference{}, fmt.Errorf("%w %q: the name is too long", ErrNameInvalid, s)
+		}
+	case !known:
+		return Reference{}, fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)",
+			ErrNameInvalid, s, r.Registry, strings.Join(append(append([]string(nil), hosts...), others...), ", "))
+	}
+	r.Registry = ""
 	return r, nil
 }
 
