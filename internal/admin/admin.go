@@ -27,6 +27,7 @@ import (
 	"github.com/go-chi/chi/v5"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
@@ -476,6 +477,11 @@ func (s *Server) prefetch(w http.ResponseWriter, r *http.Request) {
 					writeError(w, http.StatusBadRequest, "RULE_INVALID", "spec name "+strconv.Quote(ru.Name)+" is a configured rule's; run it with {\"rule\": ...} or pick another name")
 					return
 				}
+			}
+			// The checks Load makes of prefetch.rules, then Compile's.
+			if errs := config.RuleRepositories("spec.repositories", req.Spec.Repositories, s.opts.UpstreamHosts, s.opts.Upstreams); len(errs) > 0 {
+				writeError(w, http.StatusBadRequest, "RULE_INVALID", errors.Join(errs...).Error())
+				return
 			}
 			ru, err := prefetch.Compile(*req.Spec)
 			if err != nil {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -430,5 +432,43 @@ func TestTagsOfDockerHubShortName(t *testing.T) {
 		if st, code := a.call(http.MethodGet, admin.Prefix+"/tags?repository="+name, "", nil); st != http.StatusBadRequest || code != "NAME_INVALID" {
 			t.Errorf("tags of %s: %d %s, want 400 NAME_INVALID", name, st, code)
 		}
+	}
+}
+
+// TestSpecNamingUnconfiguredRegistry (U1 F4): a spec whose repository names
+// a registry that is no upstream is refused with Load's own message for
+// the same rule in prefetch.rules, not accepted with no jobs.
+func TestSpecNamingUnconfiguredRegistry(t *testing.T) {
+	a := newAPI(t)
+	req, _ := http.NewRequest(http.MethodPost, a.srv.URL+admin.Prefix+"/prefetch",
+		strings.NewReader(`{"spec":{"name":"x","repositories":["quay.io/foo"],"tags":{"latest":1}}}`))
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var env struct {
+		Errors []struct{ Code, Message string }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&env); err != nil || resp.StatusCode != http.StatusBadRequest || len(env.Errors) != 1 || env.Errors[0].Code != "RULE_INVALID" {
+		t.Fatalf("spec of quay.io/foo: %d %+v (%v), want 400 RULE_INVALID", resp.StatusCode, env, err)
+	}
+	yaml := filepath.Join(t.TempDir(), "m.yaml")
+	if err := os.WriteFile(yaml, []byte("prefetch:\n  rules:\n  - name: x\n    repositories: [quay.io/foo]\n    tags: {latest: 1}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, lerr := config.Load(yaml, func(string) string { return "" })
+	const yamlKey, apiKey = "prefetch.rules[0].repositories: ", "spec.repositories: "
+	if lerr == nil || !strings.Contains(lerr.Error(), yamlKey) {
+		t.Fatalf("Load: %v", lerr)
+	}
+	_, want, _ := strings.Cut(lerr.Error(), yamlKey)
+	if got := env.Errors[0].Message; got != apiKey+want {
+		t.Errorf("message %q, want %q (Load's)", got, apiKey+want)
+	}
+	// A configured rule's form still works: nvidia/... has no registry.
+	if st, code := a.call(http.MethodPost, admin.Prefix+"/prefetch", `{"spec":{"name":"y","repositories":["`+ngctest.PytorchRepo+`"],"tags":{"latest":1}}}`, nil); st != http.StatusAccepted {
+		t.Errorf("a valid spec: %d %s", st, code)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -154,51 +155,15 @@ func (c Config) validateUpstreams() []error {
 // with nvcr.io/ in front would otherwise never match. cache.pin is read
 // by names.ParseImage, which does the same.
 func (c *Config) canonicalNames() {
-	dockerHub := func(n string) string {
-		if reg, p, ok := strings.Cut(n, "/"); ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
-			return names.QualifiedName(reg, p)
-		}
-		return n
-	}
-	canon := func(list []string, official bool) {
-		for i, n := range list {
-			n = c.withoutDefaultRegistry(n)
-			if official {
-				n = dockerHub(n)
-			}
-			list[i] = n
-		}
-	}
-	canon(c.Tracking.Repositories, true)
+	n := c.nameRules()
+	n.canon(c.Tracking.Repositories, true)
 	for i := range c.Prefetch.Rules {
-		canon(c.Prefetch.Rules[i].Repositories, true)
+		n.canon(c.Prefetch.Rules[i].Repositories, true)
 	}
 	for i := range c.Access.Rules {
-		canon(c.Access.Rules[i].Repositories, true)
+		n.canon(c.Access.Rules[i].Repositories, true)
 	}
-	canon(c.Access.PublicNamespaces, false) // namespaces: docker.io/library as written
-}
-
-// withoutDefaultRegistry returns name without its first component when
-// that is a registry name of the default upstream (UpstreamHosts, any
-// case) and something follows it.
-func (c Config) withoutDefaultRegistry(name string) string {
-	first, rest, ok := strings.Cut(name, "/")
-	if ok && rest != "" && c.isDefaultRegistry(first) {
-		return rest
-	}
-	return name
-}
-
-// isDefaultRegistry reports whether s is a registry name of the default
-// upstream (nvcr.io, its URL's host, an ns alias), in any case.
-func (c Config) isDefaultRegistry(s string) bool {
-	for _, h := range c.UpstreamHosts() {
-		if strings.EqualFold(s, h) {
-			return true
-		}
-	}
-	return false
+	n.canon(c.Access.PublicNamespaces, false) // namespaces: docker.io/library as written
 }
 
 // validateNames checks that the repositories (and patterns) that access
@@ -209,36 +174,77 @@ func (c Config) isDefaultRegistry(s string) bool {
 // name alone (nvcr.io) is refused: it has no bare form, and would stand
 // for every repository of nvcr.io, the private org's included.
 func (c Config) validateNames() []error {
-	var errs []error
-	check := func(key, name string) {
-		first, _, _ := strings.Cut(name, "/")
-		switch {
-		case c.isDefaultRegistry(strings.TrimSuffix(name, "/")):
-			errs = append(errs, fmt.Errorf("%s: %q is the default upstream's registry name alone; name its repositories or namespaces without it (nvidia, nvidia/pytorch, myorg/**)", key, name))
-		case !(strings.ContainsAny(first, ".:") || first == "localhost") || !strings.Contains(name, "/"):
-			// nvcr.io's, or a further upstream's name alone (docker.io
-			// as a public namespace opens all of it)
-		default:
-			if _, known := c.Upstreams[first]; !known {
-				errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it or with nvcr.io/: nvidia/pytorch)", key, name, first))
-			}
-		}
-	}
-	for _, r := range c.Tracking.Repositories {
-		check("tracking.repositories", r)
-	}
+	n := c.nameRules()
+	errs := n.check("tracking.repositories", c.Tracking.Repositories)
 	for i, r := range c.Prefetch.Rules {
-		for _, p := range r.Repositories {
-			check(fmt.Sprintf("prefetch.rules[%d].repositories", i), p)
-		}
+		errs = append(errs, n.check(fmt.Sprintf("prefetch.rules[%d].repositories", i), r.Repositories)...)
 	}
 	for i, r := range c.Access.Rules {
-		for _, p := range r.Repositories {
-			check(fmt.Sprintf("access.rules[%d].repositories", i), p)
-		}
+		errs = append(errs, n.check(fmt.Sprintf("access.rules[%d].repositories", i), r.Repositories)...)
 	}
-	for _, ns := range c.Access.PublicNamespaces {
-		check("access.public_namespaces", ns)
+	return append(errs, n.check("access.public_namespaces", c.Access.PublicNamespaces)...)
+}
+
+// RuleRepositories does for the repositories of a prefetch rule given
+// elsewhere (the admin API's spec) what Load does for prefetch.rules:
+// repos are rewritten in place as the mirror names them (canonicalNames),
+// and a name of a registry that is not configured is an error worded as
+// Load's, with key in front. defaultHosts are the default upstream's
+// registry names (Config.UpstreamHosts); upstreams the keys of upstreams
+// (Config.UpstreamNames).
+func RuleRepositories(key string, repos, defaultHosts, upstreams []string) []error {
+	n := nameRules{defaults: defaultHosts, upstreams: upstreams}
+	n.canon(repos, true)
+	return n.check(key, repos)
+}
+
+// nameRules reads repository names of the config against the registries
+// it pulls from.
+type nameRules struct {
+	defaults  []string // the default upstream's registry names (nvcr.io, its host, ns aliases)
+	upstreams []string // the keys of upstreams
+}
+
+func (c Config) nameRules() nameRules {
+	return nameRules{defaults: c.UpstreamHosts(), upstreams: c.UpstreamNames()}
+}
+
+// isDefault reports whether s is a registry name of the default upstream,
+// in any case.
+func (n nameRules) isDefault(s string) bool {
+	return slices.ContainsFunc(n.defaults, func(h string) bool { return strings.EqualFold(s, h) })
+}
+
+// canon rewrites list in place: without a default registry name in front
+// and, when official, docker.io's one-component names (not patterns) with
+// library/.
+func (n nameRules) canon(list []string, official bool) {
+	for i, name := range list {
+		if first, rest, ok := strings.Cut(name, "/"); ok && rest != "" && n.isDefault(first) {
+			name = rest
+		}
+		if reg, p, ok := strings.Cut(name, "/"); official && ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
+			name = names.QualifiedName(reg, p)
+		}
+		list[i] = name
+	}
+}
+
+// check returns an error, keyed key, for each name of list that is the
+// default's registry name alone or names a registry not in upstreams.
+func (n nameRules) check(key string, list []string) []error {
+	var errs []error
+	for _, name := range list {
+		first, _, _ := strings.Cut(name, "/")
+		switch {
+		case n.isDefault(strings.TrimSuffix(name, "/")):
+			errs = append(errs, fmt.Errorf("%s: %q is the default upstream's registry name alone; name its repositories or namespaces without it (nvidia, nvidia/pytorch, myorg/**)", key, name))
+		case !names.LooksLikeRegistry(first) || !strings.Contains(name, "/"):
+			// nvcr.io's, or a further upstream's name alone (docker.io
+			// as a public namespace opens all of it)
+		case !slices.Contains(n.upstreams, first):
+			errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it or with nvcr.io/: nvidia/pytorch)", key, name, first))
+		}
 	}
 	return errs
 }
