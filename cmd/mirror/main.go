@@ -101,6 +101,9 @@ func main() {
 	// configured level is not known yet: info).
 	boot := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg, err := loadConfig(*cfgPath)
+	if err == nil {
+		err = cfg.ValidateSecret() // the peer protocol's; serve alone needs it
+	}
 	if err != nil {
 		boot.Error("configuration refused", "err", err)
 		os.Exit(2)

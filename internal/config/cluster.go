@@ -26,6 +26,10 @@ type Cluster struct {
 	// MIRROR_CLUSTER_SECRET or SecretFile.
 	Secret     string `yaml:"secret"`
 	SecretFile string `yaml:"secret_file"`
+	// secretErr is why SecretFile could not be read: an error of
+	// ValidateSecret (serve's), not of Load, so that operator commands
+	// on a host without the file still run.
+	secretErr error
 	// Heartbeat is how often membership and ownership leases are renewed
 	// in Redis; a replica is dropped after 3 missed heartbeats. Default 2s.
 	Heartbeat Duration `yaml:"heartbeat"`
@@ -42,8 +46,9 @@ func defaultCluster() Cluster {
 func (c Cluster) Enabled() bool { return c.Advertise != "" }
 
 // loadClusterEnv applies MIRROR_CLUSTER_ADVERTISE, MIRROR_CLUSTER_LISTEN
-// and MIRROR_CLUSTER_SECRET, then reads SecretFile when no secret is set.
-func (c *Config) loadClusterEnv(getenv func(string) string) error {
+// and MIRROR_CLUSTER_SECRET, then reads SecretFile when no secret is set
+// (a failure is kept for ValidateSecret).
+func (c *Config) loadClusterEnv(getenv func(string) string) {
 	for env, dst := range map[string]*string{
 		"MIRROR_CLUSTER_ADVERTISE": &c.Cluster.Advertise,
 		"MIRROR_CLUSTER_LISTEN":    &c.Cluster.Listen,
@@ -56,9 +61,28 @@ func (c *Config) loadClusterEnv(getenv func(string) string) error {
 	if c.Cluster.Secret == "" && c.Cluster.SecretFile != "" {
 		raw, err := os.ReadFile(c.Cluster.SecretFile)
 		if err != nil {
-			return fmt.Errorf("config: cluster.secret_file: %w", err)
+			c.Cluster.secretErr = fmt.Errorf("config: cluster.secret_file: %w", err)
+			return
 		}
 		c.Cluster.Secret = strings.TrimSpace(string(raw))
+	}
+}
+
+// ValidateSecret checks the cluster secret, which only the peer protocol
+// (serve with cluster.advertise) uses: readable from cluster.secret_file
+// and at least MinClusterSecret characters. Load does not check it, so
+// that the operator commands (fsck, gc, jobs, tags, ...) run with a
+// replica's config whose secret is in serve's environment alone
+// (MIRROR_CLUSTER_SECRET). The error never shows the secret.
+func (c Config) ValidateSecret() error {
+	cl := c.Cluster
+	switch {
+	case !cl.Enabled():
+		return nil
+	case cl.secretErr != nil:
+		return cl.secretErr
+	case len(cl.Secret) < MinClusterSecret:
+		return fmt.Errorf("config: cluster.secret (MIRROR_CLUSTER_SECRET or cluster.secret_file) of at least %d characters is required with cluster.advertise", MinClusterSecret)
 	}
 	return nil
 }
@@ -79,9 +103,6 @@ func (c Config) validateCluster() []error {
 		errs = append(errs, errors.New("cluster.listen (MIRROR_CLUSTER_LISTEN): want host:port or :port"))
 	} else if cl.Listen == c.Addr {
 		errs = append(errs, errors.New("cluster.listen must differ from addr: the peer endpoint has a listener of its own"))
-	}
-	if len(cl.Secret) < MinClusterSecret {
-		errs = append(errs, fmt.Errorf("cluster.secret (MIRROR_CLUSTER_SECRET or cluster.secret_file) of at least %d characters is required with cluster.advertise", MinClusterSecret))
 	}
 	if c.State.RedisURL == "" {
 		errs = append(errs, errors.New("cluster.advertise needs state.redis_url (MIRROR_REDIS_URL): membership and blob leases live in Redis"))

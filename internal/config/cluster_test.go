@@ -1,6 +1,7 @@
 package config
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -43,7 +44,10 @@ func TestClusterConfig(t *testing.T) {
 		{"same listener", map[string]string{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef",
 			"MIRROR_ADDR": ":5002"}, "must differ from addr"},
 	} {
-		_, err := Load("", envOf(tc.env))
+		c, err := Load("", envOf(tc.env))
+		if err == nil {
+			err = c.ValidateSecret()
+		}
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want it to mention %q", tc.name, err, tc.want)
 		}
@@ -56,6 +60,25 @@ func TestClusterConfig(t *testing.T) {
 		"MIRROR_CLUSTER_LISTEN": "[::]:5002", "MIRROR_CLUSTER_SECRET": "0123456789abcdef"}
 	if c, err := Load("", envOf(v6)); err != nil || c.Cluster.Advertise != "http://[fd00::5]:5002" {
 		t.Errorf("IPv6 advertise and listener: %+v, %v", c.Cluster, err)
+	}
+	// The operator commands load a replica's config whose secret is in
+	// serve's environment only, or in a file they cannot read (U1 F5);
+	// serve refuses it (ValidateSecret).
+	for _, env := range []map[string]string{
+		{"MIRROR_REDIS_URL": "redis://r/0", "MIRROR_CLUSTER_ADVERTISE": "http://m:5002"},
+	} {
+		c, err := Load("", envOf(env))
+		if err != nil {
+			t.Errorf("Load without the secret: %v", err)
+		} else if err := c.ValidateSecret(); err == nil || !strings.Contains(err.Error(), "cluster.secret") {
+			t.Errorf("ValidateSecret without the secret: %v", err)
+		}
+	}
+	nofile := writeFile(t, "m.yaml", "cluster:\n  advertise: http://m1:5002\n  secret_file: "+filepath.Join(t.TempDir(), "absent")+"\nstate:\n  redis_url: redis://r:6379/0\n")
+	if c, err := Load(nofile, noEnv); err != nil {
+		t.Errorf("Load with an unreadable secret_file: %v", err)
+	} else if err := c.ValidateSecret(); err == nil || !strings.Contains(err.Error(), "cluster.secret_file") {
+		t.Errorf("ValidateSecret with an unreadable secret_file: %v", err)
 	}
 	// Without advertise nothing is required.
 	if _, err := Load("", envOf(map[string]string{"MIRROR_CLUSTER_SECRET": "x"})); err != nil {

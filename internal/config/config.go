@@ -311,9 +311,7 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		}
 		c.Upstream.APIKey = strings.TrimSpace(string(raw))
 	}
-	if err := c.loadClusterEnv(getenv); err != nil {
-		return c, err
-	}
+	c.loadClusterEnv(getenv)
 	return c, c.Validate()
 }
 
