@@ -79,7 +79,7 @@ func fsck(args []string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	store, dir, err := openStore(ctx, cfg)
+	store, _, err := openStore(ctx, cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fsck:", err)
 		return 2
@@ -97,20 +97,25 @@ func fsck(args []string) int {
 			}
 		}
 	}
-	damaged, err := store.Check(ctx, mode, progress)
-	for _, d := range damaged {
+	res, err := store.Check(ctx, mode, progress)
+	for _, d := range res.Damaged {
 		fmt.Printf("DAMAGED %s %s: %s\n", d.Kind, d.Digest, d.Problem)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fsck:", err)
 		return 2
 	}
-	if len(damaged) > 0 {
-		fmt.Printf("fsck: %s: %d damaged objects (%s)\n", dir, len(damaged), repair)
+	if len(res.Damaged) > 0 {
+		fmt.Printf("fsck: %s: %d damaged objects (%s) of %s\n", store.Location(), len(res.Damaged), repair, tally(res.Checked))
 		return 1
 	}
-	fmt.Printf("fsck: %s: clean\n", dir)
+	fmt.Printf("fsck: %s: clean (%s)\n", store.Location(), tally(res.Checked))
 	return 0
+}
+
+// tally says what fsck or gc looked at: "12 blobs, 6 manifests, 1.2 GiB".
+func tally(t storage.Tally) string {
+	return fmt.Sprintf("%d blobs, %d manifests, %s", t.Blobs, t.Manifests, humanBytes(t.Bytes))
 }
 
 // gc removes blobs no cached manifest refers to and stale uploads. It is
@@ -122,7 +127,7 @@ func gc(args []string) int {
 		fs.BoolVar(&dry, "dry-run", false, "report what would be removed, remove nothing")
 		fs.DurationVar(&grace, "grace", grace, "keep blobs and uploads younger than this")
 	})
-	store, dir, err := openStore(context.Background(), cfg)
+	store, _, err := openStore(context.Background(), cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gc:", err)
 		return 2
@@ -136,8 +141,8 @@ func gc(args []string) int {
 	if dry {
 		verb = "would remove"
 	}
-	fmt.Printf("gc: %s: %s %d unreferenced blobs (%d bytes) and %d stale uploads (%d bytes)\n",
-		dir, verb, res.Blobs, res.BlobBytes, res.Uploads, res.UploadBytes)
+	fmt.Printf("gc: %s: checked %s; %s %d unreferenced blobs (%d bytes) and %d stale uploads (%d bytes)\n",
+		store.Location(), tally(res.Checked), verb, res.Blobs, res.BlobBytes, res.Uploads, res.UploadBytes)
 	return 0
 }
 

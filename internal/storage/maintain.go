@@ -77,38 +77,61 @@ func (s *Store) eachObject(ctx context.Context, f func(object)) error {
 	return nil
 }
 
+// Tally counts the objects an operation looked at (Check, GC): blobs,
+// manifests and their bytes as stored.
+type Tally struct {
+	Blobs, Manifests int
+	Bytes            int64
+}
+
+func (c *Tally) count(o object) {
+	if o.kind == KindManifest {
+		c.Manifests++
+	} else {
+		c.Blobs++
+	}
+	c.Bytes += o.size
+}
+
+// CheckResult is what Check rehashed (Checked) and what it found damaged:
+// the objects whose content does not match their digest.
+type CheckResult struct {
+	Checked Tally
+	Damaged []Damage
+}
+
 // Check rehashes every cached blob and manifest and returns those whose
 // content does not match the digest they are stored under (or whose name
-// is not a valid digest), after applying repair to them. It is safe while
-// the mirror serves: objects are immutable once visible.
-func (s *Store) Check(ctx context.Context, repair Repair, progress CheckProgress) ([]Damage, error) {
+// is not a valid digest), after applying repair to them, with the counts
+// of what it rehashed. It is safe while the mirror serves: objects are
+// immutable once visible.
+func (s *Store) Check(ctx context.Context, repair Repair, progress CheckProgress) (CheckResult, error) {
+	var res CheckResult
 	objs, err := s.objects(ctx)
 	if err != nil {
-		return nil, err
+		return res, err
 	}
 	var totalBytes int64
 	for _, o := range objs {
 		totalBytes += o.size
 	}
-	var damaged []Damage
-	var doneBytes int64
 	for i, o := range objs {
 		if err := ctx.Err(); err != nil {
-			return damaged, err
+			return res, err
 		}
 		if problem := s.verify(ctx, o); problem != "" && !s.vanished(ctx, o) {
 			d := Damage{Kind: o.kind, Digest: o.dgst, Path: o.path, Problem: problem}
 			if err := s.repair(ctx, o, repair); err != nil {
 				d.Problem += fmt.Sprintf(" (repair failed: %v)", err)
 			}
-			damaged = append(damaged, d)
+			res.Damaged = append(res.Damaged, d)
 		}
-		doneBytes += o.size
+		res.Checked.count(o)
 		if progress != nil {
-			progress(int64(i+1), int64(len(objs)), doneBytes, totalBytes)
+			progress(int64(i+1), int64(len(objs)), res.Checked.Bytes, totalBytes)
 		}
 	}
-	return damaged, nil
+	return res, nil
 }
 
 // vanished reports whether o is gone from the store: removed by gc or
@@ -178,8 +201,10 @@ func (s *Store) uploadLive(ctx context.Context, p string) bool {
 	return err != nil || time.Since(fi.ModTime()) <= UploadLiveFor
 }
 
-// GCResult is what GC removed (or would remove, in a dry run).
+// GCResult is what GC looked at (Checked: every cached blob and manifest)
+// and removed (or would remove, in a dry run).
 type GCResult struct {
+	Checked     Tally
 	Blobs       int
 	BlobBytes   int64
 	Uploads     int
@@ -203,6 +228,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 	// Mark: everything a cached manifest refers to.
 	live := map[digest.Digest]bool{}
 	for _, o := range objs {
+		res.Checked.count(o)
 		if o.kind != KindManifest {
 			continue
 		}

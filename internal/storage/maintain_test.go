@@ -60,18 +60,24 @@ func TestCheckFindsAndRepairsDamage(t *testing.T) {
 			t.Fatal(err)
 		}
 		var calls int64
-		dmg, err := s.Check(ctx, storage.ReportOnly, func(o, to, b, tb int64) { calls = o })
+		res, err := s.Check(ctx, storage.ReportOnly, func(o, to, b, tb int64) { calls = o })
 		if err != nil {
 			t.Fatal(err)
 		}
+		dmg := res.Damaged
 		if len(dmg) != 2 || calls != 3 {
 			t.Fatalf("report: %d damaged (%+v), progress to %d objects; want 2 of 3", len(dmg), dmg, calls)
+		}
+		// What fsck says it checked (U1 F6).
+		wantBytes := int64(len("sound layer")+len("layer to damagE")) + int64(len("application/json\n{}"))
+		if c := res.Checked; c.Blobs != 2 || c.Manifests != 1 || c.Bytes != wantBytes {
+			t.Errorf("checked %+v, want 2 blobs, 1 manifest, %d bytes", c, wantBytes)
 		}
 		if _, err := s.StatBlob(ctx, bad); err != nil {
 			t.Fatal("report-only removed the blob")
 		}
-		if dmg, _ = s.Check(ctx, storage.Quarantine, nil); len(dmg) != 2 {
-			t.Fatalf("quarantine: %d damaged", len(dmg))
+		if res, _ = s.Check(ctx, storage.Quarantine, nil); len(res.Damaged) != 2 {
+			t.Fatalf("quarantine: %d damaged", len(res.Damaged))
 		}
 		if _, err := s.StatBlob(ctx, bad); !errors.Is(err, storage.ErrNotFound) {
 			t.Fatalf("quarantined blob still in the cache: %v", err)
@@ -79,8 +85,8 @@ func TestCheckFindsAndRepairsDamage(t *testing.T) {
 		if files(t, s.Driver(), pathOf(t, storage.QuarantineRoot{})) == nil {
 			t.Fatal("nothing under /_quarantine")
 		}
-		if dmg, _ = s.Check(ctx, storage.Delete, nil); len(dmg) != 0 {
-			t.Fatalf("after quarantine: %d damaged", len(dmg))
+		if res, _ = s.Check(ctx, storage.Delete, nil); len(res.Damaged) != 0 || res.Checked.Blobs != 1 || res.Checked.Manifests != 0 {
+			t.Fatalf("after quarantine: %+v", res)
 		}
 		if _, err := s.StatBlob(ctx, good); err != nil {
 			t.Fatalf("sound blob gone: %v", err)
@@ -106,7 +112,7 @@ func TestGCRemovesUnreferencedBlobs(t *testing.T) {
 			t.Fatalf("young orphan removed: %+v, %v", res, err)
 		}
 		res, err = s.GC(ctx, 0, true)
-		if err != nil || res.Blobs != 1 {
+		if err != nil || res.Blobs != 1 || res.Checked.Blobs != 2 || res.Checked.Manifests != 1 {
 			t.Fatalf("dry run: %+v, %v", res, err)
 		}
 		if _, err := s.StatBlob(ctx, orphan); err != nil {
@@ -237,7 +243,7 @@ func TestCheckSkipsContentRemovedMeanwhile(t *testing.T) {
 			all = append(all, putBlob(t, s, []byte{'b', byte(i)}))
 		}
 		removed := false
-		dmg, err := s.Check(ctx, storage.ReportOnly, func(o, to, b, tb int64) {
+		res, err := s.Check(ctx, storage.ReportOnly, func(o, to, b, tb int64) {
 			if removed {
 				return
 			}
@@ -249,8 +255,26 @@ func TestCheckSkipsContentRemovedMeanwhile(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !removed || len(dmg) != 0 {
-			t.Fatalf("damage reported for removed blobs: %+v", dmg)
+		if !removed || len(res.Damaged) != 0 {
+			t.Fatalf("damage reported for removed blobs: %+v", res.Damaged)
 		}
 	})
+}
+
+// TestLocationNamesTheStore (U1 F6): fsck and gc name what they checked:
+// the directory, or the bucket and prefix on S3 (not the spool directory).
+func TestLocationNamesTheStore(t *testing.T) {
+	dir := t.TempDir()
+	fs, err := storage.Open(t.Context(), storage.Options{Driver: "filesystem", Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fs.Location(); got != dir {
+		t.Errorf("filesystem location %q, want %q", got, dir)
+	}
+	o := testsupport.StartS3(t)
+	o.Prefix = "mirror/cache"
+	if got, want := testsupport.OpenS3(t, o).Location(), "s3://"+o.Bucket+"/mirror/cache"; got != want {
+		t.Errorf("s3 location %q, want %q", got, want)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/storage/driver/factory"
@@ -47,6 +48,22 @@ type Capabilities struct {
 	// Redirect means cache-hit blob GETs may be answered with a redirect
 	// to a presigned URL of the store (S3 with redirect on; BlobURL).
 	Redirect bool
+	// Location names where the content is, for operators' messages (fsck,
+	// gc): the local directory, or s3://BUCKET/PREFIX. "" for a Store
+	// not made by Open: see Store.Location.
+	Location string
+}
+
+// Location returns Capabilities.Location, else the local root, else the
+// driver's name.
+func (s *Store) Location() string {
+	switch {
+	case s.caps.Location != "":
+		return s.caps.Location
+	case s.caps.LocalDir != "":
+		return s.caps.LocalDir
+	}
+	return s.d.Name()
 }
 
 // Capabilities returns what the store's driver can do, as Open set it up.
@@ -73,7 +90,7 @@ func OpenFilesystem(dir string) (*Store, error) {
 	}
 	d := filesystem.New(filesystem.DriverParameters{RootDirectory: abs, MaxThreads: 100})
 	s := New(d, WithLocalRoot(abs))
-	s.caps.Exclusive = true
+	s.caps.Exclusive, s.caps.Location = true, abs
 	return s, nil
 }
 
@@ -110,6 +127,7 @@ func OpenS3(ctx context.Context, o S3Options) (*Store, error) {
 	}
 	s := New(d)
 	s.caps.Redirect = o.Redirect
+	s.caps.Location = "s3://" + o.Bucket + "/" + strings.Trim(o.Prefix, "/")
 	return s, nil
 }
 

@@ -73,7 +73,8 @@ func TestOperatorCommandsFindTheMirror(t *testing.T) {
 	if out, code := cli(env, "jobs"); code != 0 {
 		t.Errorf("mirror jobs with MIRROR_CONFIG: exit %d\n%s", code, out)
 	}
-	if out, code := cli(env, "fsck"); code != 0 || !strings.Contains(out, dataDir+": clean") {
+	// fsck names what it checked and how much of it (U1 F6).
+	if out, code := cli(env, "fsck"); code != 0 || !strings.Contains(out, dataDir+": clean (") || !strings.Contains(out, " blobs, ") {
 		t.Errorf("mirror fsck with MIRROR_CONFIG: exit %d\n%s", code, out)
 	}
 	// A stray word must not end flag parsing silently: "gc now --dry-run"
