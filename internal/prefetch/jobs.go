@@ -38,6 +38,8 @@ type Warmer interface {
 	CacheBlob(ctx context.Context, repo string, dgst digest.Digest, wrap func(fill.Source) fill.Source) (fetched bool, err error)
 	// FillClients reports how many callers wait on a running fill of dgst.
 	FillClients(dgst digest.Digest) int
+	// BlobCached reports whether blob dgst is in the cache.
+	BlobCached(ctx context.Context, dgst digest.Digest) bool
 }
 
 // Target is one image to prefetch.
@@ -60,6 +62,10 @@ func JobID(t Target) string {
 	sum := sha256.Sum256([]byte(t.Repository + "\x00" + t.Reference + "\x00" + strings.Join(p, ",")))
 	return hex.EncodeToString(sum[:8])
 }
+
+// ArchivedJobID is the ID under which run number run of job id is kept
+// once a later run of the same target is queued: "<id>.<run>".
+func ArchivedJobID(id string, run int) string { return fmt.Sprintf("%s.%d", id, run) }
 
 // runner executes jobs.
 type runner struct {
@@ -170,7 +176,7 @@ func (r *runner) run(ctx context.Context, rec state.Job) state.Job {
 	}()
 	var err error
 	if ctx.Err() == nil {
-		err = r.execute(ctx, j)
+		err = r.execute(ctx, j, save)
 	}
 	close(stop)
 	<-saved
@@ -231,7 +237,7 @@ func (r *runner) save(ctx context.Context, j state.Job) error {
 // platforms.
 var errNoPlatform = errors.New("no manifest for the requested platforms")
 
-func (r *runner) execute(ctx context.Context, j *job) error {
+func (r *runner) execute(ctx context.Context, j *job, save func(state.Job)) error {
 	repo, ref, platforms := j.rec.Repository, j.rec.Reference, j.rec.Platforms
 	m, err := r.warm.Manifest(ctx, repo, ref)
 	if err != nil {
@@ -285,12 +291,29 @@ func (r *runner) execute(ctx context.Context, j *job) error {
 		return err
 	}
 
+	// What the cache holds counts as done at once, before any fetch, so
+	// that the record (and a cancel's "N/M blobs cached") says what is
+	// in the cache, not how far the workers got.
+	var missing []manifest.Descriptor
+	var cachedBlobs int
+	var cachedBytes int64
+	for _, b := range blobs {
+		if ctx.Err() == nil && r.warm.BlobCached(ctx, b.Digest) {
+			cachedBlobs++
+			cachedBytes += b.Size
+			r.m.PrefetchBlob("cached", b.Size)
+		} else {
+			missing = append(missing, b)
+		}
+	}
 	j.mu.Lock()
-	j.rec.BlobsTotal = len(blobs)
+	j.rec.BlobsTotal, j.rec.BlobsDone, j.rec.BytesDone = len(blobs), cachedBlobs, cachedBytes
 	for _, b := range blobs {
 		j.rec.BytesTotal += b.Size
 	}
 	j.mu.Unlock()
+	blobs = missing
+	save(j.snapshot())
 
 	concurrency, lim := r.settings(j.rec)
 	work := make(chan manifest.Descriptor)

@@ -364,8 +364,10 @@ func (s *Scheduler) Cancel(ctx context.Context, id string) (state.Job, error) {
 
 // Enqueue adds a job for t, or returns the queued or running job of the
 // same image and platforms (created false). An ended job of the same
-// target (done, failed or cancelled) is queued again (a re-run skips what
-// is cached).
+// target (done, failed or cancelled) is queued again as its next run (a
+// re-run skips what is cached) under the same ID; the ended run's record
+// is kept as job ArchivedJobID(id, run), unless it was done and fetched
+// nothing.
 func (s *Scheduler) Enqueue(ctx context.Context, t Target) (j state.Job, created bool, err error) {
 	return s.enqueue(ctx, t, false)
 }
@@ -382,9 +384,24 @@ func (s *Scheduler) enqueue(ctx context.Context, t Target, keepDone bool) (j sta
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return state.Job{}, false, err
 	}
+	run := 1
+	if err == nil {
+		// The ended run stays in the history under its own ID, with its
+		// figures, and the target's ID goes to the new run; a run that
+		// found everything cached is not kept (a rule's schedule re-runs
+		// it often, and the next run says the same).
+		prev := max(old.Run, 1)
+		run = prev + 1
+		if old.State != state.JobDone || old.BlobsFetched > 0 {
+			old.ID, old.Run = ArchivedJobID(id, prev), prev
+			if err := s.store.PutJob(ctx, old); err != nil {
+				return state.Job{}, false, err
+			}
+		}
+	}
 	now := time.Now().UTC()
 	j = state.Job{ID: id, Repository: t.Repository, Reference: t.Reference, Platforms: t.Platforms,
-		Rule: t.Rule, Concurrency: t.Concurrency, Bandwidth: t.Bandwidth, State: state.JobQueued, Created: now, Updated: now}
+		Rule: t.Rule, Concurrency: t.Concurrency, Bandwidth: t.Bandwidth, State: state.JobQueued, Created: now, Updated: now, Run: run}
 	if err := s.store.PutJob(ctx, j); err != nil {
 		return state.Job{}, false, err
 	}

@@ -103,6 +103,11 @@ type Job struct {
 	Current      string   `json:"current,omitempty"` // digest of a blob being fetched now
 	Errors       []string `json:"errors,omitempty"`
 	Owner        string   `json:"owner,omitempty"` // replica that ran it last
+	// Run counts the runs of this image and platforms (1, 2, ...; 0 in
+	// records older than it: 1). The job ID stays the target's
+	// (prefetch.JobID); when a new run is queued, the ended run's record
+	// is kept as another job, ID "<id>.<run>", with its figures.
+	Run int `json:"run,omitempty"`
 }
 
 // Ended reports whether the job has ended (done, failed or cancelled).
