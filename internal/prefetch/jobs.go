@@ -453,8 +453,12 @@ func (p *progressReader) Read(b []byte) (int, error) {
 		return 0, errFillAbandoned
 	}
 	if p.lim != nil && p.alone() {
-		if burst := p.lim.Burst(); len(b) > burst {
-			b = b[:burst]
+		// At most throttleStep's worth of bytes a read: each wait is short,
+		// so the fill reading this sees bytes often (its idle timeout
+		// is for the upstream, not for this cap) and a client joining
+		// lifts the cap within a step.
+		if step := max(int(float64(p.lim.Limit())*throttleStep.Seconds()), 1); len(b) > min(step, p.lim.Burst()) {
+			b = b[:min(step, p.lim.Burst())]
 		}
 	}
 	n, err := p.rc.Read(b)
@@ -462,12 +466,51 @@ func (p *progressReader) Read(b []byte) (int, error) {
 		p.got.Add(int64(n))
 		p.live.Add(int64(n))
 		if p.lim != nil && p.alone() {
-			if werr := p.lim.WaitN(p.ctx, n); werr != nil && err == nil {
+			if werr := p.throttle(n); werr != nil && err == nil {
 				err = werr
 			}
 		}
 	}
 	return n, err
+}
+
+// throttleStep bounds one throttled read's share of the cap (a tenth of a
+// second's worth of bytes) and how long a wait goes without looking for a
+// client that joined.
+const throttleStep = 100 * time.Millisecond
+
+// throttle waits for n bytes of the limiter's budget, or less: as soon as
+// a client waits on the blob (alone turns false) the wait ends and the
+// bytes not waited for go back to the limiter, so the client gets the
+// upstream's full speed at once, not after this wait. Errors: p.ctx's
+// (the fill's end, or the job's cancel).
+func (p *progressReader) throttle(n int) error {
+	res := p.lim.ReserveN(time.Now(), n)
+	if !res.OK() { // n over the burst: cannot happen with Read's bound
+		return p.lim.WaitN(p.ctx, min(n, p.lim.Burst()))
+	}
+	delay := res.Delay()
+	if delay == 0 {
+		return nil
+	}
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	tick := time.NewTicker(throttleStep)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.C:
+			return nil
+		case <-p.ctx.Done():
+			res.Cancel()
+			return context.Cause(p.ctx)
+		case <-tick.C:
+			if !p.alone() {
+				res.Cancel() // lifted: a client waits on this blob
+				return nil
+			}
+		}
+	}
 }
 
 func (p *progressReader) Close() error {

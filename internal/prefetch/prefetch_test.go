@@ -3,6 +3,7 @@ package prefetch_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -723,4 +724,52 @@ func TestRerunKeepsHistoryAndCountsTheCache(t *testing.T) {
 	if err != nil || len(all) != 2 {
 		t.Errorf("jobs after two runs: %d (%v), want 2", len(all), err)
 	}
+}
+
+// TestClientLiftsATinyCapAtOnce (U1 F1): a job capped at 1 KiB/s is
+// fetching a layer when a client asks for it: the client joins that fill
+// (one upstream fetch) and gets the layer whole, at the upstream's speed,
+// instead of waiting out the limiter (a 32 KiB burst at 1 KiB/s is half a
+// minute) or losing the fill to the idle timeout (5 s here), which the
+// mirror's own throttling must not trip.
+func TestClientLiftsATinyCapAtOnce(t *testing.T) {
+	w := prefetchtest.New(t, prefetchtest.Options{LayerSize: 256 << 10})
+	w.Start(t)
+	child := w.Fx.Pytorch.Child("linux/arm64")
+	j, _, err := w.Sched.Enqueue(ctx, prefetch.Target{Repository: ngctest.PytorchRepo, Reference: ngctest.PytorchTag,
+		Platforms: []string{"linux/arm64"}, Concurrency: 1, Bandwidth: 1 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Past the limiter's 32 KiB burst on a layer: throttled.
+	var layer ngctest.Content
+	testsupport.Eventually(t, 20*time.Second, "the job throttled on a layer", func() bool {
+		got, _ := w.State.Job(ctx, j.ID)
+		for _, b := range child.Blobs() {
+			if b.Digest.String() == got.Current && len(b.Body) > 128<<10 && got.BytesFetched > 34<<10 {
+				layer = b
+			}
+		}
+		return layer.Digest != ""
+	})
+	cctx, cancel := context.WithTimeout(ctx, 25*time.Second) // the cap alone: over 3 minutes
+	defer cancel()
+	req, _ := http.NewRequestWithContext(cctx, http.MethodGet, w.Server.URL+"/v2/"+ngctest.PytorchRepo+"/blobs/"+layer.Digest.String(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || digest.FromBytes(body) != layer.Digest {
+		t.Fatalf("client GET of the layer: %d, %d bytes, %v", resp.StatusCode, len(body), err)
+	}
+	if n := w.Up.BlobFetches(layer.Digest); n != 1 {
+		t.Errorf("layer fetched %d times upstream: the client did not join the job's fill (it died?)", n)
+	}
+	testsupport.Eventually(t, 10*time.Second, "the layer committed", func() bool { return cached(w, layer.Digest) })
+	if _, err := w.Sched.Cancel(ctx, j.ID); err != nil { // the rest at 1 KiB/s
+		t.Fatal(err)
+	}
+	w.WaitJob(t, j.ID, 10*time.Second)
 }
