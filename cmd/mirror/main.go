@@ -424,6 +424,9 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	})
 	err = g.Wait()
 	upstreamTransport.CloseIdleConnections()
+	if err == nil {
+		log.Info("ngc-mirror stopped") // a clean shutdown's last line
+	}
 	return err
 }
 

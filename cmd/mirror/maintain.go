@@ -127,6 +127,10 @@ func gc(args []string) int {
 		fs.BoolVar(&dry, "dry-run", false, "report what would be removed, remove nothing")
 		fs.DurationVar(&grace, "grace", grace, "keep blobs and uploads younger than this")
 	})
+	if grace < 0 {
+		fmt.Fprintf(os.Stderr, "gc: --grace %v: must not be negative (it keeps blobs and uploads younger than this)\n", grace)
+		return 2
+	}
 	store, _, err := openStore(context.Background(), cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gc:", err)

@@ -139,3 +139,28 @@ func TestQualifiedNames(t *testing.T) {
 		t.Errorf("an unconfigured registry: %v", err)
 	}
 }
+
+// TestParseImageListsEachRegistryOnce (U1 F8): a registry both a default
+// name and an alias (nvcr.io) is named once in the refusal.
+func TestParseImageListsEachRegistryOnce(t *testing.T) {
+	_, err := ParseImage("quay.io/x/y:1", []string{"nvcr.io", "127.0.0.1:5000", "NVCR.io"}, "docker.io")
+	if err == nil || strings.Count(strings.ToLower(err.Error()), "nvcr.io") != 1 || !strings.Contains(err.Error(), "docker.io") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+func TestParseRepository(t *testing.T) {
+	for in, want := range map[string]string{
+		"nvidia/pytorch": "nvidia/pytorch", "nvcr.io/nvidia/pytorch": "nvidia/pytorch",
+		"docker.io/ubuntu": "docker.io/library/ubuntu", "docker.io/library/ubuntu": "docker.io/library/ubuntu",
+	} {
+		if got, err := ParseRepository(in, []string{"nvcr.io"}, "docker.io"); err != nil || got != want {
+			t.Errorf("ParseRepository(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"quay.io/x", "nvidia/pytorch:1", "Nvidia/x", ""} {
+		if _, err := ParseRepository(bad, []string{"nvcr.io"}, "docker.io"); !errors.Is(err, ErrNameInvalid) {
+			t.Errorf("ParseRepository(%q): %v, want ErrNameInvalid", bad, err)
+		}
+	}
+}

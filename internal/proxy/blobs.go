@@ -20,14 +20,20 @@ import (
 // arrive) or of the upstream (when the cache refuses the blob).
 func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
 	ctx := r.Context() // dgst is valid and its algorithm available (digest.Parse)
-	if r.Method == http.MethodHead {
+	if r.Method == http.MethodHead || etagMatches(r, dgst) {
+		// A conditional GET whose ETag matches is answered like a HEAD
+		// (nothing is fetched), with 304 (RFC 9110 13.1.2).
 		size, hit, err := h.pull.StatBlob(ctx, name, dgst)
 		if err != nil {
 			writeError(w, toAPIError(err, kindBlob))
 			return
 		}
-		// The same headers (and Range answer) as the GET would have.
-		if _, _, status, ok := rangeHeaders(w, r, dgst, size); ok {
+		// The same headers (and Range answer) as the GET would have;
+		// If-None-Match goes before Range (RFC 9110 13.2.2).
+		if etagMatches(r, dgst) {
+			blobHeaders(w, dgst, size)
+			w.WriteHeader(http.StatusNotModified)
+		} else if _, _, status, ok := rangeHeaders(w, r, dgst, size); ok {
 			w.WriteHeader(status)
 		}
 		h.cacheResult(r, metrics.RouteBlob, cacheResult(hit), 0)
@@ -115,6 +121,23 @@ func cacheResult(hit bool) string {
 		return metrics.Hit
 	}
 	return metrics.Miss
+}
+
+// etagMatches reports whether r's If-None-Match names the ETag the mirror
+// sends for content d ("<digest>", weak or strong: the weak comparison of
+// RFC 9110 8.8.3.2), or is "*". For GET and HEAD a match is answered 304.
+func etagMatches(r *http.Request, d digest.Digest) bool {
+	v := r.Header.Get("If-None-Match")
+	if v == "" {
+		return false
+	}
+	for _, t := range strings.Split(v, ",") {
+		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
+		if t == "*" || t == `"`+d.String()+`"` {
+			return true
+		}
+	}
+	return false
 }
 
 func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {

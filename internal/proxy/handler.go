@@ -23,6 +23,7 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/pull"
 	"github.com/ngc-mirror/ngc-mirror/internal/tracking"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
@@ -104,6 +105,13 @@ func New(svc *pull.Service, opts Options) *Handler {
 		http.Redirect(w, r, "/v2/", http.StatusMovedPermanently)
 	})
 	r.HandleFunc("/v2/*", h.dispatch)
+	// Paths outside the registry API (/foo, /admin/v2/): distribution
+	// answers a text/plain 404 there; the mirror answers every error in
+	// the OCI envelope, with the admin API's code for an unknown endpoint.
+	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
+		ocierr.Write(w, http.StatusNotFound, ocierr.New("NOT_FOUND",
+			"no such endpoint: "+r.URL.Path+" (this mirror serves the registry API under /v2/ and its admin API under /admin/v1/)"))
+	})
 	// Methods chi does not know (FOO, ...) land here: answer like the others.
 	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", "GET, HEAD")

@@ -40,9 +40,13 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 	hd.Set("Content-Length", strconv.Itoa(len(m.Body)))
 	hd.Set("Docker-Content-Digest", m.Digest.String())
 	hd.Set("Etag", `"`+m.Digest.String()+`"`)
-	w.WriteHeader(http.StatusOK)
+	status := http.StatusOK
+	if etagMatches(r, m.Digest) {
+		status = http.StatusNotModified // the client has it (RFC 9110 13.1.2)
+	}
+	w.WriteHeader(status)
 	var sent int64
-	if r.Method != http.MethodHead {
+	if r.Method != http.MethodHead && status == http.StatusOK {
 		n, _ := w.Write(m.Body)
 		sent = int64(n)
 	}
@@ -50,7 +54,7 @@ func (h *Handler) serveManifest(w http.ResponseWriter, r *http.Request, name, re
 	if h.opts.Pulls != nil {
 		ev := tracking.ManifestServed{Repository: name, Reference: ref, Digest: m.Digest, MediaType: m.MediaType,
 			Client: tracking.ClientOf(r, userOf(r)), Time: time.Now()}
-		if r.Method != http.MethodHead {
+		if r.Method != http.MethodHead && status == http.StatusOK {
 			ev.Body = m.Body
 		}
 		h.opts.Pulls.Served(ev)

@@ -731,6 +731,9 @@ func TestBadInput(t *testing.T) {
 		{"GET", "/v2/nvidia/pytorch/manifests/sha512:" + strings.Repeat("a", 64), 400, "DIGEST_INVALID"},
 		{"FOO", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
 		{"OPTIONS", "/v2/nvidia/pytorch/manifests/17.12", 405, "UNSUPPORTED"},
+		// Outside the registry API: JSON too (U1 F8).
+		{"GET", "/foo", 404, "NOT_FOUND"},
+		{"GET", "/admin/v2/", 404, "NOT_FOUND"},
 	} {
 		before := len(e.up.Requests())
 		req, _ := http.NewRequestWithContext(t.Context(), tc.method, e.url(tc.path), nil)
@@ -963,4 +966,44 @@ func (e *env) repo(name string) storage.Repo {
 		return storage.Repo{Registry: e.via, Name: name}
 	}
 	return storage.Repo{Registry: strings.ToLower(e.up.Host()), Name: name}
+}
+
+// TestConditionalRequests (U1 F8): If-None-Match with the ETag the mirror
+// sends (the digest, quoted; weak or in a list too) answers 304 with no
+// body for manifests and blobs, GET and HEAD (RFC 9110 13.1.2); another
+// ETag gets the content.
+func TestConditionalRequests(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	m := e.fx.CUDA
+	layer := m.Layers[0]
+	for _, c := range []struct{ path, etag string }{
+		{"/v2/nvidia/cuda/manifests/" + ngctest.CUDATag, `"` + m.Manifest.Digest.String() + `"`},
+		{"/v2/nvidia/cuda/blobs/" + layer.Digest.String(), `"` + layer.Digest.String() + `"`},
+	} {
+		mustOK(t, e.do(t, http.MethodGet, c.path), 200) // cached now
+		for _, method := range []string{http.MethodGet, http.MethodHead} {
+			for _, inm := range []string{c.etag, "W/" + c.etag, `"other", ` + c.etag, "*"} {
+				r := e.do(t, method, c.path, "If-None-Match", inm)
+				if r.err != nil || r.status != http.StatusNotModified || len(r.body) != 0 || r.header.Get("Etag") != c.etag {
+					t.Errorf("%s %s If-None-Match %s: %d, %d bytes, ETag %q (%v)", method, c.path, inm, r.status, len(r.body), r.header.Get("Etag"), r.err)
+				}
+			}
+			if r := e.do(t, method, c.path, "If-None-Match", `"sha256:other"`); r.status != http.StatusOK {
+				t.Errorf("%s %s with another ETag: %d", method, c.path, r.status)
+			}
+		}
+	}
+}
+
+// TestUnknownNSNamesWhatItAccepts (U1 F8): an ns the mirror does not pull
+// from is named in the error, with the registry names it accepts.
+func TestUnknownNSNamesWhatItAccepts(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{})
+	r := e.do(t, http.MethodGet, "/v2/nvidia/pytorch/manifests/17.12?ns=quay.io")
+	if r.status != http.StatusNotFound || errorCode(t, r) != "NAME_UNKNOWN" ||
+		!strings.Contains(string(r.body), `ns=\"quay.io\"`) || !strings.Contains(string(r.body), e.up.Host()) {
+		t.Errorf("ns=quay.io: %d %s", r.status, r.body)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -113,6 +114,24 @@ func (s *Set) Get(name string) *Registry {
 	return nil
 }
 
+// Names returns every registry name that selects an upstream: the
+// default's (its name first, then its aliases, sorted), then the further
+// upstreams' (sorted).
+func (s *Set) Names() []string {
+	var aliases, others []string
+	for n := range s.defNames {
+		if n != strings.ToLower(s.def.Name) {
+			aliases = append(aliases, n)
+		}
+	}
+	for n := range s.byName {
+		others = append(others, n)
+	}
+	slices.Sort(aliases)
+	slices.Sort(others)
+	return append(append([]string{strings.ToLower(s.def.Name)}, aliases...), others...)
+}
+
 // IsDefault reports whether r is the default upstream.
 func (s *Set) IsDefault(r *Registry) bool { return r == s.def }
 
@@ -151,7 +170,10 @@ func (s *Set) Route(ns, host, name string) (*Registry, string, error) {
 	switch {
 	case ns != "":
 		if r = s.Get(ns); r == nil {
-			return nil, "", fmt.Errorf("%w: this mirror does not pull from the registry named by ns", ErrNameUnknown)
+			if len(ns) > 100 {
+				ns = ns[:100] + "..."
+			}
+			return nil, "", fmt.Errorf("%w: ns=%q is not a registry this mirror pulls from (ns may be %s)", ErrNameUnknown, ns, strings.Join(s.Names(), ", "))
 		}
 	case prefixed:
 		if r = s.Get(first); r == nil {

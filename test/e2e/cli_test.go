@@ -84,6 +84,10 @@ func TestOperatorCommandsFindTheMirror(t *testing.T) {
 			t.Errorf("mirror %s: exit %d, want 2 and a usage error\n%s", strings.Join(args, " "), code, out)
 		}
 	}
+	// A negative grace would collect everything young too (U1 F8).
+	if out, code := cli(env, "gc", "--grace", "-5h"); code != 2 || !strings.Contains(out, "must not be negative") {
+		t.Errorf("mirror gc --grace -5h: exit %d, want 2\n%s", code, out)
+	}
 	if out, code := cli(env, "healthcheck"); code != 0 {
 		t.Errorf("mirror healthcheck with MIRROR_CONFIG: exit %d\n%s", code, out)
 	}

@@ -122,6 +122,10 @@ func TestGracefulShutdown(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("mirror did not exit after SIGTERM")
 	}
+	// A clean stop says so at the end (U1 F8).
+	if _, after, _ := strings.Cut(m.log.String(), "shutting down"); !strings.Contains(after, "ngc-mirror stopped") {
+		t.Errorf("no \"ngc-mirror stopped\" after \"shutting down\" in the log:\n%s", m.log.String())
+	}
 }
 
 // TestTLSReloadAndHTTP2: HTTPS speaks HTTP/2, and a new certificate written

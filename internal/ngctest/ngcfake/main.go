@@ -19,6 +19,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -41,10 +42,7 @@ func main() {
 	if _, err := up.Populate(*layer); err != nil {
 		fail(err)
 	}
-	fmt.Printf("NGC-like upstream: %s (CDN %s)\n", up.URL(), up.CDN.URL)
-	fmt.Printf("images: %s:%s %s:%s %s:%s; private %s:%s (API key %s)\n",
-		ngctest.PytorchRepo, ngctest.PytorchTag, ngctest.CUDARepo, ngctest.CUDATag,
-		ngctest.DCGMRepo, ngctest.DCGMTag, ngctest.PrivateRepo, ngctest.PrivateTag, ngctest.APIKey)
+	ngcBanner(os.Stdout, up.URL(), up.CDN.URL, *portal)
 	config := ""
 	if *hub {
 		d := ngctest.NewDockerHub(ngctest.DockerHubOptions{AnonymousPullLimit: *limit})
@@ -76,6 +74,19 @@ func main() {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
 	<-sig
+}
+
+// ngcBanner prints what the NGC-like upstream at url serves: its images
+// and private API key, or, as a captive portal, that it serves none.
+func ngcBanner(w io.Writer, url, cdn string, portal bool) {
+	if portal {
+		fmt.Fprintf(w, "captive portal: %s answers every request with 200 and an HTML page (no images, no API key)\n", url)
+		return
+	}
+	fmt.Fprintf(w, "NGC-like upstream: %s (CDN %s)\n", url, cdn)
+	fmt.Fprintf(w, "images: %s:%s %s:%s %s:%s; private %s:%s (API key %s)\n",
+		ngctest.PytorchRepo, ngctest.PytorchTag, ngctest.CUDARepo, ngctest.CUDATag,
+		ngctest.DCGMRepo, ngctest.DCGMTag, ngctest.PrivateRepo, ngctest.PrivateTag, ngctest.APIKey)
 }
 
 func fail(err error) {
