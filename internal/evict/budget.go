@@ -54,14 +54,17 @@ func (e *Evictor) excess(extra int64) (over bool, need int64) {
 // Admit asks for room for a blob of size bytes that a fill is about to
 // write. When it does not fit, Admit runs an eviction pass (waiting at
 // most Options.AdmitTimeout). It returns release, to be called once the
-// blob is committed or abandoned (the room it reserved is then counted as
-// cached content, or given back), or an error wrapping ErrFull when the
-// blob cannot be cached: the caller serves it without caching.
+// blob is committed or abandoned, or an error wrapping ErrFull when the
+// blob cannot be cached: the caller serves it without caching. The room
+// counts against the budget until the store's commit event of d
+// (storage.Event), which turns it into cached content at once, or until
+// release gives it back (a release after the commit does nothing more):
+// the blob never counts twice.
 func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (release func(), err error) {
 	if !e.opts.Enabled() {
 		return func() {}, nil
 	}
-	if r := e.reserve(size); r != nil {
+	if r := e.reserve(d, size); r != nil {
 		return r, nil
 	}
 	if e.opts.MaxSize > 0 && size > e.opts.MaxSize {
@@ -70,7 +73,7 @@ func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (relea
 	}
 	if e.sh != nil && !e.sh.leader.Load() {
 		// Only the leader evicts: ask it for room and wait.
-		r, err := e.admitShared(ctx, size)
+		r, err := e.admitShared(ctx, d, size)
 		if r != nil {
 			return r, nil
 		}
@@ -90,7 +93,7 @@ func (e *Evictor) Admit(ctx context.Context, d digest.Digest, size int64) (relea
 		cancel()
 		ran, freed = true, len(res.Removed) > 0
 	}
-	if r := e.reserve(size); r != nil {
+	if r := e.reserve(d, size); r != nil {
 		return r, nil
 	}
 	if ran && !freed && perr == nil {
@@ -112,9 +115,18 @@ func (e *Evictor) othersReserved() int64 {
 	return e.sh.others.Load()
 }
 
-// reserve counts size bytes as on their way into the cache if they fit,
-// and returns the function giving them back; nil when they do not fit.
-func (e *Evictor) reserve(size int64) func() {
+// reservation is room Admit gave a fill of blob d: counted in
+// Evictor.reserved until the blob's commit or the fill's release.
+type reservation struct {
+	d    digest.Digest
+	size int64 // bytes
+	done bool
+}
+
+// reserve counts size bytes of blob d as on their way into the cache if
+// they fit, and returns the function giving them back; nil when they do
+// not fit.
+func (e *Evictor) reserve(d digest.Digest, size int64) func() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if max := e.opts.MaxSize; max > 0 && e.used.Load()+e.reserved+e.othersReserved()+size > max {
@@ -127,13 +139,50 @@ func (e *Evictor) reserve(size int64) func() {
 			return nil
 		}
 	}
+	r := &reservation{d: d, size: size}
 	e.reserved += size
+	e.fills[d] = append(e.fills[d], r)
 	return sync.OnceFunc(func() {
 		e.mu.Lock()
-		e.reserved -= size
+		e.settleLocked(r)
 		e.mu.Unlock()
 		e.gen.Add(1)
 	})
+}
+
+// settleLocked ends reservation r (no longer counted; later calls do
+// nothing). e.mu is held.
+func (e *Evictor) settleLocked(r *reservation) {
+	if r.done {
+		return
+	}
+	r.done = true
+	e.reserved -= r.size
+	rs := e.fills[r.d]
+	for i, x := range rs {
+		if x == r {
+			rs = append(rs[:i], rs[i+1:]...)
+			break
+		}
+	}
+	if len(rs) == 0 {
+		delete(e.fills, r.d)
+	} else {
+		e.fills[r.d] = rs
+	}
+}
+
+// committedLocked counts a newly cached object of size bytes and, for a
+// blob, ends the oldest reservation of its digest: the same bytes are now
+// cached content, so they stop counting as reserved in the same step.
+// e.mu is held.
+func (e *Evictor) committedLocked(k key, size int64) {
+	if k.kind == kBlob {
+		if rs := e.fills[k.d]; len(rs) > 0 {
+			e.settleLocked(rs[0])
+		}
+	}
+	e.used.Add(size)
 }
 
 // refuse counts a refused blob and warns, at most once a minute.

@@ -44,7 +44,10 @@
 // space below min_free): after a commit that crossed it, every Interval, and
 // when a fill asks for room (Admit) that is not there. It evicts down to the
 // low-water mark (LowWater of max_size; min_free plus (1-LowWater) of it),
-// so that it does not run on every commit. When nothing more can be evicted
+// so that it does not run on every commit. Usage counts cached content
+// plus the room admitted to fills still running (Admit); a fill's commit
+// turns its room into cached content in one step, so a new blob never
+// counts twice. When nothing more can be evicted
 // Admit refuses the blob with ErrFull: the fill then serves it straight
 // from the upstream without caching it (internal/fill, internal/proxy).
 //
@@ -191,7 +194,8 @@ type Evictor struct {
 	fruitless atomic.Uint64
 
 	mu          sync.Mutex
-	reserved    int64 // bytes admitted but not committed yet
+	reserved    int64                            // bytes admitted but not committed yet
+	fills       map[digest.Digest][]*reservation // the reservations making up reserved, by blob
 	sources     map[string]PinSource
 	lastPins    map[string][]Pin // each source's last good answer
 	refused     int              // refusals since the last warning
@@ -237,6 +241,7 @@ func New(store Store, opts Options) *Evictor {
 		opts:     opts,
 		log:      opts.Log,
 		sources:  map[string]PinSource{},
+		fills:    map[digest.Digest][]*reservation{},
 		lastPins: map[string][]Pin{},
 		passSem:  make(chan struct{}, 1),
 		kick:     make(chan struct{}, 1),

@@ -97,24 +97,31 @@ func (e *Evictor) observe(ev storage.Event) {
 	}
 	k := key{kind, ev.Digest}
 	e.gen.Add(1)
-	if e.sh != nil {
-		c := state.BudgetChange{Op: state.BudgetAdded, Kind: kindByte(kind), Digest: string(ev.Digest), Size: ev.Size, Time: e.now()}
-		if ev.Removed {
-			c.Op = state.BudgetRemoved
-		}
-		e.sh.enqueue(c)
-	}
+	c := state.BudgetChange{Op: state.BudgetAdded, Kind: kindByte(kind), Digest: string(ev.Digest), Size: ev.Size, Time: e.now()}
 	if ev.Removed {
+		if e.sh != nil {
+			c.Op = state.BudgetRemoved
+			e.sh.enqueue(c)
+		}
 		e.forget(k)
 		return
 	}
 	sh := e.shard(k.d)
 	sh.mu.Lock()
 	en := sh.getLocked(k)
+	// One step under e.mu: the blob's bytes become used as its fill's
+	// reservation ends, and a shared budget's exchange publishes the
+	// commit with the reservations that are left (never both, never
+	// neither).
+	e.mu.Lock()
 	if !en.present {
 		en.present, en.size = true, ev.Size
-		e.used.Add(ev.Size)
+		e.committedLocked(k, ev.Size)
 	}
+	if e.sh != nil {
+		e.sh.enqueue(c)
+	}
+	e.mu.Unlock()
 	en.last.Store(e.now())
 	sh.mu.Unlock()
 	if over, _ := e.excess(0); over {
@@ -176,6 +183,15 @@ func (e *Evictor) SeedObjects(objs []storage.Object) {
 // Used returns the bytes of cached content the index holds.
 func (e *Evictor) Used() int64 {
 	return e.used.Load()
+}
+
+// Reserved returns the bytes admitted for fills that have not committed
+// yet: this process's, and on a shared budget those the other replicas
+// published at the last exchange for blobs the index does not hold yet.
+func (e *Evictor) Reserved() int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.reserved + e.othersReserved()
 }
 
 // Touch records an access to a cached object of kind now. It takes a read lock and an atomic store; it never

@@ -216,8 +216,12 @@ func (e *Evictor) pass(ctx context.Context, extra int64) (Result, error) {
 	}
 	if len(res.Removed) > 0 || need > 0 {
 		_, stillNeed := e.excess(extra)
+		// used is cached content; reserved the room of fills still
+		// running and admitting the blob a fill asks room for (0: a pass
+		// for the budget itself): used+reserved+admitting is what the
+		// budget holds once they commit.
 		e.log.Info("evicted least recently used content", "objects", len(res.Removed), "bytes", res.Bytes,
-			"used", e.used.Load(), "max_size", e.opts.MaxSize, "min_free", e.minFree(),
+			"used", e.used.Load(), "reserved", e.Reserved(), "admitting", extra, "max_size", e.opts.MaxSize, "min_free", e.minFree(),
 			"short_by", max(stillNeed, 0), "pinned_digests", len(pinned), "duration", time.Since(start))
 	}
 	return res, ctx.Err()

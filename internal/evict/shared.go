@@ -44,8 +44,12 @@ type sharing struct {
 	started atomic.Bool  // Share is running
 	want    atomic.Int64 // bytes other replicas asked room for (leader)
 	leader  atomic.Bool
-	others  atomic.Int64 // bytes other replicas reserved, at the last exchange
-	full    atomic.Bool  // the leader's last pass freed nothing
+	others  atomic.Int64 // bytes other replicas reserved, at the last exchange, for blobs not cached yet
+	// otherFills is others by blob (guarded by Evictor.mu; written by
+	// exchanges only): a commit applied from the stream ends its blob's
+	// reservations in the same step as it counts the blob.
+	otherFills map[digest.Digest]int64
+	full       atomic.Bool // the leader's last pass freed nothing
 
 	mu      sync.Mutex
 	pending []state.BudgetChange // own commits and removals to publish
@@ -79,7 +83,7 @@ func newSharing(o Options) *sharing {
 		ttl = 15 * time.Second
 	}
 	return &sharing{bus: o.Shared, scope: o.Scope, owner: owner, interval: iv, lockTTL: ttl,
-		doomTTL: 30 * time.Second, synced: make(chan struct{}), mine: map[digest.Digest]bool{},
+		doomTTL: 30 * time.Second, synced: make(chan struct{}), mine: map[digest.Digest]bool{}, otherFills: map[digest.Digest]int64{},
 		blocked: map[key]*entry{}, wake: make(chan struct{}, 1)}
 }
 
@@ -148,7 +152,14 @@ func (e *Evictor) applyRemote(c state.BudgetChange) {
 	en := sh.getLocked(k)
 	if c.Op == state.BudgetAdded && !en.present {
 		en.present, en.size = true, c.Size
+		e.mu.Lock()
 		e.used.Add(c.Size)
+		if n, ok := e.sh.otherFills[d]; ok && kd == kBlob {
+			// The fill that reserved it is done: counted once, as cached.
+			delete(e.sh.otherFills, d)
+			e.sh.others.Add(-n)
+		}
+		e.mu.Unlock()
 	}
 	if en.last.Load() < c.Time {
 		en.last.Store(c.Time)
@@ -269,13 +280,7 @@ func (e *Evictor) exchange(ctx context.Context) error {
 		}
 	}
 	vetoes := e.block(v.Doomed)
-	var others int64
-	for _, r := range v.Replicas {
-		if r.Owner != s.owner {
-			others += r.Reserved
-		}
-	}
-	s.others.Store(others)
+	e.countOthers(v.Replicas)
 	s.full.Store(v.Full && !lead)
 	if v.Kicked > 0 && lead {
 		for {
@@ -287,6 +292,10 @@ func (e *Evictor) exchange(ctx context.Context) error {
 		e.kickPass()
 	}
 
+	// Own commits and reservations in one step (a commit ends its
+	// reservation under e.mu, see observe): the others see a blob either
+	// reserved or committed, never both nor neither.
+	e.mu.Lock()
 	s.mu.Lock()
 	changes := s.pending
 	s.pending = nil
@@ -295,6 +304,14 @@ func (e *Evictor) exchange(ctx context.Context) error {
 	dropped := s.dropped
 	s.dropped = 0
 	s.mu.Unlock()
+	reserved := e.reserved
+	fills := make(map[string]int64, len(e.fills))
+	for d, rs := range e.fills {
+		for _, r := range rs {
+			fills[string(d)] += r.size
+		}
+	}
+	e.mu.Unlock()
 	if dropped > 0 {
 		e.log.Warn("shared cache budget: changes not published (the state store was unreachable too long); other replicas learn of them at their next start", "changes", dropped)
 	}
@@ -310,10 +327,7 @@ func (e *Evictor) exchange(ctx context.Context) error {
 		en.dirty.Store(false)
 		changes = append(changes, state.BudgetChange{Op: state.BudgetTouched, Kind: kindByte(k.kind), Digest: string(k.d), Time: en.last.Load()})
 	}
-	e.mu.Lock()
-	reserved := e.reserved
-	e.mu.Unlock()
-	err := s.bus.BudgetPublish(ctx, s.scope, state.BudgetReplica{Owner: s.owner, Seen: v.Gen, Leases: vetoes, Reserved: reserved},
+	err := s.bus.BudgetPublish(ctx, s.scope, state.BudgetReplica{Owner: s.owner, Seen: v.Gen, Leases: vetoes, Reserved: reserved, Fills: fills},
 		changes, 3*s.interval)
 	if err != nil {
 		// Commits and removals are published later; access times are
@@ -323,6 +337,43 @@ func (e *Evictor) exchange(ctx context.Context) error {
 		s.mu.Unlock()
 	}
 	return err
+}
+
+// countOthers sets the bytes the other live replicas reserved for fills
+// of blobs the index does not hold yet (a blob whose commit this exchange
+// applied is counted as cached, not again as reserved).
+func (e *Evictor) countOthers(rs []state.BudgetReplica) {
+	s := e.sh
+	var total int64
+	fills := map[digest.Digest]int64{}
+	for _, r := range rs {
+		if r.Owner == s.owner {
+			continue
+		}
+		if r.Fills == nil {
+			total += r.Reserved
+			continue
+		}
+		for ds, n := range r.Fills {
+			d := digest.Digest(ds)
+			if d.Validate() != nil {
+				continue
+			}
+			sh := e.shard(d)
+			sh.mu.RLock()
+			en := sh.m[key{kBlob, d}]
+			cached := en != nil && en.present
+			sh.mu.RUnlock()
+			if !cached {
+				fills[d] += n
+				total += n
+			}
+		}
+	}
+	e.mu.Lock()
+	s.otherFills = fills
+	s.others.Store(total)
+	e.mu.Unlock()
 }
 
 // block stops new leases on the doomed blobs that this replica is not
@@ -497,7 +548,7 @@ func (s *sharing) kickSync() {
 
 // admitShared waits for the leader to make room for size bytes (this
 // replica does not lead, so it does not evict), at most AdmitTimeout.
-func (e *Evictor) admitShared(ctx context.Context, size int64) (func(), error) {
+func (e *Evictor) admitShared(ctx context.Context, d digest.Digest, size int64) (func(), error) {
 	s := e.sh
 	if s.full.Load() {
 		return nil, nil
@@ -521,7 +572,7 @@ func (e *Evictor) admitShared(ctx context.Context, size int64) (func(), error) {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
-		if r := e.reserve(size); r != nil {
+		if r := e.reserve(d, size); r != nil {
 			return r, nil
 		}
 		if s.full.Load() || s.leader.Load() {

@@ -3,6 +3,7 @@ package evict_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"testing"
 	"time"
@@ -207,5 +208,51 @@ func TestSharedBudgetNonLeaderGetsRoom(t *testing.T) {
 	rel()
 	if n := bucketBytes(t, r.sa); n > 7*sharedBlob {
 		t.Fatalf("bucket holds %d bytes: the leader did not make room for 3000", n)
+	}
+}
+
+// TestSharedBudgetCommitCountsOnce: a blob B admitted, filled and
+// committed counts once on the leader, as cached, from the exchange that
+// brings its commit, even while B's fill still holds its reservation: B
+// fills three blobs that together fit the budget, and nothing is evicted.
+func TestSharedBudgetCommitCountsOnce(t *testing.T) {
+	var clk clock
+	clk.set(1)
+	r := startReplicas(t, &clk, 10*sharedBlob)
+	const size = 3 * sharedBlob
+	var blobs []digest.Digest
+	for i := range 3 {
+		clk.set(2 + i)
+		data := []byte(fmt.Sprintf("%0*d", size, i))
+		d := digest.FromBytes(data)
+		blobs = append(blobs, d)
+		release, err := r.b.Admit(t.Context(), d, size)
+		if err != nil {
+			t.Fatalf("blob %d: Admit on B: %v", i, err)
+		}
+		testsupport.Eventually(t, 10*time.Second, "A counts B's reservation", func() bool { return r.a.Reserved() == size })
+		w, err := r.sb.CreateBlob(t.Context(), d, size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w.KnownNew()
+		_, _ = w.Write(data)
+		if err := w.Commit(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		want := int64(i+1) * size
+		testsupport.Eventually(t, 10*time.Second, "A counts B's commit", func() bool { return r.a.Used() == want })
+		if got := r.a.Reserved(); got != 0 {
+			t.Fatalf("blob %d: A counts %d bytes reserved for a blob it counts as cached", i, got)
+		}
+		if res, err := r.a.Evict(t.Context()); err != nil || len(res.Removed) > 0 {
+			t.Fatalf("blob %d: A's pass under budget removed %v (err %v)", i, res.Removed, err)
+		}
+		release()
+	}
+	for i, d := range blobs {
+		if !cached(t, r.sa, d) {
+			t.Errorf("blob %d evicted under budget", i)
+		}
 	}
 }

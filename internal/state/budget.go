@@ -57,6 +57,11 @@ type BudgetReplica struct {
 	Leases []string `json:"leases,omitempty"`
 	// Reserved is bytes admitted for fills not committed yet.
 	Reserved int64 `json:"reserved"`
+	// Fills is Reserved by blob digest ("sha256:..." → bytes). A reader
+	// that already counts a blob as cached (its BudgetAdded change came
+	// with or before this presence) does not count its reservation again.
+	// Nil from replicas that predate it: Reserved alone then counts.
+	Fills map[string]int64 `json:"fills,omitempty"`
 }
 
 // BudgetView is what BudgetPoll returns.
