@@ -96,6 +96,9 @@ func main() {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
 	_ = fs.Parse(os.Args[2:])
+	if strayArgs(os.Stderr, "serve", fs) {
+		os.Exit(2)
+	}
 
 	// Start-up refusals are logged like everything after them (the
 	// configured level is not known yet: info).
@@ -537,6 +540,9 @@ func healthcheck(args []string) int {
 	fs := flag.NewFlagSet("healthcheck", flag.ExitOnError)
 	cfgPath := fs.String("config", "", "YAML configuration file")
 	_ = fs.Parse(args)
+	if strayArgs(os.Stderr, "healthcheck", fs) {
+		return 2
+	}
 	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "healthcheck:", err)

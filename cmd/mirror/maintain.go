@@ -40,10 +40,7 @@ func loadForTool(name string, args []string, define func(*flag.FlagSet)) config.
 	cfgPath := fs.String("config", "", "YAML configuration file (see configs/mirror.yaml)")
 	define(fs)
 	_ = fs.Parse(args)
-	if fs.NArg() > 0 {
-		// A stray word would otherwise end flag parsing silently: "mirror
-		// gc now --dry-run" must not collect for real.
-		fmt.Fprintf(os.Stderr, "%s: unexpected argument %q (it takes only flags; see mirror %s -h)\n", name, fs.Arg(0), name)
+	if strayArgs(os.Stderr, name, fs) {
 		os.Exit(2)
 	}
 	cfg, err := loadConfig(*cfgPath)

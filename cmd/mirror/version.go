@@ -113,8 +113,11 @@ func versionCmd(w io.Writer, args []string) int {
 	case errors.Is(err, flag.ErrHelp):
 		fmt.Fprint(w, usage)
 		return 0
-	case err != nil || fs.NArg() > 0:
+	case err != nil:
 		fmt.Fprint(os.Stderr, usage)
+		return 2
+	case fs.NArg() > 0:
+		fmt.Fprintf(os.Stderr, "version: unexpected argument %q (it takes none)\n%s", fs.Arg(0), usage)
 		return 2
 	}
 	b := currentBuild()

@@ -26,6 +26,14 @@ func TestHelpAndVersion(t *testing.T) {
 	if out, code := runCLI(t, nil, "bogus"); code != 2 || !strings.Contains(out, "usage:") {
 		t.Errorf("mirror bogus: exit %d\n%s", code, out)
 	}
+	// Commands that take no positional argument refuse a stray one rather
+	// than ignore it (a mirror started by "serve extra" on defaults).
+	env := []string{"MIRROR_ADDR=127.0.0.1:0", "MIRROR_DATA_DIR=" + t.TempDir()}
+	for _, args := range [][]string{{"serve", "extra"}, {"serve", "--config", "", "extra"}, {"healthcheck", "extra"}, {"version", "extra"}} {
+		if out, code := runCLI(t, env, args...); code != 2 || !strings.Contains(out, "unexpected argument") {
+			t.Errorf("mirror %s: exit %d, want 2 and a usage error\n%s", strings.Join(args, " "), code, out)
+		}
+	}
 
 	need(t, "make", "git")
 	bin := filepath.Join(t.TempDir(), "mirror")
