@@ -231,7 +231,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	rt := auth.NewTransport(upstreamTransport, origin, creds, log.With("component", "auth"))
 	up := upstream.New(origin, rt)
 	registry := pull.RegistryName(up)
-	instrument(up, rt, m, registry)
+	instrument(up, rt, m, metrics.DefaultUpstream)
 	ups, extraTransports, err := newUpstreams(cfg, up, m, log)
 	if err != nil {
 		return err

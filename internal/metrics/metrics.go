@@ -225,8 +225,16 @@ func (m *Metrics) CacheResult(upstream, kind, result string, bytes int64) {
 	m.ServedBytes.WithLabelValues(src).Add(float64(bytes))
 }
 
+// DefaultUpstream is the upstream label value of the default upstream
+// (upstream.url), whatever host its URL names (nvcr.io, a proxy or lab
+// alias of it, a test upstream): dashboards and alerts select nvcr.io by
+// this one name, as they select a further upstream by its key in
+// upstreams:.
+const DefaultUpstream = "nvcr.io"
+
 // UpstreamMetrics records the traffic of one upstream, under the label
-// upstream="<its registry name>". A nil *UpstreamMetrics records nothing.
+// upstream="<its registry name>" (DefaultUpstream for the default). A nil
+// *UpstreamMetrics records nothing.
 type UpstreamMetrics struct {
 	m    *Metrics
 	name string

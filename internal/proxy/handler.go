@@ -318,6 +318,9 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request) {
 	}
 	if ri, ok := r.Context().Value(routeKey{}).(*routeInfo); ok {
 		ri.repo, ri.ref, ri.upstream = repo, rt.ref, reg.Name
+		if h.pull.Upstreams().IsDefault(reg) {
+			ri.upstream = metrics.DefaultUpstream // the metrics' name of the default upstream
+		}
 	}
 	if h.access != nil && !h.authorize(w, r, repo) {
 		return

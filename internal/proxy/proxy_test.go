@@ -126,7 +126,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 			store = storage.New(o.wrap(store.Driver()))
 		}
 	}
-	name := strings.ToLower(up.Host())
+	name := metrics.DefaultUpstream
 	if o.via != "" {
 		name = o.via
 	}
@@ -169,7 +169,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		if _, err := def.Populate(o.layerSize); err != nil {
 			t.Fatal(err)
 		}
-		if ups, err = upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: newClient(def, o.key, o.metrics, strings.ToLower(def.Host()))}, nil,
+		if ups, err = upstream.NewSet(&upstream.Registry{Name: strings.ToLower(def.Host()), Client: newClient(def, o.key, o.metrics, metrics.DefaultUpstream)}, nil,
 			&upstream.Registry{Name: o.via, Client: client}); err != nil {
 			t.Fatal(err)
 		}
@@ -872,9 +872,10 @@ func testMetricsColdThenHot(t *testing.T, via string) {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	e := newEnv(t, envOpts{metrics: m, via: via})
-	label, other := strings.ToLower(e.up.Host()), ""
+	// The default upstream is "nvcr.io" whatever its URL's host.
+	label, other := metrics.DefaultUpstream, ""
 	if via != "" {
-		label, other = via, strings.ToLower(e.def.Host())
+		label, other = via, metrics.DefaultUpstream
 	}
 	im := e.fx.Pytorch.Child("linux/amd64")
 	var blobBytes int64
