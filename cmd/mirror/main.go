@@ -52,6 +52,7 @@ const usage = `usage: mirror serve [--config FILE]
        mirror prefetch IMAGE [--platform os/arch]... [--detach]   (on the running mirror)
        mirror tags REPOSITORY [--monthly] [--refresh]           (tracked tags, what is cached)
        mirror jobs [--state STATE] | jobs --follow ID | jobs cancel ID   (prefetch jobs)
+       mirror htpasswd USER < password   (a line for access.htpasswd_file)
        mirror help
 
 Every command reads the mirror's configuration from --config FILE, else
@@ -82,6 +83,8 @@ func main() {
 			os.Exit(tagsCmd(os.Args[2:]))
 		case "jobs":
 			os.Exit(jobsCmd(os.Args[2:]))
+		case "htpasswd":
+			os.Exit(htpasswdCmd(os.Args[2:]))
 		case "version", "--version":
 			os.Exit(versionCmd(os.Stdout, os.Args[2:]))
 		case "help", "-h", "-help", "--help":
