@@ -300,24 +300,24 @@ type DockerHubFixture struct {
 // and publishes it.
 func (d *DockerHub) Populate(layerSize int64) (*DockerHubFixture, error) {
 	var f DockerHubFixture
-	amdO, err := buildRandom("linux/amd64", true, layerSize, 2)
+	amdO, err := d.buildRandom("linux/amd64", true, layerSize, 2)
 	if err != nil {
 		return nil, err
 	}
-	armO, err := buildRandom("linux/arm64", true, layerSize, 1)
+	armO, err := d.buildRandom("linux/arm64", true, layerSize, 1)
 	if err != nil {
 		return nil, err
 	}
 	if f.Ubuntu, err = BuildIndex(true, amdO, armO); err != nil {
 		return nil, err
 	}
-	if f.Busybox, err = buildRandom("linux/amd64", false, layerSize, 1); err != nil {
+	if f.Busybox, err = d.buildRandom("linux/amd64", false, layerSize, 1); err != nil {
 		return nil, err
 	}
-	if f.Tool, err = buildRandom("linux/amd64", false, layerSize, 2); err != nil {
+	if f.Tool, err = d.buildRandom("linux/amd64", false, layerSize, 2); err != nil {
 		return nil, err
 	}
-	if f.Private, err = buildRandom("linux/amd64", false, layerSize, 1); err != nil {
+	if f.Private, err = d.buildRandom("linux/amd64", false, layerSize, 1); err != nil {
 		return nil, err
 	}
 	d.AddImage(HubUbuntuRepo, false, f.Ubuntu, HubUbuntuTag, "latest")

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -493,5 +494,44 @@ func TestFaults(t *testing.T) {
 	d.SetFault(nil)
 	if resp, _ := do(t, http.MethodGet, urls[0]); resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("back online: %s, want the 401 challenge", resp.Status)
+	}
+}
+
+// TestSeedContent: fakes seeded alike make the same images (every digest
+// of the fixture and of a release); another seed, or none, makes others.
+func TestSeedContent(t *testing.T) {
+	t.Parallel()
+	digests := func(seed int64) []digest.Digest {
+		u := New(Options{})
+		t.Cleanup(u.Close)
+		if seed != 0 {
+			u.SeedContent(seed)
+		}
+		f, err := u.Populate(4 << 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rel, err := u.AddRelease(PytorchRepo, "24.05-py3", 4<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []digest.Digest
+		for _, im := range []*Image{f.Pytorch, f.CUDA, f.DCGM, f.Private, rel} {
+			out = append(out, im.Manifest.Digest)
+			for _, b := range im.Blobs() {
+				out = append(out, b.Digest)
+			}
+		}
+		return out
+	}
+	a, b := digests(7), digests(7)
+	if !slices.Equal(a, b) {
+		t.Fatalf("seed 7 twice made different content:\n%v\n%v", a, b)
+	}
+	if c := digests(8); slices.Equal(a, c) || c[1] == a[1] {
+		t.Fatal("seeds 7 and 8 made the same content")
+	}
+	if r := digests(0); r[1] == a[1] {
+		t.Fatal("an unseeded fake made the seeded content")
 	}
 }

@@ -39,7 +39,7 @@ func (u *Upstream) Populate(layerSize int64) (*Fixture, error) {
 	amd64 := v1.Platform{OS: "linux", Architecture: "amd64"}
 	arm64 := v1.Platform{OS: "linux", Architecture: "arm64"}
 	layer := func(oci bool) v1.Layer {
-		l, err := NewLayer(layerSize, oci)
+		l, err := u.newLayer(layerSize, oci)
 		if err != nil {
 			panic(fmt.Sprintf("ngctest: building layer: %v", err))
 		}

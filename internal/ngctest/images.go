@@ -2,6 +2,7 @@ package ngctest
 
 import (
 	"io"
+	mrand "math/rand"
 	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -60,6 +61,31 @@ func NewLayer(size int64, oci bool) (v1.Layer, error) {
 		mt = types.OCILayer
 	}
 	return random.Layer(size, mt)
+}
+
+// SeedContent makes the layers Populate and AddRelease build from now on
+// come from seed: the same seed and layer sizes, in the same order, give
+// the same images (digests) in every run, so that a mirror's cache from
+// an earlier run matches. Without it every fake makes fresh content.
+// Tokens and signatures stay random.
+func (u *Upstream) SeedContent(seed int64) {
+	u.layerMu.Lock()
+	u.layerSrc = mrand.NewSource(seed)
+	u.layerMu.Unlock()
+}
+
+// newLayer is NewLayer, from the seeded source when SeedContent set one.
+func (u *Upstream) newLayer(size int64, oci bool) (v1.Layer, error) {
+	u.layerMu.Lock()
+	defer u.layerMu.Unlock()
+	if u.layerSrc == nil {
+		return NewLayer(size, oci)
+	}
+	mt := types.DockerLayer
+	if oci {
+		mt = types.OCILayer
+	}
+	return random.Layer(size, mt, random.WithSource(u.layerSrc))
 }
 
 // BuildImage builds a real single-platform image whose config diff_ids match

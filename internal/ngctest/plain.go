@@ -59,18 +59,18 @@ type PlainFixture struct {
 // layerSize bytes each, uncompressed) and publishes it.
 func (p *Plain) Populate(layerSize int64) (*PlainFixture, error) {
 	var f PlainFixture
-	amd, err := buildRandom("linux/amd64", true, layerSize, 1)
+	amd, err := p.buildRandom("linux/amd64", true, layerSize, 1)
 	if err != nil {
 		return nil, err
 	}
-	arm, err := buildRandom("linux/arm64", true, layerSize, 1)
+	arm, err := p.buildRandom("linux/arm64", true, layerSize, 1)
 	if err != nil {
 		return nil, err
 	}
 	if f.Pause, err = BuildIndex(true, amd, arm); err != nil {
 		return nil, err
 	}
-	if f.CoreDNS, err = buildRandom("linux/amd64", false, layerSize, 2); err != nil {
+	if f.CoreDNS, err = p.buildRandom("linux/amd64", false, layerSize, 2); err != nil {
 		return nil, err
 	}
 	p.AddImage(PlainPauseRepo, false, f.Pause, PlainPauseTag)

@@ -17,7 +17,7 @@ func (u *Upstream) AddRelease(repository, tag string, layerSize int64, platforms
 	}
 	var children []*Image
 	for _, p := range platforms {
-		im, err := buildRandom(p, false, layerSize, 2)
+		im, err := u.buildRandom(p, false, layerSize, 2)
 		if err != nil {
 			return nil, err
 		}
@@ -32,13 +32,14 @@ func (u *Upstream) AddRelease(repository, tag string, layerSize int64, platforms
 }
 
 // buildRandom builds an image for platform ("linux/amd64") with n fresh,
-// random layers of about layerSize bytes (uncompressed); oci selects OCI
-// media types, otherwise Docker schema2.
-func buildRandom(platform string, oci bool, layerSize int64, n int) (*Image, error) {
+// random layers of about layerSize bytes (uncompressed; from the seed of
+// SeedContent when set); oci selects OCI media types, otherwise Docker
+// schema2.
+func (u *Upstream) buildRandom(platform string, oci bool, layerSize int64, n int) (*Image, error) {
 	os, arch, _ := strings.Cut(platform, "/")
 	var layers []v1.Layer
 	for range n {
-		l, err := NewLayer(layerSize, oci)
+		l, err := u.newLayer(layerSize, oci)
 		if err != nil {
 			return nil, err
 		}

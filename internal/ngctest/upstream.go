@@ -18,6 +18,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	mrand "math/rand"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -80,6 +81,11 @@ type Upstream struct {
 	tokens    map[string]tokenInfo
 	requests  []Request
 	fault     func(w http.ResponseWriter, r *http.Request) bool
+
+	// layerSrc, when set (SeedContent), makes the layers Populate and
+	// AddRelease build; nil: crypto-random ones. Guarded by layerMu.
+	layerMu  sync.Mutex
+	layerSrc mrand.Source
 }
 
 type repo struct {

@@ -14,6 +14,10 @@
 // ngctest/private, an anonymous pull limit with -pull-limit), and -plain the
 // plain anonymous registry (pause:3.10, coredns/coredns); it prints the
 // upstreams: section of a mirror config that serves all of them.
+//
+// Content (layers, hence every digest) is new on each start unless -seed
+// N is given: the same N and -layer-size make the same images, so that a
+// mirror's cache from an earlier run still matches the fake.
 package main
 
 import (
@@ -33,9 +37,13 @@ func main() {
 	hub := flag.Bool("dockerhub", false, "also run the Docker-Hub-like upstream")
 	limit := flag.Int("pull-limit", 0, "anonymous manifest GETs the Docker-Hub-like upstream answers before 429 (0: no limit)")
 	plain := flag.Bool("plain", false, "also run the plain anonymous registry")
+	seed := flag.Int64("seed", 0, "make the same images (digests) on every start with the same seed and -layer-size (0: new random content each start)")
 	flag.Parse()
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close()
+	if *seed != 0 {
+		up.SeedContent(*seed)
+	}
 	if *portal {
 		up.SetFault(ngctest.CaptivePortal)
 	}
@@ -47,6 +55,9 @@ func main() {
 	if *hub {
 		d := ngctest.NewDockerHub(ngctest.DockerHubOptions{AnonymousPullLimit: *limit})
 		defer d.Close()
+		if *seed != 0 {
+			d.SeedContent(*seed + 1) // content of its own, the same each start
+		}
 		if _, err := d.Populate(*layer); err != nil {
 			fail(err)
 		}
@@ -60,6 +71,9 @@ func main() {
 	if *plain {
 		p := ngctest.NewPlain(ngctest.PlainOptions{})
 		defer p.Close()
+		if *seed != 0 {
+			p.SeedContent(*seed + 2)
+		}
 		if _, err := p.Populate(*layer); err != nil {
 			fail(err)
 		}
