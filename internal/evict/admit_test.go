@@ -1,7 +1,6 @@
 package evict_test
 
 import (
-	"math/rand/v2"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -18,26 +17,14 @@ import (
 // result.
 func fillBlob(t *testing.T, s *storage.Store, e *evict.Evictor, size int) (digest.Digest, evict.Result) {
 	t.Helper()
-	r := rand.New(rand.NewPCG(seq.Add(1), 11))
-	data := make([]byte, size)
-	for i := range data {
-		data[i] = byte(r.Uint32())
-	}
+	data := newData(size)
 	d := digest.FromBytes(data)
 	release, err := e.Admit(t.Context(), d, int64(size))
 	if err != nil {
 		t.Fatalf("Admit %d bytes (used %d): %v", size, e.Used(), err)
 	}
 	defer release()
-	w, err := s.CreateBlob(t.Context(), d, int64(size))
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.KnownNew()
-	_, _ = w.Write(data)
-	if err := w.Commit(t.Context()); err != nil {
-		t.Fatal(err)
-	}
+	commitBlob(t, s, data)
 	res, err := e.Evict(t.Context())
 	if err != nil {
 		t.Fatal(err)

@@ -39,23 +39,35 @@ func (c *clock) now() time.Time { return time.Unix(0, c.ns.Load()) }
 
 var seq atomic.Uint64
 
-func putBlob(t *testing.T, s *storage.Store, size int) digest.Digest {
-	t.Helper()
+// newData returns size bytes of content no other call returns.
+func newData(size int) []byte {
 	r := rand.New(rand.NewPCG(seq.Add(1), 7))
 	data := make([]byte, size)
 	for i := range data {
 		data[i] = byte(r.Uint32())
 	}
+	return data
+}
+
+// commitBlob writes data to s as a fill does (known new) and commits it.
+func commitBlob(t *testing.T, s *storage.Store, data []byte) digest.Digest {
+	t.Helper()
 	d := digest.FromBytes(data)
-	w, err := s.CreateBlob(t.Context(), d, int64(size))
+	w, err := s.CreateBlob(t.Context(), d, int64(len(data)))
 	if err != nil {
 		t.Fatal(err)
 	}
+	w.KnownNew()
 	_, _ = w.Write(data)
 	if err := w.Commit(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	return d
+}
+
+func putBlob(t *testing.T, s *storage.Store, size int) digest.Digest {
+	t.Helper()
+	return commitBlob(t, s, newData(size))
 }
 
 // putImage caches an image manifest referring to config and layers.

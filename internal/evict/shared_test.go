@@ -231,15 +231,7 @@ func TestSharedBudgetCommitCountsOnce(t *testing.T) {
 			t.Fatalf("blob %d: Admit on B: %v", i, err)
 		}
 		testsupport.Eventually(t, 10*time.Second, "A counts B's reservation", func() bool { return r.a.Reserved() == size })
-		w, err := r.sb.CreateBlob(t.Context(), d, size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		w.KnownNew()
-		_, _ = w.Write(data)
-		if err := w.Commit(t.Context()); err != nil {
-			t.Fatal(err)
-		}
+		commitBlob(t, r.sb, data)
 		want := int64(i+1) * size
 		testsupport.Eventually(t, 10*time.Second, "A counts B's commit", func() bool { return r.a.Used() == want })
 		if got := r.a.Reserved(); got != 0 {
