@@ -144,7 +144,7 @@ func New(cfg Config, check UpstreamChecker) (*Policy, error) {
 		p.cfg.Mode = ModeNone
 	case ModeHtpasswd, ModeToken:
 		if cfg.HtpasswdFile == "" {
-			return nil, fmt.Errorf("access.htpasswd_file (MIRROR_HTPASSWD_FILE) must name a file of users in mode %s (make one with htpasswd -B -c FILE USER)", cfg.Mode)
+			return nil, fmt.Errorf("access.htpasswd_file (MIRROR_HTPASSWD_FILE) must name a file of users in mode %s (make one with `mirror htpasswd USER >> FILE`, password on stdin, or htpasswd -B -c FILE USER)", cfg.Mode)
 		}
 		if err := checkHtpasswd(cfg.HtpasswdFile); err != nil {
 			return nil, err
@@ -216,7 +216,7 @@ func checkHtpasswd(file string) error {
 	}
 	if len(bad) > 0 {
 		return fmt.Errorf("access.htpasswd_file %s: only bcrypt password hashes work, and these are not: %s; "+
-			"recreate each with htpasswd -B %s USER", file, strings.Join(bad, ", "), file)
+			"recreate each with `mirror htpasswd USER` (password on stdin) or htpasswd -B %s USER", file, strings.Join(bad, ", "), file)
 	}
 	return nil
 }
