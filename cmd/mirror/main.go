@@ -328,7 +328,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	mux.Handle(admin.Prefix+"/", trk.admin)
 	var handler http.Handler = mux
 	if n := cfg.Limits.RequestsPerSecond; n > 0 {
-		handler = rateLimited(n, handler)
+		handler = rateLimited(n, h.Observe, handler)
 	}
 	handler = limitBodies(handler)
 	// Before any route: the mux would otherwise redirect a path with "."

@@ -21,16 +21,21 @@ import (
 // nor limited: a container health check, a balancer's readiness probe or a
 // Prometheus scrape must not fail because clients from the same address
 // (all of them, behind a balancer not in trusted_proxies) are busy.
-func rateLimited(perSecond int, next http.Handler) http.Handler {
+//
+// observe wraps the 429 answer (proxy.Handler.Observe): a limited request
+// is counted and gets its access-log line, so an operator sees who is
+// throttled.
+func rateLimited(perSecond int, observe func(http.Handler) http.Handler, next http.Handler) http.Handler {
+	tooMany := observe(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		// httprate has set Retry-After (seconds) already.
+		ocierr.Write(w, http.StatusTooManyRequests, ocierr.New("TOOMANYREQUESTS",
+			"too many requests from this client; retry after the Retry-After seconds (limits.requests_per_second)"))
+	}))
 	limited := httprate.Limit(perSecond, time.Second,
 		httprate.WithKeyFuncs(func(r *http.Request) (string, error) {
 			return httprate.CanonicalizeIP(clientip.Of(r)), nil
 		}),
-		httprate.WithLimitHandler(func(w http.ResponseWriter, _ *http.Request) {
-			// httprate has set Retry-After (seconds) already.
-			ocierr.Write(w, http.StatusTooManyRequests, ocierr.New("TOOMANYREQUESTS",
-				"too many requests from this client; retry after the Retry-After seconds (limits.requests_per_second)"))
-		}),
+		httprate.WithLimitHandler(tooMany.ServeHTTP),
 	)(next)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {

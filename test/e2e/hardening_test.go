@@ -70,6 +70,11 @@ func TestHugeHeadersAndRateLimit(t *testing.T) {
 	if limited == 0 {
 		t.Fatal("30 requests at once at 5 per second: none was rate limited")
 	}
+	// Each limited request has its access-log line, so an operator sees
+	// who is throttled.
+	testsupport.Eventually(t, 5*time.Second, "an access-log line per 429", func() bool {
+		return strings.Count(m.log.String(), " status=429 ") >= limited
+	})
 }
 
 // TestGracefulShutdown: SIGTERM while a client downloads a slow cold blob;
