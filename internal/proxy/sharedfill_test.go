@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"crypto/rand"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -224,4 +226,68 @@ func truncate(b []byte) []byte {
 		return b[:200]
 	}
 	return b
+}
+
+// TestSharedFillBreaksMidStream: the other upstream's fill sends its
+// headers and half the blob, so the joiner has its size and waits for the
+// (small) blob to verify before it answers; then that upstream goes away
+// (the connection breaks, the resume finds it offline). The joiner is
+// still served from its own upstream: nothing was sent to it yet.
+func TestSharedFillBreaksMidStream(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{second: second})
+	c := sharedBlob(t, e)
+	half, release := make(chan struct{}), make(chan struct{})
+	var cdnGETs atomic.Int32
+	e.up.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/blobs/"+c.Digest.String()) {
+			return false
+		}
+		if !e.up.IsCDN(r) {
+			if r.Header.Get("Range") == "" {
+				return false // the first registry GET: its 307 to the CDN
+			}
+			return ngctest.Offline(w, r) // the resume
+		}
+		if cdnGETs.Add(1) > 1 {
+			return ngctest.Offline(w, r)
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(c.Body)))
+		_, _ = w.Write(c.Body[:len(c.Body)/2])
+		w.(http.Flusher).Flush()
+		close(half)
+		<-release
+		return true // short: the connection ends before Content-Length
+	})
+	var wg sync.WaitGroup
+	var r1, r2 result
+	wg.Add(2)
+	go func() { defer wg.Done(); r1 = e.do(t, http.MethodGet, "/v2/nvidia/a/blobs/"+c.Digest.String()) }()
+	select {
+	case <-half:
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("the first client's fill never reached the CDN")
+	}
+	go func() {
+		defer wg.Done()
+		r2 = e.do(t, http.MethodGet, "/v2/"+second+"/org/b/blobs/"+c.Digest.String())
+	}()
+	joined := testsupport.Until(10*time.Second, 5*time.Millisecond, func() bool { return e.fills.Clients(c.Digest) == 2 })
+	close(release)
+	wg.Wait()
+	if !joined {
+		t.Fatal("the second client never joined the running fill")
+	}
+	if r1.err == nil && r1.status == http.StatusOK && bytes.Equal(r1.body, c.Body) {
+		t.Fatal("the first client got the whole blob although its upstream broke off")
+	}
+	if r2.err != nil || r2.status != http.StatusOK || !bytes.Equal(r2.body, c.Body) {
+		t.Fatalf("the joiner got %d %q (%v), want its own upstream's blob", r2.status, truncate(r2.body), r2.err)
+	}
+	if n := e.up2.BlobFetches(c.Digest); n != 1 {
+		t.Fatalf("the joiner's upstream served the blob %d times, want 1", n)
+	}
+	waitFills(t, e)
+	assertCached(t, e, c.Digest, "the joiner's fill")
 }

@@ -243,14 +243,31 @@ func (b *Blob) Open(start, end int64) (io.Reader, error) {
 // (nil at once for a cached blob), the download failed (its error), or
 // ctx ends (ctx's error). A caller that wants to answer a small blob's
 // errors with a status rather than a cut-off body waits for it before it
-// sends anything. A blob streamed from the upstream without caching is
+// sends anything. A joined fill of another repository that fails at its
+// source (othersFailure) is retried once with this repository's own, as
+// fetch does. A blob streamed from the upstream without caching is
 // read into memory here (Size bytes: only for small blobs) and verified
 // (an error wrapping storage.ErrDigestMismatch or ErrSizeMismatch); ctx
 // does not bound that read, the Blob's own context does.
 func (b *Blob) WaitVerified(ctx context.Context) error {
 	switch {
 	case b.fill != nil:
-		return b.fill.Verified(ctx)
+		err := b.fill.Verified(ctx)
+		if err != nil && ctx.Err() == nil && !b.retried && b.s.othersFailure(b.repo, err) {
+			// A joined fill of another repository broke after its size
+			// was known (mid-stream): nothing was sent to this client
+			// yet, so, as in fetch, once more with its own source.
+			b.fill.Release()
+			b.fill = nil
+			b.retried = true
+			b.s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", b.Digest,
+				"repository", b.repo, "err", err)
+			if err := b.fetch(); err != nil {
+				return err
+			}
+			return b.WaitVerified(ctx)
+		}
+		return err
 	case b.direct != nil && b.held == nil:
 		buf, err := io.ReadAll(io.LimitReader(b.direct, b.Size+1))
 		if err != nil {
