@@ -20,11 +20,16 @@ import (
 
 // ParseTrusted parses trusted proxies given as CIDR prefixes
 // ("10.0.0.0/8", "fd00::/8") or single addresses ("10.0.0.5", a /32 or
-// /128). The error names the first entry that is neither.
+// /128). The error names the first entry that is neither, or that is a
+// /0 (0.0.0.0/0, ::/0): trusting every address would let any client
+// choose its own address for rate limits and logs.
 func ParseTrusted(entries []string) ([]netip.Prefix, error) {
 	out := make([]netip.Prefix, 0, len(entries))
 	for _, e := range entries {
 		if p, err := netip.ParsePrefix(e); err == nil {
+			if p.Bits() == 0 {
+				return nil, fmt.Errorf("%q trusts every address, so any client could choose its own by X-Forwarded-For; list the balancers' addresses", e)
+			}
 			out = append(out, p.Masked())
 			continue
 		}

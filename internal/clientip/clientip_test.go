@@ -67,7 +67,7 @@ func TestParseTrusted(t *testing.T) {
 			t.Errorf("entry %d: %s, want %s", i, p, want[i])
 		}
 	}
-	for _, bad := range []string{"lb.lab", "fe80::1%eth0", "10.0.0.0/40", ""} {
+	for _, bad := range []string{"lb.lab", "fe80::1%eth0", "10.0.0.0/40", "", "0.0.0.0/0", "::/0"} {
 		if _, err := ParseTrusted([]string{bad}); err == nil {
 			t.Errorf("ParseTrusted(%q) accepted", bad)
 		}
