@@ -220,7 +220,9 @@ func (n nameRules) isDefault(s string) bool {
 // library/.
 func (n nameRules) canon(list []string, official bool) {
 	for i, name := range list {
-		if first, rest, ok := strings.Cut(name, "/"); ok && rest != "" && n.isDefault(first) {
+		// Not before a wildcard component: nvcr.io/** has no bare form
+		// (** matches every upstream's names); check refuses it.
+		if first, rest, ok := strings.Cut(name, "/"); ok && rest != "" && n.isDefault(first) && !wildFirst(rest) {
 			name = rest
 		}
 		if reg, p, ok := strings.Cut(name, "/"); official && ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
@@ -228,6 +230,13 @@ func (n nameRules) canon(list []string, official bool) {
 		}
 		list[i] = name
 	}
+}
+
+// wildFirst reports whether the first component of name has a glob
+// character.
+func wildFirst(name string) bool {
+	first, _, _ := strings.Cut(name, "/")
+	return strings.ContainsAny(first, "*?[")
 }
 
 // check returns an error, keyed key, for each name of list that is the
@@ -239,6 +248,9 @@ func (n nameRules) check(key string, list []string) []error {
 		switch {
 		case n.isDefault(strings.TrimSuffix(name, "/")):
 			errs = append(errs, fmt.Errorf("%s: %q is the default upstream's registry name alone; name its repositories or namespaces without it (nvidia, nvidia/pytorch, myorg/**)", key, name))
+		case n.isDefault(first):
+			// Left by canon: a wildcard right after it, or the name twice.
+			errs = append(errs, fmt.Errorf("%s: %q: the default upstream's names are written without its registry name, and a pattern of them must start with a namespace (nvidia/**, myorg/**): a bare ** or * would match every upstream's names", key, name))
 		case !names.LooksLikeRegistry(first) || !strings.Contains(name, "/"):
 			// nvcr.io's, or a further upstream's name alone (docker.io
 			// as a public namespace opens all of it)

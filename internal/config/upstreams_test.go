@@ -158,6 +158,11 @@ func TestDefaultRegistryAloneRefused(t *testing.T) {
 		{"public namespace", "access: {public_namespaces: [nvidia, nvcr.io]}\n", `access.public_namespaces: "nvcr.io"`},
 		{"access rule", "access: {mode: htpasswd, htpasswd_file: /x, rules: [{repositories: [nvcr.io], users: [a]}]}\n", `access.rules[0].repositories: "nvcr.io"`},
 		{"tracked repository", "tracking: {repositories: [NVCR.IO]}\n", `tracking.repositories: "NVCR.IO"`},
+		// A wildcard right after it: "**" would match every upstream's
+		// names, docker.io's too.
+		{"all of nvcr.io by pattern", "access: {mode: htpasswd, htpasswd_file: /x, rules: [{repositories: [\"nvcr.io/**\"], users: [a]}]}\n", `access.rules[0].repositories: "nvcr.io/**"`},
+		{"prefetch pattern", "prefetch: {rules: [{name: r, repositories: [\"nvcr.io/*/pytorch\"], tags: {latest: 1}}]}\n", `prefetch.rules[0].repositories: "nvcr.io/*/pytorch"`},
+		{"registry name twice", "access: {public_namespaces: [nvcr.io/nvcr.io/nvidia]}\n", `must start with a namespace`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
