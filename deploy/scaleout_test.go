@@ -947,6 +947,9 @@ type composeService struct {
 	Ports       []any             `yaml:"ports"`
 	Volumes     []any             `yaml:"volumes"`
 	DependsOn   any               `yaml:"depends_on"`
+	Networks    map[string]struct {
+		IPv4Address string `yaml:"ipv4_address"`
+	} `yaml:"networks"`
 }
 
 // mounts returns a service's bind mounts, target → source, in the short
@@ -1049,6 +1052,12 @@ func TestComposeScaleOut(t *testing.T) {
 		}
 		if want := "http://" + name + ":5002"; adv != want {
 			t.Errorf("replica %s advertises %q, want %s (its own name, the peer listener)", name, adv, want)
+		}
+		// X-Forwarded-For is trusted from the balancer's own address only:
+		// a private range would hold the lab's nodes too, which could then
+		// choose their address.
+		if lb := svcs["mirror-lb"].Networks["default"].IPv4Address; lb == "" || !slices.Equal(cfg.Server.TrustedProxies, []string{lb}) {
+			t.Errorf("replica %s trusts %v for X-Forwarded-For, want mirror-lb's fixed address %q alone", name, cfg.Server.TrustedProxies, lb)
 		}
 		if env["MIRROR_CLUSTER_SECRET"] != "test-cluster-secret-0123456789" {
 			t.Errorf("replica %s does not take the cluster secret from MIRROR_CLUSTER_SECRET", name)

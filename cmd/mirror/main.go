@@ -596,6 +596,8 @@ func upstreamChecks(ups *upstream.Set) []health.UpstreamCheck {
 		}}
 		if i > 0 {
 			c.Credentials = "upstreams." + r.Name + ".username and password"
+		} else {
+			c.Name = metrics.DefaultUpstream // as its metrics name it, whatever upstream.url's host
 		}
 		checks = append(checks, c)
 	}
