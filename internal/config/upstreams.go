@@ -222,7 +222,9 @@ func (n nameRules) canon(list []string, official bool) {
 	for i, name := range list {
 		// Not before a wildcard component: nvcr.io/** has no bare form
 		// (** matches every upstream's names); check refuses it.
-		if first, rest, ok := strings.Cut(name, "/"); ok && rest != "" && n.isDefault(first) && !wildFirst(rest) {
+		// Nor before another registry's name (nvcr.io/docker.io would
+		// become all of Docker Hub).
+		if first, rest, ok := strings.Cut(name, "/"); ok && rest != "" && n.isDefault(first) && !wildFirst(rest) && !registryFirst(rest) {
 			name = rest
 		}
 		if reg, p, ok := strings.Cut(name, "/"); official && ok && reg == names.DockerHub && !strings.ContainsAny(p, "*?[") {
@@ -239,6 +241,13 @@ func wildFirst(name string) bool {
 	return strings.ContainsAny(first, "*?[")
 }
 
+// registryFirst reports whether the first component of name looks like a
+// registry name.
+func registryFirst(name string) bool {
+	first, _, _ := strings.Cut(name, "/")
+	return names.LooksLikeRegistry(first)
+}
+
 // check returns an error, keyed key, for each name of list that is the
 // default's registry name alone or names a registry not in upstreams.
 func (n nameRules) check(key string, list []string) []error {
@@ -249,8 +258,8 @@ func (n nameRules) check(key string, list []string) []error {
 		case n.isDefault(strings.TrimSuffix(name, "/")):
 			errs = append(errs, fmt.Errorf("%s: %q is the default upstream's registry name alone; name its repositories or namespaces without it (nvidia, nvidia/pytorch, myorg/**)", key, name))
 		case n.isDefault(first):
-			// Left by canon: a wildcard right after it, or the name twice.
-			errs = append(errs, fmt.Errorf("%s: %q: the default upstream's names are written without its registry name, and a pattern of them must start with a namespace (nvidia/**, myorg/**): a bare ** or * would match every upstream's names", key, name))
+			// Left by canon: a wildcard or a registry name right after it.
+			errs = append(errs, fmt.Errorf("%s: %q: the default upstream's names are written without its registry name (or with it once), and a pattern of them must start with a namespace (nvidia/**, myorg/**): a bare ** or * would match every upstream's names, and a registry name after it another upstream's", key, name))
 		case !names.LooksLikeRegistry(first) || !strings.Contains(name, "/"):
 			// nvcr.io's, or a further upstream's name alone (docker.io
 			// as a public namespace opens all of it)

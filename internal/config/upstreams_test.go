@@ -163,6 +163,7 @@ func TestDefaultRegistryAloneRefused(t *testing.T) {
 		{"all of nvcr.io by pattern", "access: {mode: htpasswd, htpasswd_file: /x, rules: [{repositories: [\"nvcr.io/**\"], users: [a]}]}\n", `access.rules[0].repositories: "nvcr.io/**"`},
 		{"prefetch pattern", "prefetch: {rules: [{name: r, repositories: [\"nvcr.io/*/pytorch\"], tags: {latest: 1}}]}\n", `prefetch.rules[0].repositories: "nvcr.io/*/pytorch"`},
 		{"registry name twice", "access: {public_namespaces: [nvcr.io/nvcr.io/nvidia]}\n", `must start with a namespace`},
+		{"another registry after it", "upstreams: {docker.io: {url: \"https://registry-1.docker.io\"}}\naccess: {public_namespaces: [nvcr.io/docker.io]}\n", `access.public_namespaces: "nvcr.io/docker.io"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
