@@ -65,9 +65,11 @@ type UpstreamCheck struct {
 
 // ping is the last ping of one upstream.
 type ping struct {
-	mu   sync.Mutex
-	last time.Time
-	err  error
+	mu      sync.Mutex
+	last    time.Time     // when the last ping ended
+	err     error         // its result
+	known   bool          // a ping has ended
+	running chan struct{} // closed when the running ping ends; nil when none runs
 }
 
 type report struct {
@@ -98,7 +100,7 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 
 // Readyz is the readiness handler. Its JSON body is
 // {"status":"ready|unready","storage":"ok|not writable",
-// "upstream":"ok|unreachable|credentials refused|not a registry",
+// "upstream":"ok|unreachable|credentials refused|not a registry|checking",
 // "upstream_reason":"...","upstreams":{"<registry>":{"status":"...",
 // "reason":"..."}},"state":"ok|unreachable|off",
 // "cluster":"ok|uncoordinated|joining"}: "upstreams" has every upstream by
@@ -106,8 +108,11 @@ func (c *Checker) Healthz(w http.ResponseWriter, _ *http.Request) {
 // registry" means that the upstream's GET /v2/ answered without
 // Docker-Distribution-API-Version, or with an HTML page
 // (upstream.ErrNotRegistry): a captive portal or a misconfigured proxy is
-// on the uplink. The upstreams are pinged at once, each at most every
-// upstreamEvery; no upstream's state changes the status code.
+// on the uplink; "checking" that the first ping has not answered within
+// pingWait. The upstreams are pinged at once, each at most every
+// upstreamEvery, in the background: a probe waits at most pingWait for a
+// ping, else reports the last result. No upstream's state changes the
+// status code.
 func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
@@ -121,7 +126,12 @@ func (c *Checker) Readyz(w http.ResponseWriter, r *http.Request) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ups[i] = describe(u, c.ping(ctx, u))
+			err, known := c.ping(ctx, u)
+			if !known {
+				ups[i] = upstreamReport{Status: "checking", Reason: "the first ping of the upstream has not answered yet"}
+				return
+			}
+			ups[i] = describe(u, err)
 		}()
 	}
 	wg.Wait()
@@ -178,9 +188,21 @@ func describe(u UpstreamCheck, err error) upstreamReport {
 // upstreamEvery is how often /readyz pings an upstream at most.
 const upstreamEvery = 30 * time.Second
 
-// ping returns the result of u's last ping, pinging it first when that is
-// upstreamEvery old (concurrent callers wait for one ping).
-func (c *Checker) ping(ctx context.Context, u UpstreamCheck) error {
+// pingWait is how long /readyz waits for a ping it started (or found
+// running) before it answers with the last result: a hanging upstream
+// must not hold readiness probes (Kubernetes' default timeout is 1 s,
+// HAProxy's check the deploy files' 2 s). pingTimeout bounds the ping
+// itself.
+const (
+	pingWait    = 500 * time.Millisecond
+	pingTimeout = 10 * time.Second
+)
+
+// ping returns the result of u's last ping and whether there is one. When
+// that result is upstreamEvery old it starts a new ping in the background
+// (one at a time per upstream) and waits for it at most pingWait (or until
+// ctx ends).
+func (c *Checker) ping(ctx context.Context, u UpstreamCheck) (err error, known bool) {
 	c.mu.Lock()
 	if c.pings == nil {
 		c.pings = map[string]*ping{}
@@ -192,10 +214,31 @@ func (c *Checker) ping(ctx context.Context, u UpstreamCheck) error {
 	}
 	c.mu.Unlock()
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if time.Since(p.last) >= upstreamEvery {
-		p.err = u.Probe(ctx)
-		p.last = time.Now()
+	if p.running == nil && (!p.known || time.Since(p.last) >= upstreamEvery) {
+		done := make(chan struct{})
+		p.running = done
+		go func() {
+			pctx, cancel := context.WithTimeout(context.Background(), pingTimeout)
+			err := u.Probe(pctx)
+			cancel()
+			p.mu.Lock()
+			p.err, p.last, p.known, p.running = err, time.Now(), true, nil
+			p.mu.Unlock()
+			close(done)
+		}()
 	}
-	return p.err
+	running := p.running
+	p.mu.Unlock()
+	if running != nil {
+		t := time.NewTimer(pingWait)
+		defer t.Stop()
+		select {
+		case <-running:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err, p.known
 }

@@ -8,11 +8,14 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/health"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 	"github.com/ngc-mirror/ngc-mirror/internal/upstream"
 )
 
@@ -143,5 +146,52 @@ func TestReadyzEveryUpstream(t *testing.T) {
 	if code, rep = ask(t, c2); code != http.StatusOK || rep.Upstream != "unreachable" || rep.Upstreams["nvcr.io"].Status != "unreachable" ||
 		rep.Upstreams["docker.io"].Status != "credentials refused" {
 		t.Fatalf("every upstream down: %d %+v, want 200 with each reported", code, rep)
+	}
+}
+
+// TestReadyzDoesNotWaitForAHangingUpstream: an upstream that accepts and
+// never answers (its ping blocks until the test lets it go) does not hold
+// /readyz: the probe answers, ready, with that upstream "checking" (no
+// ping has ended yet) and the other one ok; once the ping fails, the next
+// /readyz says unreachable, and no second ping is started meanwhile.
+func TestReadyzDoesNotWaitForAHangingUpstream(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	var hung atomic.Int32
+	c := &health.Checker{StorageProbe: func(context.Context) error { return nil }, Upstreams: []health.UpstreamCheck{
+		{Name: "nvcr.io", Probe: func(context.Context) error { return nil }},
+		{Name: "docker.io", Probe: func(context.Context) error {
+			hung.Add(1)
+			<-release // ignores its context, as a hung connection might
+			return fmt.Errorf("read: connection reset")
+		}},
+	}}
+	type answer struct {
+		code int
+		rep  readyz
+	}
+	got := make(chan answer, 1)
+	go func() { code, rep := ask(t, c); got <- answer{code, rep} }()
+	var a answer
+	select {
+	case a = <-got:
+	case <-time.After(20 * time.Second): // a guard, not a measure: the old code never answered
+		close(release)
+		t.Fatal("/readyz waited for the hanging upstream's ping")
+	}
+	if a.code != http.StatusOK || a.rep.Upstreams["docker.io"].Status != "checking" || a.rep.Upstreams["nvcr.io"].Status != "ok" {
+		close(release)
+		t.Fatalf("/readyz while docker.io hangs: %d %+v", a.code, a.rep)
+	}
+	if _, rep := ask(t, c); rep.Upstreams["docker.io"].Status != "checking" || hung.Load() != 1 {
+		close(release)
+		t.Fatalf("second /readyz: %+v, %d pings of the hanging upstream, want checking and 1", rep, hung.Load())
+	}
+	close(release)
+	if !testsupport.Until(10*time.Second, 10*time.Millisecond, func() bool {
+		_, rep := ask(t, c)
+		return rep.Upstreams["docker.io"].Status == "unreachable"
+	}) {
+		t.Fatal("the failed ping never reached /readyz")
 	}
 }
