@@ -232,6 +232,9 @@ func Load(path string, getenv func(string) string) (Config, error) {
 		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) { // an empty file is fine
 			return c, fmt.Errorf("config: %s: %w", path, explain(raw, err))
 		}
+		if err := wholeNumbers(raw); err != nil {
+			return c, fmt.Errorf("config: %s: %w", path, err)
+		}
 	}
 	for env, dst := range map[string]*string{
 		"MIRROR_ADDR":              &c.Addr,

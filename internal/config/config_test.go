@@ -380,6 +380,11 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"access:\n  rules:\n    - repositories: [a/*]\n      user: [alice]\n", "line 4: unknown key access.rules[0].user"},
 		{"prefetch:\n  rules:\n    - name: x\n      tags: {lates: 2}\n", "unknown key prefetch.rules[0].tags.lates"},
 		{"limits:\n  max_fills: many\n", `line 2: limits.max_fills: want a whole number, got "many"`},
+		// yaml.v3 would truncate these (0.5 rps turned the limit off).
+		{"limits:\n  requests_per_second: 0.5\n", `line 2: limits.requests_per_second: want a whole number, got 0.5`},
+		{"limits:\n  max_fills: 1.5\n", `line 2: limits.max_fills: want a whole number, got 1.5`},
+		{"upstreams:\n  docker.io:\n    url: https://registry-1.docker.io\n    max_fills: 2.25\n", `line 4: upstreams.docker.io.max_fills: want a whole number, got 2.25`},
+		{"prefetch:\n  rules:\n    - name: x\n      tags: {latest: 1.5}\n", `line 4: prefetch.rules[0].tags.latest: want a whole number, got 1.5`},
 		{"storage:\n  s3:\n    redirect: sometimes\n", `line 3: storage.s3.redirect: want true or false, got "sometimes"`},
 		{"upstream:\n  timeout: soon\n", `line 2: upstream.timeout: "soon" is not a duration`},
 		{"cache:\n  max_size: lots\n", `line 2: cache.max_size: "lots" is not a size`},
@@ -494,5 +499,15 @@ func TestPinSyntax(t *testing.T) {
 		} else if err != nil && !strings.Contains(err.Error(), "cache.pin") {
 			t.Errorf("cache.pin %q: error %q does not name the key", pin, err)
 		}
+	}
+}
+
+// A whole number written as a float (2.0, 1e2) is still that number.
+func TestWholeFloatIsAnInt(t *testing.T) {
+	t.Parallel()
+	p := writeFile(t, "mirror.yaml", "limits:\n  max_fills: 2.0\n  requests_per_second: 1e2\n")
+	got, err := Load(p, noEnv)
+	if err != nil || got.Limits.MaxFills != 2 || got.Limits.RequestsPerSecond != 100 {
+		t.Errorf("max_fills %d, requests_per_second %d, err %v; want 2, 100, nil", got.Limits.MaxFills, got.Limits.RequestsPerSecond, err)
 	}
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"regexp"
 	"strconv"
@@ -18,12 +19,10 @@ import (
 // unchanged when raw does not parse as YAML at all (a syntax error, which
 // yaml.v3 already gives with its line).
 func explain(raw []byte, err error) error {
-	var root yaml.Node
-	if yaml.Unmarshal(raw, &root) != nil {
+	w := walkConfig(raw)
+	if w == nil {
 		return err
 	}
-	w := &keyWalk{at: map[int]string{}}
-	w.walk(&root, reflect.TypeOf(Config{}), "")
 	if len(w.unknown) > 0 {
 		return errors.New(strings.Join(w.unknown, "; ") + " (configs/mirror.yaml lists every key)")
 	}
@@ -40,10 +39,35 @@ func explain(raw []byte, err error) error {
 	return errors.New(strings.Join(msgs, "; "))
 }
 
+// wholeNumbers refuses a number with a fraction (0.5, 1.5) where the
+// Config type has an integer: yaml.v3 would truncate it silently
+// (limits.requests_per_second: 0.5 became 0, rate limiting off). raw must
+// already decode; the error names the line and key path of each, like
+// explain's. Whole numbers written as floats (2.0, 1e3) pass.
+func wholeNumbers(raw []byte) error {
+	if w := walkConfig(raw); w != nil && len(w.notWhole) > 0 {
+		return errors.New(strings.Join(w.notWhole, "; "))
+	}
+	return nil
+}
+
+// walkConfig walks the YAML document raw along the Config type; nil when
+// raw is not YAML.
+func walkConfig(raw []byte) *keyWalk {
+	var root yaml.Node
+	if yaml.Unmarshal(raw, &root) != nil {
+		return nil
+	}
+	w := &keyWalk{at: map[int]string{}}
+	w.walk(&root, reflect.TypeOf(Config{}), "")
+	return w
+}
+
 // keyWalk follows a YAML document along the Config type.
 type keyWalk struct {
-	at      map[int]string // line → key path of the value there
-	unknown []string       // "line N: unknown key a.b"
+	at       map[int]string // line → key path of the value there
+	unknown  []string       // "line N: unknown key a.b"
+	notWhole []string       // "line N: a.b: want a whole number, got 1.5"
 }
 
 var unmarshalerType = reflect.TypeOf((*yaml.Unmarshaler)(nil)).Elem()
@@ -80,6 +104,13 @@ func (w *keyWalk) walk(n *yaml.Node, t reflect.Type, prefix string) {
 				w.walk(v, t.Elem(), p)
 			}
 		}
+	case yaml.ScalarNode:
+		if isInt(t.Kind()) && n.ShortTag() == "!!float" {
+			var f float64
+			if n.Decode(&f) == nil && (math.IsInf(f, 0) || math.IsNaN(f) || f != math.Trunc(f)) {
+				w.notWhole = append(w.notWhole, fmt.Sprintf("line %d: %s: want a whole number, got %s", n.Line, prefix, n.Value))
+			}
+		}
 	case yaml.SequenceNode:
 		if t.Kind() == reflect.Slice || t.Kind() == reflect.Array {
 			for i, c := range n.Content {
@@ -87,6 +118,11 @@ func (w *keyWalk) walk(n *yaml.Node, t reflect.Type, prefix string) {
 			}
 		}
 	}
+}
+
+// isInt reports whether k is one of Go's integer kinds.
+func isInt(k reflect.Kind) bool {
+	return k >= reflect.Int && k <= reflect.Uint64
 }
 
 // yamlField returns the type of t's field named name in YAML.
