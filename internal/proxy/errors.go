@@ -62,7 +62,12 @@ func toAPIError(err error, k kind) *apiError {
 	var ne net.Error
 	switch {
 	case errors.Is(err, pull.ErrBusy):
-		e := newAPIError(errcode.ErrorCodeUnavailable, "too many blob downloads in progress; retry shortly")
+		msg := "too many blob downloads in progress; retry shortly"
+		var be *pull.BusyError
+		if errors.As(err, &be) {
+			msg = "too many blob downloads in progress (the mirror's " + be.Bound + "); retry shortly"
+		}
+		e := newAPIError(errcode.ErrorCodeUnavailable, msg)
 		e.retryAfter = "5"
 		return e
 	case errors.Is(err, pull.ErrGone):

@@ -308,6 +308,15 @@ func (b *Blob) Close() {
 	}
 }
 
+// globalBusy names limits.max_fills in the fill group's refusal
+// (fill.ErrTooManyFills); other errors are returned as they are.
+func globalBusy(err error) error {
+	if errors.Is(err, fill.ErrTooManyFills) {
+		return &BusyError{Bound: "limits.max_fills"}
+	}
+	return err
+}
+
 // join joins the running fill of dgst or starts one that reads from src,
 // the source of repository repo. missed says the caller's cache lookup,
 // started after fills.Seq returned seq, found dgst not cached
@@ -324,18 +333,22 @@ func (s *Service) join(repo string, dgst digest.Digest, src fill.Source, missed 
 	r, _ := s.at(repo)
 	if r.MaxFills <= 0 {
 		f, _, err := start()
-		return f, err
+		return f, globalBusy(err)
 	}
 	if f := s.fills.Running(dgst); f != nil {
 		return f, nil
 	}
 	if !s.slots.take(r.Name, r.MaxFills) {
-		return nil, fmt.Errorf("%w: %d blob downloads from %s run already (its max_fills)", ErrBusy, r.MaxFills, r.Name)
+		bound := "upstreams." + r.Name + ".max_fills"
+		if r == s.ups.Default() {
+			bound = "upstream.max_fills"
+		}
+		return nil, &BusyError{Bound: bound}
 	}
 	f, started, err := start()
 	if err != nil || !started {
 		s.slots.give(r.Name) // refused, or joined one started meanwhile
-		return f, err
+		return f, globalBusy(err)
 	}
 	// The slot is the fill's until it ends, whoever holds it then.
 	go func() {

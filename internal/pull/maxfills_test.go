@@ -122,6 +122,10 @@ func TestMaxFillsPerUpstream(t *testing.T) {
 		if !errors.Is(r.err, pull.ErrBusy) {
 			t.Fatalf("the slow upstream's second cold blob: %v, want ErrBusy", r.err)
 		}
+		var be *pull.BusyError
+		if !errors.As(r.err, &be) || be.Bound != "upstreams.slow.example.max_fills" {
+			t.Fatalf("the slow upstream's second cold blob: %v, want the bound upstreams.slow.example.max_fills named", r.err)
+		}
 	case <-arrived[b.Digest]:
 		t.Fatal("the slow upstream's second cold blob was fetched beyond its max_fills 1")
 	case <-time.After(10 * time.Second):

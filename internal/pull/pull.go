@@ -238,6 +238,21 @@ var errNotHeld = &upstream.Error{StatusCode: http.StatusNotFound}
 // and none of them is of the blob asked: retry shortly.
 var ErrBusy = fill.ErrTooManyFills
 
+// BusyError is ErrBusy naming the bound that was reached, as the
+// configuration spells it: "limits.max_fills" (all upstreams together),
+// "upstream.max_fills" (the default upstream's) or
+// "upstreams.<name>.max_fills".
+type BusyError struct {
+	Bound string
+}
+
+func (e *BusyError) Error() string {
+	return "pull: too many blob downloads in progress (" + e.Bound + ")"
+}
+
+// Unwrap makes a BusyError ErrBusy.
+func (e *BusyError) Unwrap() error { return ErrBusy }
+
 // ErrGone is returned by Blob.Open when the blob was removed (gc, another
 // replica) each time it was about to be read: retry.
 var ErrGone = errors.New("pull: the blob was removed while being served")
