@@ -194,3 +194,36 @@ func TestSecondMirrorOnDataDirRefused(t *testing.T) {
 		t.Errorf("the first mirror logged errors:\n%s", firstErr)
 	}
 }
+
+// TestStartLogsRemovedUploads: uploads a crash left in a filesystem cache
+// are removed at start-up with one INFO line that counts them.
+func TestStartLogsRemovedUploads(t *testing.T) {
+	up := ngctest.New(ngctest.Options{})
+	defer up.Close()
+	dataDir, cfgDir := t.TempDir(), t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dataDir, "_uploads"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"aa", "aa.live", "bb"} {
+		if err := os.WriteFile(filepath.Join(dataDir, "_uploads", f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := filepath.Join(cfgDir, "m.yaml")
+	if err := os.WriteFile(cfg, []byte("state: {path: "+filepath.Join(cfgDir, "state.db")+"}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := testsupport.FreeAddr(t)
+	p, stderr := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
+		"MIRROR_DATA_DIR": dataDir, "MIRROR_LOG_LEVEL": "info"})
+	c := &http.Client{Timeout: time.Minute}
+	defer c.CloseIdleConnections()
+	waitHealthy(t, c, "http://"+addr)
+	p.Stop()
+	if !strings.Contains(stderr.String(), `msg="removed interrupted uploads" count=2`) {
+		t.Errorf("no line counting the 2 removed uploads in\n%s", stderr)
+	}
+	if left, _ := os.ReadDir(filepath.Join(dataDir, "_uploads")); len(left) != 0 {
+		t.Errorf("left in _uploads: %v", left)
+	}
+}

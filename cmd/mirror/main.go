@@ -209,8 +209,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	// replicas: there `mirror gc` removes uploads older than its grace
 	// period instead.
 	if store.Capabilities().Exclusive && lock != nil {
-		if err := store.PurgeUploads(ctx); err != nil {
+		if n, err := store.PurgeUploads(ctx); err != nil {
 			log.Warn("cannot remove uploads of interrupted fills (they are never served)", "err", err)
+		} else if n > 0 {
+			log.Info("removed interrupted uploads", "count", n)
 		}
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(spoolDir, "fill-*")); len(leftovers) > 0 {

@@ -278,3 +278,29 @@ func TestLocationNamesTheStore(t *testing.T) {
 		t.Errorf("s3 location %q, want %q", got, want)
 	}
 }
+
+// TestPurgeUploadsCounts: PurgeUploads removes every upload (markers
+// included) and counts the uploads, not their markers, for the start-up
+// log; with no uploads directory it is 0.
+func TestPurgeUploadsCounts(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
+	ctx := t.Context()
+	if n, err := s.PurgeUploads(ctx); err != nil || n != 0 {
+		t.Fatalf("no uploads: %d, %v", n, err)
+	}
+	for _, b := range []string{"a", "b"} {
+		w, err := s.CreateBlob(ctx, digest.FromString(b), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = w.Write([]byte(b)) // never committed: a crash
+	}
+	if n, err := s.PurgeUploads(ctx); err != nil || n != 2 {
+		t.Fatalf("two interrupted uploads: %d, %v; want 2", n, err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(dir, "_uploads")); len(left) != 0 {
+		t.Fatalf("left after PurgeUploads: %v", left)
+	}
+}

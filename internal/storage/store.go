@@ -47,6 +47,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -211,13 +212,26 @@ func (s *Store) Probe(ctx context.Context) error {
 	return nil
 }
 
-// PurgeUploads removes uploads left by fills that a crash interrupted. It
-// must run before this process starts fills (at start-up), and only where
-// no other process shares the storage.
-func (s *Store) PurgeUploads(ctx context.Context) error {
-	err := translate(s.d.Delete(ctx, mustPath(UploadsPath{})))
-	if errors.Is(err, ErrNotFound) {
-		return nil
+// PurgeUploads removes uploads left by fills that a crash interrupted and
+// returns how many uploads it found (their heartbeat markers not counted).
+// It must run before this process starts fills (at start-up), and only
+// where no other process shares the storage.
+func (s *Store) PurgeUploads(ctx context.Context) (int, error) {
+	dir := mustPath(UploadsPath{})
+	names, err := s.d.List(ctx, dir)
+	if err = translate(err); errors.Is(err, ErrNotFound) {
+		return 0, nil
+	} else if err != nil {
+		return 0, err
 	}
-	return err
+	n := 0
+	for _, p := range names {
+		if !strings.HasSuffix(p, liveSuffix) {
+			n++
+		}
+	}
+	if err := translate(s.d.Delete(ctx, dir)); err != nil && !errors.Is(err, ErrNotFound) {
+		return 0, err
+	}
+	return n, nil
 }
