@@ -144,20 +144,33 @@ func prefetchCmd(args []string) int {
 // follow polls a job and shows its progress until it ends: a live bar on
 // a terminal, else (a log file, CI) a plain line every 10 seconds. It
 // returns the exit code: 0 done, 1 failed, cancelled or the mirror lost.
-func follow(c *adminClient, j state.Job) int {
-	fi, _ := os.Stderr.Stat()
-	tty := fi != nil && fi.Mode()&os.ModeCharDevice != 0
+func follow(c *adminClient, j state.Job) int { return followTo(c, j, os.Stdout, os.Stderr) }
+
+// followTo is follow writing the summary to stdout and progress to
+// stderr (a bar when stderr is a terminal). While the mirror does not
+// answer it retries up to 20 times (10 s), saying so on stderr once per
+// outage and again when the mirror is back.
+func followTo(c *adminClient, j state.Job, stdout, stderr io.Writer) int {
+	tty := false
+	if f, ok := stderr.(*os.File); ok {
+		fi, _ := f.Stat()
+		tty = fi != nil && fi.Mode()&os.ModeCharDevice != 0
+	}
 	var bar *progressbar.ProgressBar
 	if tty && !j.Ended() {
-		bar = newBar(os.Stderr, jobImage(j))
+		bar = newBar(stderr, jobImage(j))
 	}
-	failures := 0
+	nl := "" // a line of ours after the bar's starts on a line of its own
+	if bar != nil {
+		nl = "\n"
+	}
+	failures, down := 0, false
 	lastLine := time.Time{}
 	for {
 		if bar != nil {
 			showProgress(bar, j)
 		} else if !j.Ended() && time.Since(lastLine) >= 10*time.Second {
-			fmt.Fprintln(os.Stderr, progressLine(j))
+			fmt.Fprintln(stderr, progressLine(j))
 			lastLine = time.Now()
 		}
 		if j.Ended() {
@@ -168,19 +181,28 @@ func follow(c *adminClient, j state.Job) int {
 		if err := c.do(http.MethodGet, admin.Prefix+"/jobs/"+url.PathEscape(j.ID), nil, &next); err != nil {
 			failures++
 			if failures > 20 {
-				fmt.Fprintln(os.Stderr, "\nprefetch: lost the mirror:", err)
+				fmt.Fprintln(stderr, "\nprefetch: lost the mirror:", err)
 				return 1
 			}
+			var ae *apiError
+			if !down && !errors.As(err, &ae) { // no answer at all, not an error answer
+				down = true
+				fmt.Fprintf(stderr, "%smirror unreachable at %s; retrying\n", nl, c.base)
+			}
 			continue
+		}
+		if down {
+			down = false
+			fmt.Fprintf(stderr, "%smirror at %s is reachable again\n", nl, c.base)
 		}
 		failures = 0
 		j = next
 	}
 	if bar != nil {
 		_ = bar.Finish()
-		fmt.Fprintln(os.Stderr)
+		fmt.Fprintln(stderr)
 	}
-	return report(os.Stdout, os.Stderr, j)
+	return report(stdout, stderr, j)
 }
 
 // jobImage names a job's image: "nvidia/pytorch:24.05-py3".
