@@ -2,12 +2,16 @@ package proxy
 
 import (
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
+
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 )
 
-// RejectDotSegments answers 400 NAME_INVALID, in the OCI error envelope,
+// RejectDotSegments answers 400 NAME_INVALID (BAD_REQUEST under /admin/,
+// "not a job ID" under its jobs/), in the OCI error envelope,
 // to any request whose path has a "." or ".." segment, written plainly or
 // percent-encoded ("%2e%2e", "%2E."), or an empty segment ("//"), and
 // passes every other request to next. Wrap the whole server with it (registry API, admin API, token
@@ -21,6 +25,17 @@ import (
 // the access log), so that they are logged like every registry request.
 func RejectDotSegments(next http.Handler, observe func(http.Handler) http.Handler) http.Handler {
 	var refuse http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// The admin API's paths hold job IDs and its own words, no
+		// repository names: say so in its code (admin.Prefix).
+		if rest, ok := strings.CutPrefix(r.URL.Path, "/admin/v1/jobs/"); ok {
+			ocierr.Write(w, http.StatusBadRequest, ocierr.New("BAD_REQUEST",
+				strconv.Quote(strings.TrimSuffix(rest, "/cancel"))+` is not a job ID (it has a "." or ".." or empty path segment)`))
+			return
+		}
+		if strings.HasPrefix(r.URL.Path, "/admin/") {
+			ocierr.Write(w, http.StatusBadRequest, ocierr.New("BAD_REQUEST", `a "." or ".." or empty path segment is not allowed in an admin API path`))
+			return
+		}
 		w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		if hasDotSegment(r.URL.Path) {
 			writeError(w, newAPIError(errcode.ErrorCodeNameInvalid, `a path segment "." or ".." is not allowed in a repository name`))

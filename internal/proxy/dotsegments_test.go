@@ -58,8 +58,6 @@ func TestRejectDotSegments(t *testing.T) {
 		"/v2/nvidia%2f..%2fpytorch/manifests/x",
 		"/v2/nvidia/pytorch/manifests/..",
 		"/v2/..",
-		"/admin/v1/jobs/../rules",
-		"/admin/v1/%2e%2e/tags",
 		"/auth/token/..",
 		"/metrics/..",
 		"/v2/nvidia//pytorch/tags/list", // empty segments: the mux would redirect too
@@ -70,6 +68,19 @@ func TestRejectDotSegments(t *testing.T) {
 		resp, body := rawGet(t, addr, target)
 		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, `"code":"NAME_INVALID"`) {
 			t.Errorf("GET %s: %d %s (Location %q), want 400 NAME_INVALID", target, resp.StatusCode, body, resp.Header.Get("Location"))
+		}
+	}
+	// Admin API paths are no repository names: a job ID with dot segments
+	// (mirror jobs --follow ../../x) is not a job ID, 400 BAD_REQUEST.
+	for _, tc := range []struct{ target, want string }{
+		{"/admin/v1/jobs/..%2F..%2Fx", "not a job ID"},
+		{"/admin/v1/jobs/../rules", "not a job ID"},
+		{"/admin/v1/jobs/a//cancel", "not a job ID"},
+		{"/admin/v1/%2e%2e/tags", "not allowed in an admin API path"},
+	} {
+		resp, body := rawGet(t, addr, tc.target)
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, `"code":"BAD_REQUEST"`) || !strings.Contains(body, tc.want) || strings.Contains(body, "repository") {
+			t.Errorf("GET %s: %d %s, want 400 BAD_REQUEST saying %q", tc.target, resp.StatusCode, body, tc.want)
 		}
 	}
 	if len(reached) != 0 {

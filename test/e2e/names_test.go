@@ -38,8 +38,9 @@ func rawRequest(t *testing.T, addr, target string, header ...string) (int, strin
 }
 
 // TestDotSegmentsNameInvalid: the binary answers a name with "." or ".."
-// segments, plain or percent-encoded, with 400 NAME_INVALID on every route
-// family (registry API, admin API, token endpoint, the others) instead of
+// segments, plain or percent-encoded, with 400 NAME_INVALID (BAD_REQUEST in
+// the admin API's paths) on every route family (registry API, admin API,
+// token endpoint, the others) instead of
 // redirecting to the cleaned path (another repository), and asks the
 // upstream nothing for it.
 func TestDotSegmentsNameInvalid(t *testing.T) {
@@ -51,6 +52,7 @@ func TestDotSegmentsNameInvalid(t *testing.T) {
 	for _, tc := range []struct {
 		target string
 		header []string
+		code   string // NAME_INVALID when ""
 	}{
 		{target: "/v2/nvidia/../pytorch/manifests/17.12"},
 		{target: "/v2/nvidia/%2e%2e/pytorch/manifests/17.12"},
@@ -60,17 +62,21 @@ func TestDotSegmentsNameInvalid(t *testing.T) {
 		{target: "/v2/nvidia/cuda/%2e%2e/cuda/blobs/" + blob},
 		{target: "/v2/nvidia/../pytorch/tags/list"},
 		{target: "/v2/nvidia/.%2e/pytorch/tags/list?n=1"},
-		{target: "/admin/v1/jobs/../rules", header: []string{auth}},
-		{target: "/admin/v1/%2e%2e/v1/repositories", header: []string{auth}},
+		// Admin API paths hold no repository names: BAD_REQUEST.
+		{target: "/admin/v1/jobs/../rules", header: []string{auth}, code: "BAD_REQUEST"},
+		{target: "/admin/v1/%2e%2e/v1/repositories", header: []string{auth}, code: "BAD_REQUEST"},
 		{target: "/admin/v1/tags?repository=nvidia/../pytorch", header: []string{auth}},
 		{target: "/admin/v1/tags?repository=nvidia/%2e%2e/pytorch", header: []string{auth}},
 		{target: "/auth/token/../token?scope=repository:nvidia/pytorch:pull"},
 		{target: "/metrics/../v2/"},
 		{target: "/healthz/.."},
 	} {
+		if tc.code == "" {
+			tc.code = "NAME_INVALID"
+		}
 		status, loc, body := rawRequest(t, m.addr, tc.target, tc.header...)
-		if status != http.StatusBadRequest || !strings.Contains(body, `"NAME_INVALID"`) {
-			t.Errorf("GET %s: %d (Location %q) %s, want 400 NAME_INVALID", tc.target, status, loc, body)
+		if status != http.StatusBadRequest || !strings.Contains(body, `"`+tc.code+`"`) {
+			t.Errorf("GET %s: %d (Location %q) %s, want 400 %s", tc.target, status, loc, body, tc.code)
 		}
 	}
 	// Only the start-up ping (GET /v2/ and its token) may have reached it.
