@@ -26,11 +26,17 @@ type subject struct {
 	p    *proc
 }
 
-// servers returns the mirror and, when it runs, the peer.
+// servers returns the mirror and, when it runs, the peer, in the order
+// their phases run: the mirror first, or with -peer-first the peer (to
+// tell an order bias, such as the kernel's writeback of the first one's
+// bytes, from a difference between the servers).
 func (h *harness) servers() []subject {
 	s := []subject{{"mirror", h.mirror}}
 	if h.peer != nil {
 		s = append(s, subject{"peer", h.peer})
+		if h.cfg.peerFirst {
+			s[0], s[1] = s[1], s[0]
+		}
 	}
 	return s
 }

@@ -64,6 +64,7 @@ type config struct {
 	mirrorBin, peerBin string
 	work               string
 	keep               bool
+	peerFirst          bool
 	cases              map[int]bool
 	out                string
 
@@ -109,6 +110,7 @@ func main() {
 	flag.StringVar(&c.peerBin, "peer", "", "CNCF Distribution registry binary (v3.1.2); empty: peer columns are n/a")
 	flag.StringVar(&c.work, "work", "", "work directory for data dirs and logs (default: a new temporary directory, removed at the end)")
 	flag.BoolVar(&c.keep, "keep", false, "keep the work directory")
+	flag.BoolVar(&c.peerFirst, "peer-first", false, "run each case's peer phase before the mirror's (default: the mirror first)")
 	flag.StringVar(&c.out, "out", "", "also write the results (markdown) to this file")
 	flag.Var(&blobSize, "blob-size", "cases 1 and 4: blob size")
 	flag.Var(&smallSize, "small-blob-size", "case 4: second, smaller blob size to show RSS independence of size (default blob-size/8; 0 skips)")
