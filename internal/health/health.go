@@ -66,9 +66,8 @@ type UpstreamCheck struct {
 // ping is the last ping of one upstream.
 type ping struct {
 	mu      sync.Mutex
-	last    time.Time     // when the last ping ended
+	last    time.Time     // when the last ping ended; zero before the first
 	err     error         // its result
-	known   bool          // a ping has ended
 	running chan struct{} // closed when the running ping ends; nil when none runs
 }
 
@@ -214,7 +213,7 @@ func (c *Checker) ping(ctx context.Context, u UpstreamCheck) (err error, known b
 	}
 	c.mu.Unlock()
 	p.mu.Lock()
-	if p.running == nil && (!p.known || time.Since(p.last) >= upstreamEvery) {
+	if p.running == nil && time.Since(p.last) >= upstreamEvery {
 		done := make(chan struct{})
 		p.running = done
 		go func() {
@@ -222,7 +221,7 @@ func (c *Checker) ping(ctx context.Context, u UpstreamCheck) (err error, known b
 			err := u.Probe(pctx)
 			cancel()
 			p.mu.Lock()
-			p.err, p.last, p.known, p.running = err, time.Now(), true, nil
+			p.err, p.last, p.running = err, time.Now(), nil
 			p.mu.Unlock()
 			close(done)
 		}()
@@ -240,5 +239,5 @@ func (c *Checker) ping(ctx context.Context, u UpstreamCheck) (err error, known b
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.err, p.known
+	return p.err, !p.last.IsZero()
 }

@@ -139,13 +139,10 @@ func (b *Blob) fetch() error {
 		return nil
 	case err != nil:
 		f.Release()
-		if !b.retried && s.othersFailure(b.repo, err) {
+		if b.retryOthers(err) {
 			// The fill was another repository's: its failure may not be
 			// ours. Once, with our own source (or the fill another
 			// client started since).
-			b.retried = true
-			s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", b.Digest,
-				"repository", b.repo, "err", err)
 			return b.fetch()
 		}
 		return err
@@ -253,15 +250,12 @@ func (b *Blob) WaitVerified(ctx context.Context) error {
 	switch {
 	case b.fill != nil:
 		err := b.fill.Verified(ctx)
-		if err != nil && ctx.Err() == nil && !b.retried && b.s.othersFailure(b.repo, err) {
+		if err != nil && ctx.Err() == nil && b.retryOthers(err) {
 			// A joined fill of another repository broke after its size
 			// was known (mid-stream): nothing was sent to this client
 			// yet, so, as in fetch, once more with its own source.
 			b.fill.Release()
 			b.fill = nil
-			b.retried = true
-			b.s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", b.Digest,
-				"repository", b.repo, "err", err)
 			if err := b.fetch(); err != nil {
 				return err
 			}
@@ -433,6 +427,26 @@ func (s *Service) othersFailure(repo string, err error) bool {
 	return mine.Name != theirs.Name || IsAuthoritative(err)
 }
 
+// retryOthers reports whether a joined fill of dgst that failed with err
+// is to be tried again for repository repo (othersFailure), and logs it.
+func (s *Service) retryOthers(repo string, dgst digest.Digest, err error) bool {
+	if err == nil || !s.othersFailure(repo, err) {
+		return false
+	}
+	s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", dgst,
+		"repository", repo, "err", err)
+	return true
+}
+
+// retryOthers is Service.retryOthers for the Blob, once per Blob.
+func (b *Blob) retryOthers(err error) bool {
+	if b.retried || !b.s.retryOthers(b.repo, b.Digest, err) {
+		return false
+	}
+	b.retried = true
+	return true
+}
+
 // upstreamSource fetches dgst from repository repo; when the upstream
 // streams without Content-Length the size comes from a HEAD.
 func (s *Service) upstreamSource(repo string, dgst digest.Digest) fill.Source {
@@ -467,9 +481,7 @@ func (s *Service) CacheBlob(ctx context.Context, repo string, dgst digest.Digest
 		return false, err
 	}
 	fetched, err = s.cacheBlob(ctx, repo, dgst, wrap)
-	if err != nil && s.othersFailure(repo, err) {
-		s.log.Info("a shared blob fill failed at another repository's source; fetching from this one's", "digest", dgst,
-			"repository", repo, "err", err)
+	if s.retryOthers(repo, dgst, err) {
 		fetched, err = s.cacheBlob(ctx, repo, dgst, wrap)
 	}
 	return fetched, err
