@@ -74,23 +74,17 @@ func TestHeldByAnotherProcess(t *testing.T) {
 
 // TestReadOnlyDirectory: an existing lock file in a directory this process
 // may not write is still locked; without one, Acquire says ErrUnlockable.
+// As root (CI) the directories are tmpfs mounts remounted read-only (root
+// writes a mode 0500 directory anyway); otherwise mode 0500.
 func TestReadOnlyDirectory(t *testing.T) {
-	if os.Geteuid() == 0 {
-		t.Skip("root writes a mode 0500 directory anyway; the read-only disk is covered by the e2e TestReadOnlyDataDir")
-	}
 	dir := t.TempDir()
+	mountTmpfs(t, dir)
 	l, err := Acquire(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_ = l.Release()
-	if err := os.Chmod(dir, 0o500); err != nil {
-		t.Fatal(err)
-	}
-	defer os.Chmod(dir, 0o700)
-	if err := os.Chmod(dir+"/"+Name, 0o400); err != nil {
-		t.Fatal(err)
-	}
+	makeReadOnly(t, dir, Name)
 	l, err = Acquire(dir)
 	if err != nil {
 		t.Fatalf("Acquire with a read-only lock file: %v", err)
@@ -98,11 +92,43 @@ func TestReadOnlyDirectory(t *testing.T) {
 	_ = l.Release()
 
 	empty := t.TempDir()
-	if err := os.Chmod(empty, 0o500); err != nil {
-		t.Fatal(err)
-	}
-	defer os.Chmod(empty, 0o700)
+	mountTmpfs(t, empty)
+	makeReadOnly(t, empty)
 	if _, err := Acquire(empty); !errors.Is(err, ErrUnlockable) {
 		t.Fatalf("Acquire in a read-only directory without a lock file: %v, want ErrUnlockable", err)
 	}
+}
+
+// mountTmpfs mounts a small tmpfs on dir when running as root (unmounted
+// at the end of the test), so that makeReadOnly can remount it read-only.
+func mountTmpfs(t *testing.T, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v %s", dir, err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+}
+
+// makeReadOnly makes dir, and the files named in it, unwritable for this
+// process: as root a read-only remount of its tmpfs, else modes 0500/0400.
+func makeReadOnly(t *testing.T, dir string, files ...string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		if out, err := exec.Command("mount", "-o", "remount,ro", dir).CombinedOutput(); err != nil {
+			t.Fatalf("remount %s read-only: %v %s", dir, err, out)
+		}
+		return
+	}
+	for _, f := range files {
+		if err := os.Chmod(dir+"/"+f, 0o400); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(dir, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Chmod(dir, 0o700) })
 }
