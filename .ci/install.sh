@@ -38,14 +38,18 @@ if ! command -v oci-conformance >/dev/null; then
   install -m 0755 "$d/conformance" /usr/local/bin/oci-conformance
   rm -rf "$d"
 fi
+# The first line of a command's version output. sed reads all of it: with
+# `| head -1` the command can die of SIGPIPE after head exits, and pipefail
+# turns that into exit 141.
+first_line() { "$@" 2>&1 | sed -n 1p; }
 skopeo --version
 crane version
 dockerd --version
 containerd --version
-prometheus --version 2>&1 | head -1
+first_line prometheus --version
 docker-compose --version
-versitygw --version 2>&1 | head -1 || true
+first_line versitygw --version || true
 redis-server --version
-haproxy -v | head -1
-kubectl version --client 2>&1 | head -1
+first_line haproxy -v
+first_line kubectl version --client
 helm version --short
