@@ -263,6 +263,7 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		IdleTimeout:        time.Duration(cfg.Upstream.BlobIdleTimeout),
 		StopWithoutClients: cfg.Cache.StopFillsWithoutClients,
 		MaxFills:           cfg.Limits.MaxFills,
+		MaxFillsPer:        fillBounds(cfg, registry),
 		Budget:             ev, // evict.go
 		Log:                log.With("component", "fill"),
 		Metrics:            m,
@@ -623,15 +624,32 @@ func newUpstreams(cfg config.Config, def *upstream.Client, m *metrics.Metrics, l
 		instrument(c, rt, m, name)
 		transports = append(transports, tr)
 		others = append(others, &upstream.Registry{Name: name, Client: c, TagFreshness: time.Duration(u.TagFreshness),
-			Repositories: u.Repositories, RootHosts: u.RootHosts, MaxFills: u.MaxFills})
+			Repositories: u.Repositories, RootHosts: u.RootHosts})
 		log.Info("upstream", "registry", name, "url", origin.String(), "credentials", creds,
 			"repositories", u.Repositories, "root_hosts", u.RootHosts, "max_fills", u.MaxFills)
 	}
-	set, err := upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def, MaxFills: cfg.Upstream.MaxFills}, cfg.Upstream.NSAliases, others...)
+	set, err := upstream.NewSet(&upstream.Registry{Name: pull.RegistryName(def), Client: def}, cfg.Upstream.NSAliases, others...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("config: %w", err)
 	}
 	return set, transports, nil
+}
+
+// fillBounds returns the fill bounds of the upstreams that have one
+// (upstream.max_fills for the default, named registry, and
+// upstreams.<name>.max_fills), keyed by registry name as pull passes them
+// to fill.Group.Join.
+func fillBounds(cfg config.Config, registry string) map[string]int {
+	bounds := map[string]int{}
+	if cfg.Upstream.MaxFills > 0 {
+		bounds[registry] = cfg.Upstream.MaxFills
+	}
+	for name, u := range cfg.Upstreams {
+		if u.MaxFills > 0 {
+			bounds[name] = u.MaxFills
+		}
+	}
+	return bounds
 }
 
 func accessRules(in []config.AccessRule) []access.Rule {

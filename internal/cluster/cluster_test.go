@@ -225,7 +225,7 @@ func TestLeaseOwnerAndRelay(t *testing.T) {
 	var size int64
 	// Through a real fill on b, which must relay.
 	g := fill.NewGroup(&fsStore{memStore: shared}, fill.Options{SpoolDir: t.TempDir()})
-	f, _, err := g.JoinMissed(dgst, g.Seq(), func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
+	f, _, err := g.JoinMissed("", dgst, g.Seq(), func(ctx context.Context, off int64) (io.ReadCloser, int64, error) {
 		rc, n, err := relaySrc(ctx, off)
 		relayed.Store(true)
 		return rc, n, err

@@ -45,8 +45,27 @@ var ErrUnknownSize = errors.New("fill: upstream did not give the blob size")
 var ErrNoClients = errors.New("fill: every client left")
 
 // ErrTooManyFills is returned by Join when Options.MaxFills fills run
-// already and none of them is for the digest asked.
+// already, or Options.MaxFillsPer[key] of the key asked, and none of them
+// is for the digest asked. The error Join returns is a *LimitError naming
+// the bound; it unwraps to ErrTooManyFills.
 var ErrTooManyFills = errors.New("fill: too many downloads in progress")
+
+// LimitError is ErrTooManyFills naming the bound that refused a new fill:
+// Key is the key of Options.MaxFillsPer whose bound was reached, or ""
+// for Options.MaxFills, the bound of all fills together.
+type LimitError struct {
+	Key string
+}
+
+func (e *LimitError) Error() string {
+	if e.Key == "" {
+		return ErrTooManyFills.Error()
+	}
+	return ErrTooManyFills.Error() + " (" + e.Key + ")"
+}
+
+// Unwrap makes a LimitError ErrTooManyFills.
+func (e *LimitError) Unwrap() error { return ErrTooManyFills }
 
 // ErrSpool wraps a failure to create or write a fill's spool file: the
 // local disk, not the upstream, is at fault.
@@ -117,9 +136,17 @@ type Options struct {
 	// MaxResumes bounds how often a broken upstream read is resumed with a
 	// Range request from the offset reached (default 3).
 	MaxResumes int
-	// MaxFills bounds the fills running at once (0: no bound). A miss that
-	// would start one more gets ErrTooManyFills.
+	// MaxFills bounds the fills running at once, all keys together (0: no
+	// bound). A miss that would start one more gets ErrTooManyFills.
 	MaxFills int
+	// MaxFillsPer bounds the fills running at once per key (the key a
+	// caller passes to Join: the upstream's registry name, "docker.io"),
+	// beside MaxFills, so that one upstream's slow misses cannot take
+	// every slot from the others. A key that is absent, "" or bound by 0
+	// or less has MaxFills only. A miss beyond its key's bound gets
+	// ErrTooManyFills (a *LimitError naming the key); that bound is
+	// checked before MaxFills.
+	MaxFillsPer map[string]int
 	// StopWithoutClients cancels a fill when its last client leaves. By
 	// default a fill outlives its clients and the blob is cached anyway.
 	StopWithoutClients bool
@@ -144,6 +171,9 @@ type Group struct {
 
 	mu    sync.Mutex
 	fills map[digest.Digest]*Fill
+	// perKey counts the fills in fills by the key they were started
+	// with, for Options.MaxFillsPer (keys with a bound only).
+	perKey map[string]int
 	// commits counts the fills committed; recent holds the digests of the
 	// last len(recent) of them (commit number i at recent[i%len]), so
 	// JoinMissed can tell whether dgst was committed since a lookup.
@@ -198,7 +228,7 @@ func NewGroup(store Store, opts Options) *Group {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
-	g := &Group{store: store, opts: opts, fills: map[digest.Digest]*Fill{}}
+	g := &Group{store: store, opts: opts, fills: map[digest.Digest]*Fill{}, perKey: map[string]int{}}
 	g.bufs.New = func() any { b := make([]byte, chunkSize); return &b }
 	return g
 }
@@ -233,12 +263,15 @@ func (g *Group) Size(dgst digest.Digest) (int64, bool) {
 	return f.size, true
 }
 
-// Join returns the running fill of dgst, or starts one that reads from src.
-// The caller must call Release on the fill when done with it. started
-// reports whether this call started the fill. err is ErrTooManyFills when
-// a new fill would exceed Options.MaxFills.
-func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool, err error) {
-	return g.join(dgst, src, true)
+// Join returns the running fill of dgst, or starts one that reads from src
+// and counts against the bound of key (Options.MaxFillsPer: the upstream
+// src fetches from; "" for none). The caller must call Release on the fill
+// when done with it. started reports whether this call started the fill.
+// A running fill is joined whatever the bounds; a new one that would
+// exceed key's bound or Options.MaxFills is refused with a *LimitError
+// naming it (ErrTooManyFills).
+func (g *Group) Join(key string, dgst digest.Digest, src Source) (f *Fill, started bool, err error) {
+	return g.join(key, dgst, src, true)
 }
 
 // JoinMissed is Join for a caller whose cache lookup of dgst, started
@@ -246,14 +279,14 @@ func (g *Group) Join(dgst digest.Digest, src Source) (f *Fill, started bool, err
 // fill then skips its own lookup (one existence check, a HEAD on S3,
 // fewer) unless a fill of dgst committed since seq, in which case it looks
 // again as Join does.
-func (g *Group) JoinMissed(dgst digest.Digest, seq uint64, src Source) (f *Fill, started bool, err error) {
+func (g *Group) JoinMissed(key string, dgst digest.Digest, seq uint64, src Source) (f *Fill, started bool, err error) {
 	g.mu.Lock()
 	check := g.committedSince(dgst, seq)
 	g.mu.Unlock()
-	return g.join(dgst, src, check)
+	return g.join(key, dgst, src, check)
 }
 
-func (g *Group) join(dgst digest.Digest, src Source, check bool) (f *Fill, started bool, err error) {
+func (g *Group) join(key string, dgst digest.Digest, src Source, check bool) (f *Fill, started bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if f := g.fills[dgst]; f != nil {
@@ -261,8 +294,15 @@ func (g *Group) join(dgst digest.Digest, src Source, check bool) (f *Fill, start
 		g.opts.Metrics.FillJoined()
 		return f, false, nil
 	}
+	limit := 0 // key's bound; 0: none
+	if key != "" {
+		limit = g.opts.MaxFillsPer[key]
+	}
+	if limit > 0 && g.perKey[key] >= limit {
+		return nil, false, &LimitError{Key: key}
+	}
 	if g.opts.MaxFills > 0 && len(g.fills) >= g.opts.MaxFills {
-		return nil, false, ErrTooManyFills
+		return nil, false, &LimitError{}
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	f = &Fill{
@@ -275,6 +315,10 @@ func (g *Group) join(dgst digest.Digest, src Source, check bool) (f *Fill, start
 		check:  check,
 	}
 	g.fills[dgst] = f
+	if limit > 0 {
+		f.key = key
+		g.perKey[key]++
+	}
 	g.opts.Metrics.FillStarted()
 	go f.run(ctx, src)
 	return f, true, nil
@@ -309,10 +353,25 @@ func (g *Group) Wait(ctx context.Context) error {
 	return nil
 }
 
+// unlist removes f from the running fills, if it is still listed, and
+// gives back its slot of Options.MaxFillsPer. g.mu is held.
+func (g *Group) unlist(f *Fill) {
+	if g.fills[f.dgst] != f {
+		return
+	}
+	delete(g.fills, f.dgst)
+	if f.key != "" {
+		if g.perKey[f.key]--; g.perKey[f.key] <= 0 {
+			delete(g.perKey, f.key)
+		}
+	}
+}
+
 // Fill is one blob being fetched and cached.
 type Fill struct {
 	g     *Group
 	dgst  digest.Digest
+	key   string        // the bound of Options.MaxFillsPer it counts against; "": none
 	ready chan struct{} // closed when size is known or the fill failed
 
 	check bool // look the blob up before fetching it (see JoinMissed)
@@ -414,11 +473,11 @@ func (f *Fill) Release() {
 	// Once verified there is nothing left to save by stopping: let the
 	// commit finish and the blob be cached.
 	stop := refs == 1 && f.g.opts.StopWithoutClients && !verified
-	if stop && f.g.fills[f.dgst] == f {
+	if stop {
 		// Only the runner is left. Unlist the fill before cancelling it, so
 		// that a client arriving now starts a new one instead of joining
 		// one that is about to fail.
-		delete(f.g.fills, f.dgst)
+		f.g.unlist(f)
 	}
 	f.g.mu.Unlock()
 	if stop {
@@ -573,9 +632,7 @@ func (f *Fill) finish(err error) {
 	// Unlist first: a client arriving from now on starts afresh (or finds
 	// the blob cached) instead of joining a fill that has just failed.
 	f.g.mu.Lock()
-	if f.g.fills[f.dgst] == f {
-		delete(f.g.fills, f.dgst)
-	}
+	f.g.unlist(f)
 	f.g.mu.Unlock()
 	f.mu.Lock()
 	if err != nil {

@@ -910,11 +910,7 @@ func TestRejoinAfterLastClientLeftStartsAnew(t *testing.T) {
 // ErrTooManyFills.
 func mustJoin(t *testing.T, g *Group, dgst digest.Digest, src Source) (*Fill, bool) {
 	t.Helper()
-	f, started, err := g.Join(dgst, src)
-	if err != nil {
-		t.Fatalf("Join: %v", err)
-	}
-	return f, started
+	return mustJoinKey(t, g, "", dgst, src)
 }
 
 // TestMaxFills: past MaxFills running fills, a new digest is refused while
@@ -931,7 +927,7 @@ func TestMaxFills(t *testing.T) {
 		t.Fatal("second client did not join the running fill")
 	}
 	other, odgst := randomBlob(t, 100)
-	if _, _, err := e.g.Join(odgst, newSource(t, other).open); !errors.Is(err, ErrTooManyFills) {
+	if _, _, err := e.g.Join("", odgst, newSource(t, other).open); !errors.Is(err, ErrTooManyFills) {
 		t.Fatalf("Join of another digest: %v, want ErrTooManyFills", err)
 	}
 	src.unblock()
@@ -943,6 +939,79 @@ func TestMaxFills(t *testing.T) {
 	}
 	f3, _ := mustJoin(t, e.g, odgst, newSource(t, other).open)
 	f3.Release()
+}
+
+// TestMaxFillsPer: a key's bound (MaxFillsPer) refuses its key's next
+// new fill, naming the key, while joining its running fill, other keys'
+// fills and fills without a key go on up to MaxFills, whose refusal names
+// no key; a slot comes back when its fill ends.
+func TestMaxFillsPer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, Options{MaxFills: 3, MaxFillsPer: map[string]int{"slow.example": 1, "idle.example": 0}}, nil)
+	stalled := func() (*source, digest.Digest) {
+		data, dgst := randomBlob(t, 10000)
+		src := newSource(t, data)
+		src.stallAt = 4000
+		return src, dgst
+	}
+	refused := func(key string, wantKey string) {
+		t.Helper()
+		other, odgst := randomBlob(t, 100)
+		_, _, err := e.g.Join(key, odgst, newSource(t, other).open)
+		var le *LimitError
+		if !errors.Is(err, ErrTooManyFills) || !errors.As(err, &le) || le.Key != wantKey {
+			t.Fatalf("Join of another digest for key %q: %v, want a LimitError of key %q", key, err, wantKey)
+		}
+	}
+	slowSrc, slow := stalled()
+	f1, _ := mustJoinKey(t, e.g, "slow.example", slow, slowSrc.open)
+	refused("slow.example", "slow.example")
+	if f, started := mustJoinKey(t, e.g, "slow.example", slow, slowSrc.open); started || f != f1 {
+		t.Fatal("a client of the running fill did not join it past its key's bound")
+	} else {
+		f.Release()
+	}
+	// Other keys (one bound by 0: none) and no key share MaxFills.
+	aSrc, a := stalled()
+	fa, _ := mustJoinKey(t, e.g, "idle.example", a, aSrc.open)
+	bSrc, b := stalled()
+	fb, _ := mustJoinKey(t, e.g, "", b, bSrc.open)
+	refused("other.example", "")
+	refused("slow.example", "slow.example") // its own bound is checked first
+	// The slow key's fill ends: its slot and a global one come back.
+	slowSrc.unblock()
+	if err := done(t, f1); err != nil {
+		t.Fatalf("the slow key's fill: %v", err)
+	}
+	f1.Release()
+	if n := e.g.InFlight(); n != 2 { // a fill is unlisted before it is done
+		t.Fatalf("%d fills running, want 2", n)
+	}
+	cSrc, c := stalled()
+	fc, started := mustJoinKey(t, e.g, "slow.example", c, cSrc.open)
+	if !started {
+		t.Fatal("the slow key's next fill did not start once its first ended")
+	}
+	for _, s := range []*source{aSrc, bSrc, cSrc} {
+		s.unblock()
+	}
+	for _, f := range []*Fill{fa, fb, fc} {
+		if err := done(t, f); err != nil {
+			t.Fatal(err)
+		}
+		f.Release()
+	}
+}
+
+// mustJoinKey joins or starts the fill of dgst under key; it fails the test
+// on ErrTooManyFills.
+func mustJoinKey(t *testing.T, g *Group, key string, dgst digest.Digest, src Source) (*Fill, bool) {
+	t.Helper()
+	f, started, err := g.Join(key, dgst, src)
+	if err != nil {
+		t.Fatalf("Join(%q): %v", key, err)
+	}
+	return f, started
 }
 
 // ctxKeepingDriver imitates distribution's s3-aws writer, which commits
@@ -1042,7 +1111,7 @@ func TestJoinMissedLooksAgainAfterACommit(t *testing.T) {
 		t.Fatal("Committed() false after a commit")
 	}
 	// The lookup's caller joins after that fill committed and left.
-	f2, started, err := e.g.JoinMissed(dgst, seq, src)
+	f2, started, err := e.g.JoinMissed("", dgst, seq, src)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1059,7 +1128,7 @@ func TestJoinMissedLooksAgainAfterACommit(t *testing.T) {
 	_ = done(t, f3)
 	f3.Release()
 	data4, d4 := randomBlob(t, 100)
-	f4, _, err := e.g.JoinMissed(d4, seq, func(context.Context, int64) (io.ReadCloser, int64, error) {
+	f4, _, err := e.g.JoinMissed("", d4, seq, func(context.Context, int64) (io.ReadCloser, int64, error) {
 		return io.NopCloser(bytes.NewReader(data4)), int64(len(data4)), nil
 	})
 	if err != nil {

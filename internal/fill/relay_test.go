@@ -133,7 +133,7 @@ func putBlob(t *testing.T, store *storage.Store, dgst digest.Digest, data []byte
 
 func mustJoinMissed(t *testing.T, g *Group, dgst digest.Digest, src Source) (*Fill, bool) {
 	t.Helper()
-	f, started, err := g.JoinMissed(dgst, g.Seq(), src)
+	f, started, err := g.JoinMissed("", dgst, g.Seq(), src)
 	if err != nil {
 		t.Fatal(err)
 	}

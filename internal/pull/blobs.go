@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"sync"
 
 	"github.com/opencontainers/go-digest"
 
@@ -302,82 +301,39 @@ func (b *Blob) Close() {
 	}
 }
 
-// globalBusy names limits.max_fills in the fill group's refusal
-// (fill.ErrTooManyFills); other errors are returned as they are.
-func globalBusy(err error) error {
-	if errors.Is(err, fill.ErrTooManyFills) {
-		return &BusyError{Bound: "limits.max_fills"}
-	}
-	return err
-}
-
 // join joins the running fill of dgst or starts one that reads from src,
-// the source of repository repo. missed says the caller's cache lookup,
-// started after fills.Seq returned seq, found dgst not cached
-// (fill.Group.JoinMissed). A new fill counts against the bound of repo's
-// upstream (upstream.Registry.MaxFills) as well as the global one: beyond
-// either it is ErrBusy. A running fill is joined whatever the bounds.
+// the source of repository repo, counted against the fill bound of repo's
+// upstream (fill.Options.MaxFillsPer, keyed by its registry name) and the
+// global one (fill.Options.MaxFills). missed says the caller's cache
+// lookup, started after fills.Seq returned seq, found dgst not cached
+// (fill.Group.JoinMissed). A bound reached is a *BusyError naming it as
+// the configuration does.
 func (s *Service) join(repo string, dgst digest.Digest, src fill.Source, missed bool, seq uint64) (*fill.Fill, error) {
-	start := func() (*fill.Fill, bool, error) {
-		if missed {
-			return s.fills.JoinMissed(dgst, seq, src)
-		}
-		return s.fills.Join(dgst, src)
-	}
 	r, _ := s.at(repo)
-	if r.MaxFills <= 0 {
-		f, _, err := start()
-		return f, globalBusy(err)
+	var f *fill.Fill
+	var err error
+	if missed {
+		f, _, err = s.fills.JoinMissed(r.Name, dgst, seq, src)
+	} else {
+		f, _, err = s.fills.Join(r.Name, dgst, src)
 	}
-	if f := s.fills.Running(dgst); f != nil {
-		return f, nil
+	var le *fill.LimitError
+	if errors.As(err, &le) {
+		return nil, &BusyError{Bound: s.bound(le.Key)}
 	}
-	if !s.slots.take(r.Name, r.MaxFills) {
-		bound := "upstreams." + r.Name + ".max_fills"
-		if r == s.ups.Default() {
-			bound = "upstream.max_fills"
-		}
-		return nil, &BusyError{Bound: bound}
-	}
-	f, started, err := start()
-	if err != nil || !started {
-		s.slots.give(r.Name) // refused, or joined one started meanwhile
-		return f, globalBusy(err)
-	}
-	// The slot is the fill's until it ends, whoever holds it then.
-	go func() {
-		_ = f.Done(context.Background())
-		s.slots.give(r.Name)
-	}()
-	return f, nil
+	return f, err
 }
 
-// fillSlots counts the fills running per upstream (by registry name) that
-// have a bound of their own. The zero value is ready to use.
-type fillSlots struct {
-	mu sync.Mutex
-	n  map[string]int
-}
-
-// take reserves a slot of upstream name if fewer than limit are taken.
-func (fs *fillSlots) take(name string, limit int) bool {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if fs.n == nil {
-		fs.n = map[string]int{}
+// bound is the configuration's name of the fill bound of key, an
+// upstream's registry name ("": limits.max_fills, all upstreams together).
+func (s *Service) bound(key string) string {
+	switch key {
+	case "":
+		return "limits.max_fills"
+	case s.ups.Default().Name:
+		return "upstream.max_fills"
 	}
-	if fs.n[name] >= limit {
-		return false
-	}
-	fs.n[name]++
-	return true
-}
-
-// give returns a slot of upstream name.
-func (fs *fillSlots) give(name string) {
-	fs.mu.Lock()
-	fs.n[name]--
-	fs.mu.Unlock()
+	return "upstreams." + key + ".max_fills"
 }
 
 // source is where a fill of dgst from repository repo gets its bytes: the

@@ -119,7 +119,6 @@ type Service struct {
 	cache     CacheTracker
 	manifests singleflight.Group // one upstream manifest exchange per repo:ref
 	redirects *redirectHolds     // leases kept for presigned URLs handed out
-	slots     fillSlots          // fills per upstream with a bound of its own
 	owner     string             // this replica in manifest leases
 }
 
@@ -234,8 +233,9 @@ func IsAuthoritative(err error) bool {
 // not hold: the same as for content that does not exist.
 var errNotHeld = &upstream.Error{StatusCode: http.StatusNotFound}
 
-// ErrBusy is returned by Blob when limits.max_fills downloads run already
-// and none of them is of the blob asked: retry shortly.
+// ErrBusy is returned by Blob when a fill bound is reached (limits.max_fills
+// downloads, or the blob's upstream's bound, run already) and none of them
+// is of the blob asked: retry shortly. The error is a *BusyError.
 var ErrBusy = fill.ErrTooManyFills
 
 // BusyError is ErrBusy naming the bound that was reached, as the

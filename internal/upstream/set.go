@@ -37,10 +37,6 @@ type Registry struct {
 	// upstream's names are served without a registry prefix (Docker's
 	// registry-mirrors for docker.io).
 	RootHosts []string
-	// MaxFills bounds the blob fills of this upstream's repositories
-	// running at once (0: only the global bound, fill.Options.MaxFills),
-	// so that one upstream's slow misses cannot take every download slot.
-	MaxFills int
 }
 
 // Set is the mirror's upstreams: one default (nvcr.io), whose repositories
