@@ -14,9 +14,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/metrics"
+	"github.com/ngc-mirror/ngc-mirror/internal/ocierr"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
 )
 
@@ -30,11 +32,16 @@ import (
 // Ngc-Mirror-Blob-Size (the whole blob's bytes), the bytes from the offset
 // as the serving replica's fill releases them (the last byte only once
 // verified; a failed fill cuts the connection), and the trailer
-// Ngc-Mirror-Committed: true once the blob is in the cache. 401 for a
-// missing, stale (more than MaxSkew from the server's clock) or wrong
-// signature, 404 when the replica neither fills nor holds the blob. A
-// static bearer would be replayable for ever by whoever saw one request;
-// the signature is bound to the path and expires.
+// Ngc-Mirror-Committed: true once the blob is in the cache. Every error is
+// the OCI error envelope (internal/ocierr) at its code's status: 401
+// UNAUTHORIZED for a missing, stale (more than MaxSkew from the server's
+// clock) or wrong signature (checked first, whatever the path; which part
+// was wrong is not told), 404 NOT_FOUND for another path, 405 UNSUPPORTED
+// for another method, 400 DIGEST_INVALID, 416 RANGE_INVALID for a Range
+// not of that form or past the blob, 404 BLOB_UNKNOWN when the replica
+// neither fills nor holds the blob, 503 UNAVAILABLE when it cannot serve
+// it now. A static bearer would be replayable for ever by whoever saw one
+// request; the signature is bound to the path and expires.
 const (
 	PeerPrefix      = "/peer/v1/blobs/"
 	authScheme      = "NGC-Mirror-Peer"
@@ -109,7 +116,9 @@ const commitWait = 5 * time.Minute
 // (scheme://host:port). It returns the body, the whole blob's size in
 // bytes and committed, which (after the body's last byte was read) waits
 // for the peer's trailer and reports whether the blob is in the peer's
-// cache. Errors: the connection's, ErrNotServed (404), or another status.
+// cache. Errors: the connection's, ErrNotServed (404), or another status
+// (with the peer's OCI error code and message: a 401 UNAUTHORIZED is a
+// cluster secret that differs between the replicas, or clocks apart).
 func (p *Peer) Get(ctx context.Context, base string, dgst digest.Digest, off int64) (io.ReadCloser, int64, func(context.Context) bool, error) {
 	path := PeerPrefix + dgst.String()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(base, "/")+path, nil)
@@ -127,10 +136,14 @@ func (p *Peer) Get(ctx context.Context, base string, dgst digest.Digest, off int
 		return nil, 0, nil, err
 	}
 	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
 		_ = resp.Body.Close()
 		p.m.PeerBlob(false)
 		if resp.StatusCode == http.StatusNotFound {
 			return nil, 0, nil, ErrNotServed
+		}
+		if env, ok := ocierr.Decode(msg); ok {
+			return nil, 0, nil, fmt.Errorf("cluster: peer answered %d (%s)", resp.StatusCode, env.Error())
 		}
 		return nil, 0, nil, fmt.Errorf("cluster: peer answered %d", resp.StatusCode)
 	}
@@ -222,18 +235,25 @@ func NewServer(secret []byte, blobs Blobs, m *metrics.Cluster, log *slog.Logger)
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !authorized(s.secret, r, time.Now()) {
-		// Never served anonymously; the reason is not told.
-		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		// Never served anonymously; the reason (which part of the
+		// signature) is not told, nor anything of the request echoed.
+		w.Header().Set("WWW-Authenticate", authScheme)
+		fail(w, errcode.ErrorCodeUnauthorized, "a peer request must be signed with the cluster secret (cluster.secret) within "+MaxSkew.String()+" of this replica's clock")
 		return
 	}
 	ref, ok := strings.CutPrefix(r.URL.Path, PeerPrefix)
-	if r.Method != http.MethodGet || !ok {
-		http.NotFound(w, r)
+	if !ok {
+		ocierr.Write(w, http.StatusNotFound, ocierr.New("NOT_FOUND", "no such endpoint (the peer listener serves GET "+PeerPrefix+"<digest>)"))
+		return
+	}
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", http.MethodGet)
+		fail(w, errcode.ErrorCodeUnsupported, "the peer endpoint answers GET only")
 		return
 	}
 	dgst, err := digest.Parse(ref)
 	if err != nil {
-		http.Error(w, "invalid digest", http.StatusBadRequest)
+		fail(w, errcode.ErrorCodeDigestInvalid, "invalid blob digest")
 		return
 	}
 	var off int64
@@ -241,23 +261,24 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		v, ok := strings.CutPrefix(rg, "bytes=")
 		v, open := strings.CutSuffix(v, "-")
 		if off, err = strconv.ParseInt(v, 10, 64); !ok || !open || err != nil || off < 0 {
-			http.Error(w, "want Range: bytes=N-", http.StatusRequestedRangeNotSatisfiable)
+			fail(w, errcode.ErrorCodeRangeInvalid, "the peer endpoint takes Range: bytes=N- only")
 			return
 		}
 	}
 	body, size, committed, err := s.blobs.PeerBlob(r.Context(), dgst, off)
 	if errors.Is(err, storage.ErrNotFound) {
-		http.NotFound(w, r)
+		fail(w, errcode.ErrorCodeBlobUnknown, "this replica neither fills nor holds the blob")
 		return
 	}
 	if err != nil {
 		s.log.Warn("peer blob request failed", "digest", dgst, "err", err)
-		http.Error(w, "unavailable", http.StatusServiceUnavailable)
+		fail(w, errcode.ErrorCodeUnavailable, "this replica cannot serve the blob now")
 		return
 	}
 	defer body.Close()
 	if off > size {
-		http.Error(w, "offset past the blob", http.StatusRequestedRangeNotSatisfiable)
+		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
+		fail(w, errcode.ErrorCodeRangeInvalid, "the offset is past the blob's end")
 		return
 	}
 	h := w.Header()
@@ -284,6 +305,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else {
 		h.Set(trailerCommited, "false")
 	}
+}
+
+// fail answers a peer request with the OCI error envelope of code, at its
+// status (errcode's descriptor). message is written for the peer and never
+// holds the secret, the signature or other request text.
+func fail(w http.ResponseWriter, code errcode.ErrorCode, message string) {
+	ocierr.Write(w, code.Descriptor().HTTPStatusCode, ocierr.New(code.String(), message))
 }
 
 // countingWriter counts the bytes sent to a peer as they go (the metric
