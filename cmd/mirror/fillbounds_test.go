@@ -2,9 +2,16 @@ package main
 
 import (
 	"maps"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestFillBounds: upstream.max_fills bounds the default upstream's fills
@@ -18,5 +25,34 @@ func TestFillBounds(t *testing.T) {
 	want := map[string]int{"nvcr.io": 40, "docker.io": 8}
 	if got := fillBounds(cfg, "nvcr.io"); !maps.Equal(got, want) {
 		t.Errorf("fillBounds = %v, want %v", got, want)
+	}
+}
+
+// TestServeWarnsOfMaxFillsThatCannotBind: `mirror serve` with an
+// upstream's max_fills above limits.max_fills starts, and says at start-up
+// that the bound can never bind, naming both keys with their values.
+func TestServeWarnsOfMaxFillsThatCannotBind(t *testing.T) {
+	up := ngctest.New(ngctest.Options{})
+	defer up.Close()
+	cfgDir := t.TempDir()
+	cfg := filepath.Join(cfgDir, "m.yaml")
+	yaml := "limits: {max_fills: 4}\nupstream: {max_fills: 8}\nupstreams:\n  docker.io: {url: " + up.URL() + ", max_fills: 2}\n" +
+		"state: {path: " + filepath.Join(cfgDir, "state.db") + "}\n"
+	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	addr := testsupport.FreeAddr(t)
+	p, stderr := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
+		"MIRROR_DATA_DIR": t.TempDir(), "MIRROR_LOG_LEVEL": "info"})
+	c := &http.Client{Timeout: time.Minute}
+	defer c.CloseIdleConnections()
+	waitHealthy(t, c, "http://"+addr)
+	p.Stop()
+	want := `level=WARN msg="upstream.max_fills is larger than limits.max_fills and can never bind: at most limits.max_fills downloads run, all upstreams together" upstream.max_fills=8 limits.max_fills=4`
+	if !strings.Contains(stderr.String(), want) {
+		t.Errorf("no line\n%s\nin\n%s", want, stderr)
+	}
+	if strings.Contains(stderr.String(), "upstreams.docker.io.max_fills is larger") {
+		t.Errorf("docker.io's max_fills 2, below limits.max_fills 4, warned of:\n%s", stderr)
 	}
 }

@@ -176,6 +176,10 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 	routeLogrus(log)
+	// Settings that are valid but cannot do what they say (config.Warnings).
+	for _, w := range cfg.Warnings() {
+		log.LogAttrs(ctx, slog.LevelWarn, w.Message, w.Attrs...)
+	}
 
 	store, dataDir, err := openStore(ctx, cfg)
 	if err != nil {

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -201,5 +202,48 @@ upstreams:
 		if _, err := Load(writeFile(t, "mirror.yaml", yaml), noEnv); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Load(%q) = %v, want an error naming %s", yaml, err, want)
 		}
+	}
+}
+
+// TestMaxFillsAboveTheGlobalBoundWarned: an upstream's max_fills larger
+// than a non-zero limits.max_fills is accepted with a warning naming both
+// keys and their values; one equal to it or below, or any under
+// limits.max_fills 0 (no global bound), is not warned of.
+func TestMaxFillsAboveTheGlobalBoundWarned(t *testing.T) {
+	t.Parallel()
+	const upstreams = `
+upstreams:
+  docker.io: {url: https://registry-1.docker.io, max_fills: 100}
+  ghcr.io: {url: https://ghcr.io, max_fills: 10}
+  quay.io: {url: https://quay.io}
+`
+	c, err := Load(writeFile(t, "mirror.yaml", "limits: {max_fills: 10}\nupstream: {max_fills: 11}\n"+upstreams), noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, w := range c.Warnings() {
+		line := w.Message
+		for _, a := range w.Attrs {
+			line += " " + a.String()
+		}
+		got = append(got, line)
+	}
+	want := []string{
+		"upstream.max_fills is larger than limits.max_fills and can never bind: at most limits.max_fills downloads run, all upstreams together upstream.max_fills=11 limits.max_fills=10",
+		"upstreams.docker.io.max_fills is larger than limits.max_fills and can never bind: at most limits.max_fills downloads run, all upstreams together upstreams.docker.io.max_fills=100 limits.max_fills=10",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("warnings:\n%q\nwant\n%q", got, want)
+	}
+	c, err = Load(writeFile(t, "mirror.yaml", "limits: {max_fills: 0}\nupstream: {max_fills: 11}\n"+upstreams), noEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := c.Warnings(); len(w) != 0 {
+		t.Errorf("warnings without a global bound: %v", w)
+	}
+	if w := Default().Warnings(); len(w) != 0 {
+		t.Errorf("warnings of the defaults: %v", w)
 	}
 }
