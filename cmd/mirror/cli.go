@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -26,6 +27,7 @@ type adminClient struct {
 	base  string
 	token string
 	hc    *http.Client
+	poll  time.Duration // between polls of a followed job (0: 500 ms)
 }
 
 // stringList is a repeatable flag.
@@ -58,10 +60,23 @@ func newAdminClient(cfgPath, server, token string) (*adminClient, error) {
 	return &adminClient{base: strings.TrimSuffix(server, "/"), token: token, hc: &http.Client{Timeout: 2 * time.Minute, Transport: tr}}, nil
 }
 
-// apiError is an admin API error answer: its status and envelope.
+// apiError is an admin API error answer: its status and envelope. OCI
+// reports whether the body was an OCI error envelope; otherwise (a proxy's
+// page) the envelope's code is HTTP_<status> and its message the body.
 type apiError struct {
 	Status int
+	OCI    bool
 	ocierr.Envelope
+}
+
+// answerText is an error answer as the CLI tells it: the status, and the
+// OCI error's code and message when the body was one ("503
+// (UNAVAILABLE: ...)"); another body (an HTML page) is left out.
+func answerText(ae *apiError) string {
+	if !ae.OCI {
+		return strconv.Itoa(ae.Status)
+	}
+	return strconv.Itoa(ae.Status) + " (" + ae.Error() + ")"
 }
 
 func (c *adminClient) do(method, path string, body, out any) error {
@@ -86,7 +101,7 @@ func (c *adminClient) do(method, path string, body, out any) error {
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 32<<20))
 	if resp.StatusCode >= 300 {
 		if env, ok := ocierr.Decode(raw); ok {
-			return &apiError{Status: resp.StatusCode, Envelope: env}
+			return &apiError{Status: resp.StatusCode, OCI: true, Envelope: env}
 		}
 		return &apiError{Status: resp.StatusCode, Envelope: ocierr.New("HTTP_"+fmt.Sprint(resp.StatusCode), strings.TrimSpace(string(raw)))}
 	}
@@ -105,7 +120,7 @@ func exitCode(err error) int {
 // prefetchCmd: mirror prefetch IMAGE [--platform P]... [--detach]
 // enqueues a prefetch on the running mirror and follows it with a progress
 // bar (bytes, rate, ETA, current layer) until it ends. Exit 0 when done, 1
-// when it failed, 2 for bad input.
+// when it failed, 2 for bad input (and see followHelp).
 func prefetchCmd(args []string) int {
 	fs := flag.NewFlagSet("prefetch", flag.ExitOnError)
 	cfgPath := fs.String("config", "", "YAML configuration file of the mirror")
@@ -114,9 +129,15 @@ func prefetchCmd(args []string) int {
 	detach := fs.Bool("detach", false, "enqueue and print the job ID; do not follow")
 	var platforms stringList
 	fs.Var(&platforms, "platform", "platform to fetch, like linux/amd64 (repeatable; default all)")
+	const use = "usage: mirror prefetch IMAGE [--platform os/arch]... [--detach]   e.g. nvidia/pytorch:24.05-py3"
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), use)
+		fmt.Fprint(fs.Output(), followHelp)
+		fs.PrintDefaults()
+	}
 	_ = fs.Parse(reorder(fs, args))
 	if fs.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: mirror prefetch IMAGE [--platform os/arch]... [--detach]   e.g. nvidia/pytorch:24.05-py3")
+		fmt.Fprintln(os.Stderr, use)
 		return 2
 	}
 	c, err := newAdminClient(*cfgPath, *server, *token)
@@ -148,8 +169,14 @@ func follow(c *adminClient, j state.Job) int { return followTo(c, j, os.Stdout, 
 
 // followTo is follow writing the summary to stdout and progress to
 // stderr (a bar when stderr is a terminal). While the mirror does not
-// answer it retries up to 20 times (10 s), saying so on stderr once per
-// outage and again when the mirror is back.
+// answer, or answers the poll with an error (5xx: restarting, its state
+// store unreachable), it retries up to 20 times in a row (10 s), saying on
+// stderr once per change of what it meets (unreachable; each status with
+// the OCI error's code and message, if the body is one) and again when
+// the mirror answers the job. A 401 or 403 (the admin token refused:
+// rotated, or a proxy in front) ends it at once with that answer and
+// exitCode's status (1 for 401, 2 for 403, as for the first request):
+// polling with the same token cannot succeed. The job goes on regardless.
 func followTo(c *adminClient, j state.Job, stdout, stderr io.Writer) int {
 	tty := false
 	if f, ok := stderr.(*os.File); ok {
@@ -164,7 +191,12 @@ func followTo(c *adminClient, j state.Job, stdout, stderr io.Writer) int {
 	if bar != nil {
 		nl = "\n"
 	}
-	failures, down := 0, false
+	poll := c.poll
+	if poll <= 0 {
+		poll = 500 * time.Millisecond
+	}
+	failures := 0
+	trouble := 0 // what the failing polls meet: 0 none, -1 no answer, else the status answered
 	lastLine := time.Time{}
 	for {
 		if bar != nil {
@@ -176,26 +208,42 @@ func followTo(c *adminClient, j state.Job, stdout, stderr io.Writer) int {
 		if j.Ended() {
 			break
 		}
-		time.Sleep(500 * time.Millisecond)
+		time.Sleep(poll)
 		var next state.Job
 		if err := c.do(http.MethodGet, admin.Prefix+"/jobs/"+url.PathEscape(j.ID), nil, &next); err != nil {
+			var ae *apiError
+			answered := errors.As(err, &ae)
+			if answered && (ae.Status == http.StatusUnauthorized || ae.Status == http.StatusForbidden) {
+				fmt.Fprintf(stderr, "%smirror at %s refused to show job %s: %s; it goes on there (follow it again with a valid admin token: mirror jobs --follow %s)\n",
+					nl, c.base, j.ID, answerText(ae), j.ID)
+				return exitCode(err)
+			}
 			failures++
 			if failures > 20 {
-				fmt.Fprintln(stderr, "\nprefetch: lost the mirror:", err)
+				last := err.Error()
+				if answered {
+					last = "it answered " + answerText(ae) // not a proxy's page
+				}
+				fmt.Fprintln(stderr, "\nprefetch: lost the mirror:", last)
 				return 1
 			}
-			var ae *apiError
-			if !down && !errors.As(err, &ae) { // no answer at all, not an error answer
-				down = true
+			switch {
+			case !answered && trouble != -1: // no answer at all
+				trouble = -1
 				fmt.Fprintf(stderr, "%smirror unreachable at %s; retrying\n", nl, c.base)
+			case answered && trouble != ae.Status:
+				trouble = ae.Status
+				fmt.Fprintf(stderr, "%smirror at %s answered %s; retrying\n", nl, c.base, answerText(ae))
 			}
 			continue
 		}
-		if down {
-			down = false
+		switch {
+		case trouble == -1:
 			fmt.Fprintf(stderr, "%smirror at %s is reachable again\n", nl, c.base)
+		case trouble != 0:
+			fmt.Fprintf(stderr, "%smirror at %s answers again\n", nl, c.base)
 		}
-		failures = 0
+		trouble, failures = 0, 0
 		j = next
 	}
 	if bar != nil {
@@ -412,10 +460,25 @@ func dash(s string) string {
 	return s
 }
 
+// followHelp is what `mirror jobs -h` and `mirror prefetch -h` say of
+// following a job (followTo).
+const followHelp = `
+--follow (and prefetch without --detach) shows the job's progress until it
+ends: exit 0 done, 1 failed or cancelled. While the mirror does not answer,
+or answers with an error (a 5xx while it restarts or its state store is
+down), it keeps polling for up to 10 s (then exit 1), saying so on stderr
+once per change (unreachable, or the status with the mirror's error code
+and message) and again when the mirror answers. A 401 or 403 (the admin
+token refused: it changed, or a proxy in front refuses it) stops it at
+once with that answer, exit 1 (401) or 2 (403) as for a first request;
+the job itself goes on on the mirror.
+
+`
+
 // jobsCmd lists, follows and cancels prefetch jobs on the running mirror:
 //
 //	mirror jobs [--state queued|running|done|failed|cancelled]
-//	mirror jobs --follow ID     (progress until it ends; exit as prefetch)
+//	mirror jobs --follow ID     (progress until it ends; exit as prefetch, see followHelp)
 //	mirror jobs cancel ID       (exit 0 cancelled, 1 ended already, 2 unknown)
 func jobsCmd(args []string) int {
 	fs := flag.NewFlagSet("jobs", flag.ExitOnError)
@@ -426,6 +489,7 @@ func jobsCmd(args []string) int {
 	followID := fs.String("follow", "", "show the progress of job `ID` until it ends")
 	fs.Usage = func() {
 		fmt.Fprintln(fs.Output(), "usage: mirror jobs [--state STATE] | mirror jobs --follow ID | mirror jobs cancel ID")
+		fmt.Fprint(fs.Output(), followHelp)
 		fs.PrintDefaults()
 	}
 	_ = fs.Parse(reorder(fs, args))
