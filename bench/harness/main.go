@@ -68,10 +68,11 @@ type config struct {
 	cases              map[int]bool
 	out                string
 
-	blobSize  int64 // cases 1 and 4
-	smallSize int64 // case 4's second size (0: skip)
-	clients   int   // cases 1 and 4
-	reps      int   // case 1
+	blobSize    int64 // cases 1 and 4
+	smallSize   int64 // case 4's second size (0: skip)
+	case4Rounds int   // case 4: cold rounds (with a peer, each round is both servers; ABBA order)
+	clients     int   // cases 1 and 4
+	reps        int   // case 1
 
 	coldNs        []int // case 2
 	coldLayers    int
@@ -114,6 +115,7 @@ func main() {
 	flag.StringVar(&c.out, "out", "", "also write the results (markdown) to this file")
 	flag.Var(&blobSize, "blob-size", "cases 1 and 4: blob size")
 	flag.Var(&smallSize, "small-blob-size", "case 4: second, smaller blob size to show RSS independence of size (default blob-size/8; 0 skips)")
+	flag.IntVar(&c.case4Rounds, "case4-rounds", 2, "case 4: cold phases per server, in ABBA order with the peer (each with new blobs)")
 	flag.IntVar(&c.clients, "clients", 8, "cases 1 and 4: concurrent clients")
 	flag.IntVar(&c.reps, "reps", 3, "case 1: repetitions (median reported)")
 	flag.IntVar(&c.coldLayers, "cold-layers", 4, "case 2: layers per image")
@@ -376,8 +378,8 @@ func (h *harness) report() string {
 	fmt.Fprintf(&b, "Run %s, %s total. Machine: %s.\n\n", h.started.UTC().Format("2006-01-02 15:04 UTC"),
 		time.Since(h.started).Round(time.Second), machine())
 	if h.cfg.cases[1] || h.cfg.cases[2] || h.cfg.cases[3] || h.cfg.cases[4] || h.cfg.cases[5] {
-		fmt.Fprintf(&b, "Settings: blob %s (case 4 also %s), %d clients, case 2 %s over %d layers of %s at %s/s, case 3 %d × %s, case 5 %d requests × %d connections.\n\n",
-			fmtBytes(h.cfg.blobSize), fmtBytes(h.cfg.smallSize), h.cfg.clients, fmtInts(h.cfg.coldNs), h.cfg.coldLayers,
+		fmt.Fprintf(&b, "Settings: blob %s (case 4: %s, %d cold rounds), %d clients, case 2 %s over %d layers of %s at %s/s, case 3 %d × %s, case 5 %d requests × %d connections.\n\n",
+			fmtBytes(h.cfg.blobSize), case4Sizes(h.cfg), max(h.cfg.case4Rounds, 1), h.cfg.clients, fmtInts(h.cfg.coldNs), h.cfg.coldLayers,
 			fmtBytes(h.cfg.coldLayerSize), fmtBytes(h.cfg.coldRate), h.cfg.ttfbSamples, fmtBytes(h.cfg.ttfbSize),
 			h.cfg.manifestRequests, h.cfg.manifestConcurrency)
 	}
@@ -411,6 +413,14 @@ func (h *harness) report() string {
 		}
 	}
 	return b.String()
+}
+
+// case4Sizes names case 4's blob sizes ("128MiB and 1GiB", or one).
+func case4Sizes(c config) string {
+	if c.smallSize > 0 && c.smallSize != c.blobSize {
+		return fmtBytes(c.smallSize) + " and " + fmtBytes(c.blobSize)
+	}
+	return fmtBytes(c.blobSize)
 }
 
 func fmtInts(ns []int) string {
