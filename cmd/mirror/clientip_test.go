@@ -69,10 +69,7 @@ func TestClientIPBehindHAProxy(t *testing.T) {
 	if _, err := up.Populate(4 << 10); err != nil {
 		t.Fatal(err)
 	}
-	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(cfgFile, []byte("server: {trusted_proxies: [127.0.0.1/32]}\nlimits: {requests_per_second: 1}\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfgFile := testsupport.WriteConfig(t, "server: {trusted_proxies: [127.0.0.1/32]}\nlimits: {requests_per_second: 1}\n")
 	const token = "test-admin-token-0123456789"
 	mirrorAddr := testsupport.FreeAddr(t)
 	_, mirrorLog := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": cfgFile, "MIRROR_ADDR": mirrorAddr,

@@ -20,36 +20,6 @@ import (
 	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
-// TestMain lets a test run this binary as the mirror command: with
-// MIRROR_TEST_MAIN set to its arguments ("serve"), the re-executed test
-// binary is `mirror serve` as main runs it, a process of its own.
-func TestMain(m *testing.M) {
-	if args := os.Getenv("MIRROR_TEST_MAIN"); args != "" {
-		os.Args = append([]string{"mirror"}, strings.Fields(args)...)
-		main()
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
-
-// mirrorProcess starts `mirror serve` as a process of its own with env
-// (MIRROR_CONFIG among it) and returns it with its stderr.
-func mirrorProcess(t *testing.T, env map[string]string) (*testsupport.Process, *lockedBuffer) {
-	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "MIRROR_TEST_MAIN=serve")
-	for k, v := range env {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	stderr := &lockedBuffer{}
-	cmd.Stderr = stderr
-	p, err := testsupport.Start(t, cmd, os.Interrupt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p, stderr
-}
-
 // TestSecondMirrorOnDataDirRefused: a second `mirror serve` on the data
 // directory of a running one, with a state file of its own (so the state
 // store's lock does not stop it), refuses to start, naming the first one's
@@ -88,21 +58,16 @@ func TestSecondMirrorOnDataDirRefused(t *testing.T) {
 	dataDir := t.TempDir()
 	cfgDir := t.TempDir()
 	config := func(name string) string {
-		p := filepath.Join(cfgDir, name+".yaml")
-		if err := os.WriteFile(p, []byte("state: {path: "+filepath.Join(cfgDir, name+"-state.db")+"}\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
+		return testsupport.WriteConfig(t, "state: {path: "+filepath.Join(cfgDir, name+"-state.db")+"}\n")
 	}
 	env := func(name, addr string) map[string]string {
 		return map[string]string{"MIRROR_CONFIG": config(name), "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
 			"MIRROR_DATA_DIR": dataDir, "MIRROR_LOG_LEVEL": "warn"}
 	}
 	addrA := testsupport.FreeAddr(t)
-	first, firstErr := mirrorProcess(t, env("first", addrA))
+	first, _, firstErr := startMirror(t, up.URL(), env("first", addrA))
 	c := &http.Client{Timeout: 2 * time.Minute}
 	defer c.CloseIdleConnections()
-	waitHealthy(t, c, "http://"+addrA)
 
 	type result struct {
 		status int
@@ -209,16 +174,8 @@ func TestStartLogsRemovedUploads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cfg := filepath.Join(cfgDir, "m.yaml")
-	if err := os.WriteFile(cfg, []byte("state: {path: "+filepath.Join(cfgDir, "state.db")+"}\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	addr := testsupport.FreeAddr(t)
-	p, stderr := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
-		"MIRROR_DATA_DIR": dataDir, "MIRROR_LOG_LEVEL": "info"})
-	c := &http.Client{Timeout: time.Minute}
-	defer c.CloseIdleConnections()
-	waitHealthy(t, c, "http://"+addr)
+	cfg := testsupport.WriteConfig(t, "state: {path: "+filepath.Join(cfgDir, "state.db")+"}\n")
+	p, _, stderr := startMirror(t, up.URL(), map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_DATA_DIR": dataDir, "MIRROR_LOG_LEVEL": "info"})
 	p.Stop()
 	if !strings.Contains(stderr.String(), `msg="removed interrupted uploads" count=2`) {
 		t.Errorf("no line counting the 2 removed uploads in\n%s", stderr)

@@ -2,12 +2,9 @@ package main
 
 import (
 	"maps"
-	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
@@ -34,19 +31,9 @@ func TestFillBounds(t *testing.T) {
 func TestServeWarnsOfMaxFillsThatCannotBind(t *testing.T) {
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close()
-	cfgDir := t.TempDir()
-	cfg := filepath.Join(cfgDir, "m.yaml")
-	yaml := "limits: {max_fills: 4}\nupstream: {max_fills: 8}\nupstreams:\n  docker.io: {url: " + up.URL() + ", max_fills: 2}\n" +
-		"state: {path: " + filepath.Join(cfgDir, "state.db") + "}\n"
-	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	addr := testsupport.FreeAddr(t)
-	p, stderr := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
-		"MIRROR_DATA_DIR": t.TempDir(), "MIRROR_LOG_LEVEL": "info"})
-	c := &http.Client{Timeout: time.Minute}
-	defer c.CloseIdleConnections()
-	waitHealthy(t, c, "http://"+addr)
+	cfg := testsupport.WriteConfig(t, "limits: {max_fills: 4}\nupstream: {max_fills: 8}\nupstreams:\n  docker.io: {url: "+up.URL()+", max_fills: 2}\n"+
+		"state: {path: "+filepath.Join(t.TempDir(), "state.db")+"}\n")
+	p, _, stderr := startMirror(t, up.URL(), map[string]string{"MIRROR_CONFIG": cfg, "MIRROR_LOG_LEVEL": "info"})
 	p.Stop()
 	want := `level=WARN msg="upstream.max_fills is larger than limits.max_fills and can never bind: at most limits.max_fills downloads run, all upstreams together" upstream.max_fills=8 limits.max_fills=4`
 	if !strings.Contains(stderr.String(), want) {

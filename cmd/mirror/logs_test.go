@@ -23,15 +23,12 @@ import (
 func TestLogsOfTokenRequestsRefusalsAndFailedLogins(t *testing.T) {
 	up := ngctest.New(ngctest.Options{})
 	defer up.Close()
-	addr := testsupport.FreeAddr(t)
-	_, stderr := mirrorProcess(t, map[string]string{"MIRROR_CONFIG": "", "MIRROR_ADDR": addr, "MIRROR_UPSTREAM": up.URL(),
-		"MIRROR_DATA_DIR": t.TempDir(), "MIRROR_ACCESS_MODE": "htpasswd",
+	_, base, stderr := startMirror(t, up.URL(), map[string]string{"MIRROR_ACCESS_MODE": "htpasswd",
 		"MIRROR_HTPASSWD_FILE": ngctest.WriteHtpasswd(t, "alice", "alice-pw")})
 	c := &http.Client{Timeout: 30 * time.Second}
 	defer c.CloseIdleConnections()
-	waitHealthy(t, c, "http://"+addr)
 	do := func(path, user, pw string) int {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+addr+path, nil)
+		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
 		if user != "" {
 			req.SetBasicAuth(user, pw)
 		}

@@ -46,10 +46,7 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(cfgFile, []byte("upstreams:\n  ghcr.example: {url: \""+up2.URL()+"\"}\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfgFile := testsupport.WriteConfig(t, "upstreams:\n  ghcr.example: {url: \""+up2.URL()+"\"}\n")
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	certFile, keyFile := selfSigned(t)
 	addr := testsupport.FreeAddr(t)
@@ -120,49 +117,6 @@ func TestServeStopsEveryGoroutine(t *testing.T) {
 	}
 }
 
-// serveEnv is the environment of a plain mirror on addr in front of
-// upstream, with its own data directory, quiet logs and a cache budget
-// (so that eviction runs); tests add to it.
-func serveEnv(t *testing.T, addr, upstream string) map[string]string {
-	return map[string]string{"MIRROR_ADDR": addr, "MIRROR_UPSTREAM": upstream, "MIRROR_DATA_DIR": t.TempDir(),
-		"MIRROR_LOG_LEVEL": "error", "MIRROR_CACHE_MAX_SIZE": "1GiB"}
-}
-
-// startServe loads the configuration as `mirror serve` does, from cfgFile
-// ("" for none) and env (the only environment it sees), and runs serve
-// until ctx ends; the channel gets serve's result.
-func startServe(ctx context.Context, t *testing.T, cfgFile string, env map[string]string) <-chan error {
-	t.Helper()
-	cfg, err := config.Load(cfgFile, func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	policy, err := newPolicy(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rules, err := compileRules(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- serve(ctx, cfg, policy, rules) }()
-	return errc
-}
-
-// waitHealthy waits (30 s at most) until base ("http://127.0.0.1:port")
-// answers /healthz.
-func waitHealthy(t *testing.T, c *http.Client, base string) {
-	t.Helper()
-	testsupport.Eventually(t, 30*time.Second, "the mirror at "+base+" to listen", func() bool {
-		resp, err := c.Get(base + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil
-	})
-}
-
 // selfSigned writes a certificate and key for 127.0.0.1.
 func selfSigned(t *testing.T) (certFile, keyFile string) {
 	t.Helper()
@@ -193,13 +147,10 @@ func selfSigned(t *testing.T) (certFile, keyFile string) {
 // org), and in pass-through mode an NGC key never opens it.
 func TestPolicyOfFurtherUpstreams(t *testing.T) {
 	t.Parallel()
-	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(cfgFile, []byte(`upstreams:
+	cfgFile := testsupport.WriteConfig(t, `upstreams:
   docker.io: {url: "https://registry-1.docker.io"}
   ghcr.io: {url: "https://ghcr.io", username: bot, password: tok}
-`), 0o600); err != nil {
-		t.Fatal(err)
-	}
+`)
 	for _, mode := range []string{"none", "passthrough"} {
 		cfg, err := config.Load(cfgFile, func(k string) string {
 			return map[string]string{"MIRROR_ACCESS_MODE": mode}[k]
@@ -229,16 +180,13 @@ func TestPolicyOfFurtherUpstreams(t *testing.T) {
 // nvcr.io/myorg/** lets its user pull myorg/team/x and no one else.
 func TestPolicyRulesWithDefaultRegistry(t *testing.T) {
 	t.Parallel()
-	cfgFile := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(cfgFile, []byte(`access:
+	cfgFile := testsupport.WriteConfig(t, `access:
   mode: htpasswd
   htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
   public_namespaces: [nvcr.io/nvidia]
   rules:
     - {repositories: ["nvcr.io/myorg/**"], users: [alice]}
-`), 0o600); err != nil {
-		t.Fatal(err)
-	}
+`)
 	cfg, err := config.Load(cfgFile, func(string) string { return "" })
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,7 @@
 // Package testsupport is what the tests of several packages share:
 // waiting for a condition within a bound (Until, Eventually), running a
 // helper process a test needs and stopping it (Start), free loopback
-// addresses (FreeAddr), a real S3 server (StartS3, versitygw) and running a
+// addresses (FreeAddr), a mirror configuration file (WriteConfig), a real S3 server (StartS3, versitygw) and running a
 // test on every storage driver of the cache (ForEachDriver). Only tests
 // import it.
 package testsupport
@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -47,6 +48,17 @@ func FreeAddr(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// WriteConfig writes yaml to mirror.yaml in a new temporary directory of
+// the test and returns the file's path.
+func WriteConfig(t testing.TB, yaml string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "mirror.yaml")
+	if err := os.WriteFile(p, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // Process is a helper process started by Start.

@@ -18,16 +18,8 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
-
-func writeConfig(t *testing.T, yaml string) string {
-	t.Helper()
-	p := filepath.Join(t.TempDir(), "mirror.yaml")
-	if err := os.WriteFile(p, []byte(yaml), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
 
 // assertNoSecrets fails if the key, a token the upstream issued or a CDN
 // signature appears in the mirror's (debug) log, access log included.
@@ -66,7 +58,7 @@ func TestPrivateOrgDefaultsAndHtpasswd(t *testing.T) {
 		t.Fatalf("public image: %v\n%s", err, out)
 	}
 
-	cfg := writeConfig(t, `access:
+	cfg := testsupport.WriteConfig(t, `access:
   mode: htpasswd
   htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw", "bob", "bob-pw")+`
   rules:
@@ -99,7 +91,7 @@ func TestPrivateOrgDefaultsAndHtpasswd(t *testing.T) {
 func TestTokenModeWithCraneAndDocker(t *testing.T) {
 	need(t, "crane", "dockerd", "docker")
 	up, fx := newUpstream(t)
-	cfg := writeConfig(t, `access:
+	cfg := testsupport.WriteConfig(t, `access:
   mode: token
   htpasswd_file: `+ngctest.WriteHtpasswd(t, "alice", "alice-pw")+`
   rules:
@@ -160,7 +152,7 @@ func TestTokenModeWithCraneAndDocker(t *testing.T) {
 func TestPassthroughMode(t *testing.T) {
 	need(t, "skopeo")
 	up, _ := newUpstream(t)
-	cfg := writeConfig(t, "access:\n  mode: passthrough\n")
+	cfg := testsupport.WriteConfig(t, "access:\n  mode: passthrough\n")
 	m := startMirrorWithConfig(t, up.URL(), cfg, "NGC_API_KEY="+ngctest.APIKey)
 	priv := m.addr + "/" + ngctest.PrivateRepo + ":" + ngctest.PrivateTag
 	if out, err := skopeoCopy(t, priv, t.TempDir(), "--src-creds", "$oauthtoken:nvapi-not-a-key"); err == nil {
@@ -260,7 +252,7 @@ func TestDockerAnonymousPublicPullEveryMode(t *testing.T) {
 		{"passthrough", "$oauthtoken", ngctest.APIKey},
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
-			cfg := writeConfig(t, `access:
+			cfg := testsupport.WriteConfig(t, `access:
   mode: `+tc.mode+`
   htpasswd_file: `+htpasswd+`
   rules:

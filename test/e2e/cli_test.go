@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/config"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // TestHelpAndVersion: help exits 0 with the usage on stdout (an unknown
@@ -61,7 +62,7 @@ func TestOperatorCommandsFindTheMirror(t *testing.T) {
 	up, _ := newUpstream(t)
 	dataDir := t.TempDir()
 	m := startMirrorAt(t, up.URL(), dataDir, "")
-	cfg := writeConfig(t, "addr: \""+m.addr+"\"\nstorage:\n  data_dir: "+dataDir+"\n")
+	cfg := testsupport.WriteConfig(t, "addr: \""+m.addr+"\"\nstorage:\n  data_dir: "+dataDir+"\n")
 	elsewhere := t.TempDir()
 	cli := func(env []string, args ...string) (string, int) {
 		t.Helper()

@@ -147,7 +147,7 @@ func startCluster(t *testing.T, n int) *cluster {
 	t.Cleanup(counting.Close)
 	for range n {
 		peer := freeAddr(t)
-		cfg := writeConfig(t, fmt.Sprintf(`storage:
+		cfg := testsupport.WriteConfig(t, fmt.Sprintf(`storage:
   driver: s3
   s3:
     bucket: %s

@@ -75,7 +75,7 @@ func TestConcurrentClientsOneFetchPerBlob(t *testing.T) {
 		}
 		return false
 	})
-	m := startMirrorWithConfig(t, up.URL(), writeConfig(t, "upstream:\n  ns_aliases: [nvcr.io]\n"))
+	m := startMirrorWithConfig(t, up.URL(), testsupport.WriteConfig(t, "upstream:\n  ns_aliases: [nvcr.io]\n"))
 	sock := startContainerd(t)
 	hostsDir := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(hostsDir, "nvcr.io"), 0o755); err != nil {

@@ -25,7 +25,7 @@ import (
 // (431) and, with limits.requests_per_second, answers a burst with 429.
 func TestHugeHeadersAndRateLimit(t *testing.T) {
 	up, _ := newUpstream(t)
-	cfg := writeConfig(t, "limits:\n  requests_per_second: 5\n")
+	cfg := testsupport.WriteConfig(t, "limits:\n  requests_per_second: 5\n")
 	m := startMirrorWithConfig(t, up.URL(), cfg)
 	req, _ := http.NewRequest(http.MethodGet, "http://"+m.addr+"/v2/", nil)
 	req.Header.Set("X-Huge", strings.Repeat("a", 200<<10))

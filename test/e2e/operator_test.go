@@ -77,7 +77,7 @@ func TestStartupErrorsNameTheFix(t *testing.T) {
 	}
 
 	// A config typo names the key path.
-	cfg := writeConfig(t, "cache:\n  max_szie: 10GiB\n")
+	cfg := testsupport.WriteConfig(t, "cache:\n  max_szie: 10GiB\n")
 	out, code := runCLI(t, []string{"MIRROR_DATA_DIR=" + t.TempDir()}, "serve", "--config", cfg)
 	if code != 2 || !strings.Contains(out, "level=ERROR") || !strings.Contains(out, "unknown key cache.max_szie") {
 		t.Errorf("config typo:\n%s", out)

@@ -216,7 +216,7 @@ func scrape(t *testing.T, m *mirror, sample string) float64 {
 func TestTwoMirrorsShareRedis(t *testing.T) {
 	up, fx := newUpstream(t)
 	srv := redistest.Start(t)
-	cfg := writeConfig(t, `
+	cfg := testsupport.WriteConfig(t, `
 tracking:
   poll: "@yearly"
 prefetch:
@@ -280,7 +280,7 @@ func TestScheduledGC(t *testing.T) {
 	need(t, "skopeo")
 	up, fx := newUpstream(t)
 	dataDir := t.TempDir()
-	cfg := writeConfig(t, "cache:\n  gc_schedule: \"@every 1s\"\n  gc_grace: 0s\ntracking:\n  poll: \"@yearly\"\n")
+	cfg := testsupport.WriteConfig(t, "cache:\n  gc_schedule: \"@every 1s\"\n  gc_grace: 0s\ntracking:\n  poll: \"@yearly\"\n")
 	m := startMirrorAt(t, up.URL(), dataDir, cfg)
 	if out, err := skopeoCopy(t, m.addr+"/"+ngctest.CUDARepo+":"+ngctest.CUDATag, filepath.Join(t.TempDir(), "cuda")); err != nil {
 		t.Fatalf("pull: %v\n%s", err, out)
@@ -314,7 +314,7 @@ func TestScheduledGC(t *testing.T) {
 // what needs prefetch enabled).
 func TestTasksWithoutPrefetch(t *testing.T) {
 	up, _ := newUpstream(t)
-	cfg := writeConfig(t, `
+	cfg := testsupport.WriteConfig(t, `
 cache:
   gc_schedule: "@every 1s"
 tracking:

@@ -19,7 +19,7 @@ func TestS3CacheWithRedirect(t *testing.T) {
 	need(t, "skopeo")
 	o := testsupport.StartS3(t)
 	up, _ := newUpstream(t)
-	cfg := writeConfig(t, `storage:
+	cfg := testsupport.WriteConfig(t, `storage:
   driver: s3
   s3:
     bucket: `+o.Bucket+`

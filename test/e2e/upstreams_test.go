@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ngc-mirror/ngc-mirror/internal/ngctest"
+	"github.com/ngc-mirror/ngc-mirror/internal/testsupport"
 )
 
 // Tests of one mirror in front of three upstreams (#12): the NGC-like one
@@ -58,7 +59,7 @@ func newUpstreams(t *testing.T, layerSize int64) *upstreams {
 // and top are added under upstreams.docker.io and at the top level.
 func (u *upstreams) config(t *testing.T, hubExtra, top string) string {
 	t.Helper()
-	return writeConfig(t, fmt.Sprintf(`upstream:
+	return testsupport.WriteConfig(t, fmt.Sprintf(`upstream:
   ns_aliases: [nvcr.io]
 upstreams:
   docker.io:
