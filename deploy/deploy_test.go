@@ -75,17 +75,40 @@ func decodeYAML(raw []byte) ([]object, error) {
 	}
 }
 
+// decodeFile reads path into v: JSON for a .json file, YAML otherwise.
+// It fails t, naming the file, if it cannot.
+func decodeFile(t *testing.T, path string, v any) {
+	t.Helper()
+	raw, err := os.ReadFile(path)
+	if err == nil && filepath.Ext(path) == ".json" {
+		err = json.Unmarshal(raw, v)
+	} else if err == nil {
+		err = yaml.Unmarshal(raw, v)
+	}
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+}
+
+// output runs cmd, a real tool that must be on PATH (need), and returns
+// its stdout and, apart, its stderr, so that no warning mixes into the
+// YAML it renders.
+func output(t *testing.T, cmd *exec.Cmd) (out, stderr []byte, err error) {
+	t.Helper()
+	need(t, cmd.Args[0])
+	var buf bytes.Buffer
+	cmd.Stderr = &buf
+	out, err = cmd.Output()
+	return out, buf.Bytes(), err
+}
+
 // kustomize renders dir with the real kustomize (kubectl kustomize,
 // offline); stderr goes into the failure, not into the YAML.
 func kustomize(t *testing.T, dir string) []byte {
 	t.Helper()
-	need(t, "kubectl")
-	var stderr bytes.Buffer
-	cmd := exec.Command("kubectl", "kustomize", dir)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, stderr, err := output(t, exec.Command("kubectl", "kustomize", dir))
 	if err != nil {
-		t.Fatalf("kubectl kustomize %s: %v\n%s", dir, err, stderr.Bytes())
+		t.Fatalf("kubectl kustomize %s: %v\n%s", dir, err, stderr)
 	}
 	return out
 }
@@ -289,11 +312,7 @@ func toString(v any) string {
 func TestKustomizeBuild(t *testing.T) {
 	t.Parallel()
 	out := kustomize(t, "kubernetes")
-	list, err := decodeYAML(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs := byKind(list)
+	objs := byKind(decodeObjects(t, out))
 	if objs["Secret"] != nil {
 		t.Error("the kustomization renders a Secret: re-applying would overwrite the real key")
 	}
@@ -345,18 +364,12 @@ func TestKustomizeBuild(t *testing.T) {
 // and checks the services and mounts it must have.
 func TestComposeFile(t *testing.T) {
 	t.Parallel()
-	raw, err := os.ReadFile("../docker-compose.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var c struct {
 		Services map[string]struct {
 			Volumes []string `yaml:"volumes"`
 		} `yaml:"services"`
 	}
-	if err := yaml.Unmarshal(raw, &c); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, "../docker-compose.yml", &c)
 	for _, s := range []string{"mirror", "redis", "prometheus", "grafana"} {
 		if _, ok := c.Services[s]; !ok {
 			t.Errorf("compose has no %s service", s)
@@ -438,31 +451,22 @@ func TestSystemdUnit(t *testing.T) {
 // is the provisioned one.
 func TestGrafanaProvisioning(t *testing.T) {
 	t.Parallel()
-	raw, err := os.ReadFile("grafana/provisioning/datasources/prometheus.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var ds struct {
 		Datasources []struct {
 			UID  string `yaml:"uid"`
 			Type string `yaml:"type"`
 		} `yaml:"datasources"`
 	}
-	if err := yaml.Unmarshal(raw, &ds); err != nil || len(ds.Datasources) != 1 {
-		t.Fatalf("datasource provisioning: %v", err)
-	}
-	dash, err := os.ReadFile("grafana/ngc-mirror.json")
-	if err != nil {
-		t.Fatal(err)
+	decodeFile(t, "grafana/provisioning/datasources/prometheus.yml", &ds)
+	if len(ds.Datasources) != 1 {
+		t.Fatalf("datasource provisioning: %d datasources, want 1", len(ds.Datasources))
 	}
 	var d struct {
 		Panels []struct {
 			Datasource struct{ UID, Type string } `json:"datasource"`
 		} `json:"panels"`
 	}
-	if err := json.Unmarshal(dash, &d); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, "grafana/ngc-mirror.json", &d)
 	for i, p := range d.Panels {
 		if p.Datasource.UID != ds.Datasources[0].UID || p.Datasource.Type != ds.Datasources[0].Type {
 			t.Errorf("panel %d uses datasource %+v, not the provisioned one", i, p.Datasource)

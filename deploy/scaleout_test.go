@@ -1,8 +1,6 @@
 package deploy
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/url"
@@ -62,17 +60,13 @@ func decodeObjects(t *testing.T, raw []byte) []object {
 // helmTemplate renders deploy/helm/ngc-mirror with the real helm binary.
 func helmTemplate(t *testing.T, sets ...string) ([]object, []byte, error) {
 	t.Helper()
-	need(t, "helm")
 	args := []string{"template", "ngc-mirror", "helm/ngc-mirror", "--namespace", "ngc-mirror"}
 	for _, s := range sets {
 		args = append(args, "--set", s)
 	}
-	var stderr bytes.Buffer
-	cmd := exec.Command("helm", args...)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, stderr, err := output(t, exec.Command("helm", args...))
 	if err != nil {
-		return nil, stderr.Bytes(), err
+		return nil, stderr, err
 	}
 	return decodeObjects(t, out), out, nil
 }
@@ -807,10 +801,6 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 			known[n] = true // pending the cluster core (#11)
 		}
 	}
-	raw, err := os.ReadFile("grafana/ngc-mirror.json")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var dash struct {
 		Panels []struct {
 			Type    string             `json:"type"`
@@ -826,9 +816,7 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 			} `json:"list"`
 		} `json:"templating"`
 	}
-	if err := json.Unmarshal(raw, &dash); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, "grafana/ngc-mirror.json", &dash)
 	type expr struct{ where, promql string }
 	var exprs []expr
 	rowY := -1
@@ -862,10 +850,6 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 			exprs = append(exprs, expr{"variable", m[1]})
 		}
 	}
-	rulesRaw, err := os.ReadFile("prometheus/alerts.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var rules struct {
 		Groups []struct {
 			Rules []struct {
@@ -875,9 +859,7 @@ func TestDashboardAndRulesUseKnownMetrics(t *testing.T) {
 			} `yaml:"rules"`
 		} `yaml:"groups"`
 	}
-	if err := yaml.Unmarshal(rulesRaw, &rules); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, "prometheus/alerts.yml", &rules)
 	alerts := map[string]string{}
 	for _, g := range rules.Groups {
 		for _, r := range g.Rules {
@@ -980,16 +962,10 @@ func (s composeService) mounts() map[string]string {
 func TestComposeScaleOut(t *testing.T) {
 	t.Parallel()
 	need(t, "docker-compose")
-	raw, err := os.ReadFile("../docker-compose.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var file struct {
 		Services map[string]composeService `yaml:"services"`
 	}
-	if err := yaml.Unmarshal(raw, &file); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, "../docker-compose.yml", &file)
 	var always []string
 	for name, s := range file.Services {
 		if len(s.Profiles) == 0 {
@@ -1005,11 +981,9 @@ func TestComposeScaleOut(t *testing.T) {
 	cmd.Dir = ".."
 	cmd.Env = append(os.Environ(), "MIRROR_PROMETHEUS_CONFIG=prometheus-scale-out.yml",
 		"MIRROR_CLUSTER_SECRET=test-cluster-secret-0123456789", "MIRROR_S3_SECRET_KEY=test-s3-secret")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, stderr, err := output(t, cmd)
 	if err != nil {
-		t.Fatalf("docker-compose --profile scale-out config: %v\n%s", err, stderr.String())
+		t.Fatalf("docker-compose --profile scale-out config: %v\n%s", err, stderr)
 	}
 	var resolved struct {
 		Services map[string]composeService `yaml:"services"`
@@ -1138,10 +1112,6 @@ func TestComposeScaleOut(t *testing.T) {
 
 	// Prometheus scrapes each replica directly.
 	promFile := svcs["prometheus"].mounts()["/etc/prometheus/prometheus.yml"]
-	promRaw, err := os.ReadFile(promFile)
-	if err != nil {
-		t.Fatalf("Prometheus configuration %q: %v", promFile, err)
-	}
 	var prom struct {
 		ScrapeConfigs []struct {
 			JobName       string `yaml:"job_name"`
@@ -1150,9 +1120,7 @@ func TestComposeScaleOut(t *testing.T) {
 			} `yaml:"static_configs"`
 		} `yaml:"scrape_configs"`
 	}
-	if err := yaml.Unmarshal(promRaw, &prom); err != nil {
-		t.Fatal(err)
-	}
+	decodeFile(t, promFile, &prom)
 	var targets []string
 	for _, sc := range prom.ScrapeConfigs {
 		for _, st := range sc.StaticConfigs {
@@ -1199,9 +1167,6 @@ func TestKustomizeScaleOut(t *testing.T) {
 // http://fd00::1:5002 is no URL, and config.Load refuses it).
 func TestHelmChartIPv6(t *testing.T) {
 	t.Parallel()
-	if _, err := exec.LookPath("helm"); err != nil {
-		t.Fatal("helm is not installed: run .ci/install.sh")
-	}
 	objs, stderr, err := helmTemplate(t, "cluster.ipv6=true")
 	if err != nil {
 		t.Fatalf("helm template: %v\n%s", err, stderr)
