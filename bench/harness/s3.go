@@ -28,6 +28,16 @@ const (
 	s3Region    = "us-east-1"
 )
 
+// s3Env is the environment (KEY=value) that puts a mirror's cache in the
+// benchmark's bucket on the versitygw at endpoint ("http://127.0.0.1:port",
+// startGateway's), path-style; redirect is off unless the caller adds
+// MIRROR_S3_REDIRECT=true.
+func s3Env(endpoint string) []string {
+	return []string{"MIRROR_STORAGE_DRIVER=s3", "MIRROR_S3_BUCKET=" + s3Bucket, "MIRROR_S3_REGION=" + s3Region,
+		"MIRROR_S3_ENDPOINT=" + endpoint, "MIRROR_S3_PATH_STYLE=true",
+		"MIRROR_S3_ACCESS_KEY=" + s3AccessKey, "MIRROR_S3_SECRET_KEY=" + s3SecretKey}
+}
+
 // startS3 starts versitygw (posix backend, data under the work dir), creates
 // the bucket, and starts two mirrors on it: redirect off and redirect on.
 // Each has its own data dir (the spool of running fills); the cache is the
@@ -58,20 +68,13 @@ func (h *harness) startS3(ctx context.Context) error {
 			return err
 		}
 		*m.p, err = startProc(ctx, m.name, addr, "/v2/", filepath.Join(h.cfg.work, m.name+".log"), h.cfg.mirrorBin,
-			[]string{"serve"}, baseEnv(
+			[]string{"serve"}, baseEnv(append(s3Env(h.s3gw.base),
 				"MIRROR_ADDR="+addr,
 				"MIRROR_UPSTREAM="+h.up.URL(),
 				"MIRROR_DATA_DIR="+data,
 				"MIRROR_LOG_LEVEL=warn",
-				"MIRROR_STORAGE_DRIVER=s3",
-				"MIRROR_S3_BUCKET="+s3Bucket,
-				"MIRROR_S3_REGION="+s3Region,
-				"MIRROR_S3_ENDPOINT="+h.s3gw.base,
-				"MIRROR_S3_PATH_STYLE=true",
-				"MIRROR_S3_ACCESS_KEY="+s3AccessKey,
-				"MIRROR_S3_SECRET_KEY="+s3SecretKey,
 				fmt.Sprintf("MIRROR_S3_REDIRECT=%t", m.redirect),
-			))
+			)...))
 		if err != nil {
 			return err
 		}

@@ -244,9 +244,7 @@ func (h *harness) scaleRun(ctx context.Context, drv string, n int) (scaleResult,
 		}
 		defer gw.stop()
 		root = filepath.Join(gwRoot, s3Bucket)
-		env = append(env, "MIRROR_STORAGE_DRIVER=s3", "MIRROR_S3_BUCKET="+s3Bucket, "MIRROR_S3_REGION="+s3Region,
-			"MIRROR_S3_ENDPOINT="+gw.base, "MIRROR_S3_PATH_STYLE=true",
-			"MIRROR_S3_ACCESS_KEY="+s3AccessKey, "MIRROR_S3_SECRET_KEY="+s3SecretKey)
+		env = append(env, s3Env(gw.base)...)
 	}
 	t0 := time.Now()
 	var err error
