@@ -140,6 +140,13 @@ func TestUnknownRegistryReachesNoUpstream(t *testing.T) {
 		{"/v2/" + second + "/../" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag, 400, "NAME_INVALID"},
 		{"/v2/" + second + "%2F" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag, 400, "NAME_INVALID"},
 		{"/v2/GHCR.EXAMPLE/" + ngctest.CUDARepo + "/manifests/" + ngctest.CUDATag, 400, "NAME_INVALID"},
+		// A registry's name alone: no repository of the default upstream
+		// (whose credentials the mirror would use), nor a public upstream's.
+		{"/v2/" + second + "/tags/list", 404, "NAME_UNKNOWN"},
+		{"/v2/" + second + "/manifests/1.0", 404, "NAME_UNKNOWN"},
+		{"/v2/" + second + "/blobs/" + d, 404, "NAME_UNKNOWN"},
+		{"/v2/quay.io/tags/list", 404, "NAME_UNKNOWN"},
+		{"/v2/nvcr.io/manifests/1.0", 404, "NAME_UNKNOWN"},
 	} {
 		r := e.do(t, http.MethodGet, c.path)
 		if r.err != nil || r.status != c.status || !strings.Contains(string(r.body), `"`+c.code+`"`) {

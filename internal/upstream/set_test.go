@@ -61,6 +61,16 @@ func TestSetRoute(t *testing.T) {
 		{"", "hub.mirror.lab", "ghcr.io/org/img", "ghcr.io/org/img"}, // a prefix wins over the root host
 		{"", "hub.mirror.lab", "nvcr.io/nvidia/pytorch", "nvidia/pytorch"},
 		{"", "[::1]:5000", "nvidia/pytorch", "nvidia/pytorch"},
+		// A registry's name alone is no repository of the default (nor of
+		// another upstream): it is refused, not asked of nvcr.io.
+		{"", "mirror.lab", "ghcr.io", ""},
+		{"", "mirror.lab", "docker.io", ""},
+		{"", "mirror.lab", "nvcr.io", ""},
+		{"", "mirror.lab", "quay.io", ""},
+		{"", "mirror.lab", "localhost", ""},
+		{"", "hub.mirror.lab", "ghcr.io", ""},
+		{"docker.io", "mirror.lab", "ghcr.io", ""},
+		{"nvcr.io", "mirror.lab", "docker.io", ""},
 	} {
 		r, got, err := s.Route(c.ns, c.host, c.name)
 		if err == nil {
