@@ -154,11 +154,16 @@ func blobHeaders(w http.ResponseWriter, dgst digest.Digest, size int64) {
 // bytes [start, end) to send. A single "bytes=" range gets 206 with its
 // Content-Range; an unsatisfiable one 416 with "Content-Range: bytes */SIZE"
 // (RFC 9110 section 14); a malformed or multi-range header is ignored and
-// the whole blob sent (RFC 9110 allows that). ok is false when the response
-// was already written.
+// the whole blob sent (RFC 9110 allows that), and so is a Range whose
+// If-Range is not the blob's ETag (a date or a weak tag never matches: RFC
+// 9110 13.1.5). ok is false when the response was already written.
 func rangeHeaders(w http.ResponseWriter, r *http.Request, dgst digest.Digest, size int64) (start, end int64, status int, ok bool) {
 	blobHeaders(w, dgst, size)
-	start, end, rs := parseRange(r.Header.Get("Range"), size)
+	rv := r.Header.Get("Range")
+	if ir := r.Header.Get("If-Range"); ir != "" && strings.TrimSpace(ir) != `"`+dgst.String()+`"` {
+		rv = "" // the client's copy is another representation: send it all
+	}
+	start, end, rs := parseRange(rv, size)
 	switch rs {
 	case rangeUnsatisfiable:
 		w.Header().Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))

@@ -1,10 +1,47 @@
 package proxy
 
 import (
+	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
 )
+
+// TestRangeIfRange: a Range is honoured only when If-Range is absent or the
+// blob's strong ETag; another tag, a weak one or a date sends the whole
+// blob with 200 (RFC 9110 13.1.5: the server MUST ignore Range then).
+func TestRangeIfRange(t *testing.T) {
+	t.Parallel()
+	d := digest.FromString("blob")
+	for _, tc := range []struct {
+		ifRange string
+		status  int
+	}{
+		{"", http.StatusPartialContent},
+		{`"` + d.String() + `"`, http.StatusPartialContent},
+		{`"sha256:0000000000000000000000000000000000000000000000000000000000000000"`, http.StatusOK},
+		{`W/"` + d.String() + `"`, http.StatusOK},
+		{"Thu, 03 Dec 2026 17:00:00 GMT", http.StatusOK},
+	} {
+		r := httptest.NewRequestWithContext(t.Context(), http.MethodGet, "/v2/x/blobs/"+d.String(), nil)
+		r.Header.Set("Range", "bytes=0-9")
+		if tc.ifRange != "" {
+			r.Header.Set("If-Range", tc.ifRange)
+		}
+		w := httptest.NewRecorder()
+		start, end, status, ok := rangeHeaders(w, r, d, 100)
+		wantEnd, wantCR := int64(10), "bytes 0-9/100"
+		if tc.status == http.StatusOK {
+			wantEnd, wantCR = 100, ""
+		}
+		if !ok || status != tc.status || start != 0 || end != wantEnd || w.Header().Get("Content-Range") != wantCR {
+			t.Errorf("If-Range %q: %d [%d, %d) Content-Range %q ok=%v; want %d [0, %d) %q", tc.ifRange, status, start, end, w.Header().Get("Content-Range"), ok, tc.status, wantEnd, wantCR)
+		}
+	}
+}
 
 func TestParseRange(t *testing.T) {
 	t.Parallel()
