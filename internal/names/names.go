@@ -169,6 +169,12 @@ func ParseRepository(s string, hosts []string, others ...string) (string, error)
 // resolveRegistry applies ParseImage's registry rule to r, parsed from s:
 // the result's Registry is "" and its Repository the qualified name.
 func resolveRegistry(s string, r Reference, hosts, others []string) (Reference, error) {
+	// The path on the registry never begins with (nor is) a registry's
+	// name, as in the registry API (upstream.Set.Route): nvcr.io/ghcr.io/x
+	// is not ghcr.io/x, ghcr.io alone not nvcr.io's repository "ghcr.io".
+	if first, _, _ := strings.Cut(r.Repository, "/"); LooksLikeRegistry(first) {
+		return Reference{}, fmt.Errorf("%w: %q: a repository path does not begin with a registry name (%q)", ErrNameInvalid, s, first)
+	}
 	if r.Registry == "" {
 		return r, nil
 	}

@@ -94,6 +94,13 @@ func TestParseImage(t *testing.T) {
 		"nvcr.io/nvidia/pytorch":     ErrTagInvalid,
 		"docker.io/library/redis:7":  ErrNameInvalid,
 		"localhost/nvidia/pytorch:1": ErrNameInvalid,
+		// A registry's name is no repository path, nor its start.
+		"ghcr.io:1.0":                               ErrNameInvalid,
+		"nvcr.io/ghcr.io/nvidia/pytorch:1":          ErrNameInvalid,
+		"nvcr.io/nvcr.io/nvidia/pytorch:1":          ErrNameInvalid,
+		"nvcr.io/docker.io:1":                       ErrNameInvalid,
+		"127.0.0.1:40123/localhost/x:1":             ErrNameInvalid,
+		"nvcr.io@sha256:" + strings.Repeat("a", 64): ErrNameInvalid,
 	} {
 		if r, err := ParseImage(in, hosts); !errors.Is(err, want) {
 			t.Errorf("ParseImage(%q) = %+v, %v; want %v", in, r, err, want)
@@ -135,6 +142,11 @@ func TestQualifiedNames(t *testing.T) {
 			t.Errorf("ParseImage(%q) = %+v, %v; want repository %q", in, r, err, want)
 		}
 	}
+	for _, in := range []string{"docker.io/nvcr.io/nvidia/pytorch:1", "ghcr.io/docker.io/library/x:1", "nvcr.io/ghcr.io/org/img:1"} {
+		if r, err := ParseImage(in, hosts, "docker.io", "ghcr.io"); !errors.Is(err, ErrNameInvalid) {
+			t.Errorf("ParseImage(%q) = %+v, %v; want ErrNameInvalid (a path that begins with a registry)", in, r, err)
+		}
+	}
 	if _, err := ParseImage("quay.io/org/img:1", hosts, "docker.io"); !errors.Is(err, ErrNameInvalid) {
 		t.Errorf("an unconfigured registry: %v", err)
 	}
@@ -158,7 +170,8 @@ func TestParseRepository(t *testing.T) {
 			t.Errorf("ParseRepository(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"quay.io/x", "nvidia/pytorch:1", "Nvidia/x", ""} {
+	for _, bad := range []string{"quay.io/x", "nvidia/pytorch:1", "Nvidia/x", "",
+		"docker.io", "nvcr.io", "ghcr.io", "nvcr.io/docker.io/library/ubuntu", "docker.io/nvcr.io/nvidia/pytorch"} {
 		if _, err := ParseRepository(bad, []string{"nvcr.io"}, "docker.io"); !errors.Is(err, ErrNameInvalid) {
 			t.Errorf("ParseRepository(%q): %v, want ErrNameInvalid", bad, err)
 		}
