@@ -173,7 +173,7 @@ const (
 
 // live writes the upload's marker and starts its heartbeat.
 func (w *BlobWriter) live(ctx context.Context) error {
-	if err := w.s.d.PutContent(ctx, w.marker, nil); err != nil {
+	if err := w.s.putContent(ctx, w.marker, nil); err != nil {
 		return translate(err)
 	}
 	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -187,7 +187,7 @@ func (w *BlobWriter) live(ctx context.Context) error {
 			case <-bctx.Done():
 				return
 			case <-t.C:
-				_ = w.s.d.PutContent(bctx, w.marker, nil) // a missed beat is made up by the next
+				_ = w.s.putContent(bctx, w.marker, nil) // a missed beat is made up by the next
 			}
 		}
 	}()
@@ -458,7 +458,7 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 	raw := make([]byte, 0, len(mediaType)+1+len(body))
 	raw = append(append(append(raw, mediaType...), '\n'), body...)
 	_, statErr := s.d.Stat(ctx, p)
-	if err := s.d.PutContent(ctx, p, raw); err != nil {
+	if err := s.putContent(ctx, p, raw); err != nil {
 		return translate(err)
 	}
 	if statErr != nil {

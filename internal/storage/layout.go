@@ -70,7 +70,7 @@ func (s *Store) EnsureLayout(ctx context.Context, registry string, log *slog.Log
 		log.Info("migrated the cache layout: tag records and links now keyed by registry", "from", 1, "to", LayoutVersion, "registry", registry, "records", n)
 	}
 	rec, _ := json.Marshal(layoutRecord{Version: LayoutVersion})
-	if err := s.d.PutContent(ctx, lp, append(rec, '\n')); err != nil {
+	if err := s.putContent(ctx, lp, append(rec, '\n')); err != nil {
 		return res, fmt.Errorf("storage: writing the layout record: %w", translate(err))
 	}
 	return res, nil

@@ -39,7 +39,7 @@ func (s *Store) PutLinks(ctx context.Context, repo Repo, dgsts ...digest.Digest)
 			continue
 		}
 		if _, err := s.d.Stat(ctx, p); err != nil {
-			if err := s.d.PutContent(ctx, p, nil); err != nil {
+			if err := s.putContent(ctx, p, nil); err != nil {
 				return translate(err)
 			}
 		}

@@ -32,8 +32,9 @@
 //
 // Nothing partial is ever visible at a final path: blobs are written under
 // /_uploads, verified (size and digest), then moved into place; manifests and
-// tag records are written with PutContent, which is atomic on the filesystem
-// driver (temporary file and rename) and on S3 (a single PutObject).
+// tag records are written with putContent, which is atomic on the filesystem
+// (temporary file and rename) and on S3 (the driver's PutContent, a single
+// PutObject).
 // Repository path components cannot start with '_' (distribution/reference
 // grammar), so "_tags" and "_links" never collide with a repository name.
 //
@@ -47,11 +48,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 
 	driver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/google/uuid"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -196,11 +200,60 @@ func translate(err error) error {
 	return err
 }
 
+// putContent writes raw at driver path p whole or not at all, as the
+// driver's PutContent does (a temporary file and a rename on the
+// filesystem, one PutObject on S3). With a local root the store writes the
+// temporary file itself and removes it when the write fails: the
+// filesystem driver's PutContent leaves it behind when the failure shows
+// at its commit (ENOSPC, EDQUOT and EIO surface at the final flush or
+// fsync), an empty <name>.<uuid>.tmp kept for good per failed write, on a
+// full disk one per /readyz probe. The temporary name has the driver's
+// form (pendingPut); the file is synced before the rename and the
+// directory after it, as the driver does.
+func (s *Store) putContent(ctx context.Context, p string, raw []byte) error {
+	if s.localRoot == "" {
+		return s.d.PutContent(ctx, p, raw)
+	}
+	final := filepath.Join(s.localRoot, filepath.FromSlash(p))
+	dir := filepath.Dir(final)
+	if err := os.MkdirAll(dir, 0o777); err != nil {
+		return err
+	}
+	tmp := final + "." + uuid.NewString() + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o666)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(raw)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, final)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
 // Probe checks that the cache accepts a write: it writes and removes a
 // small object (HealthPath, one for every replica sharing the storage).
 func (s *Store) Probe(ctx context.Context) error {
 	p := mustPath(HealthPath{})
-	if err := s.d.PutContent(ctx, p, []byte("ok")); err != nil {
+	if err := s.putContent(ctx, p, []byte("ok")); err != nil {
 		return fmt.Errorf("storage: probe write: %w", err)
 	}
 	// Replicas sharing a bucket probe the same object: one may remove it

@@ -652,6 +652,79 @@ func TestLocalUploadReservesSpace(t *testing.T) {
 	}
 }
 
+// TestFullDiskLeavesNoTemporaryFiles: a write that fails on a full disk
+// (ENOSPC at the final flush) leaves nothing behind. The filesystem
+// driver's PutContent left an empty <name>.<uuid>.tmp for each: every
+// /readyz probe of a full cache, every tag record, tag list, manifest and
+// link a pull tried to write, kept after the disk had room again.
+func TestFullDiskLeavesNoTemporaryFiles(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs to provoke ENOSPC (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	s, err := storage.OpenFilesystem(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	rec := storage.TagRecord{Digest: digest.FromString("m"), MediaType: "application/json", Size: 1, ConfirmedAt: time.Unix(1, 0).UTC()}
+	body := []byte(`{"schemaVersion":2}`)
+	// Directories exist (as after earlier pulls), then the disk fills.
+	if err := s.PutTag(ctx, nv("org/img"), "old", rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Probe(ctx); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(dir, "filler")
+	if err := os.WriteFile(filler, make([]byte, 1<<20), 0o600); err == nil {
+		t.Fatal("1 MiB fitted into a 256 KiB tmpfs")
+	}
+	for name, put := range map[string]func() error{
+		"probe": func() error { return s.Probe(ctx) },
+		"tag":   func() error { return s.PutTag(ctx, nv("org/img"), "new", rec) },
+		"tag list": func() error {
+			return s.PutTagList(ctx, nv("org/img"), storage.TagList{Tags: []string{"a"}, Complete: true})
+		},
+		"manifest": func() error { return s.PutManifest(ctx, "application/json", digest.FromBytes(body), body) },
+	} {
+		if err := put(); err == nil {
+			t.Errorf("%s: written on a full disk", name)
+		}
+	}
+	var left []string
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(p, ".tmp") {
+			left = append(left, strings.TrimPrefix(p, dir))
+		}
+		return nil
+	})
+	if len(left) != 0 {
+		t.Errorf("failed writes left %d temporary files: %v", len(left), left)
+	}
+	// Room again: the same writes work and are read back.
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Probe(ctx); err != nil {
+		t.Fatalf("probe after the disk had room again: %v", err)
+	}
+	if err := s.PutTag(ctx, nv("org/img"), "new", rec); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.GetTag(ctx, nv("org/img"), "new"); err != nil || got != rec {
+		t.Fatalf("GetTag = %+v, %v; want %+v", got, err, rec)
+	}
+	if err := s.PutManifest(ctx, "application/json", digest.FromBytes(body), body); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := s.GetManifest(ctx, digest.FromBytes(body)); err != nil || !bytes.Equal(m.Body, body) {
+		t.Fatalf("GetManifest = %v, %v", m, err)
+	}
+}
+
 // nv is repository name on nvcr.io, the key of tag records and links.
 func nv(name string) storage.Repo { return storage.Repo{Registry: "nvcr.io", Name: name} }
 

@@ -49,7 +49,7 @@ func (s *Store) PutTag(ctx context.Context, repo Repo, tag string, rec TagRecord
 	if err != nil {
 		return err
 	}
-	return translate(s.d.PutContent(ctx, p, raw))
+	return translate(s.putContent(ctx, p, raw))
 }
 
 // DeleteTag forgets repo:tag. Deleting an unknown tag is not an error.
@@ -88,8 +88,8 @@ func (s *Store) ListTags(ctx context.Context, repo Repo) ([]string, error) {
 	return tags, nil
 }
 
-// pendingPut matches the temporary names the filesystem driver's PutContent
-// writes before its rename ("<name>.<uuid>.tmp").
+// pendingPut matches the temporary names putContent (and the filesystem
+// driver's PutContent) writes before its rename ("<name>.<uuid>.tmp").
 var pendingPut = regexp.MustCompile(`\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.tmp$`)
 
 // TagList is a repository's complete tag list as the upstream last served
@@ -127,5 +127,5 @@ func (s *Store) PutTagList(ctx context.Context, repo Repo, tl TagList) error {
 	if err != nil {
 		return err
 	}
-	return translate(s.d.PutContent(ctx, p, raw))
+	return translate(s.putContent(ctx, p, raw))
 }
