@@ -207,6 +207,13 @@ func TestBadInputGetsClearErrors(t *testing.T) {
 		{"GET", "/tags?repository=nvidia/pytorch&monthly=maybe", ``, 400, "BAD_REQUEST"},
 		{"GET", "/tags?repository=nvidia/pytorch&refresh=yes", ``, 400, "BAD_REQUEST"},
 		{"GET", "/nothing", ``, 404, "NOT_FOUND"},
+		// A registry's name alone or after another is no repository, nor
+		// asked of the upstream as one.
+		{"POST", "/prefetch", `{"image":"ghcr.io:1.0"}`, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"image":"nvcr.io/docker.io:1"}`, 400, "NAME_INVALID"},
+		{"GET", "/tags?repository=ghcr.io", ``, 400, "NAME_INVALID"},
+		{"GET", "/tags?repository=nvcr.io/nvcr.io/nvidia/pytorch", ``, 400, "NAME_INVALID"},
+		{"POST", "/prefetch", `{"spec":{"name":"x","repositories":["quay.io"],"tags":{"latest":1}}}`, 400, "RULE_INVALID"},
 	} {
 		st, code := a.call(c.method, admin.Prefix+c.path, c.body, nil)
 		if st != c.status || code != c.code {

@@ -175,9 +175,9 @@ func (c *Config) canonicalNames() {
 // for every repository of nvcr.io, the private org's included.
 func (c Config) validateNames() []error {
 	n := c.nameRules()
-	errs := n.check("tracking.repositories", c.Tracking.Repositories)
+	errs := n.checkPolled("tracking.repositories", c.Tracking.Repositories)
 	for i, r := range c.Prefetch.Rules {
-		errs = append(errs, n.check(fmt.Sprintf("prefetch.rules[%d].repositories", i), r.Repositories)...)
+		errs = append(errs, n.checkPolled(fmt.Sprintf("prefetch.rules[%d].repositories", i), r.Repositories)...)
 	}
 	for i, r := range c.Access.Rules {
 		errs = append(errs, n.check(fmt.Sprintf("access.rules[%d].repositories", i), r.Repositories)...)
@@ -195,7 +195,7 @@ func (c Config) validateNames() []error {
 func RuleRepositories(key string, repos, defaultHosts, upstreams []string) []error {
 	n := nameRules{defaults: defaultHosts, upstreams: upstreams}
 	n.canon(repos, true)
-	return n.check(key, repos)
+	return n.checkPolled(key, repos)
 }
 
 // nameRules reads repository names of the config against the registries
@@ -265,6 +265,21 @@ func (n nameRules) check(key string, list []string) []error {
 			// as a public namespace opens all of it)
 		case !slices.Contains(n.upstreams, first):
 			errs = append(errs, fmt.Errorf("%s: %q names the registry %q, which is not a key of upstreams (nvcr.io repositories are written without it or with nvcr.io/: nvidia/pytorch)", key, name, first))
+		}
+	}
+	return errs
+}
+
+// checkPolled is check for the repositories whose tags the mirror polls
+// (tracking.repositories, prefetch rules): there a registry's name alone
+// (ghcr.io) is no repository, as in the registry API; it was polled as the
+// default upstream's repository "ghcr.io". Only as a public namespace does
+// it stand for the registry's names.
+func (n nameRules) checkPolled(key string, list []string) []error {
+	errs := n.check(key, list)
+	for _, name := range list {
+		if !strings.Contains(name, "/") && names.LooksLikeRegistry(name) && !n.isDefault(name) {
+			errs = append(errs, fmt.Errorf("%s: %q is a registry's name, not a repository: name its repositories (%s/org/img) or a pattern of them (%s/org/*)", key, name, name, name))
 		}
 	}
 	return errs

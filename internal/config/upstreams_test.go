@@ -89,6 +89,11 @@ func TestUpstreamsRefused(t *testing.T) {
 		{"tracked repository of an unconfigured registry", "tracking: {repositories: [quay.io/org/img]}\n", "tracking.repositories"},
 		{"prefetch rule of an unconfigured registry", "prefetch: {rules: [{name: r, repositories: ['ghcr.io/**'], tags: {latest: 1}}]}\n", "prefetch.rules[0].repositories"},
 		{"password file missing", "upstreams:\n  ghcr.io: {url: https://ghcr.io, username: u, password_file: /nonexistent/x}\n", "upstreams.ghcr.io.password_file"},
+		// A registry's name alone is no repository to poll (it was polled
+		// as nvcr.io's repository "ghcr.io"); as a public namespace it is.
+		{"tracked registry name alone", "upstreams:\n  ghcr.io: {url: https://ghcr.io}\ntracking: {repositories: [ghcr.io]}\n", `tracking.repositories: "ghcr.io" is a registry's name`},
+		{"tracked unconfigured registry alone", "tracking: {repositories: [quay.io]}\n", `tracking.repositories: "quay.io" is a registry's name`},
+		{"prefetch rule registry name alone", "upstreams:\n  ghcr.io: {url: https://ghcr.io}\nprefetch: {rules: [{name: r, repositories: [ghcr.io], tags: {latest: 1}}]}\n", `prefetch.rules[0].repositories: "ghcr.io" is a registry's name`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
