@@ -172,7 +172,10 @@ func resolveRegistry(s string, r Reference, hosts, others []string) (Reference, 
 	// The path on the registry never begins with (nor is) a registry's
 	// name, as in the registry API (upstream.Set.Route): nvcr.io/ghcr.io/x
 	// is not ghcr.io/x, ghcr.io alone not nvcr.io's repository "ghcr.io".
-	if first, _, _ := strings.Cut(r.Repository, "/"); LooksLikeRegistry(first) {
+	if first, _, ok := strings.Cut(r.Repository, "/"); LooksLikeRegistry(first) {
+		if !ok && r.Registry == "" {
+			return Reference{}, fmt.Errorf("%w: %q: %s is a registry's name, not a repository (like %s/org/img)", ErrNameInvalid, s, first, first)
+		}
 		return Reference{}, fmt.Errorf("%w: %q: a repository path does not begin with a registry name (%q)", ErrNameInvalid, s, first)
 	}
 	if r.Registry == "" {
