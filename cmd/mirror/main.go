@@ -218,6 +218,11 @@ func serve(ctx context.Context, cfg config.Config, policy *access.Policy, rules 
 		} else if n > 0 {
 			log.Info("removed interrupted uploads", "count", n)
 		}
+		if n, err := store.PurgeTemporary(ctx); err != nil {
+			log.Warn("cannot remove temporary files of interrupted writes (they are never served)", "err", err)
+		} else if n > 0 {
+			log.Info("removed temporary files of interrupted writes", "count", n)
+		}
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(spoolDir, "fill-*")); len(leftovers) > 0 {
 		for _, p := range leftovers {

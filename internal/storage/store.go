@@ -265,6 +265,38 @@ func (s *Store) Probe(ctx context.Context) error {
 	return nil
 }
 
+// PurgeTemporary removes the temporary files of writes that never ended
+// (<name>.<uuid>.tmp: a crash during a write, or a failed write of a mirror
+// before putContent, one per /readyz probe on a full disk) from a cache on
+// the local disk, and returns how many it removed. Blobs are written under
+// /_uploads (PurgeUploads), so /blobs is not walked. Like PurgeUploads it
+// must run before this process writes (at start-up), and only where no
+// other process shares the storage; without a local root it does nothing.
+func (s *Store) PurgeTemporary(ctx context.Context) (int, error) {
+	if s.localRoot == "" {
+		return 0, nil
+	}
+	blobs := filepath.Join(s.localRoot, "blobs")
+	n := 0
+	err := filepath.WalkDir(s.localRoot, func(p string, d os.DirEntry, err error) error {
+		switch {
+		case err != nil:
+			return err
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case d.IsDir() && p == blobs:
+			return filepath.SkipDir
+		case d.Type().IsRegular() && pendingPut.MatchString(d.Name()):
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
+
 // PurgeUploads removes uploads left by fills that a crash interrupted and
 // returns how many uploads it found (their heartbeat markers not counted).
 // It must run before this process starts fills (at start-up), and only

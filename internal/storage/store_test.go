@@ -725,6 +725,52 @@ func TestFullDiskLeavesNoTemporaryFiles(t *testing.T) {
 	}
 }
 
+// TestPurgeTemporary: at start-up the temporary files of writes that never
+// ended (a crash, or a full disk before putContent) go, wherever they are
+// outside /blobs; the content beside them stays.
+func TestPurgeTemporary(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s, err := storage.OpenFilesystem(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	rec := storage.TagRecord{Digest: digest.FromString("m"), MediaType: "application/json", Size: 1, ConfirmedAt: time.Unix(1, 0).UTC()}
+	if err := s.PutTag(ctx, nv("org/img"), "t", rec); err != nil {
+		t.Fatal(err)
+	}
+	const id = ".01a23d15-056f-79c4-aee4-ef4890e318a8.tmp"
+	left := []string{"_health/probe" + id, "_layout" + id, "registries/nvcr.io/org/img/_tags/t" + id, "manifests/sha256/ab/abcd" + id}
+	keep := []string{"registries/nvcr.io/org/img/_tags/t", "blobs/sha256/ab/abcd" + id, "registries/nvcr.io/org/img/_tags/t.tmp"}
+	for _, p := range append(append([]string(nil), left...), keep[1:]...) {
+		p = filepath.Join(dir, filepath.FromSlash(p))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := s.PurgeTemporary(ctx)
+	if err != nil || n != len(left) {
+		t.Fatalf("PurgeTemporary = %d, %v; want %d", n, err, len(left))
+	}
+	for _, p := range left {
+		if _, err := os.Stat(filepath.Join(dir, filepath.FromSlash(p))); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: %v, want removed", p, err)
+		}
+	}
+	for _, p := range keep {
+		if _, err := os.Stat(filepath.Join(dir, filepath.FromSlash(p))); err != nil {
+			t.Errorf("%s: %v, want kept", p, err)
+		}
+	}
+	if got, err := s.GetTag(ctx, nv("org/img"), "t"); err != nil || got != rec {
+		t.Errorf("GetTag after the purge = %+v, %v", got, err)
+	}
+}
+
 // nv is repository name on nvcr.io, the key of tag records and links.
 func nv(name string) storage.Repo { return storage.Repo{Registry: "nvcr.io", Name: name} }
 
