@@ -638,11 +638,7 @@ func TestLocalUploadReadableWhileWritten(t *testing.T) {
 // up), and tests running beside it failed with ENOSPC.
 func TestLocalUploadReservesSpace(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs to provoke ENOSPC (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	dir := smallTmpfs(t, "1m")
 	s := storage.New(filesystem.New(filesystem.DriverParameters{RootDirectory: dir, MaxThreads: 10}), storage.WithLocalRoot(dir))
 	if _, err := s.CreateBlob(t.Context(), digest.FromString("huge"), 1<<30); err == nil {
 		t.Fatal("an upload of 1 GiB into a 1 MiB filesystem was accepted")
@@ -652,6 +648,19 @@ func TestLocalUploadReservesSpace(t *testing.T) {
 	}
 }
 
+// smallTmpfs mounts a tmpfs of size (mount's "1m", "256k") on a directory
+// of the test's own, unmounted at its end, to provoke ENOSPC; the test is
+// skipped, saying so, where mount needs root.
+func smallTmpfs(t *testing.T, size string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs to provoke ENOSPC (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	return dir
+}
+
 // TestFullDiskLeavesNoTemporaryFiles: a write that fails on a full disk
 // (ENOSPC at the final flush) leaves nothing behind. The filesystem
 // driver's PutContent left an empty <name>.<uuid>.tmp for each: every
@@ -659,11 +668,7 @@ func TestLocalUploadReservesSpace(t *testing.T) {
 // link a pull tried to write, kept after the disk had room again.
 func TestFullDiskLeavesNoTemporaryFiles(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs to provoke ENOSPC (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	dir := smallTmpfs(t, "256k")
 	s, err := storage.OpenFilesystem(dir)
 	if err != nil {
 		t.Fatal(err)
