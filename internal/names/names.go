@@ -169,26 +169,27 @@ func ParseRepository(s string, hosts []string, others ...string) (string, error)
 // resolveRegistry applies ParseImage's registry rule to r, parsed from s:
 // the result's Registry is "" and its Repository the qualified name.
 func resolveRegistry(s string, r Reference, hosts, others []string) (Reference, error) {
-	// The path on the registry never begins with (nor is) a registry's
-	// name, as in the registry API (upstream.Set.Route): nvcr.io/ghcr.io/x
-	// is not ghcr.io/x, ghcr.io alone not nvcr.io's repository "ghcr.io".
-	if first, _, ok := strings.Cut(r.Repository, "/"); LooksLikeRegistry(first) {
-		if !ok && r.Registry == "" {
-			return Reference{}, fmt.Errorf("%w: %q: %s is a registry's name, not a repository (like %s/org/img)", ErrNameInvalid, s, first, first)
+	known, other := false, ""
+	for _, h := range hosts {
+		known = known || (r.Registry != "" && strings.EqualFold(h, r.Registry))
+	}
+	for _, o := range others {
+		if r.Registry != "" && strings.EqualFold(o, r.Registry) {
+			other = strings.ToLower(o)
 		}
+	}
+	// The path on the registry never begins with a registry's name, as in
+	// the registry API (upstream.Set.Route): nvcr.io/ghcr.io/x is not
+	// ghcr.io/x. Nor is the default's repository one alone: ghcr.io is not
+	// nvcr.io's repository "ghcr.io" (a further upstream's path may be).
+	switch first, _, ok := strings.Cut(r.Repository, "/"); {
+	case ok && LooksLikeRegistry(first):
 		return Reference{}, fmt.Errorf("%w: %q: a repository path does not begin with a registry name (%q)", ErrNameInvalid, s, first)
+	case !ok && other == "" && LooksLikeRegistry(first):
+		return Reference{}, fmt.Errorf("%w: %q: %s is a registry's name, not a repository (like %s/org/img)", ErrNameInvalid, s, first, first)
 	}
 	if r.Registry == "" {
 		return r, nil
-	}
-	known, other := false, ""
-	for _, h := range hosts {
-		known = known || strings.EqualFold(h, r.Registry)
-	}
-	for _, o := range others {
-		if strings.EqualFold(o, r.Registry) {
-			other = strings.ToLower(o)
-		}
 	}
 	switch {
 	case other != "":

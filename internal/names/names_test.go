@@ -142,7 +142,12 @@ func TestQualifiedNames(t *testing.T) {
 			t.Errorf("ParseImage(%q) = %+v, %v; want repository %q", in, r, err, want)
 		}
 	}
-	for _, in := range []string{"docker.io/nvcr.io/nvidia/pytorch:1", "ghcr.io/docker.io/library/x:1", "nvcr.io/ghcr.io/org/img:1"} {
+	// A further upstream's one-component path may have a dot: its
+	// qualified name keeps the registry.
+	if r, err := ParseImage("docker.io/my.app:1", hosts, "docker.io", "ghcr.io"); err != nil || r.Repository != "docker.io/library/my.app" {
+		t.Errorf("ParseImage(docker.io/my.app:1) = %+v, %v", r, err)
+	}
+	for _, in := range []string{"docker.io/nvcr.io/nvidia/pytorch:1", "ghcr.io/docker.io/library/x:1", "nvcr.io/ghcr.io/org/img:1", "nvcr.io/ghcr.io:1", "ghcr.io:1"} {
 		if r, err := ParseImage(in, hosts, "docker.io", "ghcr.io"); !errors.Is(err, ErrNameInvalid) {
 			t.Errorf("ParseImage(%q) = %+v, %v; want ErrNameInvalid (a path that begins with a registry)", in, r, err)
 		}

@@ -155,10 +155,12 @@ func (s *Set) Qualify(r *Registry, path string) string {
 //
 // On docker.io a one-component path gets "library/". A path whose first
 // component looks like a registry is never a repository path: with ns, or
-// after a prefix, it is refused, and so is such a component alone
-// (/v2/ghcr.io/tags/list names no repository; read as the default's
-// repository "ghcr.io" it would be fetched with the default's credentials
-// under the access policy of the public upstream ghcr.io). Errors wrap ErrNameUnknown (an unknown
+// after a prefix, it is refused, and so is such a component alone on the
+// default upstream (/v2/ghcr.io/tags/list names no repository; read as the
+// default's repository "ghcr.io" it would be fetched with the default's
+// credentials under the access policy of the public upstream ghcr.io). On a
+// further upstream it is a path like any (registry.lab/my.app: the
+// qualified name keeps the registry). Errors wrap ErrNameUnknown (an unknown
 // registry, a path outside the upstream's allow-list); nothing is asked of
 // an upstream here.
 func (s *Set) Route(ns, host, name string) (*Registry, string, error) {
@@ -187,11 +189,13 @@ func (s *Set) Route(ns, host, name string) (*Registry, string, error) {
 			r = s.def
 		}
 	}
-	if f, _, ok := strings.Cut(path, "/"); names.LooksLikeRegistry(f) {
-		if !ok { // /v2/ghcr.io/tags/list: not the default's repository "ghcr.io"
-			return nil, "", fmt.Errorf("%w: %s names a registry, not a repository", ErrNameUnknown, f)
-		}
+	switch f, _, ok := strings.Cut(path, "/"); {
+	case ok && names.LooksLikeRegistry(f):
 		return nil, "", fmt.Errorf("%w: a repository path does not begin with a registry name", ErrNameUnknown)
+	case !ok && r == s.def && names.LooksLikeRegistry(f):
+		// /v2/ghcr.io/tags/list: the default's qualified name would be
+		// "ghcr.io", which the access policy reads as that registry.
+		return nil, "", fmt.Errorf("%w: %s names a registry, not a repository", ErrNameUnknown, f)
 	}
 	q := s.Qualify(r, path)
 	if _, _, err := s.Split(q); err != nil {

@@ -68,9 +68,13 @@ func TestSetRoute(t *testing.T) {
 		{"", "mirror.lab", "nvcr.io", ""},
 		{"", "mirror.lab", "quay.io", ""},
 		{"", "mirror.lab", "localhost", ""},
-		{"", "hub.mirror.lab", "ghcr.io", ""},
-		{"docker.io", "mirror.lab", "ghcr.io", ""},
 		{"nvcr.io", "mirror.lab", "docker.io", ""},
+		{"", "mirror.lab", "nvcr.io/ghcr.io", ""},
+		// On a further upstream a dotted component alone is a path (its
+		// qualified name keeps the registry).
+		{"", "hub.mirror.lab", "ghcr.io", "docker.io/library/ghcr.io"},
+		{"docker.io", "mirror.lab", "my.app", "docker.io/library/my.app"},
+		{"", "mirror.lab", "docker.io/my.app", "docker.io/library/my.app"},
 	} {
 		r, got, err := s.Route(c.ns, c.host, c.name)
 		if err == nil {
