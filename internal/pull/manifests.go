@@ -8,6 +8,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/ngc-mirror/ngc-mirror/internal/auth"
 	"github.com/ngc-mirror/ngc-mirror/internal/manifest"
 	"github.com/ngc-mirror/ngc-mirror/internal/names"
 	"github.com/ngc-mirror/ngc-mirror/internal/storage"
@@ -146,7 +147,9 @@ func (s *Service) cacheManifest(ctx context.Context, repo string, um *upstream.M
 // private repository's cached blob by naming its digest. It does nothing
 // without Options.CheckLinks. Content repo does not hold is reported as
 // unknown (an upstream 404), the same answer as for content that does not
-// exist.
+// exist. A refusal of the mirror's own credentials (the upstream's 401 or
+// 403, or its token realm's) is returned as it is: it says nothing of the
+// content, and the client is told DENIED, as for a manifest by tag.
 func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest, k storage.Kind) error {
 	if !s.opts.CheckLinks {
 		return nil
@@ -159,21 +162,26 @@ func (s *Service) checkLink(ctx context.Context, repo string, dgst digest.Digest
 		// and caching the manifest under repo links what it refers to as
 		// well, so its blobs need no HEAD each.
 		_, _, err := s.fetchManifest(ctx, repo, dgst)
-		if err != nil && IsAuthoritative(err) {
-			return errNotHeld
-		}
-		return err
+		return notHeld(err)
 	}
 	uctx, cancel := s.upstreamContext(ctx)
 	defer cancel()
 	_, err := s.client(repo).HeadBlob(uctx, s.path(repo), dgst)
-	switch {
-	case err == nil:
+	if err == nil {
 		if lerr := s.store.PutLinks(ctx, s.repo(repo), dgst); lerr != nil {
 			s.log.Warn("recording link failed", "repository", repo, "digest", dgst, "err", lerr)
 		}
-		return nil
-	case IsAuthoritative(err):
+	}
+	return notHeld(err)
+}
+
+// notHeld turns a link check's authoritative upstream answer err into
+// errNotHeld, except a refusal of the mirror's credentials (upstream 401,
+// 403 or 451; a token realm's 401 or 403), which it returns unchanged, as
+// it does an outage and nil.
+func notHeld(err error) error {
+	refused := errors.Is(err, upstream.ErrUnauthorized) || errors.Is(err, upstream.ErrDenied) || auth.Refused(err)
+	if err != nil && !refused && IsAuthoritative(err) {
 		return errNotHeld
 	}
 	return err
