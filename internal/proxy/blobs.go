@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/opencontainers/go-digest"
@@ -101,13 +104,38 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 	}
 	h.cacheResult(r, metrics.RouteBlob, cacheResult(b.Hit()), n)
 	if err != nil {
-		if ctx.Err() == nil {
+		if ctx.Err() != nil || clientGone(err) {
+			// A client that leaves (or cancels) mid-body is normal.
+			h.log.Debug("client went away mid-blob", "digest", dgst, "bytes", n, "err", err)
+		} else {
 			h.log.Warn("aborting blob response", "digest", dgst, "err", err)
 		}
 		// Never end a short body cleanly: the client must see a broken
 		// transfer, not a truncated blob.
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// clientGone reports whether err, from sending a response body, is the
+// client's connection refusing the bytes (the client closed or reset it:
+// EPIPE, ECONNRESET) rather than the body's source failing. net/http sends
+// a body with the connection's ReadFrom (sendfile for a cached file),
+// which wraps both kinds in a *net.OpError "readfrom" and leaves the
+// request's context live; only the client's has the syscall error of the
+// write (sendfile, or a *net.OpError "write") right inside it. An
+// upstream's reset comes as a *net.OpError "read", or wrapped by the fill,
+// and stays a failure.
+func clientGone(err error) bool {
+	var oe *net.OpError
+	if !errors.As(err, &oe) {
+		return false
+	}
+	if in, ok := oe.Err.(*net.OpError); ok && oe.Op == "readfrom" {
+		oe = in // the copy's own write to the client
+	}
+	se, ok := oe.Err.(*os.SyscallError)
+	return ok && (oe.Op == "write" || oe.Op == "readfrom") &&
+		(errors.Is(se.Err, syscall.EPIPE) || errors.Is(se.Err, syscall.ECONNRESET))
 }
 
 // verifyFirst reports whether a blob of size bytes is verified before its
