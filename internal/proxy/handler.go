@@ -10,6 +10,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -102,7 +103,10 @@ func New(svc *pull.Service, opts Options) *Handler {
 	r.Get("/v2/", h.base)
 	r.Head("/v2/", h.base)
 	r.HandleFunc("/v2", func(w http.ResponseWriter, r *http.Request) {
-		http.Redirect(w, r, "/v2/", http.StatusMovedPermanently)
+		// As distribution's router answers it (gorilla/mux StrictSlash):
+		// 301 to /v2/ for any method, the query (containerd's ?ns=) kept.
+		u := url.URL{Path: "/v2/", RawQuery: r.URL.RawQuery}
+		http.Redirect(w, r, u.String(), http.StatusMovedPermanently)
 	})
 	r.HandleFunc("/v2/*", h.dispatch)
 	// Paths outside the registry API (/foo, /admin/v2/): distribution
