@@ -167,7 +167,20 @@ func newPolicy(cfg config.Config) (*access.Policy, error) {
 			return false, nil // a further upstream's repository: an NGC key says nothing about it
 		}
 		ct := auth.NewTransport(http.DefaultTransport, origin, auth.Credentials{Username: auth.DefaultUsername, Secret: key}, nil)
-		return upstream.New(origin, ct).CanPull(ctx, repo)
+		c := upstream.New(origin, ct)
+		if repo == "" {
+			// A login: GET /v2/ makes the transport exchange the key
+			// without a scope, which nvcr.io refuses for an unknown key.
+			switch err := c.Ping(ctx); {
+			case err == nil:
+				return true, nil
+			case auth.Refused(err):
+				return false, nil
+			default:
+				return false, err
+			}
+		}
+		return c.CanPull(ctx, repo)
 	})
 }
 

@@ -96,8 +96,10 @@ type Identity struct {
 func (id Identity) Anonymous() bool { return id.User == "" }
 
 // UpstreamChecker asks the upstream whether the NGC key may pull repository
-// (pass-through mode). allowed is the upstream's answer; err means it could
-// not answer.
+// (pass-through mode), or, for repository "", whether the upstream takes
+// the key at all (a login at /auth/token: nvcr.io's token exchange without
+// a scope refuses an unknown key with 401). allowed is the upstream's
+// answer; err means it could not answer.
 type UpstreamChecker func(ctx context.Context, key, repository string) (allowed bool, err error)
 
 // Policy authenticates and authorizes clients. It is safe for concurrent use.
@@ -399,7 +401,10 @@ func (p *Policy) upstreamCheck(ctx context.Context, key, repository string) erro
 			return fmt.Errorf("%w: %w", ErrUnavailable, cerr), nil
 		}
 		var err error
-		if !allowed {
+		switch {
+		case !allowed && repository == "":
+			err = fmt.Errorf("%w: the upstream refused this key", ErrDenied)
+		case !allowed:
 			err = fmt.Errorf("%w: the upstream refused this key for %s", ErrDenied, repository)
 		}
 		p.mu.Lock()

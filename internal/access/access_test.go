@@ -58,7 +58,7 @@ func TestBearerInEveryAuthMode(t *testing.T) {
 	for _, mode := range []string{access.ModeHtpasswd, access.ModeToken, access.ModePassthrough} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			var checkedKeys []string
+			var checked []string // key + " " + repository of each upstream check
 			cfg := access.Config{Mode: mode, PublicNamespaces: []string{"nvidia"},
 				Rules: []access.Rule{{Repositories: []string{"myorg/**"}, Users: []string{"alice"}}}}
 			user, pass := "alice", "alice-pw"
@@ -68,7 +68,7 @@ func TestBearerInEveryAuthMode(t *testing.T) {
 				cfg.HtpasswdFile = ngctest.WriteHtpasswd(t, "alice", "alice-pw")
 			}
 			p, err := access.New(cfg, func(ctx context.Context, k, repo string) (bool, error) {
-				checkedKeys = append(checkedKeys, k)
+				checked = append(checked, k+" "+repo)
 				return k == key, nil
 			})
 			if err != nil {
@@ -108,17 +108,26 @@ func TestBearerInEveryAuthMode(t *testing.T) {
 				t.Fatalf("login token, private repository: %v", err)
 			}
 			if mode == access.ModePassthrough {
-				if len(checkedKeys) != 1 || checkedKeys[0] != key {
-					t.Fatalf("upstream checks with %d keys, want the client's one", len(checkedKeys))
+				// The login checked the key itself (repository ""), the
+				// pull the repository.
+				if want := []string{key + " ", key + " " + ngctest.PrivateRepo}; strings.Join(checked, "|") != strings.Join(want, "|") {
+					t.Fatalf("upstream checks %q, want %q", checked, want)
 				}
 				claims, _, _ := strings.Cut(tok, ".")
 				raw, _ := base64.RawURLEncoding.DecodeString(claims)
 				if strings.Contains(tok, key) || strings.Contains(string(raw), key) {
 					t.Fatal("the token carries the NGC key in the clear")
 				}
-				// Another key gets a token, and the upstream refuses it.
-				_, other := fetchToken(t, p, "$oauthtoken", "nvapi-someone-else")
-				oid, err := p.Authenticate(withToken(other))
+				// A key the upstream refuses gets no token: `docker login`
+				// fails rather than the first pull.
+				if status, _ := fetchToken(t, p, "$oauthtoken", "nvapi-someone-else"); status != http.StatusUnauthorized {
+					t.Fatalf("login with a key the upstream refuses: status %d", status)
+				}
+				// Sent as Basic on a request, it passes authentication and
+				// the upstream refuses the pull.
+				req := httptest.NewRequest(http.MethodGet, "http://mirror/v2/", nil)
+				req.SetBasicAuth("$oauthtoken", "nvapi-someone-else")
+				oid, err := p.Authenticate(req)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -210,6 +219,61 @@ func TestTokenEndpointErrors(t *testing.T) {
 		if strings.Contains(rec.Body.String(), tc.pass) {
 			t.Fatalf("%s: the body echoes the password", tc.method)
 		}
+	}
+}
+
+// TestPassthroughLogin: a pass-through login at the token endpoint asks
+// the upstream whether it takes the key (repository ""): a refused key
+// gets 401 UNAUTHORIZED saying so, without echoing the key; when the
+// upstream cannot answer the login still gets a token (each pull of a
+// private repository is checked, and answers 503 meanwhile); the answer
+// is cached like the pull checks.
+func TestPassthroughLogin(t *testing.T) {
+	t.Parallel()
+	const good, bad, unsure = "nvapi-good-0123456789", "nvapi-bad-0123456789", "nvapi-unsure-0123456789"
+	calls := map[string]int{}
+	p, err := access.New(access.Config{Mode: access.ModePassthrough}, func(ctx context.Context, k, repo string) (bool, error) {
+		calls[k+" "+repo]++
+		if k == unsure {
+			return false, errors.New("dial tcp: connection refused")
+		}
+		return k == good, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if status, _ := fetchToken(t, p, "$oauthtoken", good); status != http.StatusOK {
+			t.Fatalf("good key: status %d", status)
+		}
+	}
+	req := httptest.NewRequest(http.MethodGet, "http://mirror/auth/token?service=ngc-mirror", nil)
+	req.SetBasicAuth("$oauthtoken", bad)
+	rec := httptest.NewRecorder()
+	p.TokenHandler().ServeHTTP(rec, req)
+	var env struct {
+		Errors []struct{ Code, Message string } `json:"errors"`
+	}
+	if rec.Code != http.StatusUnauthorized || json.Unmarshal(rec.Body.Bytes(), &env) != nil || len(env.Errors) != 1 ||
+		env.Errors[0].Code != "UNAUTHORIZED" || !strings.Contains(env.Errors[0].Message, "refused this API key") {
+		t.Fatalf("bad key: %d %q", rec.Code, rec.Body.String())
+	}
+	if strings.Contains(rec.Body.String(), bad) {
+		t.Fatal("the answer echoes the key")
+	}
+	status, tok := fetchToken(t, p, "$oauthtoken", unsure)
+	if status != http.StatusOK {
+		t.Fatalf("upstream unreachable at login: status %d, want a token", status)
+	}
+	id, err := p.Authenticate(withToken(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Authorize(t.Context(), id, ngctest.PrivateRepo); !errors.Is(err, access.ErrUnavailable) {
+		t.Fatalf("pull with a key the upstream could not check: %v, want ErrUnavailable", err)
+	}
+	if calls[good+" "] != 1 || calls[bad+" "] != 1 {
+		t.Fatalf("login checks %v, want one per key (cached)", calls)
 	}
 }
 

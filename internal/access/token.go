@@ -1,6 +1,7 @@
 package access
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
@@ -128,8 +129,9 @@ func (t *tokenIssuer) verify(tok string, now time.Time) (user, key string, err e
 // TokenHandler serves the Docker token endpoint (GET /auth/token) in every
 // mode with client authentication (htpasswd, token, passthrough): with
 // valid Basic credentials it issues a token for that user (in pass-through
-// mode: for that NGC key, checked with the upstream on each request as a
-// Basic login is), without credentials an anonymous one (which opens only
+// mode: for that NGC key, which the upstream must take (passthroughLogin)
+// and which is checked with it on each request as a Basic login is),
+// without credentials an anonymous one (which opens only
 // the public namespaces), with wrong ones 401. The answer carries both
 // "token" and "access_token", "expires_in" (seconds) and "issued_at"
 // (Docker token authentication specification; distribution's
@@ -155,9 +157,16 @@ func (p *Policy) TokenHandler() http.Handler {
 		user, key := "", ""
 		if u, pw, ok := r.BasicAuth(); ok && (u != "" || pw != "") {
 			id, err := p.login(r)
+			if err == nil && p.cfg.Mode == ModePassthrough {
+				err = p.passthroughLogin(r.Context(), id.key)
+			}
 			if err != nil {
 				w.Header().Set("WWW-Authenticate", `Basic realm="ngc-mirror"`)
-				ocierr.Write(w, http.StatusUnauthorized, ocierr.New("UNAUTHORIZED", "invalid credentials"))
+				msg := "invalid credentials"
+				if errors.Is(err, ErrDenied) {
+					msg = "the upstream (nvcr.io) refused this API key"
+				}
+				ocierr.Write(w, http.StatusUnauthorized, ocierr.New("UNAUTHORIZED", msg))
 				return
 			}
 			user, key = id.User, id.key
@@ -173,4 +182,18 @@ func (p *Policy) TokenHandler() http.Handler {
 			"issued_at":    now.UTC().Format(time.RFC3339),
 		})
 	})
+}
+
+// passthroughLogin checks a pass-through login's NGC key with the upstream
+// (UpstreamChecker with repository "", cached as the pull checks are), so
+// that `docker login` with a wrong key fails at login rather than at the
+// first pull. It returns an error wrapping ErrDenied when the upstream
+// refused the key. When the upstream cannot answer (the uplink is down)
+// the login succeeds: each pull of a private repository is checked anyway,
+// and the public namespaces are served from the cache meanwhile.
+func (p *Policy) passthroughLogin(ctx context.Context, key string) error {
+	if err := p.upstreamCheck(ctx, key, ""); errors.Is(err, ErrDenied) {
+		return err
+	}
+	return nil
 }

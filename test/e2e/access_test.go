@@ -148,12 +148,23 @@ func TestTokenModeWithCraneAndDocker(t *testing.T) {
 }
 
 // TestPassthroughMode: clients present their own NGC key; a bad key is
-// refused, a good one passes.
+// refused, at login already (skopeo login, the Docker token flow: the
+// mirror asks the upstream whether it takes the key), a good one passes.
 func TestPassthroughMode(t *testing.T) {
 	need(t, "skopeo")
 	up, _ := newUpstream(t)
 	cfg := testsupport.WriteConfig(t, "access:\n  mode: passthrough\n")
 	m := startMirrorWithConfig(t, up.URL(), cfg, "NGC_API_KEY="+ngctest.APIKey)
+	authfile := filepath.Join(t.TempDir(), "auth.json")
+	login := func(key string) (string, error) {
+		return runStdin(t, key, "skopeo", "login", "--tls-verify=false", "--authfile", authfile, "--username", "$oauthtoken", "--password-stdin", m.addr)
+	}
+	if out, err := login("nvapi-not-a-key"); err == nil {
+		t.Fatalf("login with a key the upstream refuses succeeded:\n%s", out)
+	}
+	if out, err := login(ngctest.APIKey); err != nil {
+		t.Fatalf("login with a good key: %v\n%s", err, out)
+	}
 	priv := m.addr + "/" + ngctest.PrivateRepo + ":" + ngctest.PrivateTag
 	if out, err := skopeoCopy(t, priv, t.TempDir(), "--src-creds", "$oauthtoken:nvapi-not-a-key"); err == nil {
 		t.Fatalf("bad key accepted:\n%s", out)
