@@ -391,7 +391,7 @@ func (w *BlobWriter) Commit(ctx context.Context) error {
 		return fmt.Errorf("%w: moving blob into place: %w", ErrNotCached, err)
 	}
 	if statErr != nil {
-		w.s.addUsage(KindBlob, w.n)
+		w.s.addUsage(KindBlob, w.want, w.n)
 		w.s.emit(Event{Kind: KindBlob, Digest: w.want, Size: w.n})
 	}
 	return nil
@@ -462,7 +462,7 @@ func (s *Store) PutManifest(ctx context.Context, mediaType string, dgst digest.D
 		return translate(err)
 	}
 	if statErr != nil {
-		s.addUsage(KindManifest, int64(len(raw)))
+		s.addUsage(KindManifest, dgst, int64(len(raw)))
 		s.emit(Event{Kind: KindManifest, Digest: dgst, Size: int64(len(raw))})
 	}
 	return nil

@@ -77,3 +77,47 @@ func TestEventsAndRemoval(t *testing.T) {
 		}
 	})
 }
+
+// TestUsageAfterRemovalBehindTheStore: content that another process removed
+// (mirror fsck --repair, mirror gc from the CLI, an operator) and that is
+// then cached again counts once in Usage, not twice
+// (ngc_mirror_storage_used_bytes kept growing by the refetched bytes).
+func TestUsageAfterRemovalBehindTheStore(t *testing.T) {
+	testsupport.ForEachDriver(t, func(t *testing.T, s *storage.Store) {
+		ctx := t.Context()
+		d := putBlob(t, s, []byte("blob a"))
+		body := []byte(`{"schemaVersion":2}`)
+		md := digest.FromBytes(body)
+		const mt = "application/vnd.oci.image.manifest.v1+json"
+		if err := s.PutManifest(ctx, mt, md, body); err != nil {
+			t.Fatal(err)
+		}
+		// Removed through the driver, as another process's Store would.
+		for _, p := range []storage.PathSpec{storage.BlobPath{Digest: d}, storage.ManifestPath{Digest: md}} {
+			path, err := storage.Path(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Driver().Delete(ctx, path); err != nil {
+				t.Fatal(err)
+			}
+		}
+		putBlob(t, s, []byte("blob a"))
+		if err := s.PutManifest(ctx, mt, md, body); err != nil {
+			t.Fatal(err)
+		}
+		if bytes, objects := s.Usage("blob"); bytes != 6 || objects != 1 {
+			t.Errorf("blob usage %d bytes, %d objects; want 6, 1", bytes, objects)
+		}
+		mlen := int64(len(mt) + 1 + len(body))
+		if bytes, objects := s.Usage("manifest"); bytes != mlen || objects != 1 {
+			t.Errorf("manifest usage %d bytes, %d objects; want %d, 1", bytes, objects, mlen)
+		}
+		if _, err := s.RemoveBlob(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+		if bytes, objects := s.Usage("blob"); bytes != 0 || objects != 0 {
+			t.Errorf("blob usage after RemoveBlob %d bytes, %d objects; want none", bytes, objects)
+		}
+	})
+}

@@ -183,7 +183,7 @@ func (s *Store) repair(ctx context.Context, o object, r Repair) error {
 		return nil
 	}
 	if err == nil { // out of the cache
-		s.subUsage(o.kind, o.size)
+		s.subUsage(o.kind, o.dgst)
 		s.emit(Event{Kind: o.kind, Digest: o.dgst, Size: o.size, Removed: true})
 	}
 	return err
@@ -250,7 +250,7 @@ func (s *Store) GC(ctx context.Context, grace time.Duration, dryRun bool) (GCRes
 			if err := s.d.Delete(ctx, o.path); err != nil && !errors.As(err, new(driver.PathNotFoundError)) {
 				return res, fmt.Errorf("storage: removing %s: %w", o.path, err)
 			}
-			s.subUsage(KindBlob, o.size)
+			s.subUsage(KindBlob, o.dgst)
 			s.emit(Event{Kind: KindBlob, Digest: o.dgst, Size: o.size, Removed: true})
 		}
 		res.Blobs++
@@ -338,16 +338,22 @@ func (s *Store) remove(ctx context.Context, kind Kind, dgst digest.Digest) (int6
 	if err := s.d.Delete(ctx, p); err != nil {
 		return 0, translate(err)
 	}
-	s.subUsage(kind, fi.Size())
+	s.subUsage(kind, dgst)
 	s.emit(Event{Kind: kind, Digest: dgst, Size: fi.Size(), Removed: true})
 	return fi.Size(), nil
 }
 
-func (s *Store) subUsage(kind Kind, bytes int64) {
+// subUsage uncounts object d of kind, if it was counted.
+func (s *Store) subUsage(kind Kind, d digest.Digest) {
 	s.usageMu.Lock()
 	defer s.usageMu.Unlock()
-	if u := s.usage[kind]; u != nil && u.Objects > 0 {
-		u.Bytes -= bytes
+	u, c := s.usage[kind], s.counted[kind]
+	if u == nil {
+		return
+	}
+	if prev, ok := c[d]; ok {
+		u.Bytes -= prev
 		u.Objects--
+		delete(c, d)
 	}
 }

@@ -93,6 +93,11 @@ type Store struct {
 
 	usageMu sync.Mutex
 	usage   map[Kind]*Usage
+	// counted holds the size each counted object was counted with (about
+	// 120 bytes an object), so that content removed behind the Store (by
+	// another process: mirror fsck --repair, mirror gc, an operator) and
+	// cached again counts once.
+	counted map[Kind]map[digest.Digest]int64
 
 	notify atomic.Pointer[func(Event)] // see Notify
 
@@ -140,7 +145,8 @@ type Usage struct {
 
 // New returns a Store on d.
 func New(d driver.StorageDriver, opts ...Option) *Store {
-	s := &Store{d: d, usage: map[Kind]*Usage{KindBlob: {}, KindManifest: {}}}
+	s := &Store{d: d, usage: map[Kind]*Usage{KindBlob: {}, KindManifest: {}},
+		counted: map[Kind]map[digest.Digest]int64{KindBlob: {}, KindManifest: {}}}
 	for _, o := range opts {
 		o(s)
 	}
@@ -159,7 +165,8 @@ func WithLocalRoot(dir string) Option {
 }
 
 // Usage returns the bytes and objects of kind that this process has
-// counted: what Scan found plus what was added since.
+// counted: what Scan found plus what was added since, less what it removed
+// (each digest once).
 func (s *Store) Usage(kind Kind) (bytes, objects int64) {
 	s.usageMu.Lock()
 	defer s.usageMu.Unlock()
@@ -169,12 +176,22 @@ func (s *Store) Usage(kind Kind) (bytes, objects int64) {
 	return 0, 0
 }
 
-func (s *Store) addUsage(kind Kind, bytes int64) {
+// addUsage counts object d of kind with bytes; an object counted already
+// keeps one count, with its new size.
+func (s *Store) addUsage(kind Kind, d digest.Digest, bytes int64) {
 	s.usageMu.Lock()
-	u := s.usage[kind]
-	u.Bytes += bytes
-	u.Objects++
-	s.usageMu.Unlock()
+	defer s.usageMu.Unlock()
+	u, c := s.usage[kind], s.counted[kind]
+	if u == nil {
+		return
+	}
+	if prev, ok := c[d]; ok {
+		u.Bytes += bytes - prev
+	} else {
+		u.Bytes += bytes
+		u.Objects++
+	}
+	c[d] = bytes
 }
 
 // Scan lists the cache once, adds what it holds to Usage and returns the
@@ -183,7 +200,7 @@ func (s *Store) addUsage(kind Kind, bytes int64) {
 func (s *Store) Scan(ctx context.Context) ([]Object, error) {
 	objs, err := s.Objects(ctx)
 	for _, o := range objs {
-		s.addUsage(o.Kind, o.Size)
+		s.addUsage(o.Kind, o.Digest, o.Size)
 	}
 	return objs, err
 }
