@@ -180,8 +180,7 @@ func follow(c *adminClient, j state.Job) int { return followTo(c, j, os.Stdout, 
 func followTo(c *adminClient, j state.Job, stdout, stderr io.Writer) int {
 	tty := false
 	if f, ok := stderr.(*os.File); ok {
-		fi, _ := f.Stat()
-		tty = fi != nil && fi.Mode()&os.ModeCharDevice != 0
+		tty = isTerminal(f)
 	}
 	var bar *progressbar.ProgressBar
 	if tty && !j.Ended() {
