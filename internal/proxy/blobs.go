@@ -23,7 +23,8 @@ import (
 // arrive) or of the upstream (when the cache refuses the blob).
 func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string, dgst digest.Digest) {
 	ctx := r.Context() // dgst is valid and its algorithm available (digest.Parse)
-	if r.Method == http.MethodHead || etagMatches(r, dgst) {
+	notModified := etagMatches(r, dgst)
+	if r.Method == http.MethodHead || notModified {
 		// A conditional GET whose ETag matches is answered like a HEAD
 		// (nothing is fetched), with 304 (RFC 9110 13.1.2).
 		size, hit, err := h.pull.StatBlob(ctx, name, dgst)
@@ -33,7 +34,7 @@ func (h *Handler) serveBlob(w http.ResponseWriter, r *http.Request, name string,
 		}
 		// The same headers (and Range answer) as the GET would have;
 		// If-None-Match goes before Range (RFC 9110 13.2.2).
-		if etagMatches(r, dgst) {
+		if notModified {
 			blobHeaders(w, dgst, size)
 			w.WriteHeader(http.StatusNotModified)
 		} else if _, _, status, ok := rangeHeaders(w, r, dgst, size); ok {
