@@ -199,15 +199,15 @@ func resolveRegistry(s string, r Reference, hosts, others []string) (Reference, 
 		}
 	case !known:
 		return Reference{}, fmt.Errorf("%w: %q names the registry %q; this mirror serves %s (give the repository path, like nvidia/pytorch:24.05-py3)",
-			ErrNameInvalid, s, r.Registry, strings.Join(Dedup(append(append([]string(nil), hosts...), others...)), ", "))
+			ErrNameInvalid, s, r.Registry, strings.Join(dedup(append(append([]string(nil), hosts...), others...)), ", "))
 	}
 	r.Registry = ""
 	return r, nil
 }
 
-// Dedup returns list without repeats, compared without case (registry
+// dedup returns list without repeats, compared without case (registry
 // names are DNS names), in first-seen order.
-func Dedup(list []string) []string {
+func dedup(list []string) []string {
 	out := make([]string, 0, len(list))
 	for _, s := range list {
 		if !slices.ContainsFunc(out, func(o string) bool { return strings.EqualFold(o, s) }) {

@@ -99,7 +99,7 @@ func New(svc *pull.Service, opts Options) *Handler {
 	}
 	h := &Handler{pull: svc, opts: opts, log: opts.Log, metrics: opts.Metrics, access: opts.Access}
 	r := chi.NewRouter()
-	r.Use(apiVersion, h.observe)
+	r.Use(apiVersion, h.Observe)
 	r.Get("/v2/", h.base)
 	r.Head("/v2/", h.base)
 	r.HandleFunc("/v2", func(w http.ResponseWriter, r *http.Request) {
@@ -167,7 +167,7 @@ func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64)
 	h.metrics.CacheResult(ri.upstream, kind, result, bytes)
 }
 
-// observe counts each request by route kind, method and status class, and
+// Observe counts each request by route kind, method and status class, and
 // writes the access log line "request" (at info level with
 // Options.AccessLog, else at debug): method, route kind, repository and
 // reference (tag or digest) when the path names them (else the path),
@@ -175,8 +175,11 @@ func (h *Handler) cacheResult(r *http.Request, kind, result string, bytes int64)
 // blobs, ns (containerd's ?ns= registry name) when given, and client: the
 // authenticated user, else the client's IP address (tracking.ClientOf).
 // Never the rest of the
-// query, a header, credential, token or redirect URL.
-func (h *Handler) observe(next http.Handler) http.Handler {
+// query, a header, credential, token or redirect URL. The registry API's
+// router uses it for every request; outside it, it counts and logs what
+// next answers (route "other", the path, the client's address): the token
+// endpoint and the refusals of RejectDotSegments.
+func (h *Handler) Observe(next http.Handler) http.Handler {
 	level := slog.LevelDebug
 	if h.opts.AccessLog {
 		level = slog.LevelInfo
@@ -219,12 +222,6 @@ func (h *Handler) observe(next http.Handler) http.Handler {
 		next.ServeHTTP(ww, r)
 	})
 }
-
-// Observe counts and logs requests that next answers outside the registry
-// API's router, as every registry request is (route "other", the path, the
-// client's address): the token endpoint and the refusals of
-// RejectDotSegments.
-func (h *Handler) Observe(next http.Handler) http.Handler { return h.observe(next) }
 
 // base answers GET /v2/: the API version check (OCI distribution spec,
 // "Determining Support").
